@@ -1,0 +1,41 @@
+"""fnlight: pure training steps over an immutable TrainState, composed by transforms.
+
+The public surface is re-exported here; submodules ``fnlight.optim`` (optimizers,
+gradient transformations, schedules) and ``fnlight.losses`` are public too.
+"""
+
+from . import losses, optim
+from ._donation import DonatedStateError
+from ._interop import copy_into_module_, load_state_dict, state_dict, to_module
+from ._loop import Observer, evaluate, every, fold
+from ._rng import derive_seed
+from ._state import DataPosition, TrainState
+from ._step import EvalStep, LossFn, Step, TrainStep, make_eval_step, make_train_step
+from ._tree import tree_clone, tree_equal
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataPosition",
+    "DonatedStateError",
+    "EvalStep",
+    "LossFn",
+    "Observer",
+    "Step",
+    "TrainState",
+    "TrainStep",
+    "copy_into_module_",
+    "derive_seed",
+    "evaluate",
+    "every",
+    "fold",
+    "load_state_dict",
+    "losses",
+    "make_eval_step",
+    "make_train_step",
+    "optim",
+    "state_dict",
+    "to_module",
+    "tree_clone",
+    "tree_equal",
+]

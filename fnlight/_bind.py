@@ -1,0 +1,76 @@
+"""Binding state tensors into a data-free module skeleton for the duration of one call."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["make_skeleton", "bound", "materialize"]
+
+_SLOTS = "_fnlight_slots"
+
+
+def make_skeleton(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers live on the meta device.
+
+    No tensor data is copied: the skeleton only keeps the structure (submodules,
+    hyperparameters, hooks) so that state tensors can be bound into it per call.
+    """
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    skeleton = copy.deepcopy(module, memo)
+    _slots(skeleton)
+    return skeleton
+
+
+def _slots(skeleton: nn.Module) -> dict[str, list[tuple[dict, str]]]:
+    """For each canonical tensor name, every (owner dict, attribute) that holds it (tied weights)."""
+    cached = skeleton.__dict__.get(_SLOTS)
+    if cached is not None:
+        return cached
+    canonical: dict[int, str] = {}
+    for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()):
+        canonical.setdefault(id(t), name)
+    slots: dict[str, list[tuple[dict, str]]] = {}
+    for prefix, mod in skeleton.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for attr, t in store.items():
+                if t is not None and id(t) in canonical:
+                    slots.setdefault(canonical[id(t)], []).append((store, attr))
+    skeleton.__dict__[_SLOTS] = slots
+    return slots
+
+
+@contextlib.contextmanager
+def bound(skeleton: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+    """Temporarily put ``tensors`` (by qualified name) into the skeleton's slots."""
+    slots = _slots(skeleton)
+    saved: list[tuple[dict, str, Tensor]] = []
+    try:
+        for name, value in tensors.items():
+            for store, attr in slots[name]:
+                saved.append((store, attr, store[attr]))
+                store[attr] = value
+        yield skeleton
+    finally:
+        for store, attr, old in saved:
+            store[attr] = old
+
+
+def materialize(skeleton: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> nn.Module:
+    """A real module with the skeleton's structure holding copies of ``params`` and ``buffers``."""
+    memo: dict[int, object] = {}
+    for name, p in skeleton.named_parameters():
+        memo[id(p)] = nn.Parameter(params[name].detach().clone(), requires_grad=p.requires_grad)
+    for name, b in skeleton.named_buffers():
+        memo[id(b)] = buffers[name].detach().clone()
+    module = copy.deepcopy(skeleton, memo)
+    module.__dict__.pop(_SLOTS, None)
+    return module

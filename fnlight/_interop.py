@@ -1,0 +1,112 @@
+"""Back to torch: modules and ``state_dict``s from a state, and a state from a ``state_dict``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ._bind import materialize
+from ._donation import check_live
+from ._state import TrainState
+
+__all__ = ["to_module", "copy_into_module_", "state_dict", "load_state_dict"]
+
+
+def _require_skeleton(state: TrainState, where: str) -> nn.Module:
+    if not isinstance(state, TrainState):
+        raise TypeError(f"{where}: expected a fnlight.TrainState, got {type(state).__name__}")
+    check_live(state, where)
+    if state.skeleton is None:
+        raise ValueError(f"{where}: this TrainState has no module skeleton; build it with step.init()")
+    return state.skeleton
+
+
+def to_module(state: TrainState) -> nn.Module:
+    """A new ``nn.Module`` holding copies of the state's parameters and buffers, in eval mode.
+
+    Use it for inference, export, or to hand the trained model to other libraries.
+
+    >>> import torch, fnlight as fl
+    >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    >>> fl.to_module(state)(torch.zeros(1, 2)).shape
+    torch.Size([1, 1])
+    """
+    module = materialize(_require_skeleton(state, "to_module"), state.params, state.buffers)
+    return module.eval()
+
+
+def state_dict(state: TrainState) -> dict[str, Tensor]:
+    """The state's parameters and buffers as a plain ``state_dict`` (copies, by qualified name).
+
+    >>> import torch, fnlight as fl
+    >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    >>> sorted(fl.state_dict(state))
+    ['bias', 'weight']
+    """
+    skeleton = _require_skeleton(state, "state_dict")
+    merged = {**state.params, **state.buffers}
+    return {k: merged[k].detach().clone() for k in skeleton.state_dict(keep_vars=True) if k in merged}
+
+
+def copy_into_module_(state: TrainState, module: nn.Module) -> nn.Module:
+    """Copy the state's parameters and buffers into ``module`` in place (strict) and return it.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        RuntimeError: the module's structure differs from the state's (torch's
+            ``load_state_dict`` message lists the keys).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"copy_into_module_: module must be a torch.nn.Module, got {type(module).__name__}")
+    module.load_state_dict(state_dict(state), strict=True)
+    return module
+
+
+def load_state_dict(state: TrainState, source: Mapping[str, Tensor], *, strict: bool = True) -> TrainState:
+    """A new state whose parameters and buffers are copied from ``source`` (e.g. pretrained weights).
+
+    Values are cast to each leaf's dtype and device. The optimizer state, step and
+    everything else are kept from ``state``.
+
+    Args:
+        state: the state to start from (not modified).
+        source: a ``state_dict`` by qualified name.
+        strict: fail on missing or unexpected keys (shape mismatches always fail).
+
+    Raises:
+        ValueError: listing the missing, unexpected and mis-shaped keys.
+
+    >>> import torch, fnlight as fl
+    >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    >>> new = fl.load_state_dict(state, torch.nn.Linear(2, 1).state_dict())
+    >>> new.params["weight"].shape
+    torch.Size([1, 2])
+    """
+    _require_skeleton(state, "load_state_dict")
+    if not isinstance(source, Mapping):
+        raise TypeError(f"load_state_dict: source must be a mapping name -> tensor, got {type(source).__name__}")
+    targets = {**state.params, **state.buffers}
+    missing = sorted(set(targets) - set(source))
+    unexpected = sorted(set(source) - set(targets))
+    shaped = sorted(
+        f"{k}: expected {list(targets[k].shape)}, got {list(source[k].shape)}"
+        for k in set(targets) & set(source)
+        if not isinstance(source[k], Tensor) or source[k].shape != targets[k].shape
+    )
+    if shaped or (strict and (missing or unexpected)):
+        parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                 f"mis-shaped {shaped}" if shaped else ""]
+        raise ValueError("load_state_dict: the state_dict does not fit the state: " + "; ".join(p for p in parts if p))
+
+    def take(name: str, old: Tensor) -> Tensor:
+        if name not in source:
+            return old
+        with torch.no_grad():
+            return source[name].detach().to(device=old.device, dtype=old.dtype, copy=True)
+
+    return state.replace(
+        params={k: take(k, v) for k, v in state.params.items()},
+        buffers={k: take(k, v) for k, v in state.buffers.items()},
+    )

@@ -1,0 +1,243 @@
+"""The loop: ``fold`` (a reduce of a step over batches), observers, and ``evaluate``."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+from ._donation import check_live, donating, mark_donated
+from ._progress import Progress
+from ._state import TrainState
+from ._step import EvalStep, Step
+from ._tree import tree_clone
+
+__all__ = ["Observer", "every", "fold", "evaluate"]
+
+Data = Iterable[Any] | Callable[[int], Iterable[Any]]
+
+
+class Observer:
+    """A callback ``fn(state, metrics)`` that the fold runs every ``steps`` updates and/or ``seconds``.
+
+    The state it receives is valid during the call only: inside the fold the next step
+    updates its tensors in place. Clone what you keep (:func:`fnlight.tree_clone`).
+    ``at_end`` also runs it once after the last step.
+    """
+
+    def __init__(self, fn: Callable[[TrainState, dict[str, Tensor]], None], *, steps: int | None = None,
+                 seconds: float | None = None, at_end: bool = True) -> None:
+        if not callable(fn):
+            raise TypeError(f"Observer: fn must be callable (state, metrics) -> None, got {fn!r}")
+        if steps is None and seconds is None:
+            raise ValueError("Observer: give steps=N (optimizer updates) and/or seconds=T")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"Observer: steps must be a positive int, got {steps!r}")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
+            raise ValueError(f"Observer: seconds must be a positive number, got {seconds!r}")
+        self.fn, self.steps, self.seconds, self.at_end = fn, steps, seconds, at_end
+        self._last_step = -1
+        self._last_time = 0.0
+
+    def _start(self, step: int) -> None:
+        self._last_step = step
+        self._last_time = time.monotonic()
+
+    def _maybe(self, state: TrainState, metrics: dict[str, Tensor], step: int) -> None:
+        due = self.steps is not None and step // self.steps > self._last_step // self.steps
+        if not due and self.seconds is not None:
+            due = time.monotonic() - self._last_time >= self.seconds and step != self._last_step
+        if due:
+            self._last_step, self._last_time = step, time.monotonic()
+            self.fn(state, metrics)
+
+    def _end(self, state: TrainState, metrics: dict[str, Tensor], step: int) -> None:
+        if self.at_end and metrics and step != self._last_step:
+            self._last_step = step
+            self.fn(state, metrics)
+
+
+def every(steps: int | None = None, *, seconds: float | None = None, at_end: bool = True) -> Callable[[Callable[..., None]], Observer]:
+    """Decorator form of :class:`Observer`.
+
+    >>> import fnlight as fl
+    >>> @fl.every(100)
+    ... def show(state, metrics):
+    ...     print(int(state.step), float(metrics["loss"]))
+    >>> isinstance(show, fl.Observer)
+    True
+    """
+    return lambda fn: Observer(fn, steps=steps, seconds=seconds, at_end=at_end)
+
+
+def _positive(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"fold: {name} must be a positive int or None, got {value!r}")
+
+
+def _epoch_iterable(data: Data, epoch: int) -> Iterable[Any]:
+    return data(epoch) if callable(data) and not hasattr(data, "__iter__") else data  # type: ignore[operator]
+
+
+def _total(data: Data, epochs: int | None, max_steps: int | None) -> int | None:
+    if max_steps is not None:
+        return max_steps
+    if epochs is not None and hasattr(data, "__len__"):
+        return epochs * len(data)  # type: ignore[arg-type]
+    return None
+
+
+def fold(step: Step, state: TrainState, data: Data, *, epochs: int | None = None, max_steps: int | None = None,
+         observers: Sequence[Observer] = (), progress: bool | None = None, donate: bool = False) -> TrainState:
+    """Run ``step`` over ``data``: ``state = step(state, batch)`` for every batch of every epoch.
+
+    The fold owns its intermediate states and updates them in place (donation), so a
+    step costs what a hand-written loop costs. The input ``state`` is left untouched
+    (the fold works on a copy) unless ``donate=True``, which hands its tensors to the
+    fold to save one copy of the state's memory; the donated state cannot be used again.
+
+    Resuming is built in: the fold starts at ``state.data`` (epoch, batch offset) and
+    counts ``epochs`` and ``max_steps`` from zero, so a resumed state runs only what is left.
+
+    Args:
+        step: a step (``make_train_step(...)`` or a transform of one).
+        state: the state to start from.
+        data: a re-iterable of batches (a list, a ``DataLoader``...), or a function
+            ``epoch -> iterable`` (for per-epoch shuffling).
+        epochs: the total number of epochs (default 1 if ``max_steps`` is not given either).
+        max_steps: stop once ``state.step`` (optimizer updates) reaches this.
+        observers: :class:`Observer` callbacks run every N updates or T seconds.
+        progress: show a progress bar; ``None`` shows it when stderr is a terminal.
+        donate: let the fold update ``state``'s own tensors (see above).
+
+    Returns:
+        The final state. The fold also stops early when ``state.stop`` becomes true.
+
+    Raises:
+        ValueError: ``epochs``/``max_steps`` are not positive ints, or ``data`` is a
+            one-shot iterator while more than one epoch is asked for.
+        DonatedStateError: ``state`` was donated before.
+
+    >>> import torch, fnlight as fl
+    >>> step = fl.make_train_step(torch.nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    >>> data = [(torch.ones(4, 3), torch.zeros(4, 1))] * 5
+    >>> state = fl.fold(step, step.init(), data, epochs=2, progress=False)
+    >>> int(state.step), int(state.data.epoch)
+    (10, 2)
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"fold: expected a fnlight.TrainState, got {type(state).__name__}")
+    check_live(state, "fold")
+    if not callable(step):
+        raise TypeError(f"fold: step must be callable (state, batch) -> (state, metrics), got {step!r}")
+    _positive("epochs", epochs)
+    _positive("max_steps", max_steps)
+    for o in observers:
+        if not isinstance(o, Observer):
+            raise TypeError(f"fold: observers must be fnlight.Observer (see fnlight.every), got {type(o).__name__}")
+    if epochs is None and max_steps is None:
+        epochs = 1
+    one_shot = isinstance(data, Iterator)
+    if one_shot and (epochs is None or epochs > 1):
+        raise ValueError(
+            "fold: data is a one-shot iterator (e.g. a generator) but more than one epoch may be needed; "
+            "pass a re-iterable (list, DataLoader) or a function epoch -> iterable"
+        )
+    if donate:
+        original = state
+        state = state.replace()
+        mark_donated(original)
+    else:
+        state = tree_clone(state)
+
+    start = int(state.step)
+    bar = Progress(total=_total(data, epochs, max_steps), enabled=progress, start_step=start)
+    for o in observers:
+        o._start(start)
+    metrics: dict[str, Tensor] = {}
+    epoch = int(state.data.epoch)
+    try:
+        with donating():
+            while (epochs is None or epoch < epochs) and not _done(state, max_steps):
+                skip = int(state.data.batch)
+                batches = iter(_epoch_iterable(data, epoch))
+                if skip:
+                    batches = itertools.islice(batches, skip, None)
+                for batch in batches:
+                    previous = state
+                    state, metrics = step(state, batch)
+                    if state is not previous:
+                        mark_donated(previous)
+                    state.data.batch.add_(1)
+                    n = int(state.step)
+                    for o in observers:
+                        o._maybe(state, metrics, n)
+                    bar.update(n, epoch, metrics)
+                    if _done(state, max_steps):
+                        break
+                else:
+                    epoch += 1
+                    state.data.epoch.fill_(epoch)
+                    state.data.batch.zero_()
+                    continue
+                break
+        n = int(state.step)
+        for o in observers:
+            o._end(state, metrics, n)
+        bar.update(n, epoch, metrics, force=True)
+    finally:
+        bar.close()
+    return state
+
+
+def _done(state: TrainState, max_steps: int | None) -> bool:
+    return bool(state.stop) or (max_steps is not None and int(state.step) >= max_steps)
+
+
+def _batch_size(batch: Any) -> int:
+    leaves = optree.tree_leaves(batch)
+    for leaf in leaves:
+        if isinstance(leaf, Tensor) and leaf.ndim > 0:
+            return leaf.shape[0]
+    raise TypeError("evaluate: cannot infer the batch size (no tensor with a leading dimension); pass batch_size_fn")
+
+
+def evaluate(eval_step: EvalStep | Callable[[TrainState, Any], dict[str, Tensor]], state: TrainState,
+             data: Iterable[Any], *, batch_size_fn: Callable[[Any], int] = _batch_size) -> dict[str, float]:
+    """Mean of each metric of ``eval_step`` over ``data``, weighted by batch size.
+
+    Sums are accumulated on the device in float64 and read once at the end, so the
+    result is the exact per-sample mean even when the last batch is smaller.
+
+    Args:
+        eval_step: ``make_eval_step(loss_fn)`` or any ``(state, batch) -> metrics``.
+        state: the state to evaluate (not modified).
+        data: an iterable of batches.
+        batch_size_fn: the number of samples in a batch (default: leading dimension of
+            its first tensor).
+
+    Returns:
+        ``{name: mean}`` as Python floats; ``{}`` when ``data`` is empty.
+
+    >>> import torch, fnlight as fl
+    >>> state = fl.make_train_step(torch.nn.Linear(1, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    >>> data = [(torch.zeros(3, 1), torch.zeros(3, 1)), (torch.zeros(1, 1), torch.zeros(1, 1))]
+    >>> sorted(fl.evaluate(fl.make_eval_step(fl.losses.mse), state, data))
+    ['loss']
+    """
+    check_live(state, "evaluate")
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for batch in data:
+        n = batch_size_fn(batch)
+        metrics = eval_step(state, batch)
+        for k, v in metrics.items():
+            term = v.detach().to(torch.float64) * n
+            sums[k] = sums[k] + term if k in sums else term
+        count += n
+    return {k: float(v) / count for k, v in sums.items()} if count else {}

@@ -1,0 +1,56 @@
+"""The fold's progress display: step, epoch, loss, steps/s and ETA, drawn with rich."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """A rich progress bar fed by the fold; reads the loss (a host sync) at most every ``refresh`` s."""
+
+    def __init__(self, *, total: int | None, enabled: bool | None, refresh: float = 0.25, start_step: int = 0) -> None:
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self.enabled = enabled
+        self._refresh = refresh
+        self._bar: Any = None
+        self._last = 0.0
+        self._t0 = time.perf_counter()
+        self._start_step = start_step
+        if not enabled:
+            return
+        from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+        self._bar = RichProgress(
+            TextColumn("step {task.completed}" + ("/{task.total}" if total else "")),
+            BarColumn(),
+            TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}  {task.fields[rate]}"),
+            TimeRemainingColumn(),
+            transient=False,
+            auto_refresh=False,
+        )
+        self._task = self._bar.add_task("fold", total=total, completed=start_step, epoch=0, loss="-", rate="")
+        self._bar.start()
+
+    def update(self, step: int, epoch: int, metrics: dict[str, Any], *, force: bool = False) -> None:
+        if self._bar is None:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last < self._refresh:
+            return
+        self._last = now
+        loss = metrics.get("loss")
+        done = step - self._start_step
+        rate = f"{done / (now - self._t0):.1f} steps/s" if done > 0 else ""
+        self._bar.update(self._task, completed=step, epoch=epoch,
+                         loss="-" if loss is None else f"{float(loss):.4g}", rate=rate)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

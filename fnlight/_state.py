@@ -1,0 +1,114 @@
+"""TrainState: the one immutable pytree that holds everything that changes during training."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import optree
+import torch
+import torch.utils._pytree as torch_pytree
+from optree import dataclasses as odc
+from torch import Tensor, nn
+
+__all__ = ["DataPosition", "TrainState", "NAMESPACE"]
+
+NAMESPACE = "fnlight"
+
+
+def _scalar(value: int | bool, dtype: torch.dtype = torch.int64) -> Tensor:
+    return torch.tensor(value, dtype=dtype)
+
+
+@odc.dataclass(frozen=True, namespace=NAMESPACE)
+class DataPosition:
+    """Where the fold is in the data: the epoch and the batch offset within it (0-d int64)."""
+
+    epoch: Tensor = odc.field(default_factory=lambda: _scalar(0))
+    batch: Tensor = odc.field(default_factory=lambda: _scalar(0))
+
+
+@odc.dataclass(frozen=True, namespace=NAMESPACE)
+class TrainState:
+    """Everything that changes during training, as one immutable pytree.
+
+    Leaves are tensors (or plain Python scalars inside transform slots). The module
+    skeleton is a static field: it holds no data (its tensors live on the ``meta``
+    device) and is shared by every state derived from the same ``init``.
+
+    Fields:
+        step: 0-d int64 tensor, the number of optimizer updates applied so far.
+        params: trainable and frozen parameters by qualified name.
+        buffers: module buffers (BatchNorm running statistics...) by qualified name.
+        opt_state: the optimizer's state pytree.
+        key: 0-d int64 tensor, the seed from which all randomness is derived.
+        data: the fold's position in the data (epoch, batch offset).
+        slots: one named entry per transform that needs state.
+        stop: 0-d bool tensor; ``fold`` stops when it is true.
+        skeleton: the module structure (static, on the meta device).
+
+    Use :meth:`replace` to derive a new state; states are never mutated by a step
+    called directly. Example:
+
+    >>> import torch, fnlight as fl
+    >>> step = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    >>> state = step.init(seed=0)
+    >>> int(state.step), sorted(state.params)
+    (0, ['bias', 'weight'])
+    """
+
+    step: Tensor
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    opt_state: Any
+    key: Tensor
+    data: DataPosition = odc.field(default_factory=DataPosition)
+    slots: dict[str, Any] = odc.field(default_factory=dict)
+    stop: Tensor = odc.field(default_factory=lambda: _scalar(False, torch.bool))
+    skeleton: nn.Module | None = odc.field(default=None, pytree_node=False, repr=False, compare=False)
+
+    def replace(self, **changes: Any) -> TrainState:
+        """Return a copy of this state with ``changes`` applied (the original is unchanged)."""
+        unknown = set(changes) - _FIELD_NAMES
+        if unknown:
+            raise TypeError(
+                f"TrainState.replace() got unknown field(s) {sorted(unknown)}; "
+                f"expected some of {sorted(_FIELD_NAMES)}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def with_slot(self, name: str, value: Any) -> TrainState:
+        """Return a copy with transform slot ``name`` set to ``value``."""
+        return self.replace(slots={**self.slots, name: value})
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainState))
+_DYNAMIC = tuple(f.name for f in dataclasses.fields(TrainState) if f.name != "skeleton")
+
+
+def _flatten(state: TrainState) -> tuple[list[Any], Any]:
+    return [getattr(state, name) for name in _DYNAMIC], state.skeleton
+
+
+def _unflatten(values: Any, skeleton: Any) -> TrainState:
+    return TrainState(**dict(zip(_DYNAMIC, values)), skeleton=skeleton)
+
+
+def _flatten_with_keys(state: TrainState) -> tuple[list[tuple[Any, Any]], Any]:
+    return [(torch_pytree.GetAttrKey(n), getattr(state, n)) for n in _DYNAMIC], state.skeleton
+
+
+torch_pytree.register_pytree_node(
+    TrainState,
+    _flatten,
+    _unflatten,
+    serialized_type_name="fnlight.TrainState",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
+torch_pytree.register_dataclass(DataPosition, serialized_type_name="fnlight.DataPosition")
+
+
+def tree_leaves_with_path(tree: Any) -> list[tuple[str, Any]]:
+    """Flatten ``tree`` (fnlight namespace) into ``(dotted path, leaf)`` pairs."""
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace=NAMESPACE, none_is_leaf=False)
+    return [(".".join(str(p) for p in path), leaf) for path, leaf in zip(paths, leaves)]

@@ -1,0 +1,236 @@
+"""Pure steps: ``(state, batch) -> (state, metrics)`` built from a model, a loss and an optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ._bind import bound, make_skeleton
+from ._donation import check_live, is_donating
+from ._rng import derive_seed, seeded
+from ._state import TrainState
+from .optim._base import Optimizer
+
+__all__ = ["LossFn", "Step", "TrainStep", "EvalStep", "make_train_step", "make_eval_step", "describe_batch"]
+
+Metrics = dict[str, Tensor]
+
+
+class LossFn(Protocol):
+    """``loss_fn(model, batch) -> loss`` or ``(loss, {name: 0-d tensor})``."""
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor | tuple[Tensor, Mapping[str, Tensor]]: ...
+
+
+@runtime_checkable
+class Step(Protocol):
+    """A pure training step that also knows how to build the state it needs."""
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]: ...
+
+    def init(self, **options: Any) -> TrainState: ...
+
+
+def describe_batch(batch: Any) -> str:
+    """A short structural description of a batch, e.g. ``(Tensor[64, 784] float32, Tensor[64] int64)``."""
+    if isinstance(batch, Tensor):
+        return f"Tensor{list(batch.shape)} {str(batch.dtype).removeprefix('torch.')}"
+    if isinstance(batch, (tuple, list)):
+        inner = ", ".join(describe_batch(b) for b in batch[:8]) + (", ..." if len(batch) > 8 else "")
+        return f"({inner})" if isinstance(batch, tuple) else f"[{inner}]"
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe_batch(v)}" for k, v in list(batch.items())[:8]) + "}"
+    return type(batch).__name__
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _split_output(out: Any, loss_fn: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    aux: Mapping[str, Tensor] = {}
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        out, aux = out
+    if not isinstance(out, Tensor) or out.ndim != 0 or not out.is_floating_point():
+        got = describe_batch(out) if isinstance(out, (Tensor, tuple, list)) else repr(out)
+        raise TypeError(
+            f"loss_fn {_name(loss_fn)!r} must return a 0-d floating-point loss tensor or "
+            f"(loss, dict of 0-d tensors); got {got}"
+        )
+    metrics = {"loss": out.detach()}
+    for k, v in aux.items():
+        if not isinstance(v, Tensor) or v.ndim != 0:
+            raise TypeError(
+                f"loss_fn {_name(loss_fn)!r}: auxiliary metric {k!r} must be a 0-d tensor "
+                f"(no .item() inside a step), got {v!r}"
+            )
+        metrics[k] = v.detach()
+    return out, metrics
+
+
+def _call_loss(loss_fn: Callable[..., Any], model: nn.Module, batch: Any, where: str) -> Any:
+    try:
+        return loss_fn(model, batch)
+    except Exception as e:
+        e.add_note(f"fnlight: {where}: loss_fn {_name(loss_fn)!r} raised on a batch {describe_batch(batch)}")
+        raise
+
+
+def _check_state(state: Any, where: str) -> None:
+    if not isinstance(state, TrainState):
+        raise TypeError(f"{where}: expected a fnlight.TrainState as first argument, got {type(state).__name__}")
+    check_live(state, where)
+    if state.skeleton is None:
+        raise ValueError(f"{where}: this TrainState has no module skeleton; build it with step.init()")
+
+
+def _set_mode(skeleton: nn.Module, training: bool) -> None:
+    if skeleton.training != training:
+        skeleton.train(training)
+
+
+class TrainStep:
+    """The core training step: forward and loss, ``autograd.grad``, one optimizer update.
+
+    Build it with :func:`make_train_step`. Calling it is pure: the input state is never
+    modified. Inside :func:`fnlight.fold`, which owns its states, the parameters,
+    buffers and optimizer state are updated in place.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: Optimizer) -> None:
+        self._model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self._trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+        self._devices = tuple({p.device for p in model.parameters() if p.device.type == "cuda"})
+
+    def init(self, *, seed: int = 0) -> TrainState:
+        """Build the initial state from the model's current tensors (not copied) and ``seed``.
+
+        The model itself is left untouched; the state holds its tensors and a data-free
+        skeleton of its structure.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"TrainStep.init: seed must be an int, got {seed!r}")
+        params = {n: p.detach() for n, p in self._model.named_parameters()}
+        buffers = {n: b.detach() for n, b in self._model.named_buffers()}
+        opt_state = self.optimizer.init({n: params[n] for n in self._trainable})
+        return TrainState(
+            step=torch.zeros((), dtype=torch.int64),
+            params=params,
+            buffers=buffers,
+            opt_state=opt_state,
+            key=torch.tensor(seed, dtype=torch.int64),
+            skeleton=make_skeleton(self._model),
+        )
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        _check_state(state, "train step")
+        inplace = is_donating()
+        params = state.params
+        leaves = {n: params[n].detach().requires_grad_() for n in self._trainable}
+        buffers = state.buffers if inplace else {k: b.clone() for k, b in state.buffers.items()}
+        skeleton = state.skeleton
+        _set_mode(skeleton, True)
+        seed = derive_seed(int(state.key), int(state.step))
+        with torch.enable_grad(), bound(skeleton, {**params, **leaves, **buffers}), seeded(seed, self._devices):
+            out = _call_loss(self.loss_fn, skeleton, batch, f"train step {int(state.step)}")
+        loss, metrics = _split_output(out, self.loss_fn)
+        if not loss.requires_grad:
+            raise ValueError(
+                f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
+                "parameter (no gradient can flow); did it call the model it was given?"
+            )
+        names = list(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None]
+        if len(used) == len(names):
+            update_params = {n: params[n] for n in names}
+            grad_map = dict(zip(names, grads))
+        else:
+            update_params = {names[i]: params[names[i]] for i in used}
+            grad_map = {names[i]: grads[i] for i in used}
+        new_params, opt_state = self.optimizer.apply(update_params, grad_map, state.opt_state, inplace=inplace)
+        new_state = state.replace(
+            step=state.step + 1,
+            params={**params, **new_params} if (not inplace or len(used) != len(names)) else params,
+            buffers=buffers,
+            opt_state=opt_state,
+        )
+        return new_state, metrics
+
+
+class EvalStep:
+    """A pure evaluation step: ``(state, batch) -> metrics`` in eval mode, without gradients."""
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, state: TrainState, batch: Any) -> Metrics:
+        _check_state(state, "eval step")
+        skeleton = state.skeleton
+        _set_mode(skeleton, False)
+        with torch.no_grad(), bound(skeleton, {**state.params, **state.buffers}):
+            out = _call_loss(self.loss_fn, skeleton, batch, f"eval step at update {int(state.step)}")
+        return _split_output(out, self.loss_fn)[1]
+
+
+def make_train_step(model: nn.Module, loss_fn: LossFn, optimizer: Optimizer) -> TrainStep:
+    """Build a pure training step from a model, a loss function and an optimizer.
+
+    Args:
+        model: the ``nn.Module`` whose parameters are trained. Parameters with
+            ``requires_grad=False`` are carried in the state but never updated.
+        loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux_metrics)``; see
+            :mod:`fnlight.losses` for ready-made ones.
+        optimizer: an :class:`fnlight.optim.Optimizer` (``adamw(...)``, ``chain(...)``...).
+
+    Returns:
+        A :class:`TrainStep`: call ``step.init(seed=...)`` for the initial state and
+        ``step(state, batch)`` for ``(new_state, metrics)``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``loss_fn`` is not callable or
+            ``optimizer`` is not an ``Optimizer``.
+
+    >>> import torch, fnlight as fl
+    >>> step = fl.make_train_step(torch.nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    >>> state = step.init(seed=0)
+    >>> state, metrics = step(state, (torch.ones(4, 3), torch.zeros(4, 1)))
+    >>> int(state.step), sorted(metrics)
+    (1, ['loss'])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"make_train_step: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"make_train_step: loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"make_train_step: optimizer must be a fnlight.optim.Optimizer (e.g. fnlight.optim.adamw(1e-3)), "
+            f"got {type(optimizer).__name__}; torch.optim optimizers are not functional"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("make_train_step: the model has no parameter with requires_grad=True; nothing to train")
+    return TrainStep(model, loss_fn, optimizer)
+
+
+def make_eval_step(loss_fn: LossFn) -> EvalStep:
+    """Build a pure evaluation step ``(state, batch) -> metrics`` (eval mode, no gradients).
+
+    It runs the module skeleton held by the state, so the same eval step works for any
+    state built by a train step over that module.
+
+    Raises:
+        TypeError: ``loss_fn`` is not callable.
+
+    >>> import torch, fnlight as fl
+    >>> state = fl.make_train_step(torch.nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    >>> sorted(fl.make_eval_step(fl.losses.mse)(state, (torch.ones(2, 3), torch.zeros(2, 1))))
+    ['loss']
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"make_eval_step: loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}")
+    return EvalStep(loss_fn)

@@ -1,0 +1,132 @@
+"""The optimizer interface: optax-style pairs of pure functions over torch's own kernels."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GradientTransformation",
+    "Optimizer",
+    "Schedule",
+    "ScalarOrSchedule",
+    "chain",
+    "hparam",
+    "resolve_lr",
+    "check_hparam",
+]
+
+Params = dict[str, Tensor]
+
+
+class Schedule(Protocol):
+    """A pure function of the optimizer-update count (0-d tensor) returning a 0-d float tensor."""
+
+    def __call__(self, count: Tensor) -> Tensor: ...
+
+
+ScalarOrSchedule = float | Schedule
+
+
+class GradientTransformation(NamedTuple):
+    """A pure gradient-to-gradient transformation (clipping, scaling...).
+
+    ``init(params) -> state`` and ``update(grads, state, params) -> (grads, state)``.
+    ``update`` never mutates its arguments.
+    """
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params], tuple[Params, Any]]
+
+
+class Optimizer(NamedTuple):
+    """A terminal optimizer: ``init(params) -> state`` and
+    ``apply(params, grads, state, *, inplace) -> (params, state)``.
+
+    With ``inplace=False`` (a direct call) the inputs are left untouched and new
+    tensors are returned. With ``inplace=True`` (inside :func:`fnlight.fold`, which
+    owns its states) the parameters and the optimizer state are updated in place by
+    torch's fused or multi-tensor kernels and returned.
+    """
+
+    init: Callable[[Params], Any]
+    apply: Callable[..., tuple[Params, Any]]
+
+
+def hparam(value: float) -> Tensor:
+    """A hyperparameter as a 0-d float64 tensor on the CPU (read without a device sync)."""
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def check_hparam(name: str, value: Any, *, where: str, low: float = 0.0, high: float | None = None,
+                 low_inclusive: bool = True, high_inclusive: bool = False) -> float:
+    """Validate a float hyperparameter at build time and return it as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: {name} must be a float, got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    ok_low = v >= low if low_inclusive else v > low
+    ok_high = True if high is None else (v <= high if high_inclusive else v < high)
+    if not (math.isfinite(v) and ok_low and ok_high):
+        lo = "[" if low_inclusive else "("
+        hi = "inf)" if high is None else (f"{high}]" if high_inclusive else f"{high})")
+        raise ValueError(f"{where}: {name} must be in {lo}{low}, {hi}, got {value!r}")
+    return v
+
+
+def check_lr(learning_rate: Any, *, where: str) -> ScalarOrSchedule:
+    """Validate a learning rate (a non-negative float or a schedule) at build time."""
+    if callable(learning_rate):
+        return learning_rate
+    return check_hparam("learning_rate", learning_rate, where=where)
+
+
+def resolve_lr(learning_rate: ScalarOrSchedule, count: Tensor, hparams: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
+    """The learning rate for the update after ``count`` updates, and the hparams to store."""
+    if callable(learning_rate):
+        lr_t = learning_rate(count).to(torch.float64)
+        return float(lr_t), {**hparams, "lr": lr_t}
+    return float(hparams["lr"]), dict(hparams)
+
+
+def chain(*parts: GradientTransformation | Optimizer) -> Optimizer:
+    """Compose gradient transformations and end with one optimizer.
+
+    The gradients flow through each transformation in order, then the optimizer
+    applies them. The state is the tuple of the parts' states.
+
+    >>> import fnlight as fl
+    >>> opt = fl.optim.chain(fl.optim.clip_by_global_norm(1.0), fl.optim.adamw(1e-3))
+    >>> isinstance(opt, fl.optim.Optimizer)
+    True
+    """
+    if not parts:
+        raise ValueError("chain(): expected gradient transformations followed by one Optimizer, got nothing")
+    *transforms, last = parts
+    if not isinstance(last, Optimizer):
+        raise TypeError(
+            f"chain(): the last part must be an Optimizer (e.g. fnlight.optim.adamw(...)), "
+            f"got {type(last).__name__}"
+        )
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(
+                f"chain(): part {i} must be a GradientTransformation (clip_by_global_norm, ...); "
+                f"an Optimizer may only come last, got {type(t).__name__}"
+            )
+
+    def init(params: Params) -> tuple[Any, ...]:
+        return tuple(t.init(params) for t in transforms) + (last.init(params),)
+
+    def apply(params: Params, grads: Params, state: tuple[Any, ...], *, inplace: bool) -> tuple[Params, tuple[Any, ...]]:
+        new_states = []
+        for t, s in zip(transforms, state):
+            grads, s = t.update(grads, s, params)
+            new_states.append(s)
+        params, s = last.apply(params, grads, state[-1], inplace=inplace)
+        return params, (*new_states, s)
+
+    return Optimizer(init, apply)
