@@ -8,6 +8,9 @@ from typing import Any
 
 __all__ = ["Progress"]
 
+# The rich console the bar draws on; None is rich's default (stderr). Tests point it at a buffer.
+CONSOLE: Any = None
+
 
 class Progress:
     """A rich progress bar fed by the fold; reads the loss (a host sync) at most every ``refresh`` s."""
@@ -32,6 +35,7 @@ class Progress:
             TimeRemainingColumn(),
             transient=False,
             auto_refresh=False,
+            console=CONSOLE,
         )
         self._task = self._bar.add_task("fold", total=total, completed=start_step, epoch=0, loss="-", rate="")
         self._bar.start()

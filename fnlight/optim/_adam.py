@@ -8,33 +8,28 @@ import torch
 from torch import Tensor
 
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
-from ._masks import MaskFn, split_by_mask
+from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
+from ._masks import MaskFn
 
 __all__ = ["AdamState", "adam", "adamw"]
 
 
 class AdamState(NamedTuple):
-    """State of :func:`adam` / :func:`adamw`: update count, first and second moments, hyperparameters."""
+    """State of :func:`adam` / :func:`adamw`.
+
+    Fields:
+        count: 0-d int64 CPU tensor, the number of updates applied.
+        mu: first moments by parameter name.
+        nu: second moments by parameter name.
+        nu_max: running maxima of ``nu`` (``amsgrad=True``), else ``{}``.
+        hparams: ``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay`` as 0-d float64 CPU tensors.
+    """
 
     count: Tensor
     mu: dict[str, Tensor]
     nu: dict[str, Tensor]
     nu_max: dict[str, Tensor]
     hparams: dict[str, Tensor]
-
-
-def group_indices(tensors: list[Tensor], subset: list[int]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Split ``subset`` of ``tensors`` by (device, dtype), as fused kernels require."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i in subset:
-        t = tensors[i]
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    return groups
-
-
-def clone_all(tensors: list[Tensor]) -> list[Tensor]:
-    """Copies of ``tensors`` (the pure path: never update the caller's tensors)."""
-    return [t.clone() for t in tensors]
 
 
 def _make(kind: str, learning_rate: ScalarOrSchedule, b1: float, b2: float, eps: float,
@@ -45,10 +40,8 @@ def _make(kind: str, learning_rate: ScalarOrSchedule, b1: float, b2: float, eps:
     b2 = check_hparam("b2", b2, where=where, high=1.0)
     eps = check_hparam("eps", eps, where=where)
     weight_decay = check_hparam("weight_decay", weight_decay, where=where)
-    if not isinstance(amsgrad, bool):
-        raise TypeError(f"{where}: amsgrad must be a bool, got {amsgrad!r}")
-    if mask is not None and not callable(mask):
-        raise TypeError(f"{where}: mask must be a callable (name, param) -> bool or None, got {mask!r}")
+    amsgrad = check_bool("amsgrad", amsgrad, where=where)
+    mask = check_mask(mask, where=where)
     kernel = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
 
     def init(params: dict[str, Tensor]) -> AdamState:
@@ -58,7 +51,7 @@ def _make(kind: str, learning_rate: ScalarOrSchedule, b1: float, b2: float, eps:
             mu=zeros,
             nu={n: torch.zeros_like(p) for n, p in params.items()},
             nu_max={n: torch.zeros_like(p) for n, p in params.items()} if amsgrad else {},
-            hparams={"lr": hparam(0.0 if callable(learning_rate) else learning_rate), "b1": hparam(b1),
+            hparams={"lr": initial_lr(learning_rate), "b1": hparam(b1),
                      "b2": hparam(b2), "eps": hparam(eps), "weight_decay": hparam(weight_decay)},
         )
 
@@ -73,17 +66,16 @@ def _make(kind: str, learning_rate: ScalarOrSchedule, b1: float, b2: float, eps:
         lr, hp = resolve_lr(learning_rate, state.count, state.hparams)
         count = state.count + 1
         step_value = float(count)
-        decay, no_decay = split_by_mask(names, ps, mask)
         opts = dict(lr=lr, beta1=float(hp["b1"]), beta2=float(hp["b2"]), eps=float(hp["eps"]),
                     amsgrad=amsgrad, maximize=False)
         wd = float(hp["weight_decay"])
-        for subset, group_wd in ((decay, wd), (no_decay, 0.0)):
-            for (device, _), idx in group_indices(ps, subset).items():
+        for group_wd, groups in weight_decay_groups(names, ps, mask, wd):
+            for (device, _), idx in groups.items():
                 steps = [torch.tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
                 kernel([ps[i] for i in idx], [gs[i] for i in idx], [mu[i] for i in idx], [nu[i] for i in idx],
                        [vmax[i] for i in idx] if amsgrad else [], steps, weight_decay=group_wd, **opts)
-        new_state = AdamState(count, dict(zip(names, mu)), dict(zip(names, nu)),
-                              dict(zip(names, vmax)) if amsgrad else {}, hp)
+        new_state = AdamState(count, merge(state.mu, names, mu), merge(state.nu, names, nu),
+                              merge(state.nu_max, names, vmax) if amsgrad else {}, hp)
         return dict(zip(names, ps)), new_state
 
     return Optimizer(init, apply)
@@ -93,19 +85,31 @@ def adam(learning_rate: ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999,
          weight_decay: float = 0.0, amsgrad: bool = False, mask: MaskFn | None = None) -> Optimizer:
     """Adam (L2 weight decay added to the gradient), matching ``torch.optim.Adam``.
 
+    Each update runs ``torch._fused_adam_`` once per (device, dtype) group and
+    weight-decay group; results equal ``torch.optim.Adam(..., fused=True)`` bitwise.
+
     Args:
         learning_rate: a float, or a schedule of the update count.
-        b1, b2: exponential decay rates of the first and second moments.
+        b1: decay rate of the first moment, in [0, 1).
+        b2: decay rate of the second moment, in [0, 1).
         eps: added to the denominator.
         weight_decay: L2 penalty coefficient.
         amsgrad: keep the running maximum of the second moment.
         mask: ``(name, param) -> bool``; parameters where it is false get no weight decay.
 
-    Raises:
-        ValueError, TypeError: an option is out of range or of the wrong type.
+    Returns:
+        An :class:`Optimizer` whose state is an :class:`AdamState`.
 
-    >>> import fnlight as fl
-    >>> opt = fl.optim.adam(1e-3, b1=0.9)
+    Raises:
+        ValueError: an option is out of range.
+        TypeError: an option has the wrong type.
+
+    >>> import torch, fnlight as fl
+    >>> opt = fl.optim.adam(0.1)
+    >>> params = {"w": torch.ones(2)}
+    >>> new, state = opt.apply(params, {"w": torch.ones(2)}, opt.init(params), inplace=False)
+    >>> new["w"], int(state.count)
+    (tensor([0.9000, 0.9000]), 1)
     """
     return _make("adam", learning_rate, b1, b2, eps, weight_decay, amsgrad, mask)
 
@@ -114,19 +118,29 @@ def adamw(learning_rate: ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999
           weight_decay: float = 1e-2, amsgrad: bool = False, mask: MaskFn | None = None) -> Optimizer:
     """AdamW (decoupled weight decay), matching ``torch.optim.AdamW``.
 
+    Each update runs ``torch._fused_adamw_`` once per (device, dtype) group and
+    weight-decay group; results equal ``torch.optim.AdamW(..., fused=True)`` bitwise.
+
     Args:
         learning_rate: a float, or a schedule of the update count.
-        b1, b2: exponential decay rates of the first and second moments.
+        b1: decay rate of the first moment, in [0, 1).
+        b2: decay rate of the second moment, in [0, 1).
         eps: added to the denominator.
         weight_decay: decoupled weight decay coefficient (multiplied by the learning rate).
         amsgrad: keep the running maximum of the second moment.
         mask: ``(name, param) -> bool``; parameters where it is false get no weight decay
             (e.g. :func:`fnlight.optim.decay_mask_no_bias_norm`).
 
-    Raises:
-        ValueError, TypeError: an option is out of range or of the wrong type.
+    Returns:
+        An :class:`Optimizer` whose state is an :class:`AdamState`.
 
-    >>> import fnlight as fl
+    Raises:
+        ValueError: an option is out of range.
+        TypeError: an option has the wrong type.
+
+    >>> import torch, fnlight as fl
     >>> opt = fl.optim.adamw(3e-4, weight_decay=0.1, mask=fl.optim.decay_mask_no_bias_norm)
+    >>> sorted(opt.init({"w": torch.zeros(2, 2)}).hparams)
+    ['b1', 'b2', 'eps', 'lr', 'weight_decay']
     """
     return _make("adamw", learning_rate, b1, b2, eps, weight_decay, amsgrad, mask)

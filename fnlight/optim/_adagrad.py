@@ -1,0 +1,99 @@
+"""Adagrad on torch's fused kernel (``torch._fused_adagrad_``)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
+from ._kernels import check_mask, clone_all, initial_lr, merge, weight_decay_groups
+from ._masks import MaskFn
+
+__all__ = ["AdagradState", "adagrad"]
+
+
+class AdagradState(NamedTuple):
+    """State of :func:`adagrad`.
+
+    Fields:
+        count: 0-d int64 CPU tensor, the number of updates applied.
+        sum_of_squares: accumulated squared gradients by parameter name (torch's ``"sum"``).
+        hparams: ``lr``, ``lr_decay``, ``weight_decay``, ``eps`` as 0-d float64 CPU tensors.
+    """
+
+    count: Tensor
+    sum_of_squares: dict[str, Tensor]
+    hparams: dict[str, Tensor]
+
+
+def adagrad(learning_rate: ScalarOrSchedule, *, lr_decay: float = 0.0, weight_decay: float = 0.0,
+            initial_accumulator_value: float = 0.0, eps: float = 1e-10,
+            mask: MaskFn | None = None) -> Optimizer:
+    """Adagrad, matching ``torch.optim.Adagrad``.
+
+    Each update runs ``torch._fused_adagrad_`` once per (device, dtype) group and
+    weight-decay group; results equal ``torch.optim.Adagrad(..., fused=True)`` bitwise.
+    The step the kernel sees (for ``lr_decay``) is the optimizer's update count.
+
+    Args:
+        learning_rate: a float, or a schedule of the update count.
+        lr_decay: the step size is ``lr / (1 + (step - 1) * lr_decay)``.
+        weight_decay: L2 penalty coefficient, added to the gradient.
+        initial_accumulator_value: starting value of the squared-gradient sums (used by
+            ``init`` only).
+        eps: added to the denominator.
+        mask: ``(name, param) -> bool``; parameters where it is false get no weight decay.
+
+    Returns:
+        An :class:`Optimizer` whose state is an :class:`AdagradState`.
+
+    Raises:
+        ValueError: an option is out of range.
+        TypeError: an option has the wrong type.
+
+    >>> import torch, fnlight as fl
+    >>> opt = fl.optim.adagrad(0.5)
+    >>> params = {"w": torch.ones(2)}
+    >>> new, state = opt.apply(params, {"w": torch.ones(2)}, opt.init(params), inplace=False)
+    >>> new["w"], state.sum_of_squares["w"]
+    (tensor([0.5000, 0.5000]), tensor([1., 1.]))
+    """
+    where = "fnlight.optim.adagrad"
+    learning_rate = check_lr(learning_rate, where=where)
+    lr_decay = check_hparam("lr_decay", lr_decay, where=where)
+    weight_decay = check_hparam("weight_decay", weight_decay, where=where)
+    initial_accumulator_value = check_hparam("initial_accumulator_value", initial_accumulator_value, where=where)
+    eps = check_hparam("eps", eps, where=where)
+    mask = check_mask(mask, where=where)
+
+    def init(params: dict[str, Tensor]) -> AdagradState:
+        sums = {n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format)
+                for n, p in params.items()}
+        return AdagradState(
+            count=torch.zeros((), dtype=torch.int64),
+            sum_of_squares=sums,
+            hparams={"lr": initial_lr(learning_rate), "lr_decay": hparam(lr_decay),
+                     "weight_decay": hparam(weight_decay), "eps": hparam(eps)},
+        )
+
+    def apply(params: dict[str, Tensor], grads: dict[str, Tensor], state: AdagradState, *,
+              inplace: bool) -> tuple[dict[str, Tensor], AdagradState]:
+        names = list(params)
+        ps, gs = list(params.values()), [grads[n] for n in names]
+        sums = [state.sum_of_squares[n] for n in names]
+        if not inplace:
+            ps, sums = clone_all(ps), clone_all(sums)
+        lr, hp = resolve_lr(learning_rate, state.count, state.hparams)
+        count = state.count + 1
+        step_value = float(count)
+        opts = dict(lr=lr, lr_decay=float(hp["lr_decay"]), eps=float(hp["eps"]), maximize=False)
+        for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
+            for (device, _), idx in groups.items():
+                steps = [torch.tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
+                torch._fused_adagrad_([ps[i] for i in idx], [gs[i] for i in idx], [sums[i] for i in idx], steps,
+                                      weight_decay=group_wd, **opts)
+        return dict(zip(names, ps)), AdagradState(count, merge(state.sum_of_squares, names, sums), hp)
+
+    return Optimizer(init, apply)

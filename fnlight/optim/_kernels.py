@@ -1,0 +1,98 @@
+"""Small helpers shared by the optimizers: kernel grouping, the pure path, state merging, checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._masks import MaskFn, split_by_mask
+
+__all__ = ["group_indices", "clone_all", "merge", "check_bool", "check_mask", "initial_lr", "weight_decay_groups"]
+
+
+def group_indices(tensors: Sequence[Tensor], subset: Sequence[int]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Split ``subset`` of ``tensors`` by (device, dtype), as fused and multi-tensor kernels require.
+
+    >>> import torch
+    >>> group_indices([torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.ones(2)], [0, 1, 2])
+    {(device(type='cpu'), torch.float32): [0, 2], (device(type='cpu'), torch.float64): [1]}
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i in subset:
+        t = tensors[i]
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def clone_all(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` (the pure path: never update the caller's tensors).
+
+    >>> import torch
+    >>> a = torch.zeros(2)
+    >>> _ = clone_all([a])[0].add_(1)
+    >>> a
+    tensor([0., 0.])
+    """
+    return [t.clone() for t in tensors]
+
+
+def merge(old: Mapping[str, Tensor], names: Sequence[str], new: Sequence[Tensor]) -> dict[str, Tensor]:
+    """``old`` with the entries of ``names`` replaced by ``new``: a subset update keeps every entry.
+
+    >>> merge({"a": 1, "b": 2}, ["b"], [3])
+    {'a': 1, 'b': 3}
+    """
+    return {**old, **dict(zip(names, new))}
+
+
+def check_bool(name: str, value: Any, *, where: str) -> bool:
+    """Validate a boolean option at build time.
+
+    >>> check_bool("nesterov", 1, where="fnlight.optim.sgd")
+    Traceback (most recent call last):
+    TypeError: fnlight.optim.sgd: nesterov must be a bool (True or False), got 1 of type int
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def check_mask(mask: Any, *, where: str) -> MaskFn | None:
+    """Validate a weight-decay mask (``None`` or a callable ``(name, param) -> bool``) at build time.
+
+    >>> check_mask("bias", where="fnlight.optim.sgd")
+    Traceback (most recent call last):
+    TypeError: fnlight.optim.sgd: mask must be None or a callable (name, param) -> bool (e.g. fnlight.optim.decay_mask_no_bias_norm), got 'bias'
+    """
+    if mask is not None and not callable(mask):
+        raise TypeError(
+            f"{where}: mask must be None or a callable (name, param) -> bool "
+            f"(e.g. fnlight.optim.decay_mask_no_bias_norm), got {mask!r}"
+        )
+    return mask
+
+
+def weight_decay_groups(names: Sequence[str], tensors: Sequence[Tensor], mask: MaskFn | None,
+                        weight_decay: float) -> list[tuple[float, dict[tuple[torch.device, torch.dtype], list[int]]]]:
+    """``[(weight_decay, {(device, dtype): indices})]``: one entry for decayed, one for masked-out tensors.
+
+    >>> import torch
+    >>> weight_decay_groups(["w", "b"], [torch.zeros(2, 2), torch.zeros(2)], lambda n, p: p.ndim > 1, 0.1)
+    [(0.1, {(device(type='cpu'), torch.float32): [0]}), (0.0, {(device(type='cpu'), torch.float32): [1]})]
+    """
+    decay, no_decay = split_by_mask(names, tensors, mask)
+    return [(wd, group_indices(tensors, subset)) for wd, subset in ((weight_decay, decay), (0.0, no_decay)) if subset]
+
+
+def initial_lr(learning_rate: Any) -> Tensor:
+    """The ``hparams["lr"]`` an optimizer state starts with: the float, or the schedule at count 0.
+
+    >>> initial_lr(0.5), initial_lr(lambda c: 0.1 * 0.5 ** c.double())
+    (tensor(0.5000, dtype=torch.float64), tensor(0.1000, dtype=torch.float64))
+    """
+    if callable(learning_rate):
+        return torch.as_tensor(learning_rate(torch.zeros((), dtype=torch.int64))).detach().to(torch.float64).clone()
+    return torch.tensor(float(learning_rate), dtype=torch.float64)

@@ -1,0 +1,106 @@
+"""Stochastic gradient descent on torch's fused kernel (``torch._fused_sgd_``)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
+from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
+from ._masks import MaskFn
+
+__all__ = ["SgdState", "sgd"]
+
+
+class SgdState(NamedTuple):
+    """State of :func:`sgd`.
+
+    Fields:
+        count: 0-d int64 CPU tensor, the number of updates applied.
+        momentum_buffer: momentum buffers by parameter name; ``{}`` when built with ``momentum=0``.
+        hparams: ``lr``, ``momentum``, ``dampening``, ``weight_decay`` as 0-d float64 CPU tensors.
+    """
+
+    count: Tensor
+    momentum_buffer: dict[str, Tensor]
+    hparams: dict[str, Tensor]
+
+
+def sgd(learning_rate: ScalarOrSchedule, *, momentum: float = 0.0, dampening: float = 0.0,
+        nesterov: bool = False, weight_decay: float = 0.0, mask: MaskFn | None = None) -> Optimizer:
+    """Stochastic gradient descent with optional momentum, matching ``torch.optim.SGD``.
+
+    Each update runs ``torch._fused_sgd_`` once per (device, dtype) group and
+    weight-decay group; results equal ``torch.optim.SGD(..., fused=True)`` bitwise.
+    As in torch, the first update copies the gradient into the momentum buffer.
+
+    Whether momentum buffers exist is fixed when the optimizer is built
+    (``momentum > 0``); ``hparams["momentum"]`` may later be changed to another
+    positive value, not switched to or from zero.
+
+    Args:
+        learning_rate: a float, or a schedule of the update count.
+        momentum: momentum factor (0 disables momentum and its buffers).
+        dampening: dampening of the momentum, in [0, 1].
+        nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        weight_decay: L2 penalty coefficient, added to the gradient.
+        mask: ``(name, param) -> bool``; parameters where it is false get no weight decay.
+
+    Returns:
+        An :class:`Optimizer` whose state is an :class:`SgdState`.
+
+    Raises:
+        ValueError: an option is out of range, or ``nesterov=True`` without momentum or
+            with dampening.
+        TypeError: an option has the wrong type.
+
+    >>> import torch, fnlight as fl
+    >>> opt = fl.optim.sgd(0.5, momentum=0.9)
+    >>> params = {"w": torch.ones(2)}
+    >>> new, state = opt.apply(params, {"w": torch.ones(2)}, opt.init(params), inplace=False)
+    >>> new["w"], state.momentum_buffer["w"]
+    (tensor([0.5000, 0.5000]), tensor([1., 1.]))
+    """
+    where = "fnlight.optim.sgd"
+    learning_rate = check_lr(learning_rate, where=where)
+    momentum = check_hparam("momentum", momentum, where=where)
+    dampening = check_hparam("dampening", dampening, where=where, high=1.0, high_inclusive=True)
+    nesterov = check_bool("nesterov", nesterov, where=where)
+    weight_decay = check_hparam("weight_decay", weight_decay, where=where)
+    mask = check_mask(mask, where=where)
+    if nesterov and (momentum <= 0.0 or dampening != 0.0):
+        raise ValueError(
+            f"{where}: nesterov=True requires momentum > 0 and dampening == 0, "
+            f"got momentum={momentum!r}, dampening={dampening!r}; set both or use nesterov=False"
+        )
+    use_momentum = momentum > 0.0
+
+    def init(params: dict[str, Tensor]) -> SgdState:
+        buffers = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
+        return SgdState(
+            count=torch.zeros((), dtype=torch.int64),
+            momentum_buffer=buffers if use_momentum else {},
+            hparams={"lr": initial_lr(learning_rate), "momentum": hparam(momentum),
+                     "dampening": hparam(dampening), "weight_decay": hparam(weight_decay)},
+        )
+
+    def apply(params: dict[str, Tensor], grads: dict[str, Tensor], state: SgdState, *,
+              inplace: bool) -> tuple[dict[str, Tensor], SgdState]:
+        names = list(params)
+        ps, gs = list(params.values()), [grads[n] for n in names]
+        bufs = [state.momentum_buffer[n] for n in names] if use_momentum else []
+        if not inplace:
+            ps, bufs = clone_all(ps), clone_all(bufs)
+        lr, hp = resolve_lr(learning_rate, state.count, state.hparams)
+        opts = dict(lr=lr, momentum=float(hp["momentum"]), dampening=float(hp["dampening"]),
+                    nesterov=nesterov, maximize=False, is_first_step=use_momentum and int(state.count) == 0)
+        for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
+            for idx in groups.values():
+                torch._fused_sgd_([ps[i] for i in idx], [gs[i] for i in idx],
+                                  [bufs[i] for i in idx] if use_momentum else [], weight_decay=group_wd, **opts)
+        new_bufs = merge(state.momentum_buffer, names, bufs) if use_momentum else {}
+        return dict(zip(names, ps)), SgdState(state.count + 1, new_bufs, hp)
+
+    return Optimizer(init, apply)

@@ -1,0 +1,50 @@
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s docs``, ``nox -s bench``.
+
+Every session installs torch first, pinned by the ``FNLIGHT_TORCH`` environment variable
+(default ``torch==2.13.0``): asking pip for an open torch range with no torch installed
+downloads the newest CUDA build, several GB.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("FNLIGHT_TORCH", "torch==2.13.0")
+
+
+def install(session: nox.Session, extras: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (unit, parity, doctests and docs examples)."""
+    install(session, "dev")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the library, tests, examples and benchmarks."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "fnlight", "tests", "examples", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Check the docs: every ```python block in docs/ and README runs, every public name is documented."""
+    install(session, "dev")
+    session.run("python", "-m", "pytest", "-q", "tests/test_docs.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks (ratios against a hand-written loop measured in the same run)."""
+    install(session, "examples")
+    session.run("python", "benchmarks/step_overhead.py", *session.posargs)

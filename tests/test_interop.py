@@ -1,0 +1,77 @@
+"""Back to torch: to_module, state_dict, copy_into_module_, load_state_dict."""
+
+import pytest
+import torch
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import adamw
+from tests.conftest import make_batches, make_bn_mlp
+
+
+@pytest.fixture
+def trained():
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2))
+    return fl.fold(step, step.init(), make_batches(), progress=False)
+
+
+def test_to_module_reproduces_the_eval_step(trained):
+    module = fl.to_module(trained)
+    x, y = make_batches(1, seed=5)[0]
+    assert not module.training
+    expected = fl.make_eval_step(fl.losses.cross_entropy)(trained, (x, y))["loss"]
+    assert torch.equal(torch.nn.functional.cross_entropy(module(x), y), expected)
+    module[0].weight.data.add_(1)
+    assert not torch.equal(module[0].weight, trained.params["0.weight"])
+
+
+def test_state_dict_matches_module_layout_and_copies(trained):
+    sd = fl.state_dict(trained)
+    assert list(sd) == list(make_bn_mlp().state_dict())
+    sd["0.weight"].add_(1)
+    assert not torch.equal(sd["0.weight"], trained.params["0.weight"])
+
+
+def test_copy_into_module_in_place(trained):
+    module = make_bn_mlp(seed=9)
+    assert fl.copy_into_module_(trained, module) is module
+    for name, p in module.named_parameters():
+        assert torch.equal(p.detach(), trained.params[name])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fl.copy_into_module_(trained, nn.Linear(10, 3))
+    with pytest.raises(TypeError, match="copy_into_module_: module must be a torch.nn.Module, got dict"):
+        fl.copy_into_module_(trained, {})
+
+
+def test_load_state_dict_builds_params_from_pretrained(trained):
+    fresh = fl.make_train_step(make_bn_mlp(seed=3), fl.losses.cross_entropy, adamw(1e-2)).init()
+    loaded = fl.load_state_dict(fresh, fl.state_dict(trained))
+    assert fl.tree_equal(loaded.params, trained.params) and fl.tree_equal(loaded.buffers, trained.buffers)
+    assert fl.tree_equal(loaded.opt_state, fresh.opt_state)
+    assert not fl.tree_equal(fresh.params, trained.params)
+
+
+def test_load_state_dict_casts_to_the_leaf_dtype(trained):
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in fl.state_dict(trained).items()}
+    loaded = fl.load_state_dict(trained, sd)
+    assert loaded.params["0.weight"].dtype == torch.float32
+
+
+def test_load_state_dict_lists_every_mismatch(trained):
+    sd = fl.state_dict(trained)
+    del sd["0.bias"]
+    sd["extra"] = torch.zeros(1)
+    sd["3.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"missing \['0.bias'\]; unexpected \['extra'\]; mis-shaped \['3.weight: expected \[3, 32\], got \[2, 2\]'\]"):
+        fl.load_state_dict(trained, sd)
+    partial = fl.state_dict(trained)
+    del partial["0.bias"]
+    assert torch.equal(fl.load_state_dict(trained, partial, strict=False).params["0.bias"], trained.params["0.bias"])
+    with pytest.raises(TypeError, match="source must be a mapping"):
+        fl.load_state_dict(trained, [1])
+
+
+def test_interop_rejects_non_states():
+    for fn in (fl.to_module, fl.state_dict):
+        with pytest.raises(TypeError, match="expected a fnlight.TrainState, got int"):
+            fn(1)

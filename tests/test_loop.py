@@ -1,0 +1,222 @@
+"""fold (donation, epochs, max_steps, stop, resume position, observers, progress) and evaluate."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fnlight as fl
+from fnlight.optim import adamw
+from tests.conftest import make_batches, make_bn_mlp
+
+
+def make_step(dropout=0.0):
+    return fl.make_train_step(make_bn_mlp(dropout=dropout), fl.losses.cross_entropy, adamw(1e-2))
+
+
+def test_fold_leaves_input_state_untouched(batches):
+    step = make_step()
+    state = step.init()
+    before = fl.tree_clone(state)
+    out = fl.fold(step, state, batches, epochs=2, progress=False)
+    assert fl.tree_equal(state, before)
+    assert int(out.step) == 16
+    step(state, batches[0])  # still usable
+
+
+def test_fold_equals_direct_step_calls(batches):
+    step = make_step(dropout=0.2)
+    state = step.init(seed=5)
+    direct = state
+    for b in batches * 2:
+        direct, _ = step(direct, b)
+    folded = fl.fold(step, state, batches, epochs=2, progress=False)
+    assert fl.tree_equal(folded.params, direct.params)
+    assert fl.tree_equal(folded.opt_state, direct.opt_state)
+    assert fl.tree_equal(folded.buffers, direct.buffers)
+
+
+def test_donate_true_consumes_input(batches):
+    step = make_step()
+    state = step.init()
+    fl.fold(step, state, batches, progress=False, donate=True)
+    with pytest.raises(fl.DonatedStateError, match="fold: this TrainState was donated"):
+        fl.fold(step, state, batches, progress=False)
+    with pytest.raises(fl.DonatedStateError, match="train step: this TrainState was donated"):
+        step(state, batches[0])
+
+
+def test_reusing_an_intermediate_state_raises(batches):
+    kept = []
+    step = make_step()
+    fl.fold(step, step.init(), batches, progress=False, observers=[fl.Observer(lambda s, m: kept.append(s), steps=2)])
+    assert len(kept) == 4
+    with pytest.raises(fl.DonatedStateError, match="was donated to an in-place update"):
+        step(kept[0], batches[0])
+    for fn in (fl.to_module, fl.state_dict):
+        with pytest.raises(fl.DonatedStateError):
+            fn(kept[0])
+    with pytest.raises(fl.DonatedStateError, match="evaluate"):
+        fl.evaluate(fl.make_eval_step(fl.losses.cross_entropy), kept[0], batches)
+
+
+def test_observer_copy_survives(batches):
+    copies = []
+    step = make_step()
+    final = fl.fold(step, step.init(), batches, epochs=2, progress=False,
+                    observers=[fl.Observer(lambda s, m: copies.append(fl.tree_clone(s)), steps=8)])
+    assert [int(c.step) for c in copies] == [8, 16]
+    assert fl.tree_equal(copies[-1].params, final.params)
+    assert not fl.tree_equal(copies[0].params, final.params)
+
+
+def test_max_steps_and_epochs(batches):
+    step = make_step()
+    state = fl.fold(step, step.init(), batches, max_steps=11, progress=False)
+    assert int(state.step) == 11 and int(state.data.epoch) == 1 and int(state.data.batch) == 3
+    state = fl.fold(step, step.init(), batches, epochs=3, max_steps=100, progress=False)
+    assert int(state.step) == 24 and int(state.data.epoch) == 3 and int(state.data.batch) == 0
+
+
+def test_resume_continues_bitwise_and_mid_epoch(batches):
+    step = make_step(dropout=0.3)
+    whole = fl.fold(step, step.init(seed=2), batches, epochs=3, progress=False)
+    part = fl.fold(step, step.init(seed=2), batches, max_steps=13, progress=False)
+    assert (int(part.data.epoch), int(part.data.batch)) == (1, 5)
+    resumed = fl.fold(step, part, batches, epochs=3, progress=False)
+    assert int(resumed.step) == 24
+    assert fl.tree_equal(resumed.params, whole.params)
+    assert fl.tree_equal(resumed.opt_state, whole.opt_state)
+
+
+def test_stop_flag_ends_the_fold(batches):
+    inner = make_step()
+
+    def stopping(state, batch):
+        state, metrics = inner(state, batch)
+        return state.replace(stop=state.step >= 5), metrics
+
+    state = fl.fold(stopping, inner.init(), batches, epochs=10, progress=False)
+    assert int(state.step) == 5 and bool(state.stop)
+    assert int(fl.fold(stopping, state, batches, epochs=10, progress=False).step) == 5
+
+
+def test_data_as_function_of_epoch(batches):
+    seen = []
+
+    def data(epoch):
+        seen.append(epoch)
+        return batches[:2]
+
+    step = make_step()
+    state = fl.fold(step, step.init(), data, epochs=3, progress=False)
+    assert seen == [0, 1, 2] and int(state.step) == 6
+
+
+def test_one_shot_iterator_allowed_for_single_epoch_only(batches):
+    step = make_step()
+    assert int(fl.fold(step, step.init(), iter(batches), epochs=1, progress=False).step) == 8
+    with pytest.raises(ValueError, match="data is a one-shot iterator"):
+        fl.fold(step, step.init(), (b for b in batches), epochs=2, progress=False)
+
+
+def test_observer_schedules_by_updates_and_at_end(batches):
+    calls = []
+    step = make_step()
+    obs = fl.every(3)(lambda s, m: calls.append((int(s.step), float(m["loss"]))))
+    fl.fold(step, step.init(), batches, epochs=1, observers=[obs], progress=False)
+    assert [c[0] for c in calls] == [3, 6, 8]
+    calls.clear()
+    fl.fold(step, step.init(), batches, epochs=1, observers=[fl.Observer(lambda s, m: calls.append(int(s.step)), steps=4, at_end=False)],
+            progress=False)
+    assert calls == [4, 8]
+
+
+def test_observer_by_seconds(batches, monkeypatch):
+    import fnlight._loop as loop
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(loop.time, "monotonic", lambda: float(next(clock)) * 0.6)
+    calls = []
+    step = make_step()
+    fl.fold(step, step.init(), batches, observers=[fl.Observer(lambda s, m: calls.append(int(s.step)), seconds=1.0, at_end=False)],
+            progress=False)
+    assert calls and calls == sorted(set(calls)) and len(calls) < 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"epochs": 0}, ValueError, "fold: epochs must be a positive int or None, got 0"),
+        ({"max_steps": 2.5}, ValueError, "fold: max_steps must be a positive int or None, got 2.5"),
+        ({"observers": [print]}, TypeError, "observers must be fnlight.Observer"),
+    ],
+)
+def test_fold_validates_options(batches, kwargs, error, match):
+    step = make_step()
+    with pytest.raises(error, match=match):
+        fl.fold(step, step.init(), batches, progress=False, **kwargs)
+
+
+def test_fold_rejects_non_state_and_non_callable(batches):
+    step = make_step()
+    with pytest.raises(TypeError, match="fold: expected a fnlight.TrainState, got dict"):
+        fl.fold(step, {}, batches)
+    with pytest.raises(TypeError, match="fold: step must be callable"):
+        fl.fold(None, step.init(), batches)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({}, "give steps=N"), ({"steps": 0}, "steps must be a positive int, got 0"),
+     ({"seconds": -1}, "seconds must be a positive number, got -1")],
+)
+def test_observer_validates_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fl.Observer(print, **kwargs)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        fl.Observer(None, steps=1)
+
+
+def test_progress_bar_draws_on_a_terminal(batches, monkeypatch):
+    from rich.console import Console
+
+    import fnlight._progress as progress
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(progress, "CONSOLE", Console(file=buffer, force_terminal=True, width=120))
+    step = make_step()
+    fl.fold(step, step.init(), batches, epochs=2, progress=True)
+    out = buffer.getvalue()
+    assert "step 16/16" in out and "epoch 2" in out and "loss" in out and "steps/s" in out
+
+
+def test_progress_is_silent_when_not_a_terminal(batches, capsys):
+    step = make_step()
+    fl.fold(step, step.init(), batches, progress=None)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_evaluate_is_exact_with_uneven_last_batch():
+    step = make_step()
+    state = fl.fold(step, step.init(), make_batches(4), progress=False)
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(37, 10, generator=g), torch.randint(0, 3, (37,), generator=g)
+    data = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 37, 10)]
+    result = fl.evaluate(fl.make_eval_step(fl.losses.classification), state, data)
+    module = fl.to_module(state)
+    with torch.no_grad():
+        logits = module(x)
+    assert result["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-6)
+    assert result["accuracy"] == pytest.approx(float((logits.argmax(-1) == y).double().mean()), rel=1e-7)
+    assert fl.evaluate(fl.make_eval_step(fl.losses.classification), state, []) == {}
+
+
+def test_evaluate_needs_a_batch_size():
+    step = make_step()
+    with pytest.raises(TypeError, match="cannot infer the batch size"):
+        fl.evaluate(lambda s, b: {"loss": torch.tensor(1.0)}, step.init(), [{"n": 3}])
+    assert fl.evaluate(lambda s, b: {"loss": torch.tensor(float(b["n"]))}, step.init(), [{"n": 3}, {"n": 1}],
+                       batch_size_fn=lambda b: b["n"]) == {"loss": pytest.approx(2.5)}

@@ -1,0 +1,77 @@
+"""TrainState as a pytree (optree and torch.utils._pytree), replace(), and the tree helpers."""
+
+import dataclasses
+
+import optree
+import pytest
+import torch
+import torch.utils._pytree as torch_pytree
+
+import fnlight as fl
+from fnlight.optim import adamw
+from tests.conftest import make_bn_mlp
+
+
+@pytest.fixture
+def state():
+    return fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2)).init(seed=4)
+
+
+def test_state_is_frozen_and_replace_returns_a_copy(state):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.step = torch.tensor(3)
+    new = state.replace(step=torch.tensor(3))
+    assert int(new.step) == 3 and int(state.step) == 0 and new.skeleton is state.skeleton
+
+
+def test_replace_rejects_unknown_fields(state):
+    with pytest.raises(TypeError, match=r"unknown field\(s\) \['steps'\]; expected some of"):
+        state.replace(steps=1)
+
+
+def test_with_slot_adds_a_named_slot(state):
+    new = state.with_slot("accum", {"count": torch.tensor(0)})
+    assert "accum" in new.slots and state.slots == {}
+
+
+@pytest.mark.parametrize("flatten", ["optree", "torch"])
+def test_round_trips_through_both_pytree_registries(state, flatten):
+    if flatten == "optree":
+        leaves, spec = optree.tree_flatten(state, namespace="fnlight")
+        rebuilt = optree.tree_unflatten(spec, leaves)
+    else:
+        leaves, spec = torch_pytree.tree_flatten(state)
+        rebuilt = torch_pytree.tree_unflatten(leaves, spec)
+    assert all(isinstance(x, torch.Tensor) for x in leaves)
+    assert rebuilt.skeleton is state.skeleton
+    assert fl.tree_equal(rebuilt, state)
+
+
+def test_static_skeleton_is_not_a_leaf(state):
+    leaves = optree.tree_leaves(state, namespace="fnlight")
+    assert not any(isinstance(x, torch.nn.Module) for x in leaves)
+    n = len(state.params) + len(state.buffers)
+    assert len(leaves) > n
+
+
+def test_key_material_and_position_defaults(state):
+    assert int(state.key) == 4 and state.key.dtype == torch.int64
+    assert (int(state.data.epoch), int(state.data.batch)) == (0, 0)
+    assert state.stop.dtype == torch.bool and not bool(state.stop)
+
+
+def test_tree_equal_detects_differences(state):
+    other = fl.tree_clone(state)
+    assert fl.tree_equal(state, other)
+    other.params["0.weight"][0, 0] += 1
+    assert not fl.tree_equal(state, other)
+    assert not fl.tree_equal({"a": torch.zeros(2)}, {"a": torch.zeros(2, dtype=torch.float64)})
+    assert not fl.tree_equal({"a": torch.zeros(2)}, {"b": torch.zeros(2)})
+    assert not fl.tree_equal({"a": 1}, {"a": torch.ones(())})
+
+
+def test_derive_seed_is_a_pure_mix():
+    assert fl.derive_seed(1, 2, 3) == fl.derive_seed(1, 2, 3)
+    assert len({fl.derive_seed(0, s) for s in range(1000)}) == 1000
+    assert fl.derive_seed(1, 2, 3) != fl.derive_seed(1, 3, 2)
+    assert 0 <= fl.derive_seed(-5, 2**70) < 2**63

@@ -1,0 +1,251 @@
+"""The core train/eval steps: parity with hand-written loops, purity, determinism, errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import adamw
+from tests.conftest import make_batches, make_bn_mlp
+
+
+def hand_loop(model, batches, steps, *, seed=None, fused=True, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
+    model.train()
+    for k in range(steps):
+        x, y = batches[k % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        if seed is not None:
+            torch.manual_seed(fl.derive_seed(seed, k))
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def run_steps(step, state, batches, steps):
+    for k in range(steps):
+        state, _ = step(state, batches[k % len(batches)])
+    return state
+
+
+def assert_params_equal(state, module):
+    for name, p in module.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+    for name, b in module.named_buffers():
+        assert torch.equal(state.buffers[name], b), name
+
+
+def test_50_steps_bitwise_equal_to_hand_loop_with_batchnorm(batches):
+    reference = hand_loop(make_bn_mlp(), batches, 50)
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2))
+    assert_params_equal(run_steps(step, step.init(), batches, 50), reference)
+
+
+def test_fold_bitwise_equal_to_hand_loop(batches):
+    reference = hand_loop(make_bn_mlp(), batches, 48)
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2))
+    assert_params_equal(fl.fold(step, step.init(), batches, epochs=6, progress=False), reference)
+
+
+def test_dropout_bitwise_equal_to_hand_loop_with_same_counter_seeds(batches):
+    reference = hand_loop(make_bn_mlp(dropout=0.3), batches, 50, seed=7)
+    step = fl.make_train_step(make_bn_mlp(dropout=0.3), fl.losses.cross_entropy, adamw(1e-2))
+    state = fl.fold(step, step.init(seed=7), batches, max_steps=50, epochs=100, progress=False)
+    assert_params_equal(state, reference)
+
+
+def test_step_leaves_input_state_untouched(batches):
+    step = fl.make_train_step(make_bn_mlp(dropout=0.2), fl.losses.cross_entropy, adamw(1e-2))
+    state = run_steps(step, step.init(), batches, 2)
+    before = fl.tree_clone(state)
+    step(state, batches[0])
+    assert fl.tree_equal(state, before)
+
+
+def test_same_inputs_give_identical_outputs(batches):
+    step = fl.make_train_step(make_bn_mlp(dropout=0.5), fl.losses.classification, adamw(1e-2))
+    state = step.init(seed=3)
+    torch.manual_seed(123)
+    a, ma = step(state, batches[0])
+    torch.rand(5)  # global RNG use in between must not matter
+    b, mb = step(state, batches[0])
+    assert fl.tree_equal(a, b) and fl.tree_equal(ma, mb)
+
+
+def test_dropout_depends_on_seed_and_step(batches):
+    step = fl.make_train_step(make_bn_mlp(dropout=0.5), fl.losses.cross_entropy, adamw(1e-2))
+    _, m1 = step(step.init(seed=1), batches[0])
+    _, m2 = step(step.init(seed=2), batches[0])
+    assert not torch.equal(m1["loss"], m2["loss"])
+
+
+def test_step_does_not_touch_global_rng(batches):
+    step = fl.make_train_step(make_bn_mlp(dropout=0.5), fl.losses.cross_entropy, adamw(1e-2))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    step(step.init(), batches[0])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_init_aliases_model_tensors_and_leaves_model_intact():
+    model = make_bn_mlp()
+    before = copy.deepcopy(model.state_dict())
+    step = fl.make_train_step(model, fl.losses.cross_entropy, adamw(1e-2))
+    state = step.init()
+    state, _ = step(state, make_batches(1)[0])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert state.skeleton is not model and all(p.is_meta for p in state.skeleton.parameters())
+    assert state.step.dtype == torch.int64 and state.step.ndim == 0
+
+
+def test_batchnorm_stats_come_back_in_state_and_eval_mode_is_explicit(batches):
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2))
+    state = step.init()
+    new, _ = step(state, batches[0])
+    assert int(new.buffers["1.num_batches_tracked"]) == 1
+    assert not torch.equal(new.buffers["1.running_mean"], state.buffers["1.running_mean"])
+    evaluated = fl.make_eval_step(fl.losses.cross_entropy)(new, batches[0])
+    reference = fl.to_module(new)
+    assert torch.equal(evaluated["loss"], F.cross_entropy(reference(batches[0][0]), batches[0][1]))
+    assert int(new.buffers["1.num_batches_tracked"]) == 1
+
+
+def test_frozen_parameters_are_carried_not_updated(batches):
+    model = make_bn_mlp()
+    model[0].weight.requires_grad_(False)
+    step = fl.make_train_step(model, fl.losses.cross_entropy, adamw(1e-2))
+    state = step.init()
+    new = run_steps(step, state, batches, 3)
+    assert torch.equal(new.params["0.weight"], state.params["0.weight"])
+    assert "0.weight" not in new.opt_state.mu
+    assert not torch.equal(new.params["3.weight"], state.params["3.weight"])
+
+
+def test_unused_parameters_are_skipped_like_torch_optim(batches):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.used, self.unused = nn.Linear(10, 3), nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    step = fl.make_train_step(TwoHeads(), fl.losses.cross_entropy, adamw(1e-2))
+    state = step.init()
+    new = run_steps(step, state, batches, 2)
+    assert torch.equal(new.params["unused.weight"], state.params["unused.weight"])
+    assert set(new.opt_state.mu) == set(state.opt_state.mu)
+
+
+def test_tied_weights_share_one_state_entry():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.out = nn.Linear(4, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(self.emb(x))
+
+    model = Tied()
+    step = fl.make_train_step(model, lambda m, b: F.cross_entropy(m(b), b), adamw(1e-2))
+    state = step.init()
+    assert list(state.params) == ["emb.weight"]
+    new, _ = step(state, torch.tensor([0, 1, 2]))
+    reference = copy.deepcopy(model)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
+    F.cross_entropy(reference(torch.tensor([0, 1, 2])), torch.tensor([0, 1, 2])).backward()
+    opt.step()
+    assert torch.equal(new.params["emb.weight"], reference.emb.weight.detach())
+
+
+def test_aux_metrics_are_detached_scalars(batches):
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.classification, adamw(1e-2))
+    _, metrics = step(step.init(), batches[0])
+    assert set(metrics) == {"loss", "accuracy"}
+    assert all(v.ndim == 0 and not v.requires_grad for v in metrics.values())
+
+
+def test_batch_the_loss_cannot_take_names_the_batch(batches):
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2))
+    with pytest.raises(RuntimeError) as info:
+        step(step.init(), (torch.zeros(4, 7), torch.zeros(4, dtype=torch.long)))
+    notes = "\n".join(info.value.__notes__)
+    assert "train step 0: loss_fn 'cross_entropy' raised on a batch (Tensor[4, 7] float32, Tensor[4] int64)" in notes
+
+
+def test_wrong_batch_structure_is_named():
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2))
+    with pytest.raises(TypeError, match="expected a batch \\(inputs, targets\\), got dict"):
+        step(step.init(), {"x": torch.zeros(2, 10)})
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "error", "match"),
+    [
+        (lambda m, b: m(b[0]), TypeError, r"must return a 0-d floating-point loss tensor .* got Tensor\[16, 3\] float32"),
+        (lambda m, b: 1.0, TypeError, "must return a 0-d floating-point loss tensor .* got 1.0"),
+        (lambda m, b: (m(b[0]).sum(), {"acc": 0.5}), TypeError, "auxiliary metric 'acc' must be a 0-d tensor"),
+        (lambda m, b: torch.tensor(1.0), ValueError, "does not depend on any trainable parameter"),
+    ],
+)
+def test_bad_loss_outputs(batches, loss_fn, error, match):
+    step = fl.make_train_step(make_bn_mlp(), loss_fn, adamw(1e-2))
+    with pytest.raises(error, match=match):
+        step(step.init(), batches[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((nn.Linear, fl.losses.mse, adamw(1e-3)), TypeError, "model must be a torch.nn.Module, got type"),
+        (("model", fl.losses.mse, adamw(1e-3)), TypeError, "model must be a torch.nn.Module, got str"),
+        ((nn.Linear(2, 1), "mse", adamw(1e-3)), TypeError, "loss_fn must be callable"),
+        ((nn.Linear(2, 1), fl.losses.mse, "adamw"), TypeError, "optimizer must be a fnlight.optim.Optimizer"),
+        ((nn.ReLU(), fl.losses.mse, adamw(1e-3)), ValueError, "no parameter with requires_grad=True"),
+    ],
+)
+def test_make_train_step_validates_inputs(args, error, match):
+    with pytest.raises(error, match=match):
+        fl.make_train_step(*args)
+
+
+def test_torch_optimizer_is_rejected_with_hint():
+    model = nn.Linear(2, 1)
+    with pytest.raises(TypeError, match="torch.optim optimizers are not functional"):
+        fl.make_train_step(model, fl.losses.mse, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_negative_learning_rate_and_unknown_option_are_rejected():
+    with pytest.raises(ValueError, match="fnlight.optim.adamw: learning_rate must be in \\[0.0, inf\\), got -0.1"):
+        adamw(-0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'beta1'"):
+        adamw(1e-3, beta1=0.9)
+
+
+def test_step_and_eval_reject_non_states_and_bad_seed():
+    step = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, adamw(1e-3))
+    with pytest.raises(TypeError, match="expected a fnlight.TrainState as first argument, got dict"):
+        step({}, None)
+    with pytest.raises(TypeError, match="expected a fnlight.TrainState as first argument, got int"):
+        fl.make_eval_step(fl.losses.mse)(3, None)
+    with pytest.raises(TypeError, match="seed must be an int, got 1.5"):
+        step.init(seed=1.5)
+    with pytest.raises(TypeError, match="make_eval_step: loss_fn must be callable"):
+        fl.make_eval_step(None)
+    with pytest.raises(ValueError, match="has no module skeleton"):
+        step(step.init().replace(skeleton=None), None)
+
+
+def test_eval_step_error_note_mentions_update(batches):
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2))
+    with pytest.raises(RuntimeError) as info:
+        fl.make_eval_step(fl.losses.cross_entropy)(step.init(), (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)))
+    assert "eval step at update 0" in "\n".join(info.value.__notes__)
