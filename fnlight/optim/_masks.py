@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from torch import Tensor
 
 __all__ = ["MaskFn", "split_by_mask", "decay_mask_no_bias_norm"]
 
-MaskFn = Callable[[str, Tensor], bool]
+
+class MaskFn(Protocol):
+    """``mask(name, param) -> bool``: whether the parameter called ``name`` gets weight decay."""
+
+    def __call__(self, name: str, param: Tensor, /) -> bool: ...
 
 
 def decay_mask_no_bias_norm(name: str, param: Tensor) -> bool:
