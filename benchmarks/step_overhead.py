@@ -6,29 +6,41 @@ Three ways to train the same model on the same batches, measured in this one run
   ``opt.zero_grad(set_to_none=True); loss = loss_fn(model, batch); loss.backward(); opt.step()``
 - (b) the same loop with ``torch.optim.AdamW(fused=True)`` (the reference),
 - (c) ``fnlight.fold(step, state, batches, donate=True, progress=False)`` with
-  ``fnlight.optim.adamw`` (same hyperparameters).
+  ``fnlight.optim.adamw`` (same hyperparameters, same fused kernel).
 
-Step time: an MLP 784-512-512-10 (batch 64) and a small transformer encoder (2 layers,
-d_model 128, 4 heads, ff 512, seq 32, batch 16). Each method keeps its own copy of the
-model with identical initial weights. After warm-up, every round times one block of
-``--steps`` steps per method (a whole ``fold`` call for (c), no observers), in an order
-rotated each round; the table gives the median ms/step over rounds, the spread, and the
-ratios to (b). The paired per-round ratios (same round, adjacent in time) are printed
-too: they are less sensitive to slow drift of the machine than the ratio of medians.
+Step time: an MLP 784-512-512-10 (batch 64, cross-entropy on random data), a small
+transformer encoder (2 layers, d_model 128, 4 heads, ff 512, dropout 0, seq 32, batch 16,
+token embedding and a 1000-way head, next-token cross-entropy), and a tiny MLP whose
+step is almost all fixed per-step cost (diagnostic, no target). Each method keeps its
+own copy of the model with identical initial weights. After warm-up, every round times
+one block of N steps per method (one whole ``fold`` call for (c), no observers), in an
+order rotated each round; the table gives the median ms/step over rounds, the spread,
+and the ratios to (b). The paired per-round ratios (same round, adjacent in time) are
+printed too: they are less sensitive to slow drift of the machine than the ratio of
+medians. The final weights of (b) and (c) are compared as a check that both did the
+same work.
 
-Peak RSS: a ~105M-parameter MLP, each method in its own subprocess (this script with
-the hidden ``--rss-worker`` flag), ``ru_maxrss`` after a few steps. Row (c') is the fold
-with ``donate=False``, which clones the input state once (expected: about one more copy
-of the parameters and both Adam moments).
+Peak RSS: a 100.7M-parameter MLP 4096-4096x6-10 (batch 8), each method in its own
+subprocess (this script with the hidden ``--rss-worker`` flag), ``ru_maxrss`` after 5
+steps. The model object stays alive in every worker, as in a user's script (for (c),
+``step.init()`` aliases its tensors, so that costs nothing). Row (c') is the fold with
+``donate=False``, which clones the input state once: expected one more copy of the
+parameters and of both Adam moments (3 parameter-sized copies).
 
-Acceptance targets: (c) <= 1.03x (b) median step time on both models, and (c) peak RSS
-<= 1.05x (b) on the large model.
+Acceptance targets: (c) <= 1.03x (b) median step time on the MLP and the transformer,
+and (c) peak RSS <= 1.05x (b) on the large model.
 
-Run::
+Threads: ``--threads`` (default 1) is applied to every method and printed. On the 2-vCPU
+machine this was written on, the two vCPUs share about one core (two busy processes each
+run at half speed) and 2 intra-op threads made blocks 10-50x slower at random (OpenMP
+barriers waiting on a descheduled vCPU), so 1 thread is the default; pass
+``--threads N`` on a machine with N free cores.
 
-    python benchmarks/step_overhead.py                # full run, about 3-5 minutes on 2 cores
-    python benchmarks/step_overhead.py --quick        # CI smoke run, well under 60 s
-    python benchmarks/step_overhead.py --no-rss --markdown results.md
+Run (from the repository root; fnlight need not be installed)::
+
+    python benchmarks/step_overhead.py                # full run, about 4 minutes on 2 vCPUs
+    python benchmarks/step_overhead.py --quick        # CI smoke run, under 30 s
+    python benchmarks/step_overhead.py --no-rss --markdown results.md   # append markdown tables
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import itertools
 import json
 import platform
 import resource
@@ -46,7 +59,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +104,7 @@ class TinyTransformer(nn.Module):
 def mlp(widths: Sequence[int]) -> nn.Sequential:
     """Linear layers of the given widths with ReLU between them."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         if i:
             layers.append(nn.ReLU())
         layers.append(nn.Linear(n_in, n_out))
@@ -108,11 +120,13 @@ def classification_loss(model: nn.Module, batch: Batch) -> Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """A model factory and a batch factory for one row of the step-time table."""
+    """One row group of the step-time table: a model, its batches, the block length, a target or not."""
 
     name: str
     build: Callable[[], nn.Module]
     batch: Callable[[torch.Generator], Batch]
+    steps: int
+    target: bool = True
 
 
 def _mlp_batch(g: torch.Generator) -> Batch:
@@ -124,9 +138,15 @@ def _transformer_batch(g: torch.Generator) -> Batch:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def _tiny_batch(g: torch.Generator) -> Batch:
+    return torch.randn(8, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
 WORKLOADS = (
-    Workload("mlp 784-512-512-10, b64", lambda: mlp((784, 512, 512, 10)), _mlp_batch),
-    Workload("transformer 2x d128 h4 ff512, s32 b16", TinyTransformer, _transformer_batch),
+    Workload("mlp 784-512-512-10, b64", lambda: mlp((784, 512, 512, 10)), _mlp_batch, steps=100),
+    Workload("transformer 2x d128 h4 ff512, s32 b16", TinyTransformer, _transformer_batch, steps=40),
+    # Almost no arithmetic: the time is the per-step fixed cost of each loop (diagnostic, no target).
+    Workload("tiny mlp 32-32-10, b8 (fixed cost)", lambda: mlp((32, 32, 10)), _tiny_batch, steps=200, target=False),
 )
 
 
@@ -137,24 +157,29 @@ def n_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- methods
 
 
-def hand_loop(model: nn.Module, *, fused: bool) -> Callable[[Sequence[Batch]], None]:
-    """A block runner for the hand-written loop with ``torch.optim.AdamW``."""
-    model.train()
-    kind = {"fused": True} if fused else {"foreach": True}
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **kind)
+class HandLoop:
+    """The hand-written loop with ``torch.optim.AdamW``; each call trains on one block of batches."""
 
-    def run(batches: Sequence[Batch]) -> None:
+    def __init__(self, model: nn.Module, *, fused: bool) -> None:
+        model.train()
+        kind = {"fused": True} if fused else {"foreach": True}
+        self.model = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **kind)
+
+    def __call__(self, batches: Sequence[Batch]) -> None:
+        model, opt = self.model, self.opt
         for batch in batches:
             opt.zero_grad(set_to_none=True)
             loss = classification_loss(model, batch)
             loss.backward()
             opt.step()
 
-    return run
+    def params(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters()}
 
 
 class FoldRunner:
-    """A block runner for ``fnlight.fold``: one fold call (one epoch over the block) per block."""
+    """``fnlight.fold`` with ``fnlight.optim.adamw``; each call is one fold (one epoch over the block)."""
 
     def __init__(self, model: nn.Module, *, donate: bool) -> None:
         self.step = fl.make_train_step(model, classification_loss, fl.optim.adamw(LR, weight_decay=WEIGHT_DECAY))
@@ -165,12 +190,16 @@ class FoldRunner:
         epochs = int(self.state.data.epoch) + 1
         self.state = fl.fold(self.step, self.state, batches, epochs=epochs, donate=self.donate, progress=False)
 
+    def params(self) -> dict[str, Tensor]:
+        return self.state.params
 
-def make_runner(method: str, model: nn.Module) -> Callable[[Sequence[Batch]], None]:
-    if method == "a":
-        return hand_loop(model, fused=False)
-    if method == "b":
-        return hand_loop(model, fused=True)
+
+Runner = HandLoop | FoldRunner
+
+
+def make_runner(method: str, model: nn.Module) -> Runner:
+    if method in ("a", "b"):
+        return HandLoop(model, fused=method == "b")
     return FoldRunner(model, donate=method == "c")
 
 
@@ -179,17 +208,18 @@ def make_runner(method: str, model: nn.Module) -> Callable[[Sequence[Batch]], No
 
 @dataclasses.dataclass
 class TimeResult:
-    """Per-round ms/step for each method of one workload."""
+    """Per-round ms/step for each method of one workload, and how far (c)'s weights ended from (b)'s."""
 
-    workload: str
+    workload: Workload
     params: int
     ms: dict[str, list[float]]
+    max_diff: float
 
     def median(self, m: str) -> float:
         return statistics.median(self.ms[m])
 
     def paired(self, num: str, den: str) -> list[float]:
-        return [x / y for x, y in zip(self.ms[num], self.ms[den])]
+        return [x / y for x, y in zip(self.ms[num], self.ms[den], strict=True)]
 
 
 def quartiles(xs: Sequence[float]) -> tuple[float, float]:
@@ -198,6 +228,7 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def time_workload(w: Workload, *, rounds: int, steps: int, warmup: int) -> TimeResult:
+    """Warm up, then time ``rounds`` blocks of ``steps`` steps per method, rotating the order."""
     torch.manual_seed(0)
     reference = w.build()
     g = torch.Generator().manual_seed(1)
@@ -208,13 +239,14 @@ def time_workload(w: Workload, *, rounds: int, steps: int, warmup: int) -> TimeR
             runners[m](batches)
     ms: dict[str, list[float]] = {m: [] for m in METHODS}
     for r in range(rounds):
-        order = METHODS[r % 3:] + METHODS[:r % 3]
-        for m in order:
+        for m in METHODS[r % 3:] + METHODS[:r % 3]:
             gc.collect()
             t0 = time.perf_counter()
             runners[m](batches)
             ms[m].append((time.perf_counter() - t0) * 1e3 / steps)
-    return TimeResult(w.name, n_params(reference), ms)
+    b, c = runners["b"].params(), runners["c"].params()
+    max_diff = max(float((b[n] - c[n]).abs().max()) for n in b)
+    return TimeResult(w, n_params(reference), ms, max_diff)
 
 
 # --------------------------------------------------------------------------- peak RSS
@@ -226,7 +258,7 @@ class RssConfig:
 
     width: int = 4096
     hidden: int = 6
-    d_in: int = 1024
+    d_in: int = 4096
     batch: int = 8
     steps: int = 5
 
@@ -242,30 +274,44 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mib() -> float:
+    """This process's current resident set size in MiB (Linux ``/proc``; elsewhere the peak)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return maxrss_mib()
+    return resident_pages * resource.getpagesize() / 2**20
+
+
 def rss_worker(method: str, cfg: RssConfig) -> dict[str, float]:
     """Train the large MLP for ``cfg.steps`` steps with ``method``; report peak RSS (run in a subprocess)."""
-    baseline = maxrss_mib()
+    baseline = rss_mib()
     torch.manual_seed(0)
     model = mlp(cfg.widths())  # kept alive for the whole run, as a user script keeps it
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(cfg.batch, cfg.d_in, generator=g), torch.randint(0, 10, (cfg.batch,), generator=g))
                for _ in range(cfg.steps)]
     if method in ("a", "b"):
-        hand_loop(model, fused=method == "b")(batches)
+        HandLoop(model, fused=method == "b")(batches)
     else:
         step = fl.make_train_step(model, classification_loss, fl.optim.adamw(LR, weight_decay=WEIGHT_DECAY))
         state = step.init(seed=0)
         state = fl.fold(step, state, batches, epochs=1, donate=method == "c", progress=False)
-        assert int(state.step) == cfg.steps
+        if int(state.step) != cfg.steps:
+            raise RuntimeError(f"rss worker: the fold ran {int(state.step)} steps, expected {cfg.steps}")
     return {"peak": maxrss_mib(), "baseline": baseline, "params": float(n_params(model))}
 
 
-def measure_rss(cfg: RssConfig) -> dict[str, dict[str, float]]:
+def measure_rss(cfg: RssConfig, *, threads: int) -> dict[str, dict[str, float]]:
+    """Run :func:`rss_worker` for every method, each in a fresh subprocess of this script."""
     results: dict[str, dict[str, float]] = {}
     for method in (*METHODS, "c'"):
-        cmd = [sys.executable, __file__, "--rss-worker", method, "--rss-config", json.dumps(dataclasses.asdict(cfg))]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[method] = json.loads(out.strip().splitlines()[-1])
+        cmd = [sys.executable, __file__, "--threads", str(threads), "--rss-worker", method,
+               "--rss-config", json.dumps(dataclasses.asdict(cfg))]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"rss worker {method!r} failed (exit {proc.returncode}):\n{proc.stderr}")
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
 
 
@@ -277,10 +323,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left: int, m
     if markdown:
         align = ["---" if i < left else "---:" for i in range(len(header))]
         return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
 
     def fmt(row: Sequence[str]) -> str:
-        return "  ".join(x.ljust(w) if i < left else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths)))
+        cells = enumerate(zip(row, widths, strict=True))
+        return "  ".join(x.ljust(w) if i < left else x.rjust(w) for i, (x, w) in cells)
 
     return [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
 
@@ -303,14 +350,16 @@ def time_report(results: Sequence[TimeResult], *, markdown: bool) -> list[str]:
         for m in METHODS:
             xs = res.ms[m]
             lo, hi = quartiles(xs)
-            rows.append([res.workload if m == "a" else "", LABELS[m], f"{res.median(m):.3f}",
+            rows.append([res.workload.name if m == "a" else "", LABELS[m], f"{res.median(m):.3f}",
                          f"{lo:.3f}-{hi:.3f}", f"{min(xs):.3f}-{max(xs):.3f}", f"{res.median(m) / ref:.3f}x"])
         cb, ca, ba = res.median("c") / ref, res.median("c") / res.median("a"), ref / res.median("a")
         paired = ", ".join(_median_iqr(f"{n}/{d}", res.paired(n, d)) for n, d in (("c", "b"), ("c", "a"), ("b", "a")))
-        notes.append(f"{res.workload} ({res.params / 1e6:.2f}M params): ratio of medians c/b {cb:.3f}, "
-                     f"c/a {ca:.3f}, b/a {ba:.3f}")
+        notes.append(f"{res.workload.name} ({res.params / 1e6:.2f}M params): ratio of medians c/b {cb:.3f}, "
+                     f"c/a {ca:.3f}, b/a {ba:.3f}; c - b = {(res.median('c') - ref) * 1e3:+.0f} us/step")
         notes.append(f"  paired per-round ratios, median [p25-p75]: {paired}")
-        notes.append(f"  target (c) <= 1.03x (b): {'met' if cb <= 1.03 else 'NOT met'}")
+        notes.append(f"  (c) vs (b) final weights: max abs difference {res.max_diff:.1e}")
+        if res.workload.target:
+            notes.append(f"  target (c) <= 1.03x (b): {'met' if cb <= 1.03 else 'NOT met'}")
     return [*_table(header, rows, left=2, markdown=markdown), "", *_notes(notes, markdown=markdown)]
 
 
@@ -325,8 +374,9 @@ def rss_report(cfg: RssConfig, rss: dict[str, dict[str, float]], *, markdown: bo
     extra = rss["c'"]["peak"] - rss["c"]["peak"]
     notes = [
         f"{cfg.describe()}: {params / 1e6:.1f}M params, {copy_mib:.0f} MiB per fp32 copy; "
-        f"baseline = peak RSS after imports ({rss['b']['baseline']:.0f} MiB)",
-        f"  (c') - (c) = {extra:.0f} MiB = {extra / copy_mib:.2f} param-sized copies (the fold's clone of the input state)",
+        f"baseline = RSS after imports ({rss['b']['baseline']:.0f} MiB)",
+        f"  (c') - (c) = {extra:.0f} MiB = {extra / copy_mib:.2f} param-sized copies "
+        "(the fold's clone of the input state)",
         f"  target (c) <= 1.05x (b): {cb:.3f}x, {'met' if cb <= 1.05 else 'NOT met'}",
     ]
     return [*_table(header, rows, left=1, markdown=markdown), "", *_notes(notes, markdown=markdown)]
@@ -340,38 +390,40 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few rounds and steps, small RSS model (CI smoke run)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--markdown", type=Path, metavar="PATH", help="also append the tables to PATH as markdown")
-    p.add_argument("--rounds", type=int, help="timed rounds per workload (default 30, quick 5)")
-    p.add_argument("--steps", type=int, help="steps per timed block (default 100, quick 20)")
+    p.add_argument("--rounds", type=int, help="timed rounds per workload (default 25, quick 5)")
+    p.add_argument("--steps", type=int, help="steps per timed block for every model (default: per model)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads for every method (default 1: see the module docstring)")
     p.add_argument("--rss-worker", choices=(*METHODS, "c'"), help=argparse.SUPPRESS)
     p.add_argument("--rss-config", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("rounds", "steps"):
+    for name, low in (("rounds", 4), ("steps", 1), ("threads", 1)):
         value = getattr(args, name)
-        if value is not None and value < (4 if name == "rounds" else 1):
-            p.error(f"--{name} must be at least {4 if name == 'rounds' else 1}, got {value}")
+        if value is not None and value < low:
+            p.error(f"--{name} must be at least {low}, got {value}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
+    torch.set_num_threads(args.threads)
     if args.rss_worker:
         print(json.dumps(rss_worker(args.rss_worker, RssConfig(**json.loads(args.rss_config)))))
         return
-    rounds = args.rounds or (5 if args.quick else 30)
-    steps = args.steps or (20 if args.quick else 100)
+    rounds = args.rounds or (5 if args.quick else 25)
     warmup = 1 if args.quick else 3
-    cfg = RssConfig(width=1024, hidden=3, steps=3) if args.quick else RssConfig()
+    cfg = RssConfig(width=2048, hidden=4, d_in=2048, steps=3) if args.quick else RssConfig()
 
-    title = (f"fnlight step overhead: torch {torch.__version__}, {torch.get_num_threads()} threads "
-             f"(torch.get_num_threads), Python {platform.python_version()}, {platform.machine()}")
-    setup = (f"step time: {rounds} rounds x {steps} steps per block, method order rotated each round, "
-             f"{warmup} warm-up blocks per method; AdamW lr={LR} wd={WEIGHT_DECAY}")
+    title = (f"fnlight step overhead: torch {torch.__version__}, torch.get_num_threads() = "
+             f"{torch.get_num_threads()}, Python {platform.python_version()}, {platform.machine()}")
+    blocks = {w.name: args.steps or (max(5, w.steps // 10) if args.quick else w.steps) for w in WORKLOADS}
+    setup = (f"step time: {rounds} rounds of one block per method (steps per block: "
+             + ", ".join(f"{n.split(',')[0]} {k}" for n, k in blocks.items())
+             + f"), order rotated each round, {warmup} warm-up blocks per method; AdamW lr={LR} wd={WEIGHT_DECAY}")
     print(title, setup, "", sep="\n", flush=True)
-    results = []
-    for w in WORKLOADS:
-        results.append(time_workload(w, rounds=rounds, steps=steps, warmup=warmup))
+    results = [time_workload(w, rounds=rounds, steps=blocks[w.name], warmup=warmup) for w in WORKLOADS]
     print("\n".join(time_report(results, markdown=False)), flush=True)
-    rss = None if args.no_rss else measure_rss(cfg)
+    rss = None if args.no_rss else measure_rss(cfg, threads=args.threads)
     if rss is not None:
         print("", "peak RSS, one subprocess per method (ru_maxrss):", *rss_report(cfg, rss, markdown=False), sep="\n")
 

@@ -34,7 +34,15 @@ def _entry(module: str, name: str, obj: object) -> str:
         return f"### `{module}.{name}`\n\n*module* — see its own section below.\n"
     sig = _signature(obj) if kind in ("class", "function") else ""
     body = doc.split("\n>>>")[0].strip() if doc else ""
-    return f"### `{module}.{name}`\n\n*{kind}* `{name}{sig}`\n\n{body}\n"
+    text = f"### `{module}.{name}`\n\n*{kind}* `{name}{sig}`\n\n{body}\n"
+    if kind == "class" and not issubclass(obj, (tuple, BaseException)):  # type: ignore[arg-type]
+        for attr, member in vars(obj).items():
+            if (attr.startswith("_") and attr != "__call__") or not inspect.isfunction(member):
+                continue
+            summary = (inspect.getdoc(member) or "").split("\n\n")[0].replace("\n", " ")
+            text += f"\n- `{attr}{_signature(member)}` — {summary}"
+        text += "\n"
+    return text
 
 
 def render() -> str:

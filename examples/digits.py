@@ -27,8 +27,8 @@ def load(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tens
     """Digits as float tensors scaled to [0, 1], split 80/20 with a fixed seed."""
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(x / 16.0, y, test_size=0.2, random_state=seed, stratify=y)
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32)
+    as_y = lambda a: torch.tensor(a, dtype=torch.int64)
     return (as_x(x_train), as_y(y_train)), (as_x(x_test), as_y(y_test))
 
 
@@ -51,8 +51,7 @@ def main() -> float:
 
     (x_train, y_train), (x_test, y_test) = load(args.seed)
     torch.manual_seed(args.seed)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     steps_per_epoch = -(-len(x_train) // args.batch_size)
     total = args.epochs * steps_per_epoch
     schedule = warmup_cosine(args.lr, total // 10, total - total // 10, end_value=args.lr / 100)
@@ -65,16 +64,25 @@ def main() -> float:
     @fl.every(steps_per_epoch * 5)
     def report(state: fl.TrainState, metrics: dict[str, torch.Tensor]) -> None:
         val = fl.evaluate(evaluate, state, test_data)
-        print(f"update {int(state.step):5d}  epoch {int(state.data.epoch):3d}  train loss {float(metrics['loss']):.4f}"
-              f"  test loss {val['loss']:.4f}  test accuracy {val['accuracy']:.4f}")
+        print(
+            f"update {int(state.step):5d}  epoch {int(state.data.epoch):3d}  train loss {float(metrics['loss']):.4f}"
+            f"  test loss {val['loss']:.4f}  test accuracy {val['accuracy']:.4f}"
+        )
 
     start = time.perf_counter()
-    state = fl.fold(step, step.init(seed=args.seed),
-                    lambda epoch: batches(x_train, y_train, args.batch_size, seed=args.seed, epoch=epoch),
-                    epochs=args.epochs, observers=[report], progress=not args.no_progress and None)
+    state = fl.fold(
+        step,
+        step.init(seed=args.seed),
+        lambda epoch: batches(x_train, y_train, args.batch_size, seed=args.seed, epoch=epoch),
+        epochs=args.epochs,
+        observers=[report],
+        progress=not args.no_progress and None,
+    )
     result = fl.evaluate(evaluate, state, test_data)
-    print(f"trained {int(state.step)} updates in {time.perf_counter() - start:.1f}s; "
-          f"test accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f})")
+    print(
+        f"trained {int(state.step)} updates in {time.perf_counter() - start:.1f}s; "
+        f"test accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f})"
+    )
     return result["accuracy"]
 
 

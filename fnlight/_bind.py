@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["make_skeleton", "bound", "materialize"]
+__all__ = ["bound", "make_skeleton", "materialize"]
 
 _SLOTS = "_fnlight_slots"
 
@@ -39,7 +39,7 @@ def _slots(skeleton: nn.Module) -> dict[str, list[tuple[dict, str]]]:
     for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()):
         canonical.setdefault(id(t), name)
     slots: dict[str, list[tuple[dict, str]]] = {}
-    for prefix, mod in skeleton.named_modules(remove_duplicate=False):
+    for _, mod in skeleton.named_modules(remove_duplicate=False):
         for store in (mod._parameters, mod._buffers):
             for attr, t in store.items():
                 if t is not None and id(t) in canonical:

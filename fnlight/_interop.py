@@ -11,7 +11,7 @@ from ._bind import materialize
 from ._donation import check_live
 from ._state import TrainState
 
-__all__ = ["to_module", "copy_into_module_", "state_dict", "load_state_dict"]
+__all__ = ["copy_into_module_", "load_state_dict", "state_dict", "to_module"]
 
 
 def _require_skeleton(state: TrainState, where: str) -> nn.Module:
@@ -96,8 +96,11 @@ def load_state_dict(state: TrainState, source: Mapping[str, Tensor], *, strict: 
         if not isinstance(source[k], Tensor) or source[k].shape != targets[k].shape
     )
     if shaped or (strict and (missing or unexpected)):
-        parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
-                 f"mis-shaped {shaped}" if shaped else ""]
+        parts = [
+            f"missing {missing}" if missing else "",
+            f"unexpected {unexpected}" if unexpected else "",
+            f"mis-shaped {shaped}" if shaped else "",
+        ]
         raise ValueError("load_state_dict: the state_dict does not fit the state: " + "; ".join(p for p in parts if p))
 
     def take(name: str, old: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from ._state import TrainState
 from ._step import EvalStep, Step
 from ._tree import tree_clone
 
-__all__ = ["Observer", "every", "fold", "evaluate"]
+__all__ = ["Observer", "evaluate", "every", "fold"]
 
 Data = Iterable[Any] | Callable[[int], Iterable[Any]]
 
@@ -30,8 +30,14 @@ class Observer:
     ``at_end`` also runs it once after the last step.
     """
 
-    def __init__(self, fn: Callable[[TrainState, dict[str, Tensor]], None], *, steps: int | None = None,
-                 seconds: float | None = None, at_end: bool = True) -> None:
+    def __init__(
+        self,
+        fn: Callable[[TrainState, dict[str, Tensor]], None],
+        *,
+        steps: int | None = None,
+        seconds: float | None = None,
+        at_end: bool = True,
+    ) -> None:
         if not callable(fn):
             raise TypeError(f"Observer: fn must be callable (state, metrics) -> None, got {fn!r}")
         if steps is None and seconds is None:
@@ -62,7 +68,9 @@ class Observer:
             self.fn(state, metrics)
 
 
-def every(steps: int | None = None, *, seconds: float | None = None, at_end: bool = True) -> Callable[[Callable[..., None]], Observer]:
+def every(
+    steps: int | None = None, *, seconds: float | None = None, at_end: bool = True
+) -> Callable[[Callable[..., None]], Observer]:
     """Decorator form of :class:`Observer`.
 
     >>> import fnlight as fl
@@ -92,8 +100,17 @@ def _total(data: Data, epochs: int | None, max_steps: int | None) -> int | None:
     return None
 
 
-def fold(step: Step, state: TrainState, data: Data, *, epochs: int | None = None, max_steps: int | None = None,
-         observers: Sequence[Observer] = (), progress: bool | None = None, donate: bool = False) -> TrainState:
+def fold(
+    step: Step,
+    state: TrainState,
+    data: Data,
+    *,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    observers: Sequence[Observer] = (),
+    progress: bool | None = None,
+    donate: bool = False,
+) -> TrainState:
     """Run ``step`` over ``data``: ``state = step(state, batch)`` for every batch of every epoch.
 
     The fold owns its intermediate states and updates them in place (donation), so a
@@ -207,8 +224,13 @@ def _batch_size(batch: Any) -> int:
     raise TypeError("evaluate: cannot infer the batch size (no tensor with a leading dimension); pass batch_size_fn")
 
 
-def evaluate(eval_step: EvalStep | Callable[[TrainState, Any], dict[str, Tensor]], state: TrainState,
-             data: Iterable[Any], *, batch_size_fn: Callable[[Any], int] = _batch_size) -> dict[str, float]:
+def evaluate(
+    eval_step: EvalStep | Callable[[TrainState, Any], dict[str, Tensor]],
+    state: TrainState,
+    data: Iterable[Any],
+    *,
+    batch_size_fn: Callable[[Any], int] = _batch_size,
+) -> dict[str, float]:
     """Mean of each metric of ``eval_step`` over ``data``, weighted by batch size.
 
     Sums are accumulated on the device in float64 and read once at the end, so the

@@ -26,7 +26,8 @@ class Progress:
         self._start_step = start_step
         if not enabled:
             return
-        from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
 
         self._bar = RichProgress(
             TextColumn("step {task.completed}" + ("/{task.total}" if total else "")),
@@ -50,8 +51,7 @@ class Progress:
         loss = metrics.get("loss")
         done = step - self._start_step
         rate = f"{done / (now - self._t0):.1f} steps/s" if done > 0 else ""
-        self._bar.update(self._task, completed=step, epoch=epoch,
-                         loss="-" if loss is None else f"{float(loss):.4g}", rate=rate)
+        self._bar.update(self._task, completed=step, epoch=epoch, loss="-" if loss is None else f"{float(loss):.4g}", rate=rate)
         self._bar.refresh()
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import torch.utils._pytree as torch_pytree
 from optree import dataclasses as odc
 from torch import Tensor, nn
 
-__all__ = ["DataPosition", "TrainState", "NAMESPACE"]
+__all__ = ["NAMESPACE", "DataPosition", "TrainState"]
 
 NAMESPACE = "fnlight"
 
@@ -72,8 +72,7 @@ class TrainState:
         unknown = set(changes) - _FIELD_NAMES
         if unknown:
             raise TypeError(
-                f"TrainState.replace() got unknown field(s) {sorted(unknown)}; "
-                f"expected some of {sorted(_FIELD_NAMES)}"
+                f"TrainState.replace() got unknown field(s) {sorted(unknown)}; expected some of {sorted(_FIELD_NAMES)}"
             )
         return dataclasses.replace(self, **changes)
 

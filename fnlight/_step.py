@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -14,9 +14,18 @@ from ._rng import derive_seed, seeded
 from ._state import TrainState
 from .optim._base import Optimizer
 
-__all__ = ["LossFn", "Step", "TrainStep", "EvalStep", "make_train_step", "make_eval_step", "describe_batch"]
+__all__ = ["EvalStep", "Gradients", "LossFn", "Step", "TrainStep", "describe_batch", "make_eval_step", "make_train_step"]
 
 Metrics = dict[str, Tensor]
+
+
+class Gradients(NamedTuple):
+    """What the gradient phase of a train step produces."""
+
+    loss: Tensor
+    grads: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    metrics: dict[str, Tensor]
 
 
 class LossFn(Protocol):
@@ -57,15 +66,13 @@ def _split_output(out: Any, loss_fn: Any) -> tuple[Tensor, dict[str, Tensor]]:
     if not isinstance(out, Tensor) or out.ndim != 0 or not out.is_floating_point():
         got = describe_batch(out) if isinstance(out, (Tensor, tuple, list)) else repr(out)
         raise TypeError(
-            f"loss_fn {_name(loss_fn)!r} must return a 0-d floating-point loss tensor or "
-            f"(loss, dict of 0-d tensors); got {got}"
+            f"loss_fn {_name(loss_fn)!r} must return a 0-d floating-point loss tensor or (loss, dict of 0-d tensors); got {got}"
         )
     metrics = {"loss": out.detach()}
     for k, v in aux.items():
         if not isinstance(v, Tensor) or v.ndim != 0:
             raise TypeError(
-                f"loss_fn {_name(loss_fn)!r}: auxiliary metric {k!r} must be a 0-d tensor "
-                f"(no .item() inside a step), got {v!r}"
+                f"loss_fn {_name(loss_fn)!r}: auxiliary metric {k!r} must be a 0-d tensor (no .item() inside a step), got {v!r}"
             )
         metrics[k] = v.detach()
     return out, metrics
@@ -127,12 +134,18 @@ class TrainStep:
             skeleton=make_skeleton(self._model),
         )
 
-    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+    def grads(self, state: TrainState, batch: Any) -> Gradients:
+        """The gradient phase: forward, loss and ``autograd.grad``; no update.
+
+        Returns the loss, the gradients of the trainable parameters that received one,
+        the buffers after the forward pass (BatchNorm statistics), and the metrics.
+        Transforms that act between backward and update (accumulation, loss scaling,
+        gradient synchronisation) call this and :meth:`update` separately.
+        """
         _check_state(state, "train step")
-        inplace = is_donating()
         params = state.params
         leaves = {n: params[n].detach().requires_grad_() for n in self._trainable}
-        buffers = state.buffers if inplace else {k: b.clone() for k, b in state.buffers.items()}
+        buffers = state.buffers if is_donating() else {k: b.clone() for k, b in state.buffers.items()}
         skeleton = state.skeleton
         _set_mode(skeleton, True)
         seed = derive_seed(int(state.key), int(state.step))
@@ -144,23 +157,29 @@ class TrainStep:
                 f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
                 "parameter (no gradient can flow); did it call the model it was given?"
             )
-        names = list(leaves)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        used = [i for i, g in enumerate(grads) if g is not None]
-        if len(used) == len(names):
-            update_params = {n: params[n] for n in names}
-            grad_map = dict(zip(names, grads))
-        else:
-            update_params = {names[i]: params[names[i]] for i in used}
-            grad_map = {names[i]: grads[i] for i in used}
-        new_params, opt_state = self.optimizer.apply(update_params, grad_map, state.opt_state, inplace=inplace)
-        new_state = state.replace(
+        return Gradients(loss.detach(), {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
+
+    def update(self, state: TrainState, grads: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> TrainState:
+        """The update phase: apply ``grads`` with the optimizer and count one update.
+
+        Parameters absent from ``grads`` are left as they are (as ``torch.optim`` skips
+        parameters whose gradient is ``None``).
+        """
+        inplace = is_donating()
+        params = state.params
+        subset = {n: params[n] for n in grads}
+        new_params, opt_state = self.optimizer.apply(subset, dict(grads), state.opt_state, inplace=inplace)
+        return state.replace(
             step=state.step + 1,
-            params={**params, **new_params} if (not inplace or len(used) != len(names)) else params,
-            buffers=buffers,
+            params=params if inplace and len(subset) == len(self._trainable) else {**params, **new_params},
+            buffers=dict(buffers),
             opt_state=opt_state,
         )
-        return new_state, metrics
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        g = self.grads(state, batch)
+        return self.update(state, g.grads, g.buffers), g.metrics
 
 
 class EvalStep:

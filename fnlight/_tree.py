@@ -19,8 +19,10 @@ def tree_clone(tree: T) -> T:
 
     >>> import torch
     >>> a = {"w": torch.ones(2)}
-    >>> b = tree_clone(a); b["w"].add_(1); float(a["w"][0])
-    1.0
+    >>> b = tree_clone(a)
+    >>> _ = b["w"].add_(1)
+    >>> float(a["w"][0]), float(b["w"][0])
+    (1.0, 2.0)
     """
     return optree.tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, tree, namespace=NAMESPACE)
 

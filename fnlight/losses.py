@@ -12,7 +12,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["cross_entropy", "classification", "mse"]
+__all__ = ["classification", "cross_entropy", "mse"]
 
 
 def _pair(batch: Any, where: str) -> tuple[Any, Tensor]:

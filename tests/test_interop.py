@@ -62,7 +62,10 @@ def test_load_state_dict_lists_every_mismatch(trained):
     del sd["0.bias"]
     sd["extra"] = torch.zeros(1)
     sd["3.weight"] = torch.zeros(2, 2)
-    with pytest.raises(ValueError, match=r"missing \['0.bias'\]; unexpected \['extra'\]; mis-shaped \['3.weight: expected \[3, 32\], got \[2, 2\]'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['0.bias'\]; unexpected \['extra'\]; mis-shaped \['3.weight: expected \[3, 32\], got \[2, 2\]'\]",
+    ):
         fl.load_state_dict(trained, sd)
     partial = fl.state_dict(trained)
     del partial["0.bias"]

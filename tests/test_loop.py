@@ -64,8 +64,14 @@ def test_reusing_an_intermediate_state_raises(batches):
 def test_observer_copy_survives(batches):
     copies = []
     step = make_step()
-    final = fl.fold(step, step.init(), batches, epochs=2, progress=False,
-                    observers=[fl.Observer(lambda s, m: copies.append(fl.tree_clone(s)), steps=8)])
+    final = fl.fold(
+        step,
+        step.init(),
+        batches,
+        epochs=2,
+        progress=False,
+        observers=[fl.Observer(lambda s, m: copies.append(fl.tree_clone(s)), steps=8)],
+    )
     assert [int(c.step) for c in copies] == [8, 16]
     assert fl.tree_equal(copies[-1].params, final.params)
     assert not fl.tree_equal(copies[0].params, final.params)
@@ -128,8 +134,14 @@ def test_observer_schedules_by_updates_and_at_end(batches):
     fl.fold(step, step.init(), batches, epochs=1, observers=[obs], progress=False)
     assert [c[0] for c in calls] == [3, 6, 8]
     calls.clear()
-    fl.fold(step, step.init(), batches, epochs=1, observers=[fl.Observer(lambda s, m: calls.append(int(s.step)), steps=4, at_end=False)],
-            progress=False)
+    fl.fold(
+        step,
+        step.init(),
+        batches,
+        epochs=1,
+        observers=[fl.Observer(lambda s, m: calls.append(int(s.step)), steps=4, at_end=False)],
+        progress=False,
+    )
     assert calls == [4, 8]
 
 
@@ -140,8 +152,13 @@ def test_observer_by_seconds(batches, monkeypatch):
     monkeypatch.setattr(loop.time, "monotonic", lambda: float(next(clock)) * 0.6)
     calls = []
     step = make_step()
-    fl.fold(step, step.init(), batches, observers=[fl.Observer(lambda s, m: calls.append(int(s.step)), seconds=1.0, at_end=False)],
-            progress=False)
+    fl.fold(
+        step,
+        step.init(),
+        batches,
+        observers=[fl.Observer(lambda s, m: calls.append(int(s.step)), seconds=1.0, at_end=False)],
+        progress=False,
+    )
     assert calls and calls == sorted(set(calls)) and len(calls) < 8
 
 
@@ -169,8 +186,11 @@ def test_fold_rejects_non_state_and_non_callable(batches):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({}, "give steps=N"), ({"steps": 0}, "steps must be a positive int, got 0"),
-     ({"seconds": -1}, "seconds must be a positive number, got -1")],
+    [
+        ({}, "give steps=N"),
+        ({"steps": 0}, "steps must be a positive int, got 0"),
+        ({"seconds": -1}, "seconds must be a positive number, got -1"),
+    ],
 )
 def test_observer_validates_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -204,7 +224,7 @@ def test_evaluate_is_exact_with_uneven_last_batch():
     state = fl.fold(step, step.init(), make_batches(4), progress=False)
     g = torch.Generator().manual_seed(9)
     x, y = torch.randn(37, 10, generator=g), torch.randint(0, 3, (37,), generator=g)
-    data = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 37, 10)]
+    data = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 37, 10)]
     result = fl.evaluate(fl.make_eval_step(fl.losses.classification), state, data)
     module = fl.to_module(state)
     with torch.no_grad():
@@ -218,5 +238,6 @@ def test_evaluate_needs_a_batch_size():
     step = make_step()
     with pytest.raises(TypeError, match="cannot infer the batch size"):
         fl.evaluate(lambda s, b: {"loss": torch.tensor(1.0)}, step.init(), [{"n": 3}])
-    assert fl.evaluate(lambda s, b: {"loss": torch.tensor(float(b["n"]))}, step.init(), [{"n": 3}, {"n": 1}],
-                       batch_size_fn=lambda b: b["n"]) == {"loss": pytest.approx(2.5)}
+    assert fl.evaluate(
+        lambda s, b: {"loss": torch.tensor(float(b["n"]))}, step.init(), [{"n": 3}, {"n": 1}], batch_size_fn=lambda b: b["n"]
+    ) == {"loss": pytest.approx(2.5)}

@@ -37,34 +37,85 @@ def grads_at(params: Params, step: int, scale: float = 1.0) -> Params:
 CASES: list[tuple[str, Callable[..., optim.Optimizer], dict[str, Any], type, dict[str, Any], dict[str, Any]]] = [
     ("sgd", optim.sgd, {}, torch.optim.SGD, {}, {"fused": True}),
     ("sgd-momentum", optim.sgd, {"momentum": 0.9}, torch.optim.SGD, {"momentum": 0.9}, {"fused": True}),
-    ("sgd-nesterov", optim.sgd, {"momentum": 0.9, "nesterov": True}, torch.optim.SGD,
-     {"momentum": 0.9, "nesterov": True}, {"fused": True}),
-    ("sgd-dampening", optim.sgd, {"momentum": 0.8, "dampening": 0.3}, torch.optim.SGD,
-     {"momentum": 0.8, "dampening": 0.3}, {"fused": True}),
-    ("sgd-weight_decay", optim.sgd, {"momentum": 0.9, "weight_decay": 0.05}, torch.optim.SGD,
-     {"momentum": 0.9, "weight_decay": 0.05}, {"fused": True}),
+    (
+        "sgd-nesterov",
+        optim.sgd,
+        {"momentum": 0.9, "nesterov": True},
+        torch.optim.SGD,
+        {"momentum": 0.9, "nesterov": True},
+        {"fused": True},
+    ),
+    (
+        "sgd-dampening",
+        optim.sgd,
+        {"momentum": 0.8, "dampening": 0.3},
+        torch.optim.SGD,
+        {"momentum": 0.8, "dampening": 0.3},
+        {"fused": True},
+    ),
+    (
+        "sgd-weight_decay",
+        optim.sgd,
+        {"momentum": 0.9, "weight_decay": 0.05},
+        torch.optim.SGD,
+        {"momentum": 0.9, "weight_decay": 0.05},
+        {"fused": True},
+    ),
     ("adam", optim.adam, {}, torch.optim.Adam, {}, {"fused": True}),
-    ("adam-weight_decay", optim.adam, {"weight_decay": 0.05}, torch.optim.Adam, {"weight_decay": 0.05},
-     {"fused": True}),
-    ("adam-amsgrad", optim.adam, {"amsgrad": True, "b1": 0.8, "b2": 0.99}, torch.optim.Adam,
-     {"amsgrad": True, "betas": (0.8, 0.99)}, {"fused": True}),
+    ("adam-weight_decay", optim.adam, {"weight_decay": 0.05}, torch.optim.Adam, {"weight_decay": 0.05}, {"fused": True}),
+    (
+        "adam-amsgrad",
+        optim.adam,
+        {"amsgrad": True, "b1": 0.8, "b2": 0.99},
+        torch.optim.Adam,
+        {"amsgrad": True, "betas": (0.8, 0.99)},
+        {"fused": True},
+    ),
     ("adamw", optim.adamw, {}, torch.optim.AdamW, {}, {"fused": True}),
-    ("adamw-amsgrad", optim.adamw, {"amsgrad": True, "weight_decay": 0.1}, torch.optim.AdamW,
-     {"amsgrad": True, "weight_decay": 0.1}, {"fused": True}),
+    (
+        "adamw-amsgrad",
+        optim.adamw,
+        {"amsgrad": True, "weight_decay": 0.1},
+        torch.optim.AdamW,
+        {"amsgrad": True, "weight_decay": 0.1},
+        {"fused": True},
+    ),
     ("rmsprop", optim.rmsprop, {}, torch.optim.RMSprop, {}, {"foreach": True}),
-    ("rmsprop-centered", optim.rmsprop, {"centered": True, "alpha": 0.9}, torch.optim.RMSprop,
-     {"centered": True, "alpha": 0.9}, {"foreach": True}),
-    ("rmsprop-momentum", optim.rmsprop, {"momentum": 0.9, "centered": True}, torch.optim.RMSprop,
-     {"momentum": 0.9, "centered": True}, {"foreach": True}),
-    ("rmsprop-weight_decay", optim.rmsprop, {"weight_decay": 0.05, "eps": 1e-6}, torch.optim.RMSprop,
-     {"weight_decay": 0.05, "eps": 1e-6}, {"foreach": True}),
+    (
+        "rmsprop-centered",
+        optim.rmsprop,
+        {"centered": True, "alpha": 0.9},
+        torch.optim.RMSprop,
+        {"centered": True, "alpha": 0.9},
+        {"foreach": True},
+    ),
+    (
+        "rmsprop-momentum",
+        optim.rmsprop,
+        {"momentum": 0.9, "centered": True},
+        torch.optim.RMSprop,
+        {"momentum": 0.9, "centered": True},
+        {"foreach": True},
+    ),
+    (
+        "rmsprop-weight_decay",
+        optim.rmsprop,
+        {"weight_decay": 0.05, "eps": 1e-6},
+        torch.optim.RMSprop,
+        {"weight_decay": 0.05, "eps": 1e-6},
+        {"foreach": True},
+    ),
     ("adagrad", optim.adagrad, {}, torch.optim.Adagrad, {}, {"fused": True}),
-    ("adagrad-lr_decay", optim.adagrad, {"lr_decay": 0.01}, torch.optim.Adagrad, {"lr_decay": 0.01},
-     {"fused": True}),
-    ("adagrad-weight_decay", optim.adagrad, {"weight_decay": 0.05}, torch.optim.Adagrad, {"weight_decay": 0.05},
-     {"fused": True}),
-    ("adagrad-initial_accumulator_value", optim.adagrad, {"initial_accumulator_value": 0.5}, torch.optim.Adagrad,
-     {"initial_accumulator_value": 0.5}, {"fused": True}),
+    ("adagrad-lr_decay", optim.adagrad, {"lr_decay": 0.01}, torch.optim.Adagrad, {"lr_decay": 0.01}, {"fused": True}),
+    ("adagrad-weight_decay", optim.adagrad, {"weight_decay": 0.05}, torch.optim.Adagrad, {"weight_decay": 0.05}, {"fused": True}),
+    (
+        "adagrad-initial_accumulator_value",
+        optim.adagrad,
+        {"initial_accumulator_value": 0.5},
+        torch.optim.Adagrad,
+        {"initial_accumulator_value": 0.5},
+        {"fused": True},
+    ),
 ]
 LR = {"sgd": 0.05, "adam": 1e-2, "adamw": 1e-2, "rmsprop": 1e-3, "adagrad": 0.05}
 IDS = [c[0] for c in CASES]
@@ -74,8 +125,14 @@ def lr_of(case_id: str) -> float:
     return LR[case_id.split("-")[0]]
 
 
-def run_fnlight(opt: optim.Optimizer, params: Params, *, inplace: bool, steps: int = STEPS,
-                grad_fn: Callable[[Params, int], Params] = grads_at) -> tuple[Params, Any]:
+def run_fnlight(
+    opt: optim.Optimizer,
+    params: Params,
+    *,
+    inplace: bool,
+    steps: int = STEPS,
+    grad_fn: Callable[[Params, int], Params] = grads_at,
+) -> tuple[Params, Any]:
     params = {n: p.clone() for n, p in params.items()}
     state = opt.init(params)
     for k in range(steps):
@@ -83,9 +140,14 @@ def run_fnlight(opt: optim.Optimizer, params: Params, *, inplace: bool, steps: i
     return params, state
 
 
-def run_torch(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], params: Params, *, steps: int = STEPS,
-              grad_fn: Callable[[Params, int], Params] = grads_at,
-              before_step: Callable[[list[nn.Parameter]], None] | None = None) -> Params:
+def run_torch(
+    make: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    params: Params,
+    *,
+    steps: int = STEPS,
+    grad_fn: Callable[[Params, int], Params] = grads_at,
+    before_step: Callable[[list[nn.Parameter]], None] | None = None,
+) -> Params:
     ps = {n: nn.Parameter(p.clone()) for n, p in params.items()}
     opt = make(list(ps.values()))
     for k in range(steps):
@@ -103,7 +165,7 @@ def leaves(tree: Any) -> list[Any]:
 
 def assert_trees_equal(a: Any, b: Any) -> None:
     assert optree.tree_structure(a) == optree.tree_structure(b)
-    for x, y in zip(leaves(a), leaves(b)):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
         assert x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
 
 
@@ -184,14 +246,22 @@ def test_subset_update_keeps_every_state_entry(case_id, build, fl_kw):
 # ----------------------------------------------------------------------------- masks
 
 
-@pytest.mark.parametrize(("build", "fl_kw", "torch_cls", "torch_kw"), [
-    (optim.adamw, {"weight_decay": 0.1}, torch.optim.AdamW, {"weight_decay": 0.1, "fused": True}),
-    (optim.adam, {"weight_decay": 0.1}, torch.optim.Adam, {"weight_decay": 0.1, "fused": True}),
-    (optim.sgd, {"weight_decay": 0.1, "momentum": 0.9}, torch.optim.SGD,
-     {"weight_decay": 0.1, "momentum": 0.9, "fused": True}),
-    (optim.rmsprop, {"weight_decay": 0.1}, torch.optim.RMSprop, {"weight_decay": 0.1, "foreach": True}),
-    (optim.adagrad, {"weight_decay": 0.1}, torch.optim.Adagrad, {"weight_decay": 0.1, "fused": True}),
-], ids=["adamw", "adam", "sgd", "rmsprop", "adagrad"])
+@pytest.mark.parametrize(
+    ("build", "fl_kw", "torch_cls", "torch_kw"),
+    [
+        (optim.adamw, {"weight_decay": 0.1}, torch.optim.AdamW, {"weight_decay": 0.1, "fused": True}),
+        (optim.adam, {"weight_decay": 0.1}, torch.optim.Adam, {"weight_decay": 0.1, "fused": True}),
+        (
+            optim.sgd,
+            {"weight_decay": 0.1, "momentum": 0.9},
+            torch.optim.SGD,
+            {"weight_decay": 0.1, "momentum": 0.9, "fused": True},
+        ),
+        (optim.rmsprop, {"weight_decay": 0.1}, torch.optim.RMSprop, {"weight_decay": 0.1, "foreach": True}),
+        (optim.adagrad, {"weight_decay": 0.1}, torch.optim.Adagrad, {"weight_decay": 0.1, "fused": True}),
+    ],
+    ids=["adamw", "adam", "sgd", "rmsprop", "adagrad"],
+)
 def test_decay_mask_equals_two_param_groups(build, fl_kw, torch_cls, torch_kw):
     params, lr = make_params(), 1e-2
     ours, _ = run_fnlight(build(lr, mask=optim.decay_mask_no_bias_norm, **fl_kw), params, inplace=True)
@@ -199,9 +269,11 @@ def test_decay_mask_equals_two_param_groups(build, fl_kw, torch_cls, torch_kw):
     assert decay == ["0.weight", "3.weight"]
 
     def make(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
-        by_name = dict(zip(params, ps))
-        groups = [{"params": [by_name[n] for n in params if n in decay]},
-                  {"params": [by_name[n] for n in params if n not in decay], "weight_decay": 0.0}]
+        by_name = dict(zip(params, ps, strict=True))
+        groups = [
+            {"params": [by_name[n] for n in params if n in decay]},
+            {"params": [by_name[n] for n in params if n not in decay], "weight_decay": 0.0},
+        ]
         return torch_cls(groups, lr=lr, **torch_kw)
 
     reference = run_torch(make, params)
@@ -224,9 +296,12 @@ def test_chain_clip_by_global_norm_then_sgd_equals_clip_grad_norm():
     opt = optim.chain(optim.clip_by_global_norm(max_norm), optim.sgd(0.05, momentum=0.9))
     ours, (clip_state, sgd_state) = run_fnlight(opt, params, inplace=True, grad_fn=varying_grads)
     norms: list[Tensor] = []
-    reference = run_torch(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=True), params,
-                          grad_fn=varying_grads,
-                          before_step=lambda ps: norms.append(nn.utils.clip_grad_norm_(ps, max_norm)))
+    reference = run_torch(
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=True),
+        params,
+        grad_fn=varying_grads,
+        before_step=lambda ps: norms.append(nn.utils.clip_grad_norm_(ps, max_norm)),
+    )
     for n in params:
         assert torch.equal(ours[n], reference[n]), n
     assert isinstance(clip_state, optim.ClipState) and isinstance(sgd_state, optim.SgdState)
@@ -238,16 +313,19 @@ def test_clip_by_value_equals_clip_grad_value():
     params = make_params()
     opt = optim.chain(optim.clip_by_value(0.5), optim.adam(1e-2))
     ours, (clip_state, _) = run_fnlight(opt, params, inplace=False, grad_fn=varying_grads)
-    reference = run_torch(lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True), params, grad_fn=varying_grads,
-                          before_step=lambda ps: nn.utils.clip_grad_value_(ps, 0.5))
+    reference = run_torch(
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+        params,
+        grad_fn=varying_grads,
+        before_step=lambda ps: nn.utils.clip_grad_value_(ps, 0.5),
+    )
     for n in params:
         assert torch.equal(ours[n], reference[n]), n
     last = varying_grads(params, STEPS - 1)
     assert torch.equal(clip_state.norm, nn.utils.get_total_norm(list(last.values())))
 
 
-@pytest.mark.parametrize("transform", [optim.clip_by_global_norm(0.1), optim.clip_by_value(0.1)],
-                         ids=["global_norm", "value"])
+@pytest.mark.parametrize("transform", [optim.clip_by_global_norm(0.1), optim.clip_by_value(0.1)], ids=["global_norm", "value"])
 def test_clip_is_pure_and_keeps_structure(transform):
     grads = grads_at(make_params(), 0)
     saved = optree.tree_map(torch.clone, grads)
@@ -277,19 +355,23 @@ def test_clip_by_global_norm_bounds_the_norm(values, max_norm):
     clip = optim.clip_by_global_norm(max_norm)
     out, state = clip.update(grads, clip.init(grads), grads)
     assert float(optim.global_norm(out)) <= max_norm * (1 + 1e-5) + 1e-6
-    if float(state.norm) + 1e-6 <= max_norm:
+    if float(state.norm) * (1 + 1e-4) + 1e-6 <= max_norm:  # clearly below: float32 rounding cannot bite
         assert torch.equal(out["w"], grads["w"])
 
 
 # ----------------------------------------------------------------------------- schedules and hparams
 
 
-@pytest.mark.parametrize(("build", "torch_make"), [
-    (lambda lr: optim.sgd(lr, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
-    (lambda lr: optim.adam(lr), lambda ps: torch.optim.Adam(ps, lr=0.1)),
-    (lambda lr: optim.rmsprop(lr), lambda ps: torch.optim.RMSprop(ps, lr=0.1)),
-    (lambda lr: optim.adagrad(lr), lambda ps: torch.optim.Adagrad(ps, lr=0.1)),
-], ids=["sgd", "adam", "rmsprop", "adagrad"])
+@pytest.mark.parametrize(
+    ("build", "torch_make"),
+    [
+        (lambda lr: optim.sgd(lr, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+        (lambda lr: optim.adam(lr), lambda ps: torch.optim.Adam(ps, lr=0.1)),
+        (lambda lr: optim.rmsprop(lr), lambda ps: torch.optim.RMSprop(ps, lr=0.1)),
+        (lambda lr: optim.adagrad(lr), lambda ps: torch.optim.Adagrad(ps, lr=0.1)),
+    ],
+    ids=["sgd", "adam", "rmsprop", "adagrad"],
+)
 def test_schedule_is_honoured_and_stored(build, torch_make):
     def schedule(count: Tensor) -> Tensor:
         return 0.1 * 0.9 ** count.double()
@@ -299,7 +381,7 @@ def test_schedule_is_honoured_and_stored(build, torch_make):
     ours, state = run_fnlight(opt, params, inplace=True)
     ps = {n: nn.Parameter(p.clone()) for n, p in params.items()}
     reference_opt = torch_make(list(ps.values()))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(reference_opt, lambda epoch: 0.9 ** epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(reference_opt, lambda epoch: 0.9**epoch)
     used: list[float] = []
     for k in range(STEPS):
         for n, g in grads_at(params, k).items():
@@ -324,16 +406,22 @@ def test_changing_a_hyperparameter_through_the_state():
     assert float(new_state.hparams["lr"]) == 0.0
     train = fl.make_train_step(nn.Linear(3, 1), fl.losses.mse, opt)
     ts = train.init(seed=0)
-    ts = ts.replace(opt_state=ts.opt_state._replace(hparams={**ts.opt_state.hparams, "momentum": torch.tensor(0.5,
-                                                                                   dtype=torch.float64)}))
+    half = torch.tensor(0.5, dtype=torch.float64)
+    ts = ts.replace(opt_state=ts.opt_state._replace(hparams={**ts.opt_state.hparams, "momentum": half}))
     ts2, _ = train(ts, (torch.ones(4, 3), torch.zeros(4, 1)))
     assert float(ts2.opt_state.hparams["momentum"]) == 0.5 and int(ts2.opt_state.count) == 1
 
 
-@pytest.mark.parametrize("opt", [
-    optim.sgd(0.1), optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, mask=optim.decay_mask_no_bias_norm)),
-    optim.chain(optim.clip_by_value(1.0), optim.rmsprop(1e-2, momentum=0.5)), optim.adagrad(0.1),
-], ids=["sgd", "clip-adamw", "clip-rmsprop", "adagrad"])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        optim.sgd(0.1),
+        optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, mask=optim.decay_mask_no_bias_norm)),
+        optim.chain(optim.clip_by_value(1.0), optim.rmsprop(1e-2, momentum=0.5)),
+        optim.adagrad(0.1),
+    ],
+    ids=["sgd", "clip-adamw", "clip-rmsprop", "adagrad"],
+)
 def test_train_step_with_each_optimizer_is_pure(opt):
     step = fl.make_train_step(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)), fl.losses.mse, opt)
     state = step.init(seed=0)
@@ -348,52 +436,69 @@ def test_train_step_with_each_optimizer_is_pure(opt):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(("call", "error", "match"), [
-    (lambda: optim.sgd(-0.1), ValueError, r"fnlight\.optim\.sgd: learning_rate must be in \[0\.0, inf\), got -0\.1"),
-    (lambda: optim.sgd("0.1"), TypeError, r"fnlight\.optim\.sgd: learning_rate must be a float, got '0\.1'"),
-    (lambda: optim.sgd(True), TypeError, r"learning_rate must be a float, got True"),
-    (lambda: optim.sgd(0.1, momentum=-0.5), ValueError, r"sgd: momentum must be in \[0\.0, inf\), got -0\.5"),
-    (lambda: optim.sgd(0.1, momentum=0.9, dampening=1.5), ValueError, r"sgd: dampening must be in \[0\.0, 1\.0\]"),
-    (lambda: optim.sgd(0.1, weight_decay=-1.0), ValueError, r"sgd: weight_decay must be in"),
-    (lambda: optim.sgd(0.1, nesterov=True), ValueError,
-     r"sgd: nesterov=True requires momentum > 0 and dampening == 0, got momentum=0\.0, dampening=0\.0"),
-    (lambda: optim.sgd(0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError,
-     r"got momentum=0\.9, dampening=0\.1"),
-    (lambda: optim.sgd(0.1, nesterov=1), TypeError, r"sgd: nesterov must be a bool \(True or False\), got 1"),
-    (lambda: optim.sgd(0.1, mask="bias"), TypeError, r"sgd: mask must be None or a callable .*got 'bias'"),
-    (lambda: optim.adam(1e-3, b1=1.0), ValueError, r"fnlight\.optim\.adam: b1 must be in \[0\.0, 1\.0\), got 1\.0"),
-    (lambda: optim.adam(1e-3, b2=-0.1), ValueError, r"adam: b2 must be in \[0\.0, 1\.0\), got -0\.1"),
-    (lambda: optim.adam(1e-3, eps=float("nan")), ValueError, r"adam: eps must be in .*got nan"),
-    (lambda: optim.adamw(1e-3, amsgrad="yes"), TypeError, r"adamw: amsgrad must be a bool .*got 'yes'"),
-    (lambda: optim.adamw(1e-3, weight_decay=-0.1), ValueError, r"adamw: weight_decay must be in"),
-    (lambda: optim.adamw(1e-3, mask=3), TypeError, r"adamw: mask must be None or a callable .*got 3"),
-    (lambda: optim.rmsprop(-1e-3), ValueError, r"fnlight\.optim\.rmsprop: learning_rate must be in"),
-    (lambda: optim.rmsprop(1e-3, alpha=1.5), ValueError, r"rmsprop: alpha must be in \[0\.0, 1\.0\], got 1\.5"),
-    (lambda: optim.rmsprop(1e-3, eps=-1e-8), ValueError, r"rmsprop: eps must be in"),
-    (lambda: optim.rmsprop(1e-3, momentum=-0.9), ValueError, r"rmsprop: momentum must be in"),
-    (lambda: optim.rmsprop(1e-3, weight_decay=-0.9), ValueError, r"rmsprop: weight_decay must be in"),
-    (lambda: optim.rmsprop(1e-3, centered=None), TypeError, r"rmsprop: centered must be a bool .*got None"),
-    (lambda: optim.rmsprop(1e-3, mask=[]), TypeError, r"rmsprop: mask must be None or a callable"),
-    (lambda: optim.adagrad(-1.0), ValueError, r"fnlight\.optim\.adagrad: learning_rate must be in"),
-    (lambda: optim.adagrad(0.1, lr_decay=-1.0), ValueError, r"adagrad: lr_decay must be in .*got -1\.0"),
-    (lambda: optim.adagrad(0.1, weight_decay=-1.0), ValueError, r"adagrad: weight_decay must be in"),
-    (lambda: optim.adagrad(0.1, initial_accumulator_value=-1.0), ValueError,
-     r"adagrad: initial_accumulator_value must be in \[0\.0, inf\), got -1\.0"),
-    (lambda: optim.adagrad(0.1, eps=-1.0), ValueError, r"adagrad: eps must be in"),
-    (lambda: optim.adagrad(0.1, lr_decay="0"), TypeError, r"adagrad: lr_decay must be a float, got '0'"),
-    (lambda: optim.adagrad(0.1, mask=0.5), TypeError, r"adagrad: mask must be None or a callable"),
-    (lambda: optim.clip_by_global_norm(0.0), ValueError,
-     r"fnlight\.optim\.clip_by_global_norm: max_norm must be in \(0\.0, inf\), got 0\.0"),
-    (lambda: optim.clip_by_global_norm(float("inf")), ValueError, r"max_norm must be in \(0\.0, inf\), got inf"),
-    (lambda: optim.clip_by_global_norm("1"), TypeError, r"clip_by_global_norm: max_norm must be a float, got '1'"),
-    (lambda: optim.clip_by_value(-1.0), ValueError, r"fnlight\.optim\.clip_by_value: max_delta must be in \(0\.0"),
-    (lambda: optim.clip_by_value(None), TypeError, r"clip_by_value: max_delta must be a float, got None"),
-    (lambda: optim.chain(), ValueError, r"chain\(\): expected gradient transformations followed by one Optimizer"),
-    (lambda: optim.chain(optim.sgd(0.1), optim.adam(0.1)), TypeError,
-     r"chain\(\): part 0 must be a GradientTransformation .*an Optimizer may only come last, got Optimizer"),
-    (lambda: optim.chain(optim.sgd(0.1), optim.clip_by_value(1.0)), TypeError,
-     r"chain\(\): the last part must be an Optimizer .*got GradientTransformation"),
-])
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: optim.sgd(-0.1), ValueError, r"fnlight\.optim\.sgd: learning_rate must be in \[0\.0, inf\), got -0\.1"),
+        (lambda: optim.sgd("0.1"), TypeError, r"fnlight\.optim\.sgd: learning_rate must be a float, got '0\.1'"),
+        (lambda: optim.sgd(True), TypeError, r"learning_rate must be a float, got True"),
+        (lambda: optim.sgd(0.1, momentum=-0.5), ValueError, r"sgd: momentum must be in \[0\.0, inf\), got -0\.5"),
+        (lambda: optim.sgd(0.1, momentum=0.9, dampening=1.5), ValueError, r"sgd: dampening must be in \[0\.0, 1\.0\]"),
+        (lambda: optim.sgd(0.1, weight_decay=-1.0), ValueError, r"sgd: weight_decay must be in"),
+        (
+            lambda: optim.sgd(0.1, nesterov=True),
+            ValueError,
+            r"sgd: nesterov=True requires momentum > 0 and dampening == 0, got momentum=0\.0, dampening=0\.0",
+        ),
+        (lambda: optim.sgd(0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError, r"got momentum=0\.9, dampening=0\.1"),
+        (lambda: optim.sgd(0.1, nesterov=1), TypeError, r"sgd: nesterov must be a bool \(True or False\), got 1"),
+        (lambda: optim.sgd(0.1, mask="bias"), TypeError, r"sgd: mask must be None or a callable .*got 'bias'"),
+        (lambda: optim.adam(1e-3, b1=1.0), ValueError, r"fnlight\.optim\.adam: b1 must be in \[0\.0, 1\.0\), got 1\.0"),
+        (lambda: optim.adam(1e-3, b2=-0.1), ValueError, r"adam: b2 must be in \[0\.0, 1\.0\), got -0\.1"),
+        (lambda: optim.adam(1e-3, eps=float("nan")), ValueError, r"adam: eps must be in .*got nan"),
+        (lambda: optim.adamw(1e-3, amsgrad="yes"), TypeError, r"adamw: amsgrad must be a bool .*got 'yes'"),
+        (lambda: optim.adamw(1e-3, weight_decay=-0.1), ValueError, r"adamw: weight_decay must be in"),
+        (lambda: optim.adamw(1e-3, mask=3), TypeError, r"adamw: mask must be None or a callable .*got 3"),
+        (lambda: optim.rmsprop(-1e-3), ValueError, r"fnlight\.optim\.rmsprop: learning_rate must be in"),
+        (lambda: optim.rmsprop(1e-3, alpha=1.5), ValueError, r"rmsprop: alpha must be in \[0\.0, 1\.0\], got 1\.5"),
+        (lambda: optim.rmsprop(1e-3, eps=-1e-8), ValueError, r"rmsprop: eps must be in"),
+        (lambda: optim.rmsprop(1e-3, momentum=-0.9), ValueError, r"rmsprop: momentum must be in"),
+        (lambda: optim.rmsprop(1e-3, weight_decay=-0.9), ValueError, r"rmsprop: weight_decay must be in"),
+        (lambda: optim.rmsprop(1e-3, centered=None), TypeError, r"rmsprop: centered must be a bool .*got None"),
+        (lambda: optim.rmsprop(1e-3, mask=[]), TypeError, r"rmsprop: mask must be None or a callable"),
+        (lambda: optim.adagrad(-1.0), ValueError, r"fnlight\.optim\.adagrad: learning_rate must be in"),
+        (lambda: optim.adagrad(0.1, lr_decay=-1.0), ValueError, r"adagrad: lr_decay must be in .*got -1\.0"),
+        (lambda: optim.adagrad(0.1, weight_decay=-1.0), ValueError, r"adagrad: weight_decay must be in"),
+        (
+            lambda: optim.adagrad(0.1, initial_accumulator_value=-1.0),
+            ValueError,
+            r"adagrad: initial_accumulator_value must be in \[0\.0, inf\), got -1\.0",
+        ),
+        (lambda: optim.adagrad(0.1, eps=-1.0), ValueError, r"adagrad: eps must be in"),
+        (lambda: optim.adagrad(0.1, lr_decay="0"), TypeError, r"adagrad: lr_decay must be a float, got '0'"),
+        (lambda: optim.adagrad(0.1, mask=0.5), TypeError, r"adagrad: mask must be None or a callable"),
+        (
+            lambda: optim.clip_by_global_norm(0.0),
+            ValueError,
+            r"fnlight\.optim\.clip_by_global_norm: max_norm must be in \(0\.0, inf\), got 0\.0",
+        ),
+        (lambda: optim.clip_by_global_norm(float("inf")), ValueError, r"max_norm must be in \(0\.0, inf\), got inf"),
+        (lambda: optim.clip_by_global_norm("1"), TypeError, r"clip_by_global_norm: max_norm must be a float, got '1'"),
+        (lambda: optim.clip_by_value(-1.0), ValueError, r"fnlight\.optim\.clip_by_value: max_delta must be in \(0\.0"),
+        (lambda: optim.clip_by_value(None), TypeError, r"clip_by_value: max_delta must be a float, got None"),
+        (lambda: optim.chain(), ValueError, r"chain\(\): expected gradient transformations followed by one Optimizer"),
+        (
+            lambda: optim.chain(optim.sgd(0.1), optim.adam(0.1)),
+            TypeError,
+            r"chain\(\): part 0 must be a GradientTransformation .*an Optimizer may only come last, got Optimizer",
+        ),
+        (
+            lambda: optim.chain(optim.sgd(0.1), optim.clip_by_value(1.0)),
+            TypeError,
+            r"chain\(\): the last part must be an Optimizer .*got GradientTransformation",
+        ),
+    ],
+)
 def test_invalid_options_raise_at_build_time(call, error, match):
     with pytest.raises(error, match=match):
         call()
@@ -406,4 +511,4 @@ def test_public_names_are_exported_and_documented():
     doc = (Path(__file__).parent.parent / "docs" / "optim.md").read_text()
     for name in optim.__all__:
         assert getattr(optim, name).__doc__, name
-        assert f"`{name}" in doc, f"{name} is not documented in docs/optim.md"
+        assert f"`{name}`" in doc or f"`{name}(" in doc, f"{name} is not documented in docs/optim.md"

@@ -75,7 +75,9 @@ def test_piecewise_constant_boundaries_are_half_open():
 
 def test_join_restarts_each_schedule_at_zero():
     s = sch.join([sch.linear(0.0, 1.0, 2), sch.cosine(1.0, 4), sch.constant(0.5)], [2, 6])
-    assert values(s, [0, 1, 2, 4, 5, 6, 40]) == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.5 * (1 + math.cos(math.pi * 3 / 4)), 0.5, 0.5])
+    assert values(s, [0, 1, 2, 4, 5, 6, 40]) == pytest.approx(
+        [0.0, 0.5, 1.0, 0.5, 0.5 * (1 + math.cos(math.pi * 3 / 4)), 0.5, 0.5]
+    )
 
 
 def test_warmup_then_schedule():
@@ -93,8 +95,14 @@ def test_warmup_cosine_peak_and_end():
 
 def test_schedules_return_float64_scalars_and_are_pure():
     count = torch.tensor(3)
-    for s in [sch.constant(1.0), sch.linear(1.0, 0.0, 5), sch.cosine(1.0, 5), sch.exponential(1.0, 0.9),
-              sch.piecewise_constant([1.0, 0.5], [2]), sch.warmup_cosine(1.0, 2, 5)]:
+    for s in [
+        sch.constant(1.0),
+        sch.linear(1.0, 0.0, 5),
+        sch.cosine(1.0, 5),
+        sch.exponential(1.0, 0.9),
+        sch.piecewise_constant([1.0, 0.5], [2]),
+        sch.warmup_cosine(1.0, 2, 5),
+    ]:
         out = s(count)
         assert out.dtype == torch.float64 and out.ndim == 0
         assert torch.equal(s(count), out)

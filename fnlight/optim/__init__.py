@@ -7,7 +7,7 @@ arithmetic with torch's fused and multi-tensor kernels, so they match
 
 from ._adagrad import AdagradState, adagrad
 from ._adam import AdamState, adam, adamw
-from ._base import GradientTransformation, Optimizer, Schedule, ScalarOrSchedule, chain
+from ._base import GradientTransformation, Optimizer, ScalarOrSchedule, Schedule, chain
 from ._clip import ClipState, clip_by_global_norm, clip_by_value, global_norm
 from ._masks import MaskFn, decay_mask_no_bias_norm
 from ._rmsprop import RmspropState, rmsprop

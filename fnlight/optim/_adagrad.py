@@ -28,9 +28,15 @@ class AdagradState(NamedTuple):
     hparams: dict[str, Tensor]
 
 
-def adagrad(learning_rate: ScalarOrSchedule, *, lr_decay: float = 0.0, weight_decay: float = 0.0,
-            initial_accumulator_value: float = 0.0, eps: float = 1e-10,
-            mask: MaskFn | None = None) -> Optimizer:
+def adagrad(
+    learning_rate: ScalarOrSchedule,
+    *,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    mask: MaskFn | None = None,
+) -> Optimizer:
     """Adagrad, matching ``torch.optim.Adagrad``.
 
     Each update runs ``torch._fused_adagrad_`` once per (device, dtype) group and
@@ -69,17 +75,21 @@ def adagrad(learning_rate: ScalarOrSchedule, *, lr_decay: float = 0.0, weight_de
     mask = check_mask(mask, where=where)
 
     def init(params: dict[str, Tensor]) -> AdagradState:
-        sums = {n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format)
-                for n, p in params.items()}
+        sums = {n: torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format) for n, p in params.items()}
         return AdagradState(
             count=torch.zeros((), dtype=torch.int64),
             sum_of_squares=sums,
-            hparams={"lr": initial_lr(learning_rate), "lr_decay": hparam(lr_decay),
-                     "weight_decay": hparam(weight_decay), "eps": hparam(eps)},
+            hparams={
+                "lr": initial_lr(learning_rate),
+                "lr_decay": hparam(lr_decay),
+                "weight_decay": hparam(weight_decay),
+                "eps": hparam(eps),
+            },
         )
 
-    def apply(params: dict[str, Tensor], grads: dict[str, Tensor], state: AdagradState, *,
-              inplace: bool) -> tuple[dict[str, Tensor], AdagradState]:
+    def apply(
+        params: dict[str, Tensor], grads: dict[str, Tensor], state: AdagradState, *, inplace: bool
+    ) -> tuple[dict[str, Tensor], AdagradState]:
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         sums = [state.sum_of_squares[n] for n in names]
@@ -92,8 +102,9 @@ def adagrad(learning_rate: ScalarOrSchedule, *, lr_decay: float = 0.0, weight_de
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
             for (device, _), idx in groups.items():
                 steps = [torch.tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
-                torch._fused_adagrad_([ps[i] for i in idx], [gs[i] for i in idx], [sums[i] for i in idx], steps,
-                                      weight_decay=group_wd, **opts)
-        return dict(zip(names, ps)), AdagradState(count, merge(state.sum_of_squares, names, sums), hp)
+                torch._fused_adagrad_(
+                    [ps[i] for i in idx], [gs[i] for i in idx], [sums[i] for i in idx], steps, weight_decay=group_wd, **opts
+                )
+        return dict(zip(names, ps, strict=True)), AdagradState(count, merge(state.sum_of_squares, names, sums), hp)
 
     return Optimizer(init, apply)

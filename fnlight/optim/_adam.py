@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,8 +32,16 @@ class AdamState(NamedTuple):
     hparams: dict[str, Tensor]
 
 
-def _make(kind: str, learning_rate: ScalarOrSchedule, b1: float, b2: float, eps: float,
-          weight_decay: float, amsgrad: bool, mask: MaskFn | None) -> Optimizer:
+def _make(
+    kind: str,
+    learning_rate: ScalarOrSchedule,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    mask: MaskFn | None,
+) -> Optimizer:
     where = f"fnlight.optim.{kind}"
     learning_rate = check_lr(learning_rate, where=where)
     b1 = check_hparam("b1", b1, where=where, high=1.0)
@@ -51,12 +59,18 @@ def _make(kind: str, learning_rate: ScalarOrSchedule, b1: float, b2: float, eps:
             mu=zeros,
             nu={n: torch.zeros_like(p) for n, p in params.items()},
             nu_max={n: torch.zeros_like(p) for n, p in params.items()} if amsgrad else {},
-            hparams={"lr": initial_lr(learning_rate), "b1": hparam(b1),
-                     "b2": hparam(b2), "eps": hparam(eps), "weight_decay": hparam(weight_decay)},
+            hparams={
+                "lr": initial_lr(learning_rate),
+                "b1": hparam(b1),
+                "b2": hparam(b2),
+                "eps": hparam(eps),
+                "weight_decay": hparam(weight_decay),
+            },
         )
 
-    def apply(params: dict[str, Tensor], grads: dict[str, Tensor], state: AdamState, *,
-              inplace: bool) -> tuple[dict[str, Tensor], AdamState]:
+    def apply(
+        params: dict[str, Tensor], grads: dict[str, Tensor], state: AdamState, *, inplace: bool
+    ) -> tuple[dict[str, Tensor], AdamState]:
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         mu, nu = [state.mu[n] for n in names], [state.nu[n] for n in names]
@@ -66,23 +80,39 @@ def _make(kind: str, learning_rate: ScalarOrSchedule, b1: float, b2: float, eps:
         lr, hp = resolve_lr(learning_rate, state.count, state.hparams)
         count = state.count + 1
         step_value = float(count)
-        opts = dict(lr=lr, beta1=float(hp["b1"]), beta2=float(hp["b2"]), eps=float(hp["eps"]),
-                    amsgrad=amsgrad, maximize=False)
+        opts = dict(lr=lr, beta1=float(hp["b1"]), beta2=float(hp["b2"]), eps=float(hp["eps"]), amsgrad=amsgrad, maximize=False)
         wd = float(hp["weight_decay"])
         for group_wd, groups in weight_decay_groups(names, ps, mask, wd):
             for (device, _), idx in groups.items():
                 steps = [torch.tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
-                kernel([ps[i] for i in idx], [gs[i] for i in idx], [mu[i] for i in idx], [nu[i] for i in idx],
-                       [vmax[i] for i in idx] if amsgrad else [], steps, weight_decay=group_wd, **opts)
-        new_state = AdamState(count, merge(state.mu, names, mu), merge(state.nu, names, nu),
-                              merge(state.nu_max, names, vmax) if amsgrad else {}, hp)
-        return dict(zip(names, ps)), new_state
+                kernel(
+                    [ps[i] for i in idx],
+                    [gs[i] for i in idx],
+                    [mu[i] for i in idx],
+                    [nu[i] for i in idx],
+                    [vmax[i] for i in idx] if amsgrad else [],
+                    steps,
+                    weight_decay=group_wd,
+                    **opts,
+                )
+        new_state = AdamState(
+            count, merge(state.mu, names, mu), merge(state.nu, names, nu), merge(state.nu_max, names, vmax) if amsgrad else {}, hp
+        )
+        return dict(zip(names, ps, strict=True)), new_state
 
     return Optimizer(init, apply)
 
 
-def adam(learning_rate: ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         weight_decay: float = 0.0, amsgrad: bool = False, mask: MaskFn | None = None) -> Optimizer:
+def adam(
+    learning_rate: ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    mask: MaskFn | None = None,
+) -> Optimizer:
     """Adam (L2 weight decay added to the gradient), matching ``torch.optim.Adam``.
 
     Each update runs ``torch._fused_adam_`` once per (device, dtype) group and
@@ -114,8 +144,16 @@ def adam(learning_rate: ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999,
     return _make("adam", learning_rate, b1, b2, eps, weight_decay, amsgrad, mask)
 
 
-def adamw(learning_rate: ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 1e-2, amsgrad: bool = False, mask: MaskFn | None = None) -> Optimizer:
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    mask: MaskFn | None = None,
+) -> Optimizer:
     """AdamW (decoupled weight decay), matching ``torch.optim.AdamW``.
 
     Each update runs ``torch._fused_adamw_`` once per (device, dtype) group and

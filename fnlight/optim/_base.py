@@ -12,12 +12,12 @@ from torch import Tensor
 __all__ = [
     "GradientTransformation",
     "Optimizer",
-    "Schedule",
     "ScalarOrSchedule",
+    "Schedule",
     "chain",
+    "check_hparam",
     "hparam",
     "resolve_lr",
-    "check_hparam",
 ]
 
 Params = dict[str, Tensor]
@@ -62,8 +62,16 @@ def hparam(value: float) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float64)
 
 
-def check_hparam(name: str, value: Any, *, where: str, low: float = 0.0, high: float | None = None,
-                 low_inclusive: bool = True, high_inclusive: bool = False) -> float:
+def check_hparam(
+    name: str,
+    value: Any,
+    *,
+    where: str,
+    low: float = 0.0,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = False,
+) -> float:
     """Validate a float hyperparameter at build time and return it as ``float``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {name} must be a float, got {value!r} of type {type(value).__name__}")
@@ -107,10 +115,7 @@ def chain(*parts: GradientTransformation | Optimizer) -> Optimizer:
         raise ValueError("chain(): expected gradient transformations followed by one Optimizer, got nothing")
     *transforms, last = parts
     if not isinstance(last, Optimizer):
-        raise TypeError(
-            f"chain(): the last part must be an Optimizer (e.g. fnlight.optim.adamw(...)), "
-            f"got {type(last).__name__}"
-        )
+        raise TypeError(f"chain(): the last part must be an Optimizer (e.g. fnlight.optim.adamw(...)), got {type(last).__name__}")
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
             raise TypeError(

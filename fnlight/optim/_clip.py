@@ -100,9 +100,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
         for (device, _), idx in group_indices(tensors, range(len(tensors))).items():
-            for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], coef.to(device))):
+            for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], coef.to(device)), strict=True):
                 out[i] = t
-        return dict(zip(names, out)), _record(state, total)
+        return dict(zip(names, out, strict=True)), _record(state, total)
 
     return GradientTransformation(_init, update)
 
@@ -143,8 +143,8 @@ def clip_by_value(max_delta: float) -> GradientTransformation:
         for idx in group_indices(tensors, range(len(tensors))).values():
             clamped = torch._foreach_clamp_min([tensors[i] for i in idx], -max_delta)
             torch._foreach_clamp_max_(clamped, max_delta)
-            for i, t in zip(idx, clamped):
+            for i, t in zip(idx, clamped, strict=True):
                 out[i] = t
-        return dict(zip(names, out)), _record(state, total)
+        return dict(zip(names, out, strict=True)), _record(state, total)
 
     return GradientTransformation(_init, update)

@@ -10,17 +10,20 @@ from torch import Tensor
 
 from ._masks import MaskFn, split_by_mask
 
-__all__ = ["group_indices", "clone_all", "merge", "check_bool", "check_mask", "initial_lr", "weight_decay_groups"]
+__all__ = ["check_bool", "check_mask", "clone_all", "group_indices", "initial_lr", "merge", "weight_decay_groups"]
 
 
-def group_indices(tensors: Sequence[Tensor], subset: Sequence[int]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+Groups = dict[tuple[torch.device, torch.dtype], list[int]]
+
+
+def group_indices(tensors: Sequence[Tensor], subset: Sequence[int]) -> Groups:
     """Split ``subset`` of ``tensors`` by (device, dtype), as fused and multi-tensor kernels require.
 
     >>> import torch
     >>> group_indices([torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.ones(2)], [0, 1, 2])
     {(device(type='cpu'), torch.float32): [0, 2], (device(type='cpu'), torch.float64): [1]}
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    groups: Groups = {}
     for i in subset:
         t = tensors[i]
         groups.setdefault((t.device, t.dtype), []).append(i)
@@ -45,7 +48,7 @@ def merge(old: Mapping[str, Tensor], names: Sequence[str], new: Sequence[Tensor]
     >>> merge({"a": 1, "b": 2}, ["b"], [3])
     {'a': 1, 'b': 3}
     """
-    return {**old, **dict(zip(names, new))}
+    return {**old, **dict(zip(names, new, strict=True))}
 
 
 def check_bool(name: str, value: Any, *, where: str) -> bool:
@@ -63,9 +66,9 @@ def check_bool(name: str, value: Any, *, where: str) -> bool:
 def check_mask(mask: Any, *, where: str) -> MaskFn | None:
     """Validate a weight-decay mask (``None`` or a callable ``(name, param) -> bool``) at build time.
 
-    >>> check_mask("bias", where="fnlight.optim.sgd")
+    >>> check_mask("bias", where="fnlight.optim.sgd")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    TypeError: fnlight.optim.sgd: mask must be None or a callable (name, param) -> bool (e.g. fnlight.optim.decay_mask_no_bias_norm), got 'bias'
+    TypeError: fnlight.optim.sgd: mask must be None or a callable (name, param) -> bool (...), got 'bias'
     """
     if mask is not None and not callable(mask):
         raise TypeError(
@@ -75,8 +78,9 @@ def check_mask(mask: Any, *, where: str) -> MaskFn | None:
     return mask
 
 
-def weight_decay_groups(names: Sequence[str], tensors: Sequence[Tensor], mask: MaskFn | None,
-                        weight_decay: float) -> list[tuple[float, dict[tuple[torch.device, torch.dtype], list[int]]]]:
+def weight_decay_groups(
+    names: Sequence[str], tensors: Sequence[Tensor], mask: MaskFn | None, weight_decay: float
+) -> list[tuple[float, Groups]]:
     """``[(weight_decay, {(device, dtype): indices})]``: one entry for decayed, one for masked-out tensors.
 
     >>> import torch

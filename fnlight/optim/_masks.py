@@ -7,7 +7,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-__all__ = ["MaskFn", "split_by_mask", "decay_mask_no_bias_norm"]
+__all__ = ["MaskFn", "decay_mask_no_bias_norm", "split_by_mask"]
 
 
 class MaskFn(Protocol):

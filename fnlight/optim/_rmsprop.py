@@ -32,8 +32,19 @@ class RmspropState(NamedTuple):
     hparams: dict[str, Tensor]
 
 
-def _update(ps: list[Tensor], gs: list[Tensor], sq: list[Tensor], ga: list[Tensor], mb: list[Tensor], *,
-            lr: float, alpha: float, eps: float, weight_decay: float, momentum: float) -> None:
+def _update(
+    ps: list[Tensor],
+    gs: list[Tensor],
+    sq: list[Tensor],
+    ga: list[Tensor],
+    mb: list[Tensor],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+) -> None:
     """One (device, dtype) group, in place on ``ps``/``sq``/``ga``/``mb``; the math of torch's foreach RMSprop."""
     if weight_decay != 0:
         gs = torch._foreach_add(gs, ps, alpha=weight_decay)
@@ -54,9 +65,16 @@ def _update(ps: list[Tensor], gs: list[Tensor], sq: list[Tensor], ga: list[Tenso
         torch._foreach_addcdiv_(ps, gs, avg, value=-lr)
 
 
-def rmsprop(learning_rate: ScalarOrSchedule, *, alpha: float = 0.99, eps: float = 1e-8,
-            weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-            mask: MaskFn | None = None) -> Optimizer:
+def rmsprop(
+    learning_rate: ScalarOrSchedule,
+    *,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    mask: MaskFn | None = None,
+) -> Optimizer:
     """RMSprop, matching ``torch.optim.RMSprop``.
 
     Each update runs the ``torch._foreach_*`` sequence of torch's multi-tensor
@@ -109,12 +127,18 @@ def rmsprop(learning_rate: ScalarOrSchedule, *, alpha: float = 0.99, eps: float 
             square_avg=zeros(),
             grad_avg=zeros() if centered else {},
             momentum_buffer=zeros() if use_momentum else {},
-            hparams={"lr": initial_lr(learning_rate), "alpha": hparam(alpha), "eps": hparam(eps),
-                     "weight_decay": hparam(weight_decay), "momentum": hparam(momentum)},
+            hparams={
+                "lr": initial_lr(learning_rate),
+                "alpha": hparam(alpha),
+                "eps": hparam(eps),
+                "weight_decay": hparam(weight_decay),
+                "momentum": hparam(momentum),
+            },
         )
 
-    def apply(params: dict[str, Tensor], grads: dict[str, Tensor], state: RmspropState, *,
-              inplace: bool) -> tuple[dict[str, Tensor], RmspropState]:
+    def apply(
+        params: dict[str, Tensor], grads: dict[str, Tensor], state: RmspropState, *, inplace: bool
+    ) -> tuple[dict[str, Tensor], RmspropState]:
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         sq = [state.square_avg[n] for n in names]
@@ -126,9 +150,15 @@ def rmsprop(learning_rate: ScalarOrSchedule, *, alpha: float = 0.99, eps: float 
         opts = dict(lr=lr, alpha=float(hp["alpha"]), eps=float(hp["eps"]), momentum=float(hp["momentum"]))
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
             for idx in groups.values():
-                _update([ps[i] for i in idx], [gs[i] for i in idx], [sq[i] for i in idx],
-                        [ga[i] for i in idx] if centered else [], [mb[i] for i in idx] if use_momentum else [],
-                        weight_decay=group_wd, **opts)
+                _update(
+                    [ps[i] for i in idx],
+                    [gs[i] for i in idx],
+                    [sq[i] for i in idx],
+                    [ga[i] for i in idx] if centered else [],
+                    [mb[i] for i in idx] if use_momentum else [],
+                    weight_decay=group_wd,
+                    **opts,
+                )
         new_state = RmspropState(
             state.count + 1,
             merge(state.square_avg, names, sq),
@@ -136,6 +166,6 @@ def rmsprop(learning_rate: ScalarOrSchedule, *, alpha: float = 0.99, eps: float 
             merge(state.momentum_buffer, names, mb) if use_momentum else {},
             hp,
         )
-        return dict(zip(names, ps)), new_state
+        return dict(zip(names, ps, strict=True)), new_state
 
     return Optimizer(init, apply)

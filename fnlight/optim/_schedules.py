@@ -7,6 +7,7 @@ effect, so it resumes exactly and never counts micro-batches or skipped updates.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -17,12 +18,12 @@ from ._base import Schedule, check_hparam
 
 __all__ = [
     "constant",
-    "linear",
     "cosine",
     "exponential",
+    "join",
+    "linear",
     "piecewise_constant",
     "step_decay",
-    "join",
     "warmup",
     "warmup_cosine",
 ]
@@ -101,8 +102,15 @@ def cosine(init_value: float, decay_steps: int, *, end_value: float = 0.0, expon
     return schedule
 
 
-def exponential(init_value: float, decay_rate: float, transition_steps: int = 1, *, transition_begin: int = 0,
-                staircase: bool = False, end_value: float | None = None) -> Schedule:
+def exponential(
+    init_value: float,
+    decay_rate: float,
+    transition_steps: int = 1,
+    *,
+    transition_begin: int = 0,
+    staircase: bool = False,
+    end_value: float | None = None,
+) -> Schedule:
     """``init_value * decay_rate ** ((count - transition_begin) / transition_steps)``.
 
     With ``staircase`` the exponent is floored (decay in discrete jumps); ``end_value``
@@ -169,7 +177,7 @@ def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedul
 
 def _boundaries(boundaries: Sequence[int], where: str) -> list[int]:
     bounds = [_steps("boundaries[i]", b, where) for b in boundaries]
-    if any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
+    if any(b2 <= b1 for b1, b2 in itertools.pairwise(bounds)):
         raise ValueError(f"fnlight.optim.{where}: boundaries must be strictly increasing, got {list(boundaries)!r}")
     return bounds
 
@@ -219,8 +227,9 @@ def warmup(schedule: Schedule, warmup_steps: int, *, init_value: float = 0.0) ->
     return warmed
 
 
-def warmup_cosine(peak_value: float, warmup_steps: int, decay_steps: int, *, init_value: float = 0.0,
-                  end_value: float = 0.0) -> Schedule:
+def warmup_cosine(
+    peak_value: float, warmup_steps: int, decay_steps: int, *, init_value: float = 0.0, end_value: float = 0.0
+) -> Schedule:
     """Linear warmup to ``peak_value``, then cosine decay to ``end_value`` over ``decay_steps``.
 
     >>> s = warmup_cosine(1.0, 2, 4)

@@ -28,8 +28,15 @@ class SgdState(NamedTuple):
     hparams: dict[str, Tensor]
 
 
-def sgd(learning_rate: ScalarOrSchedule, *, momentum: float = 0.0, dampening: float = 0.0,
-        nesterov: bool = False, weight_decay: float = 0.0, mask: MaskFn | None = None) -> Optimizer:
+def sgd(
+    learning_rate: ScalarOrSchedule,
+    *,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    mask: MaskFn | None = None,
+) -> Optimizer:
     """Stochastic gradient descent with optional momentum, matching ``torch.optim.SGD``.
 
     Each update runs ``torch._fused_sgd_`` once per (device, dtype) group and
@@ -82,25 +89,41 @@ def sgd(learning_rate: ScalarOrSchedule, *, momentum: float = 0.0, dampening: fl
         return SgdState(
             count=torch.zeros((), dtype=torch.int64),
             momentum_buffer=buffers if use_momentum else {},
-            hparams={"lr": initial_lr(learning_rate), "momentum": hparam(momentum),
-                     "dampening": hparam(dampening), "weight_decay": hparam(weight_decay)},
+            hparams={
+                "lr": initial_lr(learning_rate),
+                "momentum": hparam(momentum),
+                "dampening": hparam(dampening),
+                "weight_decay": hparam(weight_decay),
+            },
         )
 
-    def apply(params: dict[str, Tensor], grads: dict[str, Tensor], state: SgdState, *,
-              inplace: bool) -> tuple[dict[str, Tensor], SgdState]:
+    def apply(
+        params: dict[str, Tensor], grads: dict[str, Tensor], state: SgdState, *, inplace: bool
+    ) -> tuple[dict[str, Tensor], SgdState]:
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         bufs = [state.momentum_buffer[n] for n in names] if use_momentum else []
         if not inplace:
             ps, bufs = clone_all(ps), clone_all(bufs)
         lr, hp = resolve_lr(learning_rate, state.count, state.hparams)
-        opts = dict(lr=lr, momentum=float(hp["momentum"]), dampening=float(hp["dampening"]),
-                    nesterov=nesterov, maximize=False, is_first_step=use_momentum and int(state.count) == 0)
+        opts = dict(
+            lr=lr,
+            momentum=float(hp["momentum"]),
+            dampening=float(hp["dampening"]),
+            nesterov=nesterov,
+            maximize=False,
+            is_first_step=use_momentum and int(state.count) == 0,
+        )
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
             for idx in groups.values():
-                torch._fused_sgd_([ps[i] for i in idx], [gs[i] for i in idx],
-                                  [bufs[i] for i in idx] if use_momentum else [], weight_decay=group_wd, **opts)
+                torch._fused_sgd_(
+                    [ps[i] for i in idx],
+                    [gs[i] for i in idx],
+                    [bufs[i] for i in idx] if use_momentum else [],
+                    weight_decay=group_wd,
+                    **opts,
+                )
         new_bufs = merge(state.momentum_buffer, names, bufs) if use_momentum else {}
-        return dict(zip(names, ps)), SgdState(state.count + 1, new_bufs, hp)
+        return dict(zip(names, ps, strict=True)), SgdState(state.count + 1, new_bufs, hp)
 
     return Optimizer(init, apply)
