@@ -13,6 +13,7 @@ from ._donation import check_live, is_donating
 from ._rng import derive_seed, seeded
 from ._state import TrainState
 from .optim._base import Optimizer
+from .optim._clip import ClipState
 
 __all__ = ["EvalStep", "Gradients", "LossFn", "Step", "TrainStep", "describe_batch", "make_eval_step", "make_train_step"]
 
@@ -57,6 +58,15 @@ def describe_batch(batch: Any) -> str:
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def update_metrics(opt_state: Any) -> Metrics:
+    """Metrics an optimizer state exposes after an update: ``grad_norm`` (pre-clip) when it clips."""
+    parts = opt_state if isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields") else (opt_state,)
+    for part in parts:
+        if isinstance(part, ClipState):
+            return {"grad_norm": part.norm}
+    return {}
 
 
 def _split_output(out: Any, loss_fn: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -160,26 +170,31 @@ class TrainStep:
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         return Gradients(loss.detach(), {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
 
-    def update(self, state: TrainState, grads: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> TrainState:
+    def update(
+        self, state: TrainState, grads: Mapping[str, Tensor], buffers: Mapping[str, Tensor]
+    ) -> tuple[TrainState, Metrics]:
         """The update phase: apply ``grads`` with the optimizer and count one update.
 
         Parameters absent from ``grads`` are left as they are (as ``torch.optim`` skips
-        parameters whose gradient is ``None``).
+        parameters whose gradient is ``None``). Returns the new state and the metrics
+        the update produced (e.g. ``grad_norm`` when the optimizer clips).
         """
         inplace = is_donating()
         params = state.params
         subset = {n: params[n] for n in grads}
         new_params, opt_state = self.optimizer.apply(subset, dict(grads), state.opt_state, inplace=inplace)
-        return state.replace(
+        new_state = state.replace(
             step=state.step + 1,
             params=params if inplace and len(subset) == len(self._trainable) else {**params, **new_params},
             buffers=dict(buffers),
             opt_state=opt_state,
         )
+        return new_state, update_metrics(opt_state)
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         g = self.grads(state, batch)
-        return self.update(state, g.grads, g.buffers), g.metrics
+        new_state, metrics = self.update(state, g.grads, g.buffers)
+        return new_state, {**g.metrics, **metrics} if metrics else g.metrics
 
 
 class EvalStep:

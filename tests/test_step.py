@@ -249,3 +249,24 @@ def test_eval_step_error_note_mentions_update(batches):
     with pytest.raises(RuntimeError) as info:
         fl.make_eval_step(fl.losses.cross_entropy)(step.init(), (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)))
     assert "eval step at update 0" in "\n".join(info.value.__notes__)
+
+
+def test_clipping_reports_the_pre_clip_norm(batches):
+    model = make_bn_mlp()
+    reference = make_bn_mlp()
+    step = fl.make_train_step(model, fl.losses.cross_entropy, fl.optim.chain(fl.optim.clip_by_global_norm(0.1), adamw(1e-2)))
+    state, metrics = step(step.init(), batches[0])
+    F.cross_entropy(reference(batches[0][0]), batches[0][1]).backward()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    assert torch.equal(metrics["grad_norm"], expected)
+    assert int(state.step) == 1
+
+
+def test_grads_and_update_phases_compose_to_the_step(batches):
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2))
+    state = step.init()
+    g = step.grads(state, batches[0])
+    assert set(g.grads) == set(state.params) and torch.equal(g.loss, g.metrics["loss"])
+    phased, _ = step.update(state, g.grads, g.buffers)
+    whole, _ = step(state, batches[0])
+    assert fl.tree_equal(phased, whole)
