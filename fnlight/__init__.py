@@ -10,7 +10,7 @@ from ._interop import copy_into_module_, load_state_dict, state_dict, to_module
 from ._loop import Observer, evaluate, every, fold
 from ._rng import derive_seed
 from ._state import DataPosition, TrainState
-from ._step import EvalStep, Gradients, LossFn, Step, TrainStep, make_eval_step, make_train_step
+from ._step import EvalStep, GradContext, Gradients, LossFn, NonFiniteError, Step, TrainStep, make_eval_step, make_train_step
 from ._tree import tree_clone, tree_equal
 
 __version__ = "0.1.0"
@@ -19,8 +19,10 @@ __all__ = [
     "DataPosition",
     "DonatedStateError",
     "EvalStep",
+    "GradContext",
     "Gradients",
     "LossFn",
+    "NonFiniteError",
     "Observer",
     "Step",
     "TrainState",

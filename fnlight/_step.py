@@ -15,7 +15,19 @@ from ._state import TrainState
 from .optim._base import Optimizer
 from .optim._clip import ClipState
 
-__all__ = ["EvalStep", "Gradients", "LossFn", "Step", "TrainStep", "describe_batch", "make_eval_step", "make_train_step"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "EvalStep",
+    "GradContext",
+    "Gradients",
+    "NonFiniteError",
+    "LossFn",
+    "Step",
+    "TrainStep",
+    "describe_batch",
+    "make_eval_step",
+    "make_train_step",
+]
 
 Metrics = dict[str, Tensor]
 
@@ -27,6 +39,29 @@ class Gradients(NamedTuple):
     grads: dict[str, Tensor]
     buffers: dict[str, Tensor]
     metrics: dict[str, Tensor]
+
+
+class GradContext(NamedTuple):
+    """How a transform asks the gradient phase to run (passed down the transform chain).
+
+    Fields:
+        micro: index of the micro-batch within the current update; it is mixed into the
+            dropout seed, so micro-batches of one update draw different masks.
+        loss_scale: multiply the loss by this before ``autograd.grad`` (fp16 loss scaling);
+            the returned gradients are then scaled by it too.
+        autocast: run the forward pass and loss under ``torch.autocast`` to this dtype.
+    """
+
+    micro: int = 0
+    loss_scale: Tensor | None = None
+    autocast: torch.dtype | None = None
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient was NaN or infinite and the step's policy is ``"raise"``."""
+
+
+NONFINITE_POLICIES = ("raise", "skip", "stop", "ignore")
 
 
 class LossFn(Protocol):
@@ -114,15 +149,25 @@ class TrainStep:
 
     Build it with :func:`make_train_step`. Calling it is pure: the input state is never
     modified. Inside :func:`fnlight.fold`, which owns its states, the parameters,
-    buffers and optimizer state are updated in place.
+    buffers and optimizer state are updated in place. A step runs in two phases that
+    transforms can drive separately: :meth:`grads` and :meth:`update`.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: Optimizer) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, optimizer: Optimizer, *, nonfinite: str = "raise", check_grads: bool = False
+    ) -> None:
         self._model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
+        self.nonfinite = nonfinite
+        self.check_grads = check_grads
         self._trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
         self._devices = tuple({p.device for p in model.parameters() if p.device.type == "cuda"})
+
+    @property
+    def core(self) -> TrainStep:
+        """The innermost step of a transform chain (here: this step itself)."""
+        return self
 
     def init(self, *, seed: int = 0) -> TrainState:
         """Build the initial state from the model's current tensors (not copied) and ``seed``.
@@ -134,23 +179,27 @@ class TrainStep:
             raise TypeError(f"TrainStep.init: seed must be an int, got {seed!r}")
         params = {n: p.detach() for n, p in self._model.named_parameters()}
         buffers = {n: b.detach() for n, b in self._model.named_buffers()}
-        opt_state = self.optimizer.init({n: params[n] for n in self._trainable})
         return TrainState(
             step=torch.zeros((), dtype=torch.int64),
             params=params,
             buffers=buffers,
-            opt_state=opt_state,
+            opt_state=self.init_opt_state(params),
             key=torch.tensor(seed, dtype=torch.int64),
             skeleton=make_skeleton(self._model),
         )
 
-    def grads(self, state: TrainState, batch: Any) -> Gradients:
+    def init_opt_state(self, params: Mapping[str, Tensor]) -> Any:
+        """The optimizer state for ``params`` (the trainable ones are picked by name)."""
+        return self.optimizer.init({n: params[n] for n in self._trainable})
+
+    def grads(self, state: TrainState, batch: Any, ctx: GradContext = GradContext()) -> Gradients:
         """The gradient phase: forward, loss and ``autograd.grad``; no update.
 
         Returns the loss, the gradients of the trainable parameters that received one,
         the buffers after the forward pass (BatchNorm statistics), and the metrics.
         Transforms that act between backward and update (accumulation, loss scaling,
-        gradient synchronisation) call this and :meth:`update` separately.
+        gradient synchronisation) call this and :meth:`update` separately; ``ctx`` says
+        how to run (micro-batch index, loss scale, autocast dtype).
         """
         _check_state(state, "train step")
         params = state.params
@@ -158,43 +207,78 @@ class TrainStep:
         buffers = state.buffers if is_donating() else {k: b.clone() for k, b in state.buffers.items()}
         skeleton = state.skeleton
         _set_mode(skeleton, True)
-        seed = derive_seed(int(state.key), int(state.step))
+        seed = derive_seed(int(state.key), int(state.step), ctx.micro)
         with torch.enable_grad(), bound(skeleton, {**params, **leaves, **buffers}), seeded(seed, self._devices):
-            out = _call_loss(self.loss_fn, skeleton, batch, f"train step {int(state.step)}")
+            if ctx.autocast is None:
+                out = _call_loss(self.loss_fn, skeleton, batch, f"train step {int(state.step)}")
+            else:
+                with torch.autocast(_device_type(params), dtype=ctx.autocast):
+                    out = _call_loss(self.loss_fn, skeleton, batch, f"train step {int(state.step)}")
         loss, metrics = _split_output(out, self.loss_fn)
         if not loss.requires_grad:
             raise ValueError(
                 f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
                 "parameter (no gradient can flow); did it call the model it was given?"
             )
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        target = loss if ctx.loss_scale is None else loss.float() * ctx.loss_scale
+        grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
         return Gradients(loss.detach(), {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
 
-    def update(
-        self, state: TrainState, grads: Mapping[str, Tensor], buffers: Mapping[str, Tensor]
-    ) -> tuple[TrainState, Metrics]:
-        """The update phase: apply ``grads`` with the optimizer and count one update.
+    def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:
+        """The update phase: check finiteness, apply ``g.grads`` with the optimizer, count one update.
 
-        Parameters absent from ``grads`` are left as they are (as ``torch.optim`` skips
-        parameters whose gradient is ``None``). Returns the new state and the metrics
-        the update produced (e.g. ``grad_norm`` when the optimizer clips).
+        Parameters absent from ``g.grads`` are left as they are (as ``torch.optim`` skips
+        parameters whose gradient is ``None``). Returns the new state and the metrics the
+        update produced (``grad_norm`` when the optimizer clips; ``skipped`` under the
+        ``"skip"``/``"stop"`` policies).
         """
+        metrics: Metrics = {}
+        if self.nonfinite != "ignore":
+            bad = self._nonfinite(g)
+            if self.nonfinite != "raise":
+                metrics["skipped"] = torch.tensor(float(bool(bad)))
+            if bad:
+                if self.nonfinite == "raise":
+                    raise NonFiniteError(_nonfinite_message(state, g))
+                return (state.replace(stop=torch.tensor(True)) if self.nonfinite == "stop" else state), metrics
         inplace = is_donating()
         params = state.params
-        subset = {n: params[n] for n in grads}
-        new_params, opt_state = self.optimizer.apply(subset, dict(grads), state.opt_state, inplace=inplace)
+        subset = {n: params[n] for n in g.grads}
+        new_params, opt_state = self.optimizer.apply(subset, dict(g.grads), state.opt_state, inplace=inplace)
         new_state = state.replace(
             step=state.step + 1,
             params=params if inplace and len(subset) == len(self._trainable) else {**params, **new_params},
-            buffers=dict(buffers),
+            buffers=dict(g.buffers),
             opt_state=opt_state,
         )
-        return new_state, update_metrics(opt_state)
+        metrics.update(update_metrics(opt_state))
+        return new_state, metrics
+
+    def _nonfinite(self, g: Gradients) -> bool:
+        if not bool(torch.isfinite(g.loss)):
+            return True
+        if self.check_grads and g.grads:
+            return not bool(torch.stack(torch._foreach_norm(list(g.grads.values()))).isfinite().all())
+        return False
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         g = self.grads(state, batch)
-        new_state, metrics = self.update(state, g.grads, g.buffers)
+        new_state, metrics = self.update(state, g)
         return new_state, {**g.metrics, **metrics} if metrics else g.metrics
+
+
+def _device_type(params: Mapping[str, Tensor]) -> str:
+    return next(iter(params.values())).device.type if params else "cpu"
+
+
+def _nonfinite_message(state: TrainState, g: Gradients) -> str:
+    bad = [n for n, t in g.grads.items() if not bool(torch.isfinite(t).all())]
+    shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    return (
+        f"non-finite values at update {int(state.step)} (epoch {int(state.data.epoch)}, batch {int(state.data.batch)}): "
+        f"loss = {float(g.loss)}; gradients with NaN/inf: {shown or 'none'}. "
+        "Lower the learning rate, clip gradients, check the data; or pass nonfinite='skip' or 'stop' to make_train_step."
+    )
 
 
 class EvalStep:
@@ -212,7 +296,9 @@ class EvalStep:
         return _split_output(out, self.loss_fn)[1]
 
 
-def make_train_step(model: nn.Module, loss_fn: LossFn, optimizer: Optimizer) -> TrainStep:
+def make_train_step(
+    model: nn.Module, loss_fn: LossFn, optimizer: Optimizer, *, nonfinite: str = "raise", check_grads: bool = False
+) -> TrainStep:
     """Build a pure training step from a model, a loss function and an optimizer.
 
     Args:
@@ -221,6 +307,14 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, optimizer: Optimizer) -> 
         loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux_metrics)``; see
             :mod:`fnlight.losses` for ready-made ones.
         optimizer: an :class:`fnlight.optim.Optimizer` (``adamw(...)``, ``chain(...)``...).
+        nonfinite: what to do when the loss (or, with ``check_grads``, a gradient) is NaN
+            or infinite: ``"raise"`` a :class:`NonFiniteError` naming the update and the
+            offending tensors; ``"skip"`` the update (parameters, optimizer state and
+            step count unchanged; metric ``skipped``); ``"stop"`` skip it and set
+            ``state.stop`` so the fold ends; or ``"ignore"``.
+        check_grads: also check every gradient (one multi-tensor norm per update, about
+            a third of an AdamW update's cost). Without it a non-finite gradient behind a
+            finite loss is caught only by clipping's norm (``grad_norm`` metric).
 
     Returns:
         A :class:`TrainStep`: call ``step.init(seed=...)`` for the initial state and
@@ -229,6 +323,7 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, optimizer: Optimizer) -> 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``loss_fn`` is not callable or
             ``optimizer`` is not an ``Optimizer``.
+        ValueError: ``nonfinite`` is not one of the policies, or nothing is trainable.
 
     >>> import torch, fnlight as fl
     >>> step = fl.make_train_step(torch.nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1))
@@ -248,7 +343,11 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, optimizer: Optimizer) -> 
         )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("make_train_step: the model has no parameter with requires_grad=True; nothing to train")
-    return TrainStep(model, loss_fn, optimizer)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"make_train_step: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if not isinstance(check_grads, bool):
+        raise TypeError(f"make_train_step: check_grads must be a bool, got {check_grads!r}")
+    return TrainStep(model, loss_fn, optimizer, nonfinite=nonfinite, check_grads=check_grads)
 
 
 def make_eval_step(loss_fn: LossFn) -> EvalStep:

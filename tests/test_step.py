@@ -19,7 +19,7 @@ def hand_loop(model, batches, steps, *, seed=None, fused=True, lr=1e-2):
         x, y = batches[k % len(batches)]
         opt.zero_grad(set_to_none=True)
         if seed is not None:
-            torch.manual_seed(fl.derive_seed(seed, k))
+            torch.manual_seed(fl.derive_seed(seed, k, 0))
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return model
@@ -267,6 +267,66 @@ def test_grads_and_update_phases_compose_to_the_step(batches):
     state = step.init()
     g = step.grads(state, batches[0])
     assert set(g.grads) == set(state.params) and torch.equal(g.loss, g.metrics["loss"])
-    phased, _ = step.update(state, g.grads, g.buffers)
+    phased, _ = step.update(state, g)
     whole, _ = step(state, batches[0])
     assert fl.tree_equal(phased, whole)
+
+
+def nan_on(bad_batch):
+    def loss_fn(model, batch):
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        return loss * float("nan") if batch is bad_batch else loss
+
+    return loss_fn
+
+
+def test_nonfinite_loss_raises_naming_update_and_tensors(batches):
+    step = fl.make_train_step(make_bn_mlp(), nan_on(batches[2]), adamw(1e-2))
+    with pytest.raises(
+        fl.NonFiniteError,
+        match=r"non-finite values at update 2 \(epoch 0, batch 2\): loss = nan; gradients with NaN/inf: 0.weight",
+    ):
+        fl.fold(step, step.init(), batches, progress=False)
+
+
+def test_nonfinite_skip_leaves_params_moments_and_count(batches):
+    step = fl.make_train_step(make_bn_mlp(), nan_on(batches[1]), adamw(1e-2), nonfinite="skip")
+    state, m0 = step(step.init(), batches[0])
+    skipped, m1 = step(state, batches[1])
+    assert float(m0["skipped"]) == 0.0 and float(m1["skipped"]) == 1.0
+    assert fl.tree_equal(skipped, state)
+    final = fl.fold(step, step.init(), batches, progress=False)
+    assert int(final.step) == len(batches) - 1 and not bool(final.stop)
+
+
+def test_nonfinite_stop_ends_the_fold(batches):
+    step = fl.make_train_step(make_bn_mlp(), nan_on(batches[3]), adamw(1e-2), nonfinite="stop")
+    final = fl.fold(step, step.init(), batches, epochs=3, progress=False)
+    assert int(final.step) == 3 and bool(final.stop)
+    assert all(bool(torch.isfinite(p).all()) for p in final.params.values())
+
+
+def test_nonfinite_gradient_behind_finite_loss_needs_check_grads(batches):
+    def loss_fn(model, batch):
+        out = model(batch[0])
+        return F.cross_entropy(out, batch[1]) + 0.0 * torch.sqrt(out[0, 0] * 0.0)  # d/dx sqrt(0) = inf
+
+    quiet = fl.make_train_step(make_bn_mlp(), loss_fn, fl.optim.sgd(0.1), nonfinite="raise")
+    state, _ = quiet(quiet.init(), batches[0])
+    assert not all(bool(torch.isfinite(p).all()) for p in state.params.values())
+    strict = fl.make_train_step(make_bn_mlp(), loss_fn, fl.optim.sgd(0.1), check_grads=True)
+    with pytest.raises(fl.NonFiniteError, match="loss = .*; gradients with NaN/inf: 0.weight, 0.bias"):
+        strict(strict.init(), batches[0])
+
+
+def test_nonfinite_ignore_trains_through(batches):
+    step = fl.make_train_step(make_bn_mlp(), nan_on(batches[0]), adamw(1e-2), nonfinite="ignore")
+    state, metrics = step(step.init(), batches[0])
+    assert "skipped" not in metrics and int(state.step) == 1
+
+
+def test_nonfinite_options_are_validated():
+    with pytest.raises(ValueError, match=r"nonfinite must be one of \('raise', 'skip', 'stop', 'ignore'\), got 'warn'"):
+        fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2), nonfinite="warn")
+    with pytest.raises(TypeError, match="check_grads must be a bool, got 1"):
+        fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2), check_grads=1)
