@@ -20,8 +20,8 @@ __all__ = [
     "EvalStep",
     "GradContext",
     "Gradients",
-    "NonFiniteError",
     "LossFn",
+    "NonFiniteError",
     "Step",
     "TrainStep",
     "describe_batch",
@@ -62,6 +62,7 @@ class NonFiniteError(FloatingPointError):
 
 
 NONFINITE_POLICIES = ("raise", "skip", "stop", "ignore")
+NO_CONTEXT = GradContext()
 
 
 class LossFn(Protocol):
@@ -192,7 +193,7 @@ class TrainStep:
         """The optimizer state for ``params`` (the trainable ones are picked by name)."""
         return self.optimizer.init({n: params[n] for n in self._trainable})
 
-    def grads(self, state: TrainState, batch: Any, ctx: GradContext = GradContext()) -> Gradients:
+    def grads(self, state: TrainState, batch: Any, ctx: GradContext = NO_CONTEXT) -> Gradients:
         """The gradient phase: forward, loss and ``autograd.grad``; no update.
 
         Returns the loss, the gradients of the trainable parameters that received one,
