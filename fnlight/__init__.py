@@ -12,10 +12,13 @@ from ._rng import derive_seed
 from ._state import DataPosition, TrainState
 from ._step import EvalStep, GradContext, Gradients, LossFn, NonFiniteError, Step, TrainStep, make_eval_step, make_train_step
 from ._tree import tree_clone, tree_equal
+from .transforms import CANONICAL_ORDER, AccumState, Transform, with_grad_accum
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CANONICAL_ORDER",
+    "AccumState",
     "DataPosition",
     "DonatedStateError",
     "EvalStep",
@@ -27,6 +30,7 @@ __all__ = [
     "Step",
     "TrainState",
     "TrainStep",
+    "Transform",
     "copy_into_module_",
     "derive_seed",
     "evaluate",
@@ -41,4 +45,5 @@ __all__ = [
     "to_module",
     "tree_clone",
     "tree_equal",
+    "with_grad_accum",
 ]

@@ -92,11 +92,13 @@ def _epoch_iterable(data: Data, epoch: int) -> Iterable[Any]:
     return data(epoch) if callable(data) and not hasattr(data, "__iter__") else data  # type: ignore[operator]
 
 
-def _total(data: Data, epochs: int | None, max_steps: int | None) -> int | None:
+def _total(step: Step, data: Data, epochs: int | None, max_steps: int | None) -> int | None:
     if max_steps is not None:
         return max_steps
     if epochs is not None and hasattr(data, "__len__"):
-        return epochs * len(data)  # type: ignore[arg-type]
+        per_epoch = len(data)  # type: ignore[arg-type]
+        updates_per = getattr(step, "updates_per", None)
+        return epochs * (updates_per(per_epoch) if updates_per else per_epoch)
     return None
 
 
@@ -173,7 +175,7 @@ def fold(
         state = tree_clone(state)
 
     start = int(state.step)
-    bar = Progress(total=_total(data, epochs, max_steps), enabled=progress, start_step=start)
+    bar = Progress(total=_total(step, data, epochs, max_steps), enabled=progress, start_step=start)
     for o in observers:
         o._start(start)
     metrics: dict[str, Tensor] = {}
@@ -198,6 +200,7 @@ def fold(
                     if _done(state, max_steps):
                         break
                 else:
+                    state, metrics = _flush(step, state, metrics, observers, bar, epoch)
                     epoch += 1
                     state.data.epoch.fill_(epoch)
                     state.data.batch.zero_()
@@ -210,6 +213,27 @@ def fold(
     finally:
         bar.close()
     return state
+
+
+def _flush(
+    step: Step, state: TrainState, metrics: dict[str, Tensor], observers: Sequence[Observer], bar: Progress, epoch: int
+) -> tuple[TrainState, dict[str, Tensor]]:
+    """End of an epoch: let the step apply anything pending (e.g. a short accumulation window)."""
+    flush = getattr(step, "flush", None)
+    if flush is None:
+        return state, metrics
+    before = int(state.step)
+    previous = state
+    state, flushed = flush(state)
+    if state is not previous:
+        mark_donated(previous)
+    n = int(state.step)
+    if n != before:
+        metrics = {**metrics, **flushed}
+        for o in observers:
+            o._maybe(state, metrics, n)
+        bar.update(n, epoch, metrics)
+    return state, metrics
 
 
 def _done(state: TrainState, max_steps: int | None) -> bool:

@@ -255,6 +255,17 @@ class TrainStep:
         metrics.update(update_metrics(opt_state))
         return new_state, metrics
 
+    def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        """Nothing is pending in the core step: returns ``state`` unchanged."""
+        return state, {}
+
+    def updates_per(self, batches: int) -> int:
+        """Optimizer updates this step makes from ``batches`` calls (one each)."""
+        return batches
+
+    def __repr__(self) -> str:
+        return f"TrainStep({_name(self.loss_fn)}, {type(self._model).__name__})"
+
     def _nonfinite(self, g: Gradients) -> bool:
         if not bool(torch.isfinite(g.loss)):
             return True
