@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import gc
 import itertools
@@ -213,6 +214,7 @@ class TimeResult:
     workload: Workload
     params: int
     ms: dict[str, list[float]]
+    faults: dict[str, list[float]]
     max_diff: float
 
     def median(self, m: str) -> float:
@@ -238,15 +240,34 @@ def time_workload(w: Workload, *, rounds: int, steps: int, warmup: int) -> TimeR
         for m in METHODS:
             runners[m](batches)
     ms: dict[str, list[float]] = {m: [] for m in METHODS}
+    faults: dict[str, list[float]] = {m: [] for m in METHODS}
     for r in range(rounds):
         for m in METHODS[r % 3:] + METHODS[:r % 3]:
             gc.collect()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             runners[m](batches)
             ms[m].append((time.perf_counter() - t0) * 1e3 / steps)
+            faults[m].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
     b, c = runners["b"].params(), runners["c"].params()
     max_diff = max(float((b[n] - c[n]).abs().max()) for n in b)
-    return TimeResult(w, n_params(reference), ms, max_diff)
+    return TimeResult(w, n_params(reference), ms, faults, max_diff)
+
+
+def keep_freed_heap() -> bool:
+    """Stop glibc from trimming the heap (``--no-trim``); return whether it took effect.
+
+    With three models sharing one heap, glibc's trim heuristic returns freed pages to the
+    OS after some steps and not others, and the next step page-faults them back in (tens
+    to hundreds of faults per step, up to ~0.4 ms). Which method pays depends on the
+    interleaving, so this adds noise that no single-method program has in the same way.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 # --------------------------------------------------------------------------- peak RSS
@@ -342,7 +363,7 @@ def _median_iqr(label: str, xs: Sequence[float]) -> str:
 
 
 def time_report(results: Sequence[TimeResult], *, markdown: bool) -> list[str]:
-    header = ("model", "method", "ms/step (median)", "p25-p75", "min-max", "vs (b)")
+    header = ("model", "method", "ms/step (median)", "p25-p75", "min-max", "vs (b)", "page faults/step")
     rows: list[list[str]] = []
     notes: list[str] = []
     for res in results:
@@ -351,7 +372,8 @@ def time_report(results: Sequence[TimeResult], *, markdown: bool) -> list[str]:
             xs = res.ms[m]
             lo, hi = quartiles(xs)
             rows.append([res.workload.name if m == "a" else "", LABELS[m], f"{res.median(m):.3f}",
-                         f"{lo:.3f}-{hi:.3f}", f"{min(xs):.3f}-{max(xs):.3f}", f"{res.median(m) / ref:.3f}x"])
+                         f"{lo:.3f}-{hi:.3f}", f"{min(xs):.3f}-{max(xs):.3f}", f"{res.median(m) / ref:.3f}x",
+                         f"{statistics.median(res.faults[m]):.0f}"])
         cb, ca, ba = res.median("c") / ref, res.median("c") / res.median("a"), ref / res.median("a")
         paired = ", ".join(_median_iqr(f"{n}/{d}", res.paired(n, d)) for n, d in (("c", "b"), ("c", "a"), ("b", "a")))
         notes.append(f"{res.workload.name} ({res.params / 1e6:.2f}M params): ratio of medians c/b {cb:.3f}, "
@@ -392,6 +414,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, metavar="PATH", help="also append the tables to PATH as markdown")
     p.add_argument("--rounds", type=int, help="timed rounds per workload (default 25, quick 5)")
     p.add_argument("--steps", type=int, help="steps per timed block for every model (default: per model)")
+    p.add_argument("--no-trim", action="store_true",
+                   help="stop glibc from trimming the heap in the step-time process (less noise; see keep_freed_heap)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads for every method (default 1: see the module docstring)")
     p.add_argument("--rss-worker", choices=(*METHODS, "c'"), help=argparse.SUPPRESS)
@@ -414,8 +438,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     warmup = 1 if args.quick else 3
     cfg = RssConfig(width=2048, hidden=4, d_in=2048, steps=3) if args.quick else RssConfig()
 
+    trim = "heap trim off (--no-trim)" if args.no_trim and keep_freed_heap() else "default malloc"
     title = (f"fnlight step overhead: torch {torch.__version__}, torch.get_num_threads() = "
-             f"{torch.get_num_threads()}, Python {platform.python_version()}, {platform.machine()}")
+             f"{torch.get_num_threads()}, Python {platform.python_version()}, {platform.machine()}, {trim}")
     blocks = {w.name: args.steps or (max(5, w.steps // 10) if args.quick else w.steps) for w in WORKLOADS}
     setup = (f"step time: {rounds} rounds of one block per method (steps per block: "
              + ", ".join(f"{n.split(',')[0]} {k}" for n, k in blocks.items())
