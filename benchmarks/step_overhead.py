@@ -18,7 +18,9 @@ order rotated each round; the table gives the median ms/step over rounds, the sp
 and the ratios to (b). The paired per-round ratios (same round, adjacent in time) are
 printed too: they are less sensitive to slow drift of the machine than the ratio of
 medians. The final weights of (b) and (c) are compared as a check that both did the
-same work.
+same work. The minor page faults per step are shown because glibc's heap trimming makes
+some blocks fault freed pages back in (up to ~0.4 ms/step here); ``--no-trim`` turns the
+trimming off in the step-time process to remove that noise (default: malloc as users run it).
 
 Peak RSS: a 100.7M-parameter MLP 4096-4096x6-10 (batch 8), each method in its own
 subprocess (this script with the hidden ``--rss-worker`` flag), ``ru_maxrss`` after 5
@@ -41,6 +43,7 @@ Run (from the repository root; fnlight need not be installed)::
     python benchmarks/step_overhead.py                # full run, about 4 minutes on 2 vCPUs
     python benchmarks/step_overhead.py --quick        # CI smoke run, under 30 s
     python benchmarks/step_overhead.py --no-rss --markdown results.md   # append markdown tables
+    python benchmarks/step_overhead.py --no-rss --no-trim --threads 4 --rounds 40 --steps 50
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The ``with_*`` transforms; the public names are re-exported from :mod:`fnlight`."""
 
 from ._accum import AccumState, with_grad_accum
+from ._amp import AmpState, with_amp
 from ._base import CANONICAL_ORDER, Transform
 
-__all__ = ["CANONICAL_ORDER", "AccumState", "Transform", "with_grad_accum"]
+__all__ = ["CANONICAL_ORDER", "AccumState", "AmpState", "Transform", "with_amp", "with_grad_accum"]

@@ -1,0 +1,157 @@
+"""with_amp: bf16/fp16 autocast parity with hand-written loops, loss scaling, skipped steps, true mode."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import adamw, linear, sgd
+from tests.conftest import make_batches
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def test_bf16_mixed_is_bitwise_equal_to_hand_autocast_loop():
+    batches = make_batches(6)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    step = fl.with_amp(fl.make_train_step(mlp(), fl.losses.cross_entropy, adamw(1e-2)), dtype="bf16")
+    state = fl.fold(step, step.init(), batches, progress=False)
+    for name, p in model.named_parameters():
+        assert state.params[name].dtype == torch.float32
+        assert torch.equal(state.params[name], p.detach()), name
+
+
+def test_fp16_mixed_matches_grad_scaler_loop():
+    batches = make_batches(6)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    step = fl.with_amp(
+        fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1, momentum=0.9)),
+        dtype="fp16",
+        init_scale=1024.0,
+        growth_interval=2,
+    )
+    state = fl.fold(step, step.init(), batches, progress=False)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(state.params[name], p.detach(), rtol=1e-6, atol=1e-7)
+    assert float(state.slots["amp"].scale) == scaler.get_scale() == 8192.0
+
+
+def test_fp16_infinite_batch_is_skipped_and_halves_the_scale():
+    batches = make_batches(3)
+    step = fl.with_amp(fl.make_train_step(mlp(), fl.losses.cross_entropy, adamw(linear(1e-2, 0.0, 100))), dtype="fp16")
+    state, _ = step(step.init(), batches[0])
+    x, y = batches[1]
+    inf_batch = (x * 1e30, y)
+    after, metrics = step(state, inf_batch)
+    assert float(metrics["skipped"]) == 1.0
+    assert float(metrics["loss_scale"]) == float(state.slots["amp"].scale) / 2
+    assert fl.tree_equal(after.params, state.params)
+    assert fl.tree_equal(after.opt_state, state.opt_state)  # moments, count and schedule value unchanged
+    assert int(after.step) == int(state.step) == 1
+    proceeded, metrics = step(after, batches[2])
+    assert float(metrics["skipped"]) == 0.0 and int(proceeded.step) == 2
+    assert float(proceeded.opt_state.hparams["lr"]) == pytest.approx(1e-2 * 0.99)
+
+
+def test_fp16_scale_grows_after_interval_and_respects_floor():
+    step = fl.with_amp(
+        fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.01)),
+        dtype="fp16",
+        init_scale=4.0,
+        growth_interval=3,
+        min_scale=2.0,
+    )
+    state = fl.fold(step, step.init(), make_batches(6), progress=False)
+    assert float(state.slots["amp"].scale) == 16.0
+    x, y = make_batches(1)[0]
+    for _ in range(4):
+        state, metrics = step(state, (x * 1e30, y))
+    assert float(metrics["loss_scale"]) == 2.0
+
+
+def test_true_bf16_mode_casts_params_and_optimizer_state():
+    step = fl.with_amp(fl.make_train_step(mlp(), fl.losses.cross_entropy, adamw(1e-2)), dtype="bf16", mode="true")
+    state = step.init()
+    assert all(p.dtype == torch.bfloat16 for p in state.params.values())
+    assert all(m.dtype == torch.bfloat16 for m in state.opt_state.mu.values())
+    new = fl.fold(step, state, make_batches(4), progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in new.params.values()) and int(new.step) == 4
+    assert not fl.tree_equal(new.params, state.params)
+
+
+def test_amp_inside_accumulation_and_order_enforced():
+    core = fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1))
+    step = fl.with_grad_accum(fl.with_amp(core, dtype="fp16"), every=2)
+    state = fl.fold(step, step.init(), make_batches(4), progress=False)
+    assert int(state.step) == 2 and set(state.slots) == {"amp", "grad_accum"}
+    with pytest.raises(ValueError, match="with_amp cannot wrap a step already wrapped by with_grad_accum: apply with_amp first"):
+        fl.with_amp(fl.with_grad_accum(core, every=2))
+
+
+def digits_loss(dtype):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 1408, 64)]
+    test = [(x[1408:], y[1408:])]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    step = fl.make_train_step(model, fl.losses.cross_entropy, adamw(3e-3))
+    if dtype is not None:
+        step = fl.with_amp(step, dtype=dtype)
+    state = fl.fold(step, step.init(), batches, epochs=4, progress=False)
+    return fl.evaluate(fl.make_eval_step(fl.losses.cross_entropy), state, test)["loss"]
+
+
+def test_bf16_and_fp16_track_fp32_on_digits():
+    """Documented tolerance: final test loss within 0.03 (absolute) of fp32 after 4 epochs."""
+    reference = digits_loss(None)
+    for dtype in ("bf16", "fp16"):
+        assert abs(digits_loss(dtype) - reference) < 0.03, dtype
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": "fp8"}, "dtype must be 'bf16' or 'fp16' .* got 'fp8'"),
+        ({"dtype": torch.float32}, "dtype must be 'bf16' or 'fp16'"),
+        ({"mode": "pure"}, "mode must be 'mixed' or 'true', got 'pure'"),
+        ({"init_scale": 0}, "init_scale must be a number > 0.0, got 0"),
+        ({"growth_factor": 1.0}, "growth_factor must be a number > 1.0, got 1.0"),
+        ({"backoff_factor": 1.5}, r"backoff_factor must be in \(0, 1\), got 1.5"),
+        ({"growth_interval": 0}, "growth_interval must be an int >= 1, got 0"),
+        ({"min_scale": 1e9}, r"min_scale \(1000000000.0\) must not exceed init_scale \(65536.0\)"),
+    ],
+)
+def test_options_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fl.with_amp(fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1)), **kwargs)
+
+
+def test_amp_twice_or_on_a_non_step_is_rejected():
+    amp = fl.with_amp(fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1)))
+    with pytest.raises(ValueError, match="already wrapped by with_amp"):
+        fl.with_amp(amp)
+    with pytest.raises(TypeError, match="with_amp: expected a train step"):
+        fl.with_amp(fl.make_eval_step(fl.losses.cross_entropy))
