@@ -73,4 +73,7 @@ def materialize(skeleton: nn.Module, params: Mapping[str, Tensor], buffers: Mapp
         memo[id(b)] = buffers[name].detach().clone()
     module = copy.deepcopy(skeleton, memo)
     module.__dict__.pop(_SLOTS, None)
+    for sub in module.modules():  # drop training-only forward wrappers (activation checkpointing)
+        if getattr(sub.__dict__.get("forward"), "_fnlight_activation_checkpoint", False):
+            del sub.__dict__["forward"]
     return module

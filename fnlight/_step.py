@@ -209,20 +209,21 @@ class TrainStep:
         skeleton = state.skeleton
         _set_mode(skeleton, True)
         seed = derive_seed(int(state.key), int(state.step), ctx.micro)
+        # Backward runs while the tensors are bound: activation checkpointing recomputes forwards then.
         with torch.enable_grad(), bound(skeleton, {**params, **leaves, **buffers}), seeded(seed, self._devices):
             if ctx.autocast is None:
                 out = _call_loss(self.loss_fn, skeleton, batch, f"train step {int(state.step)}")
             else:
                 with torch.autocast(_device_type(params), dtype=ctx.autocast):
                     out = _call_loss(self.loss_fn, skeleton, batch, f"train step {int(state.step)}")
-        loss, metrics = _split_output(out, self.loss_fn)
-        if not loss.requires_grad:
-            raise ValueError(
-                f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
-                "parameter (no gradient can flow); did it call the model it was given?"
-            )
-        target = loss if ctx.loss_scale is None else loss.float() * ctx.loss_scale
-        grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
+            loss, metrics = _split_output(out, self.loss_fn)
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
+                    "parameter (no gradient can flow); did it call the model it was given?"
+                )
+            target = loss if ctx.loss_scale is None else loss.float() * ctx.loss_scale
+            grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
         return Gradients(loss.detach(), {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:

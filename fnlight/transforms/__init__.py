@@ -1,7 +1,16 @@
 """The ``with_*`` transforms; the public names are re-exported from :mod:`fnlight`."""
 
 from ._accum import AccumState, with_grad_accum
+from ._activation import with_activation_checkpointing
 from ._amp import AmpState, with_amp
 from ._base import CANONICAL_ORDER, Transform
 
-__all__ = ["CANONICAL_ORDER", "AccumState", "AmpState", "Transform", "with_amp", "with_grad_accum"]
+__all__ = [
+    "CANONICAL_ORDER",
+    "AccumState",
+    "AmpState",
+    "Transform",
+    "with_activation_checkpointing",
+    "with_amp",
+    "with_grad_accum",
+]

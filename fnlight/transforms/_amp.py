@@ -154,10 +154,11 @@ def with_amp(
             composition order.
 
     >>> import torch, fnlight as fl
-    >>> step = fl.with_amp(fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)), dtype="fp16")
+    >>> core = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    >>> step = fl.with_amp(core, dtype="fp16", init_scale=1024.0)
     >>> state, metrics = step(step.init(), (torch.ones(4, 2), torch.zeros(4, 1)))
     >>> float(metrics["loss_scale"]), float(metrics["skipped"])
-    (65536.0, 0.0)
+    (1024.0, 0.0)
     """
     resolved = _DTYPES.get(dtype)  # type: ignore[call-overload]
     if resolved is None:

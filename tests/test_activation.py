@@ -1,0 +1,94 @@
+"""with_activation_checkpointing: gradients unchanged, fewer saved activations, selection and errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import adamw
+from tests.conftest import make_batches
+
+
+def deep(seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    blocks = [nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Dropout(dropout)) for _ in range(6)]
+    return nn.Sequential(nn.Linear(10, 32), *blocks, nn.Linear(32, 3))
+
+
+def saved_bytes(step, state, batch):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(state, batch)
+    return total
+
+
+def test_gradients_and_updates_are_unchanged_with_dropout():
+    batches = make_batches(4)
+    plain = fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2))
+    ckpt = fl.with_activation_checkpointing(
+        fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2)), modules=nn.Sequential
+    )
+    a = fl.fold(plain, plain.init(seed=3), batches, progress=False)
+    b = fl.fold(ckpt, ckpt.init(seed=3), batches, progress=False)
+    assert fl.tree_equal(a.params, b.params) and fl.tree_equal(a.opt_state, b.opt_state)
+
+
+def test_saved_activations_drop():
+    batch = make_batches(1, batch=256)[0]
+    plain = fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2))
+    ckpt = fl.with_activation_checkpointing(
+        fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2)), modules=[str(i) for i in range(1, 7)]
+    )
+    before, after = saved_bytes(plain, plain.init(), batch), saved_bytes(ckpt, ckpt.init(), batch)
+    assert after < 0.5 * before
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [["1", "2"], nn.GELU, (nn.GELU, nn.Dropout), lambda name, m: name in ("1", "1.0")],
+)
+def test_selection_forms(modules):
+    step = fl.with_activation_checkpointing(fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2)), modules=modules)
+    state = step.init()
+    marked = [n for n, m in state.skeleton.named_modules() if "forward" in m.__dict__]
+    assert marked and all(not any(n.startswith(o + ".") for o in marked) for n in marked)
+    step(state, make_batches(1)[0])
+
+
+def test_to_module_drops_the_wrappers():
+    step = fl.with_activation_checkpointing(fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2)), modules=["1"])
+    state, _ = step(step.init(), make_batches(1)[0])
+    module = fl.to_module(state)
+    assert all("forward" not in m.__dict__ for m in module.modules())
+    x = make_batches(1)[0][0]
+    expected = fl.make_eval_step(lambda m, b: (m(b).sum(), {"out": m(b).sum()}))(state, x)["out"]
+    assert torch.equal(module(x).sum(), expected)
+
+
+@pytest.mark.parametrize(
+    ("modules", "error", "match"),
+    [
+        (["9"], ValueError, r"no submodule named \['9'\]"),
+        ([""], ValueError, r"no submodule named \[''\]"),
+        (nn.LSTM, ValueError, "selects no submodule of Sequential"),
+        (3, TypeError, "modules must be a list of submodule names, a module type"),
+    ],
+)
+def test_bad_selection(modules, error, match):
+    with pytest.raises(error, match=match):
+        fl.with_activation_checkpointing(fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2)), modules=modules)
+
+
+def test_order_and_target_are_checked():
+    core = fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2))
+    with pytest.raises(ValueError, match="with_activation_checkpointing cannot wrap a step already wrapped by with_amp"):
+        fl.with_activation_checkpointing(fl.with_amp(core), modules=["1"])
+    with pytest.raises(TypeError, match="with_activation_checkpointing: expected a train step, got function"):
+        fl.with_activation_checkpointing(lambda s, b: s, modules=["1"])
+    fl.with_amp(fl.with_activation_checkpointing(core, modules=["1"]))
