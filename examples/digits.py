@@ -32,14 +32,6 @@ def load(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tens
     return (as_x(x_train), as_y(y_train)), (as_x(x_test), as_y(y_test))
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, size: int, *, seed: int | None = None, epoch: int = 0) -> list:
-    """Split into batches; shuffled by a generator seeded from (seed, epoch) when ``seed`` is given."""
-    order = torch.arange(len(x))
-    if seed is not None:
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(fl.derive_seed(seed, epoch)))
-    return [(x[i], y[i]) for i in order.split(size)]
-
-
 def main() -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -52,20 +44,21 @@ def main() -> float:
     (x_train, y_train), (x_test, y_test) = load(args.seed)
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    steps_per_epoch = -(-len(x_train) // args.batch_size)
+    steps_per_epoch = -(-len(x_train) // args.batch_size)  # updates per epoch
     total = args.epochs * steps_per_epoch
     schedule = warmup_cosine(args.lr, total // 10, total - total // 10, end_value=args.lr / 100)
     optimizer = adamw(schedule, weight_decay=1e-2, mask=decay_mask_no_bias_norm)
 
     step = fl.make_train_step(model, fl.losses.classification, optimizer)
     evaluate = fl.make_eval_step(fl.losses.classification)
-    test_data = batches(x_test, y_test, 256)
+    train_data = fl.Loader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed)
+    test_data = fl.Loader((x_test, y_test), batch_size=256)
 
     @fl.every(steps_per_epoch * 5)
     def report(state: fl.TrainState, metrics: dict[str, torch.Tensor]) -> None:
         val = fl.evaluate(evaluate, state, test_data)
         print(
-            f"update {int(state.step):5d}  epoch {int(state.data.epoch):3d}  train loss {float(metrics['loss']):.4f}"
+            f"update {int(state.step):5d}  epoch {int(state.step) // steps_per_epoch:3d}  train loss {float(metrics['loss']):.4f}"
             f"  test loss {val['loss']:.4f}  test accuracy {val['accuracy']:.4f}"
         )
 
@@ -73,10 +66,10 @@ def main() -> float:
     state = fl.fold(
         step,
         step.init(seed=args.seed),
-        lambda epoch: batches(x_train, y_train, args.batch_size, seed=args.seed, epoch=epoch),
+        train_data,
         epochs=args.epochs,
         observers=[report],
-        progress=not args.no_progress and None,
+        progress=False if args.no_progress else None,
     )
     result = fl.evaluate(evaluate, state, test_data)
     print(

@@ -12,6 +12,7 @@ from ._rng import derive_seed
 from ._state import DataPosition, TrainState
 from ._step import EvalStep, GradContext, Gradients, LossFn, NonFiniteError, Step, TrainStep, make_eval_step, make_train_step
 from ._tree import tree_clone, tree_equal
+from .data import Loader
 from .transforms import CANONICAL_ORDER, AccumState, AmpState, Transform, with_activation_checkpointing, with_amp, with_grad_accum
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "EvalStep",
     "GradContext",
     "Gradients",
+    "Loader",
     "LossFn",
     "NonFiniteError",
     "Observer",

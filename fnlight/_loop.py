@@ -126,7 +126,9 @@ def fold(
     Args:
         step: a step (``make_train_step(...)`` or a transform of one).
         state: the state to start from.
-        data: a re-iterable of batches (a list, a ``DataLoader``...), or a function
+        data: a :class:`fnlight.Loader` (resumes mid-epoch without replaying batches), a
+            re-iterable of batches (a list, a ``DataLoader``...; a resumed epoch skips
+            the batches already seen by iterating past them), or a function
             ``epoch -> iterable`` (for per-epoch shuffling).
         epochs: the total number of epochs (default 1 if ``max_steps`` is not given either).
         max_steps: stop once ``state.step`` (optimizer updates) reaches this.
@@ -184,9 +186,12 @@ def fold(
         with donating():
             while (epochs is None or epoch < epochs) and not _done(state, max_steps):
                 skip = int(state.data.batch)
-                batches = iter(_epoch_iterable(data, epoch))
-                if skip:
-                    batches = itertools.islice(batches, skip, None)
+                if hasattr(data, "iter_epoch"):
+                    batches = iter(data.iter_epoch(epoch, skip))  # type: ignore[union-attr]
+                else:
+                    batches = iter(_epoch_iterable(data, epoch))
+                    if skip:
+                        batches = itertools.islice(batches, skip, None)
                 for batch in batches:
                     previous = state
                     state, metrics = step(state, batch)

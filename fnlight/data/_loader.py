@@ -1,0 +1,124 @@
+"""A resumable loader: batch order is a function of (seed, epoch), and any epoch can start at any batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, default_collate
+
+from .._rng import derive_seed
+
+__all__ = ["Loader"]
+
+
+class Loader:
+    """Batches of a map-style dataset in an order fixed by ``(seed, epoch)``, resumable at any batch.
+
+    The fold asks for ``loader.iter_epoch(epoch, start)`` with the epoch and batch offset
+    held in ``state.data``, so a resumed run continues with exactly the next batch —
+    without loading the batches before it. Shuffling is a pure function of
+    ``(seed, epoch)``; it never reads torch's global random state.
+
+    Args:
+        dataset: a tuple of tensors sharing their first dimension (indexed in one
+            operation per batch — the fast path), or any map-style dataset
+            (``__getitem__`` and ``__len__``, e.g. a ``torch.utils.data.Dataset``).
+        batch_size: samples per batch.
+        shuffle: permute the samples each epoch (default: dataset order).
+        seed: the seed of the permutation (and of the workers' generators).
+        drop_last: drop a final batch smaller than ``batch_size``.
+        collate_fn: builds a batch from a list of samples (map-style datasets only;
+            default ``torch.utils.data.default_collate``).
+        num_workers: worker processes for map-style datasets (``torch.utils.data.DataLoader``);
+            each worker's torch generator is seeded from ``(seed, epoch, worker)``.
+
+    Raises:
+        TypeError, ValueError: a dataset of the wrong kind, tensors of unequal lengths,
+            or an option out of range.
+
+    >>> import torch, fnlight as fl
+    >>> loader = fl.Loader((torch.arange(10),), batch_size=4, shuffle=True, seed=0)
+    >>> len(loader), [b[0].tolist() for b in loader.iter_epoch(0, start=2)] == [list(loader.iter_epoch(0))[2][0].tolist()]
+    (3, True)
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[Any] | tuple[Tensor, ...],
+        *,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Loader: batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Loader: seed must be an int, got {seed!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"Loader: num_workers must be an int >= 0, got {num_workers!r}")
+        self.tensors: tuple[Tensor, ...] | None = None
+        if isinstance(dataset, tuple) and dataset and all(isinstance(t, Tensor) for t in dataset):
+            lengths = {len(t) for t in dataset}
+            if len(lengths) != 1:
+                raise ValueError(f"Loader: the dataset's tensors must share their first dimension, got lengths {sorted(lengths)}")
+            self.tensors = dataset
+            if collate_fn is not None or num_workers:
+                raise ValueError("Loader: collate_fn and num_workers apply to map-style datasets, not to a tuple of tensors")
+        elif not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise TypeError(
+                f"Loader: dataset must be a tuple of tensors or a map-style dataset (__getitem__ and __len__), "
+                f"got {type(dataset).__name__}"
+            )
+        self.dataset = dataset
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.collate_fn = collate_fn or default_collate
+        self.num_workers = num_workers
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the dataset."""
+        return len(self.tensors[0]) if self.tensors is not None else len(self.dataset)
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def order(self, epoch: int) -> Tensor:
+        """The sample indices of ``epoch``, in the order they are served."""
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """The batches of ``epoch`` from batch number ``start`` on."""
+        if start < 0 or start > len(self):
+            raise ValueError(f"Loader.iter_epoch: start must be in [0, {len(self)}], got {start!r}")
+        order = self.order(epoch)
+        chunks = [
+            order[i : i + self.batch_size] for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size)
+        ]
+        if self.tensors is not None:
+            tensors = self.tensors
+            return (tuple(t[idx] for t in tensors) for idx in chunks)
+        if not self.num_workers:
+            dataset, collate = self.dataset, self.collate_fn
+            return (collate([dataset[i] for i in idx.tolist()]) for idx in chunks)
+        base = derive_seed(self.seed, epoch)
+        loader = DataLoader(
+            self.dataset,  # type: ignore[arg-type]
+            batch_sampler=[idx.tolist() for idx in chunks],
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            worker_init_fn=lambda worker: torch.manual_seed(derive_seed(base, worker)),
+        )
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iter_epoch(0)

@@ -1,0 +1,104 @@
+"""Loader: order as a function of (seed, epoch), resuming mid-epoch, workers, errors."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import fnlight as fl
+from fnlight.optim import adamw, warmup_cosine
+
+
+def tensors(n=50):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+class Squares(Dataset):
+    def __len__(self):
+        return 23
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)]), torch.tensor(i * i) + torch.randint(0, 1, ())
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    a = fl.Loader(tensors(), batch_size=8, shuffle=True, seed=1)
+    b = fl.Loader(tensors(), batch_size=8, shuffle=True, seed=1)
+    torch.manual_seed(123)
+    assert torch.equal(a.order(3), b.order(3))
+    assert not torch.equal(a.order(3), a.order(4))
+    assert not torch.equal(a.order(3), fl.Loader(tensors(), batch_size=8, shuffle=True, seed=2).order(3))
+    assert torch.equal(fl.Loader(tensors(), batch_size=8).order(5), torch.arange(50))
+    assert sorted(a.order(0).tolist()) == list(range(50))
+
+
+def test_batches_cover_the_epoch_and_drop_last():
+    x, y = tensors(50)
+    loader = fl.Loader((x, y), batch_size=8, shuffle=True)
+    batches = list(loader.iter_epoch(2))
+    assert len(loader) == len(batches) == 7 and len(batches[-1][0]) == 2
+    assert torch.equal(torch.cat([b[1] for b in batches]), y[loader.order(2)])
+    assert (
+        len(list(fl.Loader((x, y), batch_size=8, drop_last=True).iter_epoch(0)))
+        == len(fl.Loader((x, y), batch_size=8, drop_last=True))
+        == 6
+    )
+
+
+def test_start_skips_without_loading():
+    loader = fl.Loader(tensors(), batch_size=8, shuffle=True)
+    full = list(loader.iter_epoch(1))
+    for start in (0, 3, 7):
+        rest = list(loader.iter_epoch(1, start))
+        assert len(rest) == 7 - start
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[start:]))
+
+
+def test_map_style_dataset_and_workers_agree():
+    plain = fl.Loader(Squares(), batch_size=5, shuffle=True, seed=4)
+    workers = fl.Loader(Squares(), batch_size=5, shuffle=True, seed=4, num_workers=2)
+    a, b = list(plain.iter_epoch(1, 1)), list(workers.iter_epoch(1, 1))
+    assert len(a) == len(b) == 4
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+
+
+def test_fold_resumes_mid_epoch_bitwise_with_shuffle_and_dropout():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+        return fl.make_train_step(model, fl.losses.cross_entropy, adamw(warmup_cosine(1e-2, 5, 30)))
+
+    loader = fl.Loader(tensors(), batch_size=8, shuffle=True, seed=7)
+    step = build()
+    whole = fl.fold(step, step.init(seed=1), loader, epochs=3, progress=False)
+    part = fl.fold(step, step.init(seed=1), loader, max_steps=10, progress=False)
+    assert (int(part.data.epoch), int(part.data.batch)) == (1, 3)
+    resumed = fl.fold(build(), part, loader, epochs=3, progress=False)
+    assert fl.tree_equal(resumed.params, whole.params) and fl.tree_equal(resumed.opt_state, whole.opt_state)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((tensors(),), {"batch_size": 0}, ValueError, "batch_size must be an int >= 1, got 0"),
+        ((tensors(),), {"batch_size": 2, "seed": "a"}, TypeError, "seed must be an int, got 'a'"),
+        ((tensors(),), {"batch_size": 2, "num_workers": -1}, ValueError, "num_workers must be an int >= 0, got -1"),
+        (
+            ((torch.zeros(3), torch.zeros(4)),),
+            {"batch_size": 2},
+            ValueError,
+            r"share their first dimension, got lengths \[3, 4\]",
+        ),
+        ((tensors(),), {"batch_size": 2, "num_workers": 2}, ValueError, "apply to map-style datasets"),
+        ((5,), {"batch_size": 2}, TypeError, "dataset must be a tuple of tensors or a map-style dataset"),
+    ],
+)
+def test_bad_options(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fl.Loader(*args, **kwargs)
+
+
+def test_bad_start():
+    with pytest.raises(ValueError, match=r"start must be in \[0, 7\], got 8"):
+        fl.Loader(tensors(), batch_size=8).iter_epoch(0, 8)
