@@ -18,9 +18,17 @@ order rotated each round; the table gives the median ms/step over rounds, the sp
 and the ratios to (b). The paired per-round ratios (same round, adjacent in time) are
 printed too: they are less sensitive to slow drift of the machine than the ratio of
 medians. The final weights of (b) and (c) are compared as a check that both did the
-same work. The minor page faults per step are shown because glibc's heap trimming makes
-some blocks fault freed pages back in (up to ~0.4 ms/step here); ``--no-trim`` turns the
-trimming off in the step-time process to remove that noise (default: malloc as users run it).
+same work.
+
+Heap trimming: glibc returns freed heap pages to the OS when the top of the heap is free,
+and the next step faults them back in (~200-300 minor faults, ~0.5 ms per transformer
+step here, for (b) and (c) alike when each runs alone). With three models sharing one
+heap, which method pays is decided by the heap layout, which persists for the whole run,
+so rotating the order does not cancel it: one run gave (c) 347 faults/step against 14
+for (b), i.e. +0.9 ms/step, while with five loops in one process (b) paid 527. The
+step-time process therefore turns trimming off (``mallopt``; the RSS workers keep the
+default) and prints the minor page faults per step; ``--default-malloc`` keeps glibc's
+default behaviour.
 
 Peak RSS: a 100.7M-parameter MLP 4096-4096x6-10 (batch 8), each method in its own
 subprocess (this script with the hidden ``--rss-worker`` flag), ``ru_maxrss`` after 5
@@ -43,7 +51,7 @@ Run (from the repository root; fnlight need not be installed)::
     python benchmarks/step_overhead.py                # full run, about 4 minutes on 2 vCPUs
     python benchmarks/step_overhead.py --quick        # CI smoke run, under 30 s
     python benchmarks/step_overhead.py --no-rss --markdown results.md   # append markdown tables
-    python benchmarks/step_overhead.py --no-rss --no-trim --threads 4 --rounds 40 --steps 50
+    python benchmarks/step_overhead.py --no-rss --threads 4 --rounds 40 --steps 50
 """
 
 from __future__ import annotations
@@ -155,6 +163,7 @@ WORKLOADS = (
 
 
 def n_params(model: nn.Module) -> int:
+    """The number of parameter elements of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -202,6 +211,7 @@ Runner = HandLoop | FoldRunner
 
 
 def make_runner(method: str, model: nn.Module) -> Runner:
+    """The runner for method ``"a"``, ``"b"``, ``"c"`` (fold, donate) or ``"c'"`` (fold, no donate)."""
     if method in ("a", "b"):
         return HandLoop(model, fused=method == "b")
     return FoldRunner(model, donate=method == "c")
@@ -228,6 +238,7 @@ class TimeResult:
 
 
 def quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles of ``xs``."""
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return q[0], q[2]
 
@@ -258,12 +269,10 @@ def time_workload(w: Workload, *, rounds: int, steps: int, warmup: int) -> TimeR
 
 
 def keep_freed_heap() -> bool:
-    """Stop glibc from trimming the heap (``--no-trim``); return whether it took effect.
+    """Stop glibc from trimming the heap or mmapping tensors below 32 MiB; return whether it took effect.
 
-    With three models sharing one heap, glibc's trim heuristic returns freed pages to the
-    OS after some steps and not others, and the next step page-faults them back in (tens
-    to hundreds of faults per step, up to ~0.4 ms). Which method pays depends on the
-    interleaving, so this adds noise that no single-method program has in the same way.
+    Freed pages then stay in the process, so no method page-faults them back in on the
+    next step (see "Heap trimming" in the module docstring).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -417,8 +426,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, metavar="PATH", help="also append the tables to PATH as markdown")
     p.add_argument("--rounds", type=int, help="timed rounds per workload (default 25, quick 5)")
     p.add_argument("--steps", type=int, help="steps per timed block for every model (default: per model)")
-    p.add_argument("--no-trim", action="store_true",
-                   help="stop glibc from trimming the heap in the step-time process (less noise; see keep_freed_heap)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's heap trimming in the step-time process (see the module docstring)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads for every method (default 1: see the module docstring)")
     p.add_argument("--rss-worker", choices=(*METHODS, "c'"), help=argparse.SUPPRESS)
@@ -441,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warmup = 1 if args.quick else 3
     cfg = RssConfig(width=2048, hidden=4, d_in=2048, steps=3) if args.quick else RssConfig()
 
-    trim = "heap trim off (--no-trim)" if args.no_trim and keep_freed_heap() else "default malloc"
+    trim = "default malloc" if args.default_malloc or not keep_freed_heap() else "glibc heap trim off"
     title = (f"fnlight step overhead: torch {torch.__version__}, torch.get_num_threads() = "
              f"{torch.get_num_threads()}, Python {platform.python_version()}, {platform.machine()}, {trim}")
     blocks = {w.name: args.steps or (max(5, w.steps // 10) if args.quick else w.steps) for w in WORKLOADS}

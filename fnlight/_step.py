@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -268,7 +269,8 @@ class TrainStep:
         return f"TrainStep({_name(self.loss_fn)}, {type(self._model).__name__})"
 
     def _nonfinite(self, g: Gradients) -> bool:
-        if not bool(torch.isfinite(g.loss)):
+        # A read of the scalar: ~0.2 us on the CPU (an isfinite op costs ~20 us); a sync on a GPU.
+        if not math.isfinite(g.loss.item()):
             return True
         if self.check_grads and g.grads:
             return not bool(torch.stack(torch._foreach_norm(list(g.grads.values()))).isfinite().all())
