@@ -48,9 +48,8 @@ def _slots(skeleton: nn.Module) -> dict[str, list[tuple[dict, str]]]:
     return slots
 
 
-@contextlib.contextmanager
-def bound(skeleton: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[nn.Module]:
-    """Temporarily put ``tensors`` (by qualified name) into the skeleton's slots."""
+def bind(skeleton: nn.Module, tensors: Mapping[str, Tensor]) -> list[tuple[dict, str, Tensor]]:
+    """Put ``tensors`` (by qualified name) into the skeleton's slots; return what to put back."""
     slots = _slots(skeleton)
     saved: list[tuple[dict, str, Tensor]] = []
     try:
@@ -58,10 +57,26 @@ def bound(skeleton: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[nn.Mod
             for store, attr in slots[name]:
                 saved.append((store, attr, store[attr]))
                 store[attr] = value
+    except BaseException:
+        unbind(saved)
+        raise
+    return saved
+
+
+def unbind(saved: list[tuple[dict, str, Tensor]]) -> None:
+    """Undo :func:`bind`."""
+    for store, attr, old in saved:
+        store[attr] = old
+
+
+@contextlib.contextmanager
+def bound(skeleton: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+    """Temporarily put ``tensors`` (by qualified name) into the skeleton's slots."""
+    saved = bind(skeleton, tensors)
+    try:
         yield skeleton
     finally:
-        for store, attr, old in saved:
-            store[attr] = old
+        unbind(saved)
 
 
 def materialize(skeleton: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> nn.Module:

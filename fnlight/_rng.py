@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["derive_seed", "seeded"]
+__all__ = ["derive_seed", "restore_generators", "seed_generators", "seeded"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -34,6 +34,22 @@ def derive_seed(seed: int, *counters: int) -> int:
     return x & ((1 << 63) - 1)
 
 
+def seed_generators(seed: int, devices: tuple[torch.device, ...] = ()) -> list[tuple[torch.Generator, Tensor]]:
+    """Seed torch's default generators (CPU and ``devices``) with ``seed``; return their previous states."""
+    generators = [torch.default_generator]
+    generators += [torch.cuda.default_generators[d.index or 0] for d in devices if d.type == "cuda"]
+    saved = [(g, g.get_state()) for g in generators]
+    for g in generators:
+        g.manual_seed(seed)
+    return saved
+
+
+def restore_generators(saved: list[tuple[torch.Generator, Tensor]]) -> None:
+    """Undo :func:`seed_generators`."""
+    for g, state in saved:
+        g.set_state(state)
+
+
 @contextlib.contextmanager
 def seeded(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[None]:
     """Run the block with torch's default generators seeded with ``seed``, then restore them.
@@ -41,16 +57,8 @@ def seeded(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[None]:
     Random ops inside the block (dropout, ``torch.rand``...) draw from a stream that
     depends on ``seed`` alone; the caller's global random state is left as it was.
     """
-    cpu = torch.default_generator
-    saved = cpu.get_state()
-    cuda = [torch.cuda.default_generators[d.index or 0] for d in devices if d.type == "cuda"]
-    saved_cuda = [g.get_state() for g in cuda]
-    cpu.manual_seed(seed)
-    for g in cuda:
-        g.manual_seed(seed)
+    saved = seed_generators(seed, devices)
     try:
         yield
     finally:
-        cpu.set_state(saved)
-        for g, s in zip(cuda, saved_cuda):
-            g.set_state(s)
+        restore_generators(saved)

@@ -69,19 +69,26 @@ class TrainState:
 
     def replace(self, **changes: Any) -> TrainState:
         """Return a copy of this state with ``changes`` applied (the original is unchanged)."""
-        unknown = set(changes) - _FIELD_NAMES
-        if unknown:
+        if not changes.keys() <= _FIELD_NAMES:
             raise TypeError(
-                f"TrainState.replace() got unknown field(s) {sorted(unknown)}; expected some of {sorted(_FIELD_NAMES)}"
+                f"TrainState.replace() got unknown field(s) {sorted(set(changes) - _FIELD_NAMES)}; "
+                f"expected some of {sorted(_FIELD_NAMES)}"
             )
-        return dataclasses.replace(self, **changes)
+        # Field by field: dataclasses.replace re-runs __init__, ~5x slower on the step's hot path.
+        # (Only the fields are copied: a donation mark on ``self`` does not carry over.)
+        new = object.__new__(TrainState)
+        fields = new.__dict__
+        for name in _FIELD_ORDER:
+            fields[name] = changes[name] if name in changes else self.__dict__[name]
+        return new
 
     def with_slot(self, name: str, value: Any) -> TrainState:
         """Return a copy with transform slot ``name`` set to ``value``."""
         return self.replace(slots={**self.slots, name: value})
 
 
-_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainState))
+_FIELD_ORDER = tuple(f.name for f in dataclasses.fields(TrainState))
+_FIELD_NAMES = frozenset(_FIELD_ORDER)
 _DYNAMIC = tuple(f.name for f in dataclasses.fields(TrainState) if f.name != "skeleton")
 
 

@@ -9,9 +9,9 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ._bind import bound, make_skeleton
+from ._bind import bind, bound, make_skeleton, unbind
 from ._donation import check_live, is_donating
-from ._rng import derive_seed, seeded
+from ._rng import derive_seed, restore_generators, seed_generators
 from ._state import TrainState
 from .optim._base import Optimizer
 from .optim._clip import ClipState
@@ -51,11 +51,18 @@ class GradContext(NamedTuple):
         loss_scale: multiply the loss by this before ``autograd.grad`` (fp16 loss scaling);
             the returned gradients are then scaled by it too.
         autocast: run the forward pass and loss under ``torch.autocast`` to this dtype.
+        loss_weight: multiply the loss by this Python float before ``autograd.grad``
+            (accumulation pre-weights micro-batches, as a hand-written loop divides by K).
+        accumulate: gradient buffers (one per trainable parameter, owned by the caller) that
+            backward adds into in place, as ``.backward()`` accumulates into ``.grad``; the
+            returned gradients are these buffers. ``None``: fresh gradient tensors.
     """
 
     micro: int = 0
     loss_scale: Tensor | None = None
     autocast: torch.dtype | None = None
+    loss_weight: float = 1.0
+    accumulate: dict[str, Tensor] | None = None
 
 
 class NonFiniteError(FloatingPointError):
@@ -125,10 +132,11 @@ def _split_output(out: Any, loss_fn: Any) -> tuple[Tensor, dict[str, Tensor]]:
     return out, metrics
 
 
-def _call_loss(loss_fn: Callable[..., Any], model: nn.Module, batch: Any, where: str) -> Any:
+def _call_loss(loss_fn: Callable[..., Any], model: nn.Module, batch: Any, phase: str, state: TrainState) -> Any:
     try:
         return loss_fn(model, batch)
     except Exception as e:
+        where = f"train step {int(state.step)}" if phase == "train" else f"eval step at update {int(state.step)}"
         e.add_note(f"fnlight: {where}: loss_fn {_name(loss_fn)!r} raised on a batch {describe_batch(batch)}")
         raise
 
@@ -211,21 +219,37 @@ class TrainStep:
         _set_mode(skeleton, True)
         seed = derive_seed(int(state.key), int(state.step), ctx.micro)
         # Backward runs while the tensors are bound: activation checkpointing recomputes forwards then.
-        with torch.enable_grad(), bound(skeleton, {**params, **leaves, **buffers}), seeded(seed, self._devices):
+        grad_was_enabled = torch.is_grad_enabled()
+        torch.set_grad_enabled(True)
+        saved_slots = bind(skeleton, {**params, **leaves, **buffers})
+        saved_rng = seed_generators(seed, self._devices)
+        try:
             if ctx.autocast is None:
-                out = _call_loss(self.loss_fn, skeleton, batch, f"train step {int(state.step)}")
+                out = _call_loss(self.loss_fn, skeleton, batch, "train", state)
             else:
                 with torch.autocast(_device_type(params), dtype=ctx.autocast):
-                    out = _call_loss(self.loss_fn, skeleton, batch, f"train step {int(state.step)}")
+                    out = _call_loss(self.loss_fn, skeleton, batch, "train", state)
             loss, metrics = _split_output(out, self.loss_fn)
             if not loss.requires_grad:
                 raise ValueError(
                     f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
                     "parameter (no gradient can flow); did it call the model it was given?"
                 )
-            target = loss if ctx.loss_scale is None else loss.float() * ctx.loss_scale
-            grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
-        return Gradients(loss.detach(), {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
+            target = loss if ctx.loss_weight == 1.0 else loss * ctx.loss_weight
+            if ctx.loss_scale is not None:
+                target = target.float() * ctx.loss_scale
+            if ctx.accumulate is None:
+                grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
+            else:  # accumulate in place while each gradient is hot (AccumulateGrad), as .backward() does
+                for name, leaf in leaves.items():
+                    leaf.grad = ctx.accumulate[name]
+                torch.autograd.backward(target, inputs=list(leaves.values()))
+                grads = [leaf.grad for leaf in leaves.values()]
+        finally:
+            restore_generators(saved_rng)
+            unbind(saved_slots)
+            torch.set_grad_enabled(grad_was_enabled)
+        return Gradients(metrics["loss"], {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:
         """The update phase: check finiteness, apply ``g.grads`` with the optimizer, count one update.
@@ -307,7 +331,7 @@ class EvalStep:
         skeleton = state.skeleton
         _set_mode(skeleton, False)
         with torch.no_grad(), bound(skeleton, {**state.params, **state.buffers}):
-            out = _call_loss(self.loss_fn, skeleton, batch, f"eval step at update {int(state.step)}")
+            out = _call_loss(self.loss_fn, skeleton, batch, "eval", state)
         return _split_output(out, self.loss_fn)[1]
 
 

@@ -177,3 +177,13 @@ def test_wrong_targets_and_orders_are_rejected():
     once = fl.with_grad_accum(fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1)), every=2)
     with pytest.raises(ValueError, match="already wrapped by with_grad_accum; apply it once"):
         fl.with_grad_accum(once, every=2)
+
+
+def test_pure_flush_leaves_the_input_window_untouched():
+    step = fl.with_grad_accum(fl.with_amp(fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1)), dtype="fp16"), every=4)
+    state = step.init()
+    for b in make_batches(2):
+        state, _ = step(state, b)
+    before = fl.tree_clone(state)
+    flushed, _ = step.flush(state)
+    assert fl.tree_equal(state, before) and int(flushed.step) == 1

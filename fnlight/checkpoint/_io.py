@@ -7,7 +7,6 @@ import os
 import platform
 import secrets
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, TypeVar
 
 import optree
@@ -32,7 +31,7 @@ from ._format import (
     preamble,
 )
 from ._leaves import KeyPath, check_metadata, check_plain, check_tensor, flatten, kind_of, path_str
-from ._stream import byte_view, crc_pool, empty_like_entry, read_into, write_all, write_tensor_bytes
+from ._stream import Writer, byte_view, empty_like_entry, read_into, write_tensor_bytes
 
 __all__ = ["read_metadata", "restore", "save"]
 
@@ -83,18 +82,21 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
             plan.append((ValueEntry(key_path, check_plain(leaf, key_path)), None))
     versions = _library_versions()
     target = os.fspath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"checkpoint: {target} is a directory; save needs a file path")
     directory = os.path.dirname(os.path.abspath(target))
     tmp, f = _open_temporary(directory, os.path.basename(target))
     try:
-        with f, crc_pool() as pool:
-            write_all(f, preamble())
-            entries = [_write_leaf(f, entry, leaf, pool) for entry, leaf in plan]
+        with f:
+            w = Writer(f)
+            w.write(preamble())
+            entries = [_write_leaf(w, entry, leaf) for entry, leaf in plan]
             raw_index = encode_index(entries, metadata=metadata, versions=versions)
             index_offset = align(end)
-            write_all(f, bytes(index_offset - end))
-            write_all(f, raw_index)
-            write_all(f, footer(index_offset, len(raw_index), zlib.crc32(raw_index)))
-            os.fsync(f.fileno())
+            w.write(bytes(index_offset - end))
+            w.write(raw_index)
+            w.write(footer(index_offset, len(raw_index), zlib.crc32(raw_index)))
+            w.sync()
         os.replace(tmp, target)
     except BaseException:
         _remove_quietly(tmp)
@@ -133,7 +135,7 @@ def restore(path: PathLike, target: T) -> T:
     """
     where = f"checkpoint {os.fspath(path)}"
     pairs, spec = flatten(target)
-    with open(path, "rb", buffering=0) as f, crc_pool() as pool:
+    with open(path, "rb", buffering=0) as f:
         index = _read_index(f, where)
         _match(index, pairs, os.fspath(path))
         values: dict[KeyPath, Any] = {}
@@ -141,7 +143,7 @@ def restore(path: PathLike, target: T) -> T:
         f.seek(PREAMBLE_SIZE)
         for entry in index.entries:
             if isinstance(entry, TensorEntry):
-                values[entry.path] = _read_tensor(f, entry, where, devices[entry.path], pool)
+                values[entry.path] = _read_tensor(f, entry, where, devices[entry.path])
             else:
                 values[entry.path] = entry.value
         _check_padding(f, index.index_offset, where, "before the index")
@@ -218,16 +220,13 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def _write_leaf(
-    f: BinaryIO, entry: TensorEntry | ValueEntry, leaf: Tensor | None, pool: ThreadPoolExecutor
-) -> TensorEntry | ValueEntry:
+def _write_leaf(w: Writer, entry: TensorEntry | ValueEntry, leaf: Tensor | None) -> TensorEntry | ValueEntry:
     """Write one tensor's padding and bytes; return its entry with the crc32 filled in."""
-    if not isinstance(entry, TensorEntry):
+    if not isinstance(entry, TensorEntry) or leaf is None:
         return entry
-    assert leaf is not None  # the plan pairs every TensorEntry with its tensor
-    write_all(f, bytes(entry.offset - f.tell()))
-    crc = write_tensor_bytes(f, leaf, pool) if entry.length else 0
-    if f.tell() != entry.offset + entry.length:
+    w.write(bytes(entry.offset - w.pos))
+    crc = write_tensor_bytes(w, leaf) if entry.length else 0
+    if w.pos != entry.offset + entry.length:
         raise RuntimeError(f"checkpoint: the tensor at {path_str(entry.path)} changed size while it was being saved")
     return dataclasses.replace(entry, crc32=crc)
 
@@ -252,17 +251,17 @@ def _read_index(f: BinaryIO, where: str) -> Index:
 def _read_at(f: BinaryIO, offset: int, n: int, where: str) -> bytes:
     f.seek(offset)
     buf = bytearray(n)
-    if read_into(f, memoryview(buf), None)[0] != n:
+    if read_into(f, memoryview(buf))[0] != n:
         raise CheckpointError(f"{where}: truncated: the file ended while reading {n} bytes at offset {offset}")
     return bytes(buf)
 
 
-def _read_tensor(f: BinaryIO, entry: TensorEntry, where: str, device: torch.device, pool: ThreadPoolExecutor) -> Tensor:
+def _read_tensor(f: BinaryIO, entry: TensorEntry, where: str, device: torch.device) -> Tensor:
     name = path_str(entry.path)
     _check_padding(f, entry.offset, where, f"before the tensor {name}")
     t = empty_like_entry(entry.shape, entry.dtype)
     if entry.length:
-        n, crc = read_into(f, byte_view(t), pool)
+        n, crc = read_into(f, byte_view(t))
         if n != entry.length:
             raise CheckpointError(f"{where}: truncated: the file ended inside the tensor {name}")
         if crc != entry.crc32:

@@ -36,7 +36,16 @@ def _key(entry: optree.PyTreeEntry, at: KeyPath) -> str | int:
             f"checkpoint: the key {key!r} under {path_str(at)} is a {type(key).__name__}; "
             "checkpoints support str and int keys only (rename the dict key)"
         )
+    if isinstance(key, str):
+        _check_utf8(key, f"the key {key!r} under {path_str(at)}")
     return key
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"checkpoint: {what} is not encodable as UTF-8 ({e.reason} at index {e.start})") from None
 
 
 def flatten(tree: Any) -> tuple[list[tuple[KeyPath, Any]], optree.PyTreeSpec]:
@@ -100,7 +109,10 @@ def check_metadata(metadata: Any) -> None:
 def _check_value(value: Any, where: str, depth: int) -> None:
     if depth > MAX_METADATA_DEPTH:
         raise ValueError(f"checkpoint {where} is nested deeper than {MAX_METADATA_DEPTH} levels")
-    if value is None or isinstance(value, bool | float | str):
+    if isinstance(value, str):
+        _check_utf8(value, where)
+        return
+    if value is None or isinstance(value, bool | float):
         return
     if isinstance(value, int):
         if not _INT_MIN <= value <= _INT_MAX:
@@ -114,6 +126,7 @@ def _check_value(value: Any, where: str, depth: int) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"checkpoint {where} has the key {key!r} of type {type(key).__name__}; keys must be str")
+            _check_utf8(key, f"{where} key {key!r}")
             _check_value(item, f"{where}[{key!r}]", depth + 1)
         return
     hint = " (use a list instead of a tuple)" if isinstance(value, tuple) else ""
@@ -130,7 +143,10 @@ def check_plain(leaf: Any, path: KeyPath) -> PlainValue:
     >>> check_plain(0.5, ("lr",))
     0.5
     """
-    if leaf is None or isinstance(leaf, bool | float | str):
+    if isinstance(leaf, str):
+        _check_utf8(leaf, f"the str leaf at {path_str(path)}")
+        return leaf
+    if leaf is None or isinstance(leaf, bool | float):
         return leaf
     if isinstance(leaf, int):
         if not _INT_MIN <= leaf <= _INT_MAX:
@@ -156,7 +172,9 @@ def check_tensor(leaf: Tensor, path: KeyPath, dtype_names: dict[torch.dtype, str
             f"checkpoint: the leaf at {name} is a {type(leaf).__name__}; save takes plain tensors "
             "(gather a DTensor with .full_tensor() first)"
         )
-    if leaf.layout != torch.strided or leaf.is_quantized:
+    if leaf.is_quantized:
+        raise TypeError(f"checkpoint: the tensor at {name} is quantized ({leaf.dtype}); dequantize it (or save its int_repr)")
+    if leaf.layout != torch.strided:
         raise TypeError(f"checkpoint: the tensor at {name} has layout {leaf.layout}; only dense strided tensors are stored")
     if leaf.dtype not in dtype_names:
         raise TypeError(f"checkpoint: the tensor at {name} has dtype {leaf.dtype}, which checkpoints do not store")

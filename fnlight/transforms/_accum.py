@@ -21,18 +21,26 @@ class AccumState(NamedTuple):
     """The accumulation window of :func:`with_grad_accum` (streaming mode).
 
     Fields:
-        grads: per trainable parameter, the sum over the window of ``n_i * grad_i``.
+        grads: per trainable parameter, the weighted gradient sum of the window so far:
+            micro-batch ``i`` contributes ``n_i / (K * n_0)`` times its mean-loss gradient,
+            so a full window of equal batches needs no final rescaling. Between windows
+            (``count == 0``) the values are the last window's and are overwritten, never read.
         seen: 1-D bool tensor: which trainable parameters received a gradient in the window.
-        count: 0-d int64, micro-batches in the window so far.
-        samples: 0-d float64, samples in the window so far (the ``n_i`` summed).
+        count: micro-batches in the window so far.
+        samples: samples in the window so far (the ``n_i`` summed).
+        first: ``n_0``, the size of the window's first micro-batch (0 before it).
         loss: 0-d float64 on the parameters' device, the sum of ``n_i * loss_i``.
+        complete: every micro-batch of the window so far gave every parameter a gradient
+            (then later micro-batches accumulate into the buffers in place).
     """
 
     grads: dict[str, Tensor]
     seen: Tensor
-    count: Tensor
-    samples: Tensor
+    count: int
+    samples: int
+    first: int
     loss: Tensor
+    complete: bool
 
 
 def batch_size(batch: Any) -> int:
@@ -58,6 +66,17 @@ def _split(batch: Any, k: int) -> list[Any]:
     return [optree.tree_unflatten(spec, [p[i] for p in pieces]) for i in range(k)]
 
 
+def _add(acc: dict[str, Tensor] | None, grads: dict[str, Tensor], *, inplace: bool) -> dict[str, Tensor]:
+    """``acc + grads`` by name (``grads`` alone when ``acc`` is None: the fresh tensors are taken over)."""
+    if acc is None:
+        return grads
+    names = list(grads)
+    if inplace:
+        torch._foreach_add_([acc[n] for n in names], list(grads.values()))
+        return acc
+    return {**acc, **dict(zip(names, torch._foreach_add([acc[n] for n in names], list(grads.values()))))}
+
+
 class GradAccum(Transform):
     """See :func:`with_grad_accum`."""
 
@@ -75,15 +94,12 @@ class GradAccum(Transform):
         return AccumState(
             grads={n: torch.zeros_like(state.params[n]) for n in names},
             seen=torch.zeros(len(names), dtype=torch.bool),
-            count=torch.zeros((), dtype=torch.int64),
-            samples=torch.zeros((), dtype=torch.float64),
+            count=0,
+            samples=0,
+            first=0,
             loss=torch.zeros((), dtype=torch.float64, device=state.params[names[0]].device),
+            complete=False,
         )
-
-    # -- one micro-batch: weighted gradients and metric sums --------------------------------------
-    def _micro(self, state: TrainState, batch: Any, ctx: GradContext, micro: int) -> tuple[Gradients, int]:
-        n = self.batch_size_fn(batch)
-        return self.inner.grads(state, batch, ctx._replace(micro=micro)), n
 
     def grads(self, state: TrainState, batch: Any, ctx: GradContext = NO_CONTEXT) -> Gradients:
         raise TypeError(
@@ -91,88 +107,90 @@ class GradAccum(Transform):
             "wrap whole steps (with_eval, with_early_stop, with_checkpointing)"
         )
 
+    def updates_per(self, batches: int) -> int:
+        """Updates from ``batches`` calls: one per ``every`` (the last window may be short)."""
+        n = self.inner.updates_per(batches)
+        return n if self.every is None else -(-n // self.every)
+
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.micro_batches is not None:
             return self._split_call(state, batch)
         return self._stream_call(state, batch)
 
     def _split_call(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        total, acc, sums, seen = 0, {}, {}, state
-        g = None
-        for i, piece in enumerate(_split(batch, self.micro_batches)):
-            g, n = self._micro(seen, piece, NO_CONTEXT, i)
-            seen = seen.replace(buffers=g.buffers)
-            total += n
-            for name, grad in g.grads.items():
-                acc[name] = grad * n if name not in acc else acc[name].add_(grad, alpha=n)
+        pieces = _split(batch, self.micro_batches)
+        sizes = [self.batch_size_fn(p) for p in pieces]
+        total = sum(sizes)
+        acc: dict[str, Tensor] | None = None
+        sums: dict[str, Tensor] = {}
+        current = state
+        complete = len(self.core._trainable)
+        for i, (piece, n) in enumerate(zip(pieces, sizes)):
+            into = acc if acc is not None and len(acc) == complete else None  # this call's own tensors
+            g = self.inner.grads(current, piece, NO_CONTEXT._replace(micro=i, loss_weight=n / total, accumulate=into))
+            current = current.replace(buffers=g.buffers)
+            acc = g.grads if into is not None else _add(acc, g.grads, inplace=True)
             for k, v in g.metrics.items():
                 term = v.to(torch.float64) * n
                 sums[k] = term if k not in sums else sums[k] + term
-        grads = dict(zip(acc, torch._foreach_div(list(acc.values()), float(total))))
         metrics = {k: (v / total).to(g.metrics[k].dtype) for k, v in sums.items()}
-        new_state, update_metrics = self.inner.update(state, Gradients(metrics["loss"], grads, g.buffers, metrics))
+        new_state, update_metrics = self.inner.update(state, Gradients(metrics["loss"], acc, g.buffers, metrics))
         return new_state, {**metrics, **update_metrics}
 
     def _stream_call(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         window: AccumState = state.slots["grad_accum"]
-        micro = int(window.count)
-        g, n = self._micro(state, batch, NO_CONTEXT, micro)
-        window = self._add(window, g, n)
+        n = self.batch_size_fn(batch)
+        first = window.first if window.count else n
+        inplace = is_donating()
+        names = self.core._trainable
+        # In place inside the fold once every parameter has a buffer from this window.
+        into = window.grads if inplace and window.count and window.complete else None
+        ctx = NO_CONTEXT._replace(micro=window.count, loss_weight=n / (self.every * first), accumulate=into)
+        g = self.inner.grads(state, batch, ctx)
+        if into is not None:  # seen is already all true
+            acc, seen = g.grads, window.seen
+        else:
+            acc = {**window.grads, **g.grads} if window.count == 0 else _add(window.grads, g.grads, inplace=inplace)
+            seen = window.seen if inplace else window.seen.clone()
+            if window.count == 0:
+                seen.zero_()
+            if len(g.grads) == len(names):
+                seen.fill_(True)
+            else:
+                seen[[names.index(t) for t in g.grads]] = True
+        if inplace:
+            loss = window.loss.zero_() if window.count == 0 else window.loss
+            loss.add_(g.loss, alpha=n)
+        else:
+            loss = (window.loss if window.count else torch.zeros_like(window.loss)).add(g.loss, alpha=n)
+        complete = len(g.grads) == len(names) and (window.count == 0 or window.complete)
+        window = AccumState(acc, seen, window.count + 1, window.samples + n, first, loss, complete)
         state = state.replace(buffers=g.buffers, slots={**state.slots, "grad_accum": window})
-        if micro + 1 < self.every:
-            return state, {**g.metrics, "loss": (window.loss / window.samples).to(g.loss.dtype)}
+        if window.count < self.every:
+            return state, g.metrics  # no update yet: this micro-batch's metrics
         new_state, metrics = self._apply(state, window)
         return new_state, {**g.metrics, **metrics}
-
-    def updates_per(self, batches: int) -> int:
-        """Updates from ``batches`` calls: one per ``every`` (the last window may be short)."""
-        n = self.inner.updates_per(batches)
-        return n if self.every is None else -(-n // self.every)
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """Apply a partial window (fewer than ``every`` micro-batches) weighted by what it holds."""
         state, metrics = self.inner.flush(state)
-        if self.every is None or int(state.slots["grad_accum"].count) == 0:
+        if self.every is None or state.slots["grad_accum"].count == 0:
             return state, metrics
         new_state, applied = self._apply(state, state.slots["grad_accum"])
         return new_state, {**metrics, **applied}
 
-    def _add(self, window: AccumState, g: Gradients, n: int) -> AccumState:
-        names = list(window.grads)
-        if len(g.grads) == len(names):
-            touched, grads = names, list(g.grads.values())
-        else:
-            touched = [name for name in names if name in g.grads]
-            grads = [g.grads[name] for name in touched]
-        acc = [window.grads[name] for name in touched]
-        loss = window.loss + g.loss.to(torch.float64) * n
-        if is_donating():
-            torch._foreach_add_(acc, grads, alpha=n)
-            new_acc = window.grads
-            seen = window.seen
-        else:
-            new_acc = {**window.grads, **dict(zip(touched, torch._foreach_add(acc, grads, alpha=n)))}
-            seen = window.seen.clone()
-        if len(touched) == len(names):
-            seen.fill_(True)
-        else:
-            seen[[names.index(t) for t in touched]] = True
-        return AccumState(new_acc, seen, window.count + 1, window.samples + n, loss)
-
     def _apply(self, state: TrainState, window: AccumState) -> tuple[TrainState, Metrics]:
-        names = [n for n, s in zip(window.grads, window.seen.tolist()) if s]
-        total = float(window.samples)
-        grads = dict(zip(names, torch._foreach_div([window.grads[n] for n in names], total)))
-        loss = (window.loss / total).float()
+        seen = window.seen.tolist()
+        names = [n for n, s in zip(window.grads, seen) if s]
+        grads = {n: window.grads[n] for n in names}
+        correction = self.every * window.first / window.samples  # 1.0 for a full window of equal batches
+        if correction != 1.0 or not is_donating():  # a pure call hands fresh tensors to the update
+            scaled = torch._foreach_mul(list(grads.values()), correction)
+            grads = dict(zip(names, scaled))
+        loss = (window.loss / window.samples).float()
         new_state, update_metrics = self.inner.update(state, Gradients(loss, grads, state.buffers, {"loss": loss}))
-        if is_donating():
-            torch._foreach_zero_(list(window.grads.values()))
-            for t in (window.seen, window.count, window.samples, window.loss):
-                t.zero_()
-            fresh = window
-        else:
-            fresh = self.init_slot(new_state)
-        new_state = new_state.replace(slots={**new_state.slots, "grad_accum": fresh})
+        done = window._replace(grads={**window.grads, **grads}, count=0, samples=0, first=0, complete=False)
+        new_state = new_state.replace(slots={**new_state.slots, "grad_accum": done})
         return new_state, {"loss": loss, **update_metrics}
 
 
@@ -194,9 +212,10 @@ def with_grad_accum(
     Micro-batch gradients are weighted by their sample count ``n_i`` and divided by the
     window's total, so K micro-batches equal one batch of their union — also when the
     sizes are uneven (with a per-sample mean loss). The step counter, schedules and
-    observers count optimizer updates, not micro-batches. The ``loss`` metric is the
-    sample-weighted mean over the window so far (at an update: the whole window); other
-    metrics are the last micro-batch's in streaming mode and window means when splitting.
+    observers count optimizer updates, not micro-batches. At an update the ``loss`` metric
+    is the sample-weighted mean over the whole window; other metrics are the last
+    micro-batch's when streaming and window means when splitting. A streaming call that
+    makes no update returns its micro-batch's metrics.
 
     Args:
         step: the step to wrap (see docs/transforms.md for the order).
