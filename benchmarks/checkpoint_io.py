@@ -13,7 +13,8 @@ Rows, all measured in this one run, files in the same temporary directory:
 - ``fnlight.restore``: into a target on the ``meta`` device (no memory for the target).
 - ``torch.load(weights_only=True)``: the reference (``mmap=False``, the default).
 
-Timing: each operation is repeated (``--repeats``, default 5) in an order rotated every round;
+Timing: after one untimed warm-up run each, every operation is repeated (``--repeats``, default
+9) in an order rotated every round;
 ``os.sync()`` runs before every timed operation (outside the timing), so no operation pays for
 the dirty pages another left behind. Loads read files that are in the page cache (both alike).
 The table gives the median, the range, and the ratio fnlight/torch of the medians.
@@ -127,6 +128,9 @@ def operations(state: Any, directory: str) -> dict[str, Callable[[], Any]]:
 
 def time_all(ops: dict[str, Callable[[], Any]], names: Sequence[str], repeats: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {n: [] for n in names}
+    for name in names:  # warm-up, not timed: creates the files, faults in code paths
+        os.sync()
+        ops[name]()
     for r in range(repeats):
         for name in [*names[r % len(names) :], *names[: r % len(names)]]:
             os.sync()
@@ -260,7 +264,7 @@ def verdicts(times: dict[str, list[float]], memory: dict[str, dict[str, float]])
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small state (~1M parameters), 3 repeats: a smoke run")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per operation (default 5, quick 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per operation (default 9, quick 3)")
     p.add_argument("--dir", default=None, help="where to write the files (default: a temporary directory in /tmp)")
     p.add_argument("--markdown", metavar="PATH", help="also append the tables as markdown to PATH")
     p.add_argument("--worker", choices=(*SAVES, *LOADS), help=argparse.SUPPRESS)
@@ -275,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     torch.set_num_threads(1)
     sizes = {"width": 512, "depth": 2, "inputs": 256} if args.quick else {"width": 4096, "depth": 3, "inputs": 1024}
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 9)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="fnlight-ckpt-bench-") as directory:
         state = build_state(**sizes)
         n_params = sum(p.numel() for p in state.params.values())

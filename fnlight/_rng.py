@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 
 __all__ = ["derive_seed", "restore_generators", "seed_generators", "seeded"]
 

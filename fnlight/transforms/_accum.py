@@ -45,6 +45,8 @@ class AccumState(NamedTuple):
 
 def batch_size(batch: Any) -> int:
     """The leading dimension of the first tensor in ``batch`` (the default sample count)."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].ndim:
+        return batch[0].shape[0]  # the common (inputs, targets) case, without flattening
     for leaf in optree.tree_leaves(batch):
         if isinstance(leaf, Tensor) and leaf.ndim > 0:
             return leaf.shape[0]
