@@ -4,16 +4,28 @@ The public surface is re-exported here; submodules ``fnlight.optim`` (optimizers
 gradient transformations, schedules) and ``fnlight.losses`` are public too.
 """
 
-from . import losses, optim
+from . import checkpoint, losses, optim
 from ._donation import DonatedStateError
 from ._interop import copy_into_module_, load_state_dict, state_dict, to_module
 from ._loop import Observer, evaluate, every, fold
 from ._rng import derive_seed
+from ._signals import Preempted
 from ._state import DataPosition, TrainState
 from ._step import EvalStep, GradContext, Gradients, LossFn, NonFiniteError, Step, TrainStep, make_eval_step, make_train_step
 from ._tree import tree_clone, tree_equal
 from .data import Loader
-from .transforms import CANONICAL_ORDER, AccumState, AmpState, Transform, with_activation_checkpointing, with_amp, with_grad_accum
+from .transforms import (
+    CANONICAL_ORDER,
+    AccumState,
+    AmpState,
+    CheckpointingState,
+    Transform,
+    find_latest,
+    with_activation_checkpointing,
+    with_amp,
+    with_checkpointing,
+    with_grad_accum,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +33,7 @@ __all__ = [
     "CANONICAL_ORDER",
     "AccumState",
     "AmpState",
+    "CheckpointingState",
     "DataPosition",
     "DonatedStateError",
     "EvalStep",
@@ -30,14 +43,17 @@ __all__ = [
     "LossFn",
     "NonFiniteError",
     "Observer",
+    "Preempted",
     "Step",
     "TrainState",
     "TrainStep",
     "Transform",
+    "checkpoint",
     "copy_into_module_",
     "derive_seed",
     "evaluate",
     "every",
+    "find_latest",
     "fold",
     "load_state_dict",
     "losses",
@@ -50,5 +66,6 @@ __all__ = [
     "tree_equal",
     "with_activation_checkpointing",
     "with_amp",
+    "with_checkpointing",
     "with_grad_accum",
 ]

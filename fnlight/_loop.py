@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ._donation import check_live, donating, mark_donated
 from ._progress import Progress
+from ._signals import SignalWatch, preempt
 from ._state import TrainState
 from ._step import EvalStep, Step
 from ._tree import tree_clone
@@ -112,6 +113,7 @@ def fold(
     observers: Sequence[Observer] = (),
     progress: bool | None = None,
     donate: bool = False,
+    handle_signals: bool = True,
 ) -> TrainState:
     """Run ``step`` over ``data``: ``state = step(state, batch)`` for every batch of every epoch.
 
@@ -135,6 +137,9 @@ def fold(
         observers: :class:`Observer` callbacks run every N updates or T seconds.
         progress: show a progress bar; ``None`` shows it when stderr is a terminal.
         donate: let the fold update ``state``'s own tensors (see above).
+        handle_signals: on SIGTERM or SIGINT (main thread only), finish the current step,
+            save through ``with_checkpointing`` if the step has it, and raise
+            :class:`fnlight.Preempted` (a ``SystemExit``); a second Ctrl-C aborts at once.
 
     Returns:
         The final state. The fold also stops early when ``state.stop`` becomes true.
@@ -183,7 +188,7 @@ def fold(
     metrics: dict[str, Tensor] = {}
     epoch = int(state.data.epoch)
     try:
-        with donating():
+        with donating(), SignalWatch(handle_signals) as signals:
             while (epochs is None or epoch < epochs) and not _done(state, max_steps):
                 skip = int(state.data.batch)
                 if hasattr(data, "iter_epoch"):
@@ -193,15 +198,17 @@ def fold(
                     if skip:
                         batches = itertools.islice(batches, skip, None)
                 for batch in batches:
+                    state.data.batch.add_(1)  # consumed: a checkpoint written inside the step records it
                     previous = state
                     state, metrics = step(state, batch)
                     if state is not previous:
                         mark_donated(previous)
-                    state.data.batch.add_(1)
                     n = int(state.step)
                     for o in observers:
                         o._maybe(state, metrics, n)
                     bar.update(n, epoch, metrics)
+                    if signals.received is not None:
+                        raise preempt(step, state, signals.received)
                     if _done(state, max_steps):
                         break
                 else:
@@ -209,12 +216,17 @@ def fold(
                     epoch += 1
                     state.data.epoch.fill_(epoch)
                     state.data.batch.zero_()
+                    if signals.received is not None:
+                        raise preempt(step, state, signals.received)
                     continue
                 break
         n = int(state.step)
         for o in observers:
             o._end(state, metrics, n)
         bar.update(n, epoch, metrics, force=True)
+        finish = getattr(step, "finish", None)
+        if finish is not None:
+            finish(state)
     finally:
         bar.close()
     return state

@@ -285,6 +285,9 @@ class TrainStep:
         """Nothing is pending in the core step: returns ``state`` unchanged."""
         return state, {}
 
+    def finish(self, state: TrainState) -> None:
+        """Called by the fold when it ends; the core step has nothing to finish."""
+
     def updates_per(self, batches: int) -> int:
         """Optimizer updates this step makes from ``batches`` calls (one each)."""
         return batches
@@ -314,7 +317,8 @@ def _nonfinite_message(state: TrainState, g: Gradients) -> str:
     bad = [n for n, t in g.grads.items() if not bool(torch.isfinite(t).all())]
     shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
     return (
-        f"non-finite values at update {int(state.step)} (epoch {int(state.data.epoch)}, batch {int(state.data.batch)}): "
+        f"non-finite values at update {int(state.step)} (epoch {int(state.data.epoch)}, "
+        f"{int(state.data.batch)} batches into it): "
         f"loss = {float(g.loss)}; gradients with NaN/inf: {shown or 'none'}. "
         "Lower the learning rate, clip gradients, check the data; or pass nonfinite='skip' or 'stop' to make_train_step."
     )

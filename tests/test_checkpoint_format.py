@@ -187,8 +187,8 @@ def test_meta_target_restores_to_cpu_and_target_device_is_kept(tmp_path):
     assert back["w"].device.type == "cpu" and back["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
-def test_huge_pages_hint_is_harmless_for_large_tensors(tmp_path):
-    t = torch.arange(3 << 20, dtype=torch.int32)  # 12 MiB: read into a huge-page-advised buffer
+def test_large_tensors_read_into_prefaulted_memory(tmp_path):
+    t = torch.arange(3 << 20, dtype=torch.int32)  # 12 MiB: prefaulted before the read
     save(tmp_path / "h.ckpt", {"t": t})
     assert torch.equal(restore(tmp_path / "h.ckpt", {"t": torch.empty_like(t)})["t"], t)
 
@@ -219,20 +219,30 @@ def test_random_trees_round_trip(damage_dir, spec):
 
 def test_tensor_over_2_gib_round_trips(tmp_path):
     n = (2 << 30) + 4099
-    t = torch.zeros(n, dtype=torch.uint8)
-    t[::4096] = 7  # touch every page: the test really holds ~2x the tensor
-    for start in (0, (2 << 30) - 3000, n - 5000):
+    t = torch.zeros(n, dtype=torch.uint8)  # untouched pages stay unallocated: ~1x the tensor in RSS
+    t[:: 1 << 20] = (torch.arange(len(t[:: 1 << 20])) % 251 + 1).to(torch.uint8)  # a distinct mark per MiB
+    for start in (0, (2 << 30) - 3000, n - 5000):  # random bytes across the 2 GiB boundary and at the end
         t[start : start + 5000] = torch.randint(0, 256, (min(5000, n - start),), dtype=torch.uint8)
     path = tmp_path / "big.ckpt"
     try:
         save(path, {"big": t, "after": torch.arange(3)})
         assert os.path.getsize(path) > n
-        back = restore(
-            path, {"big": torch.empty(n, dtype=torch.uint8, device="meta"), "after": torch.zeros(3, dtype=torch.int64)}
-        )
+        target = {"big": torch.empty(n, dtype=torch.uint8, device="meta"), "after": torch.zeros(3, dtype=torch.int64)}
+        back = restore(path, target)
         assert torch.equal(back["big"], t) and back["after"].tolist() == [0, 1, 2]
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_saved_in_pieces_and_restored_to_the_target_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(ck_stream, "COPY_CHUNK", 1024)
+    tree = {"w": torch.randn(64, 48, device="cuda"), "t": torch.randn(40, 30, device="cuda").t()}
+    save(tmp_path / "g.ckpt", tree)
+    back = restore(tmp_path / "g.ckpt", tree)
+    assert all(back[k].device == tree[k].device and torch.equal(back[k], tree[k]) for k in tree)
+    cpu = restore(tmp_path / "g.ckpt", {k: v.cpu() for k, v in tree.items()})
+    assert all(cpu[k].device.type == "cpu" and torch.equal(cpu[k], tree[k].cpu()) for k in tree)
 
 
 # --- atomic save -------------------------------------------------------------------------------

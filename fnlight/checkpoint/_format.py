@@ -112,7 +112,7 @@ def parse_preamble(head: bytes, *, size: int, where: str) -> None:
     fnlight.checkpoint._errors.CheckpointError: checkpoint x: not an fnlight checkpoint: it starts with b'PK\\x03\\x04', ...
     """
     if size == 0:
-        raise CheckpointError(f"{where}: the file is empty (0 bytes); was the save interrupted before it started?")
+        raise CheckpointError(f"{where}: the file is empty (0 bytes)")
     if len(head) < len(MAGIC) and MAGIC.startswith(head):
         raise CheckpointError(f"{where}: truncated: {size} bytes, too short for the preamble and footer alone")
     if head[: len(MAGIC)] != MAGIC:

@@ -7,6 +7,7 @@ import os
 import platform
 import secrets
 import zlib
+from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 import optree
@@ -31,6 +32,7 @@ from ._format import (
     preamble,
 )
 from ._leaves import KeyPath, check_metadata, check_plain, check_tensor, flatten, kind_of, path_str
+from ._native import drop_cached_pages
 from ._stream import Writer, byte_view, empty_like_entry, read_into, write_tensor_bytes
 
 __all__ = ["read_metadata", "restore", "save"]
@@ -58,6 +60,7 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
         TypeError: an unsupported leaf (the message gives its path), or metadata that is not
             JSON-like (the message gives the key path).
         ValueError: an int outside 64 bits, or metadata nested deeper than 64 levels.
+        IsADirectoryError: ``path`` is a directory.
         OSError: the file cannot be written (the previous file at ``path`` is left intact).
 
     >>> import tempfile, torch
@@ -68,40 +71,22 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
     """
     metadata = {} if metadata is None else metadata
     check_metadata(metadata)
-    pairs, _ = flatten(tree)
-    plan: list[tuple[TensorEntry | ValueEntry, Tensor | None]] = []
-    end = PREAMBLE_SIZE
-    for key_path, leaf in pairs:
-        if isinstance(leaf, Tensor):
-            check_tensor(leaf, key_path, DTYPE_NAMES)
-            length = leaf.numel() * leaf.element_size()
-            entry = TensorEntry(key_path, leaf.dtype, tuple(leaf.shape), align(end), length, 0)
-            end = entry.offset + length
-            plan.append((entry, leaf))
-        else:
-            plan.append((ValueEntry(key_path, check_plain(leaf, key_path)), None))
+    plan, end = _plan(tree)
     versions = _library_versions()
     target = os.fspath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"checkpoint: {target} is a directory; save needs a file path")
-    directory = os.path.dirname(os.path.abspath(target))
-    tmp, f = _open_temporary(directory, os.path.basename(target))
-    try:
-        with f:
-            w = Writer(f)
-            w.write(preamble())
-            entries = [_write_leaf(w, entry, leaf) for entry, leaf in plan]
-            raw_index = encode_index(entries, metadata=metadata, versions=versions)
-            index_offset = align(end)
-            w.write(bytes(index_offset - end))
-            w.write(raw_index)
-            w.write(footer(index_offset, len(raw_index), zlib.crc32(raw_index)))
-            w.sync()
-        os.replace(tmp, target)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_directory(directory)
+
+    def write(w: Writer) -> None:
+        w.write(preamble())
+        entries = [_write_leaf(w, entry, leaf) for entry, leaf in plan]
+        raw_index = encode_index(entries, metadata=metadata, versions=versions)
+        index_offset = align(end)
+        w.write(bytes(index_offset - end))
+        w.write(raw_index)
+        w.write(footer(index_offset, len(raw_index), zlib.crc32(raw_index)))
+
+    _write_atomically(target, write)
 
 
 def restore(path: PathLike, target: T) -> T:
@@ -186,6 +171,41 @@ def _library_versions() -> dict[str, str]:
     import fnlight  # at call time: fnlight/__init__ imports this package before setting __version__
 
     return {"fnlight": str(fnlight.__version__), "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+Plan = list[tuple[TensorEntry | ValueEntry, Tensor | None]]
+
+
+def _plan(tree: Any) -> tuple[Plan, int]:
+    """Check every leaf and lay the tensors out; return the entries (crc32 still 0) and the data end."""
+    plan: Plan = []
+    end = PREAMBLE_SIZE
+    for key_path, leaf in flatten(tree)[0]:
+        if isinstance(leaf, Tensor):
+            check_tensor(leaf, key_path, DTYPE_NAMES)
+            entry = TensorEntry(key_path, leaf.dtype, tuple(leaf.shape), align(end), leaf.numel() * leaf.element_size(), 0)
+            end = entry.offset + entry.length
+            plan.append((entry, leaf))
+        else:
+            plan.append((ValueEntry(key_path, check_plain(leaf, key_path)), None))
+    return plan, end
+
+
+def _write_atomically(target: str, write: Callable[[Writer], None]) -> None:
+    """Run ``write`` on a temporary file beside ``target``, fsync it, rename it over ``target``."""
+    directory = os.path.dirname(os.path.abspath(target))
+    drop_cached_pages(target)  # the file being replaced: let the new one reuse its cache pages
+    tmp, f = _open_temporary(directory, os.path.basename(target))
+    try:
+        with f:
+            w = Writer(f)
+            write(w)
+            w.sync()
+        os.replace(tmp, target)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_directory(directory)
 
 
 def _open_temporary(directory: str, name: str) -> tuple[str, BinaryIO]:

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from ._native import advise_huge_pages, start_writeback
+from ._native import prefault, start_writeback
 
 __all__ = [
     "Writer",
@@ -34,7 +34,7 @@ __all__ = [
 IO_CHUNK = 8 << 20  # bytes per read/write call and per crc32 update
 COPY_CHUNK = 16 << 20  # the most a non-contiguous or non-CPU tensor is staged through CPU memory at once
 WRITEBACK_CHUNK = 32 << 20  # start the disk writeback of every this many bytes written
-HUGE_PAGE_MIN = 4 << 20  # read buffers at least this large are advised to use huge pages
+PREFAULT_MIN = 1 << 20  # read buffers at least this large are prefaulted in one system call
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -160,12 +160,12 @@ def contiguous_pieces(t: Tensor) -> Iterator[Tensor]:
 def empty_like_entry(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialised CPU tensor to read into (allocated as integers: no complex32 warning).
 
-    Large tensors are advised to use transparent huge pages (Linux): far fewer page faults.
+    Large tensors are prefaulted in one system call (Linux), much cheaper than a fault per page.
 
     >>> empty_like_entry((2, 3), torch.bfloat16).shape
     torch.Size([2, 3])
     """
     t = torch.empty(shape, dtype=_BITS.get(dtype.itemsize, dtype)).view(dtype)
-    if t.numel() * t.element_size() >= HUGE_PAGE_MIN:
-        advise_huge_pages(t)
+    if t.numel() * t.element_size() >= PREFAULT_MIN:
+        prefault(t)
     return t

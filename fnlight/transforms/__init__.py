@@ -4,13 +4,17 @@ from ._accum import AccumState, with_grad_accum
 from ._activation import with_activation_checkpointing
 from ._amp import AmpState, with_amp
 from ._base import CANONICAL_ORDER, Transform
+from ._checkpointing import CheckpointingState, find_latest, with_checkpointing
 
 __all__ = [
     "CANONICAL_ORDER",
     "AccumState",
     "AmpState",
+    "CheckpointingState",
     "Transform",
+    "find_latest",
     "with_activation_checkpointing",
     "with_amp",
+    "with_checkpointing",
     "with_grad_accum",
 ]

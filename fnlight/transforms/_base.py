@@ -98,6 +98,14 @@ class Transform:
         """Apply anything pending at the end of an epoch (the fold calls this)."""
         return self.inner.flush(state)
 
+    def finish(self, state: TrainState) -> None:
+        """Called by the fold when it ends (e.g. to wait for background writes)."""
+        self.inner.finish(state)
+
+    def save_now(self, state: TrainState) -> Any:
+        """Write a checkpoint now, if a ``with_checkpointing`` is in the chain (else ``None``)."""
+        return self.inner.save_now(state) if hasattr(self.inner, "save_now") else None
+
     def updates_per(self, batches: int) -> int:
         """Optimizer updates made from ``batches`` calls (with an epoch-end flush)."""
         return self.inner.updates_per(batches)

@@ -1,0 +1,281 @@
+"""Periodic checkpoints of the whole state, retention by recency and by a monitored metric, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import optree
+from torch import Tensor
+
+from .._state import NAMESPACE, TrainState
+from ..checkpoint import CheckpointError, read_metadata, restore, save
+from ._base import Metrics, Transform
+
+__all__ = ["CheckpointingState", "find_latest", "with_checkpointing"]
+
+_NAME = re.compile(r"^step-(\d{9,})\.ckpt$")
+LATEST = "latest"
+
+
+class CheckpointingState(NamedTuple):
+    """The slot of :func:`with_checkpointing`.
+
+    Fields:
+        resumed_from: the checkpoint file this run was restored from ("" for a fresh start);
+            retention never deletes it.
+    """
+
+    resumed_from: str
+
+
+def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), directory / name) for name in os.listdir(directory) if (m := _NAME.match(name))]
+    return sorted(found)
+
+
+def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path | None:
+    """The newest valid checkpoint in ``directory`` (``step-*.ckpt``), skipping damaged ones.
+
+    With ``target`` each candidate is fully restored into it (every checksum verified, the
+    structure checked) and the first that succeeds is returned; without, a candidate is
+    valid when its preamble, index and footer are intact.
+
+    Returns:
+        The path, or ``None`` when there is no valid checkpoint (or no directory).
+
+    >>> find_latest("/nonexistent") is None
+    True
+    """
+    for _, path in reversed(_checkpoints(Path(directory))):
+        try:
+            restore(path, target) if target is not None else read_metadata(path)
+        except (CheckpointError, OSError):
+            continue
+        return path
+    return None
+
+
+def _cpu_copy(tree: Any) -> Any:
+    return optree.tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, Tensor) else t, tree, namespace=NAMESPACE)
+
+
+class Checkpointing(Transform):
+    """See :func:`with_checkpointing`."""
+
+    name = "with_checkpointing"
+    slot = "checkpointing"
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        directory: Path,
+        every: int | None,
+        seconds: float | None,
+        keep_last: int,
+        keep_best: int,
+        monitor: str | None,
+        mode: str,
+        async_write: bool,
+        resume: bool,
+    ) -> None:
+        super().__init__(inner)
+        self.directory, self.every, self.seconds = directory, every, seconds
+        self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
+        self.async_write, self.resume = async_write, resume
+        self._last_save = time.monotonic()
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def init(self, **options: Any) -> TrainState:
+        """The inner initial state — or, with ``resume``, the newest valid checkpoint restored into it."""
+        state = self.inner.init(**options).with_slot(self.slot, CheckpointingState(""))
+        path = find_latest(self.directory, state) if self.resume else None
+        if path is None:
+            return state
+        return restore(path, state).with_slot(self.slot, CheckpointingState(str(path)))
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        before = int(state.step)
+        new_state, metrics = self.inner(state, batch)
+        self._maybe_save(new_state, metrics, before)
+        return new_state, metrics
+
+    def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        before = int(state.step)
+        new_state, metrics = self.inner.flush(state)
+        self._maybe_save(new_state, metrics, before)
+        return new_state, metrics
+
+    def save_now(self, state: TrainState, metrics: Metrics | None = None) -> Path:
+        """Write a checkpoint of ``state`` now (synchronously) and apply retention; return its path."""
+        self.finish(state)
+        return self._save(state, metrics or {}, wait=True)
+
+    def finish(self, state: TrainState) -> None:
+        """Wait for a checkpoint still being written in the background (re-raising its error)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        finish = getattr(self.inner, "finish", None)
+        if finish is not None:
+            finish(state)
+
+    def _maybe_save(self, state: TrainState, metrics: Metrics, before: int) -> None:
+        step = int(state.step)
+        if step == before:
+            return
+        due = self.every is not None and step % self.every == 0
+        due = due or (self.seconds is not None and time.monotonic() - self._last_save >= self.seconds)
+        if due:
+            self._save(state, metrics, wait=not self.async_write)
+
+    def _save(self, state: TrainState, metrics: Metrics, *, wait: bool) -> Path:
+        step = int(state.step)
+        value = None
+        if self.monitor is not None and self.monitor in metrics:
+            value = float(metrics[self.monitor])
+            value = value if math.isfinite(value) else None  # NaN/inf rank worst
+        metadata = {"step": step, "epoch": int(state.data.epoch), "monitor": self.monitor, "value": value}
+        path = self.directory / f"step-{step:09d}.ckpt"
+        self._last_save = time.monotonic()
+        if wait:
+            self._write(path, state, metadata)
+            return path
+        if self._writer is not None:  # at most one snapshot in flight: bounded extra memory
+            self.finish(state)
+        snapshot = _cpu_copy(state)
+
+        def run() -> None:
+            try:
+                self._write(path, snapshot, metadata)
+            except BaseException as e:  # surfaced by finish()
+                self._error = e
+
+        self._writer = threading.Thread(target=run, name="fnlight-checkpoint", daemon=True)
+        self._writer.start()
+        return path
+
+    def _write(self, path: Path, state: TrainState, metadata: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        save(path, state, metadata=metadata)
+        pointer = self.directory / f".{LATEST}.tmp"
+        pointer.write_text(path.name + "\n")
+        os.replace(pointer, self.directory / LATEST)
+        self._prune(keep={path, Path(state.slots[self.slot].resumed_from)})
+
+    def _prune(self, keep: set[Path]) -> None:
+        found = _checkpoints(self.directory)
+        kept = {p for _, p in found[-self.keep_last :]} if self.keep_last else set()
+        if self.keep_best and self.monitor is not None:
+            sign = 1.0 if self.mode == "min" else -1.0
+            scored = []
+            for step, p in found:
+                try:
+                    value = read_metadata(p).get("metadata", {}).get("value")
+                except (CheckpointError, OSError):
+                    continue
+                scored.append((math.inf if value is None else sign * value, -step, p))
+            kept |= {p for *_, p in sorted(scored)[: self.keep_best]}
+        for _, p in found:
+            if p not in kept and p not in keep:
+                p.unlink(missing_ok=True)
+
+
+def with_checkpointing(
+    step: Any,
+    *,
+    directory: str | os.PathLike[str],
+    every: int | None = None,
+    seconds: float | None = None,
+    keep_last: int = 1,
+    keep_best: int = 0,
+    monitor: str | None = None,
+    mode: str = "min",
+    async_write: bool = False,
+    resume: bool = True,
+) -> Checkpointing:
+    """Save the whole state every N optimizer updates and/or T seconds; resume from the newest valid one.
+
+    Files are ``directory/step-<update>.ckpt`` in fnlight's checkpoint format (atomic writes,
+    checksums), and ``directory/latest`` names the newest. Everything needed to continue is
+    in them: parameters, buffers, optimizer state, step, seed, data position, every
+    transform's slot. With ``resume`` (default), ``step.init()`` restores the newest valid
+    checkpoint in ``directory`` (damaged files are skipped) — so resuming a run is running
+    the same script again. On SIGTERM/SIGINT the fold saves through this transform and exits
+    (see :func:`fnlight.fold`).
+
+    Retention keeps the ``keep_last`` newest, plus the ``keep_best`` best by the ``monitor``
+    metric of the saving step (``mode`` ``"min"`` or ``"max"``; NaN counts as worst), and
+    never deletes the checkpoint the run resumed from.
+
+    Args:
+        step: the step to wrap (outermost; see docs/transforms.md).
+        directory: where checkpoints go (created on first save).
+        every: save after every N-th optimizer update.
+        seconds: save after an update when T seconds have passed since the last save.
+        keep_last: how many of the newest to keep (>= 1).
+        keep_best: how many of the best by ``monitor`` to keep as well.
+        monitor: a metric name of the step (needed for ``keep_best``).
+        mode: ``"min"`` or ``"max"``: which ``monitor`` values are better.
+        async_write: copy the state to CPU memory and write in a background thread; at
+            most one write is in flight (extra memory: one CPU copy of the state).
+        resume: restore the newest valid checkpoint in ``init``.
+
+    Returns:
+        The wrapped step.
+
+    Raises:
+        ValueError, TypeError: bad options (neither ``every`` nor ``seconds``, ``keep_best``
+            without ``monitor``, ...), or a wrong composition order.
+
+    >>> import os, tempfile, torch, fnlight as fl
+    >>> core = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     step = fl.with_checkpointing(core, directory=d, every=2)
+    ...     state = fl.fold(step, step.init(), [(torch.ones(4, 2), torch.zeros(4, 1))] * 5, progress=False)
+    ...     resumed = step.init()
+    ...     int(resumed.step), sorted(os.listdir(d))
+    (4, ['latest', 'step-000000004.ckpt'])
+    """
+    where = "with_checkpointing"
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{where}: directory must be a path, got {directory!r}")
+    if every is None and seconds is None:
+        raise ValueError(f"{where}: give every=N (optimizer updates) and/or seconds=T")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
+        raise ValueError(f"{where}: seconds must be a positive number, got {seconds!r}")
+    for name, value, low in (("keep_last", keep_last, 1), ("keep_best", keep_best, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{where}: {name} must be an int >= {low}, got {value!r}")
+    if keep_best and monitor is None:
+        raise ValueError(f"{where}: keep_best={keep_best} needs monitor=<metric name>")
+    if monitor is not None and not isinstance(monitor, str):
+        raise TypeError(f"{where}: monitor must be a metric name (str), got {monitor!r}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"{where}: mode must be 'min' or 'max', got {mode!r}")
+    return Checkpointing(
+        step,
+        directory=Path(directory),
+        every=every,
+        seconds=seconds,
+        keep_last=keep_last,
+        keep_best=keep_best,
+        monitor=monitor,
+        mode=mode,
+        async_write=bool(async_write),
+        resume=bool(resume),
+    )

@@ -1,0 +1,226 @@
+"""with_checkpointing: periodic saves, retention, resume, damaged files, preemption, fault injection."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import adamw, sgd
+from tests.conftest import make_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(directory, *, dropout=0.2, loss_fn=fl.losses.classification, **options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 3))
+    options.setdefault("every", 2)
+    return fl.with_checkpointing(fl.make_train_step(model, loss_fn, adamw(1e-2)), directory=directory, **options)
+
+
+def names(directory):
+    return sorted(p.name for p in Path(directory).iterdir())
+
+
+def test_saves_every_n_updates_keeps_last_k_and_points_to_latest(tmp_path):
+    step = build(tmp_path, every=2, keep_last=2)
+    fl.fold(step, step.init(), make_batches(7), progress=False)
+    assert names(tmp_path) == ["latest", "step-000000004.ckpt", "step-000000006.ckpt"]
+    assert (tmp_path / "latest").read_text().strip() == "step-000000006.ckpt"
+    meta = fl.checkpoint.read_metadata(tmp_path / "step-000000006.ckpt")
+    assert meta["metadata"]["step"] == 6
+
+
+def test_resume_restores_everything_and_continues_bitwise(tmp_path):
+    batches = make_batches(8)
+    reference = build(tmp_path / "a", every=100)
+    whole = fl.fold(reference, reference.init(seed=1), batches, epochs=2, progress=False)
+    first = build(tmp_path / "b", every=3)
+    fl.fold(first, first.init(seed=1), batches, epochs=2, max_steps=9, progress=False)
+    again = build(tmp_path / "b", every=3)
+    resumed = again.init(seed=1)
+    assert int(resumed.step) == 9 and (int(resumed.data.epoch), int(resumed.data.batch)) == (1, 1)
+    assert resumed.slots["checkpointing"].resumed_from == str(tmp_path / "b" / "step-000000009.ckpt")
+    final = fl.fold(again, resumed, batches, epochs=2, progress=False)
+    assert fl.tree_equal(final.params, whole.params) and fl.tree_equal(final.opt_state, whole.opt_state)
+
+
+def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path):
+    step = build(tmp_path, every=1, keep_last=1)
+    fl.fold(step, step.init(), make_batches(2), progress=False)
+    resumed = build(tmp_path, every=1, keep_last=1)
+    fl.fold(resumed, resumed.init(), make_batches(2), epochs=3, progress=False)
+    assert names(tmp_path) == ["latest", "step-000000002.ckpt", "step-000000006.ckpt"]
+
+
+def test_keep_best_by_monitored_metric_nan_worst(tmp_path):
+    values = iter([5.0, 1.0, float("nan"), 3.0, 0.5, 4.0])
+
+    def loss_fn(model, batch):
+        loss = fl.losses.cross_entropy(model, batch)
+        return loss, {"score": torch.tensor(next(values))}
+
+    step = build(tmp_path, every=1, keep_last=1, keep_best=2, monitor="score", loss_fn=loss_fn)
+    fl.fold(step, step.init(), make_batches(6), progress=False)
+    assert names(tmp_path) == ["latest", "step-000000002.ckpt", "step-000000005.ckpt", "step-000000006.ckpt"]
+    maxed = build(
+        tmp_path / "max",
+        every=1,
+        keep_last=1,
+        keep_best=1,
+        monitor="score",
+        mode="max",
+        loss_fn=lambda m, b: (fl.losses.cross_entropy(m, b), {"score": torch.tensor(float("nan"))}),
+    )
+    fl.fold(maxed, maxed.init(), make_batches(3), progress=False)
+    assert names(tmp_path / "max") == ["latest", "step-000000003.ckpt"]  # all NaN: ties go to the newest
+
+
+def test_damaged_newest_checkpoint_is_skipped(tmp_path):
+    step = build(tmp_path, every=2, keep_last=3)
+    fl.fold(step, step.init(), make_batches(6), progress=False)
+    newest = tmp_path / "step-000000006.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    assert fl.find_latest(tmp_path).name == "step-000000004.ckpt"
+    data = bytearray((tmp_path / "step-000000004.ckpt").read_bytes())
+    data[200] ^= 0xFF
+    (tmp_path / "step-000000004.ckpt").write_bytes(bytes(data))
+    resumed = build(tmp_path, every=2, keep_last=3).init()
+    assert int(resumed.step) == 2
+    assert fl.find_latest(tmp_path / "none") is None
+
+
+def test_async_write_gives_the_same_files(tmp_path):
+    sync = build(tmp_path / "sync", every=2, keep_last=5)
+    asyn = build(tmp_path / "async", every=2, keep_last=5, async_write=True)
+    fl.fold(sync, sync.init(), make_batches(6), progress=False)
+    fl.fold(asyn, asyn.init(), make_batches(6), progress=False)
+    assert names(tmp_path / "sync") == names(tmp_path / "async")
+    template = build(tmp_path / "t").init()
+    a = fl.checkpoint.restore(tmp_path / "sync" / "step-000000006.ckpt", template)
+    b = fl.checkpoint.restore(tmp_path / "async" / "step-000000006.ckpt", template)
+    assert fl.tree_equal(a.params, b.params) and fl.tree_equal(a.opt_state, b.opt_state)
+
+
+def test_seconds_trigger(tmp_path, monkeypatch):
+    import fnlight.transforms._checkpointing as ckpt
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: float(next(clock)) * 0.4)
+    step = build(tmp_path, every=None, seconds=1.0, keep_last=10)
+    fl.fold(step, step.init(), make_batches(8), progress=False)
+    saved = [int(n[5:14]) for n in names(tmp_path) if n.endswith(".ckpt")]
+    assert saved and len(saved) < 8
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes_bitwise(tmp_path):
+    batches = make_batches(8)
+    reference = build(tmp_path / "ref", every=100)
+    whole = fl.fold(reference, reference.init(seed=2), batches, epochs=2, progress=False)
+
+    @fl.every(5)
+    def terminate(state, metrics):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    step = build(tmp_path / "run", every=100)
+    with pytest.raises(fl.Preempted, match=r"SIGTERM received; stopped after update 5 .* saved .*step-000000005.ckpt") as info:
+        fl.fold(step, step.init(seed=2), batches, epochs=2, observers=[terminate], progress=False)
+    assert info.value.code == 143 and int(info.value.state.step) == 5
+    resumed = build(tmp_path / "run", every=100)
+    final = fl.fold(resumed, resumed.init(seed=2), batches, epochs=2, progress=False)
+    assert fl.tree_equal(final.params, whole.params)
+
+
+def test_sigint_without_checkpointing_says_nothing_was_saved():
+    step = fl.make_train_step(nn.Linear(10, 3), fl.losses.cross_entropy, sgd(0.1))
+
+    @fl.every(2)
+    def interrupt(state, metrics):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(fl.Preempted, match="SIGINT received; stopped after update 2 .* Nothing was saved") as info:
+        fl.fold(step, step.init(), make_batches(4), observers=[interrupt], progress=False)
+    assert info.value.code == 130 and info.value.path is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"directory": 3, "every": 1}, TypeError, "directory must be a path, got 3"),
+        ({"directory": "d"}, ValueError, "give every=N .* and/or seconds=T"),
+        ({"directory": "d", "every": 0}, ValueError, "every must be an int >= 1, got 0"),
+        ({"directory": "d", "seconds": -1}, ValueError, "seconds must be a positive number, got -1"),
+        ({"directory": "d", "every": 1, "keep_last": 0}, ValueError, "keep_last must be an int >= 1, got 0"),
+        ({"directory": "d", "every": 1, "keep_best": 2}, ValueError, "keep_best=2 needs monitor"),
+        ({"directory": "d", "every": 1, "monitor": 3}, TypeError, "monitor must be a metric name"),
+        ({"directory": "d", "every": 1, "mode": "up"}, ValueError, "mode must be 'min' or 'max', got 'up'"),
+    ],
+)
+def test_options_are_validated(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fl.with_checkpointing(fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1)), **kwargs)
+
+
+def test_checkpointing_goes_outermost():
+    core = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1))
+    with pytest.raises(ValueError, match="with_grad_accum cannot wrap a step already wrapped by with_checkpointing"):
+        fl.with_grad_accum(fl.with_checkpointing(core, directory="d", every=1), every=2)
+
+
+def run_worker(run_dir, *, kill_after=None, sig=signal.SIGKILL):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fault_worker.py"), str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if kill_after is not None:
+        time.sleep(kill_after)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_fault_injection_ends_bitwise_equal(tmp_path, sig):
+    started = time.monotonic()
+    code, out, err = run_worker(tmp_path / "clean")
+    assert code == 0, err
+    duration = time.monotonic() - started
+    rng = random.Random(int(sig))
+    interrupted, graceful, attempts = 0, 0, 0
+    while not (tmp_path / "run" / "final.ckpt").exists():
+        attempts += 1
+        assert attempts < 12, "the run never finished"
+        code, out, err = run_worker(tmp_path / "run", kill_after=rng.uniform(0.3, 0.55) * duration, sig=sig)
+        if code != 0:
+            interrupted += 1
+            assert code in (-signal.SIGKILL, -signal.SIGTERM, 143), err  # before the fold: the default handler
+            if code == 143:
+                graceful += 1
+                assert "SIGTERM received; stopped after update" in err and "saved" in err
+    assert interrupted >= 2
+    assert sig == signal.SIGKILL or graceful >= 1  # at least one SIGTERM landed inside the fold
+    a, b = _load_final(tmp_path / "clean" / "final.ckpt"), _load_final(tmp_path / "run" / "final.ckpt")
+    assert a["step"] == b["step"] == 24
+    assert fl.tree_equal(a, b)
+
+
+def _load_final(path):
+    """The worker's final tree, restored into a template of the same structure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 4))
+    step = fl.with_amp(fl.make_train_step(model, fl.losses.cross_entropy, adamw(1e-2)), dtype="fp16")
+    state = step.init()
+    return fl.checkpoint.restore(path, {"params": state.params, "opt": state.opt_state, "step": 0})
