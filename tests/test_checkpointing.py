@@ -195,7 +195,7 @@ def run_worker(run_dir, *, kill_after=None, sig=signal.SIGKILL):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_fault_injection_ends_bitwise_equal(tmp_path, sig):
     started = time.monotonic()
-    code, out, err = run_worker(tmp_path / "clean")
+    code, _, err = run_worker(tmp_path / "clean")
     assert code == 0, err
     duration = time.monotonic() - started
     rng = random.Random(int(sig))
@@ -203,7 +203,7 @@ def test_fault_injection_ends_bitwise_equal(tmp_path, sig):
     while not (tmp_path / "run" / "final.ckpt").exists():
         attempts += 1
         assert attempts < 12, "the run never finished"
-        code, out, err = run_worker(tmp_path / "run", kill_after=rng.uniform(0.3, 0.55) * duration, sig=sig)
+        code, _, err = run_worker(tmp_path / "run", kill_after=rng.uniform(0.3, 0.55) * duration, sig=sig)
         if code != 0:
             interrupted += 1
             assert code in (-signal.SIGKILL, -signal.SIGTERM, 143), err  # before the fold: the default handler
