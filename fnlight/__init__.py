@@ -6,7 +6,7 @@ gradient transformations, schedules) and ``fnlight.losses`` are public too.
 
 from . import checkpoint, losses, optim
 from ._donation import DonatedStateError
-from ._interop import copy_into_module_, load_state_dict, state_dict, to_module
+from ._interop import copy_into_module_, load_state_dict, save_safetensors, state_dict, to_module
 from ._loop import Observer, evaluate, every, fold
 from ._rng import derive_seed
 from ._signals import Preempted
@@ -60,6 +60,7 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "optim",
+    "save_safetensors",
     "state_dict",
     "to_module",
     "tree_clone",

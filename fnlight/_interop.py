@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -113,3 +114,25 @@ def load_state_dict(state: TrainState, source: Mapping[str, Tensor], *, strict: 
         params={k: take(k, v) for k, v in state.params.items()},
         buffers={k: take(k, v) for k, v in state.buffers.items()},
     )
+
+
+def save_safetensors(state: TrainState, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None) -> None:
+    """Write the state's parameters and buffers as a ``.safetensors`` file (needs ``safetensors``).
+
+    The file is the plain ``state_dict`` of the model — what other libraries load — not a
+    training checkpoint (for that, see :mod:`fnlight.checkpoint`).
+
+    Raises:
+        ImportError: ``safetensors`` is not installed (``pip install safetensors``).
+
+    >>> import tempfile, torch, fnlight as fl
+    >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     fl.save_safetensors(state, f"{d}/model.safetensors")
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise ImportError("save_safetensors needs the safetensors package: pip install safetensors") from e
+    tensors = {k: v.contiguous() for k, v in state_dict(state).items()}
+    save_file(tensors, os.fspath(path), metadata=metadata)

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fnlight as fl
+import fnlight.checkpoint._format as ck_format
 import fnlight.checkpoint._io as ck_io
 import fnlight.checkpoint._stream as ck_stream
 from fnlight.checkpoint import (
@@ -596,13 +597,29 @@ def test_hostile_footer_raises_checkpoint_error(tmp_path, offset, length, size_d
 
 def test_oversized_index_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "h.ckpt"
-    size = 64 + (1 << 30) + 64 + 32
+    length = ck_format.MAX_INDEX_BYTES + 64
     with open(path, "wb") as f:
         f.write(preamble())
-        f.seek(size - 32)
-        f.write(footer(64, (1 << 30) + 64, 0))  # a sparse file: nothing is really written
-    with raises(path, r"index at offset 64 with length 1073741888 does not fit"):
+        f.seek(64 + length)
+        f.write(footer(64, length, 0))  # a sparse file: the index is never really written
+    with raises(path, rf"index at offset 64 with length {length} does not fit"):
         read_metadata(path)
+
+
+def test_index_with_too_many_maps_and_lists_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(ck_format, "MAX_INDEX_CONTAINERS", 50)
+    path = tmp_path / "h.ckpt"
+    craft(path, index_dict([], metadata={"a": [[] for _ in range(60)]}))
+    with raises(path, r"damaged index: more than 50 maps and lists"):
+        read_metadata(path)
+
+
+@pytest.mark.parametrize("limit", ["MAX_INDEX_BYTES", "MAX_INDEX_CONTAINERS"])
+def test_save_refuses_an_index_over_the_limits_before_writing(tmp_path, monkeypatch, limit):
+    monkeypatch.setattr(ck_format, limit, 5)
+    with pytest.raises(ValueError, match=r"the index would take \d+ bytes and \d+ maps and lists; the limits are"):
+        save(tmp_path / "x.ckpt", SMALL_TREE)
+    assert os.listdir(tmp_path) == []
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):

@@ -78,3 +78,27 @@ def test_interop_rejects_non_states():
     for fn in (fl.to_module, fl.state_dict):
         with pytest.raises(TypeError, match="expected a fnlight.TrainState, got int"):
             fn(1)
+
+
+def test_safetensors_round_trip(trained, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    fl.save_safetensors(trained, tmp_path / "m.safetensors", metadata={"note": "x"})
+    loaded = safetensors.load_file(str(tmp_path / "m.safetensors"))
+    assert fl.tree_equal(loaded, fl.state_dict(trained))
+    rebuilt = fl.load_state_dict(fl.make_train_step(make_bn_mlp(seed=4), fl.losses.cross_entropy, adamw(1e-2)).init(), loaded)
+    assert fl.tree_equal(rebuilt.params, trained.params)
+
+
+def test_safetensors_missing_package_is_named(trained, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("safetensors"):
+            raise ImportError("no safetensors")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match="save_safetensors needs the safetensors package: pip install safetensors"):
+        fl.save_safetensors(trained, tmp_path / "m.safetensors")

@@ -53,7 +53,12 @@ END_MAGIC = b"FNLCKEND"
 ALIGNMENT = 64
 PREAMBLE_SIZE = 64
 FOOTER_SIZE = 32
-MAX_INDEX_BYTES = 1 << 30
+# Bounds on the index, enforced when saving and when reading. A decoded msgpack object can be
+# ~70x larger in memory than its bytes (an empty map: 1 byte -> a dict), so both the size and
+# the number of maps and lists are capped: a hostile index makes the reader allocate at most
+# ~1.4 GiB (measured: 64 MiB of two-letter strings), a legitimate one fits ~600,000 leaves.
+MAX_INDEX_BYTES = 64 << 20
+MAX_INDEX_CONTAINERS = 4_000_000
 MAX_NDIM = 64
 MAX_PATH_LEN = 256
 _INT64_MAX = (1 << 63) - 1
@@ -204,6 +209,9 @@ class Index:
 def encode_index(entries: Sequence[Entry], *, metadata: dict[str, Any], versions: dict[str, str]) -> bytes:
     """The msgpack bytes of the index (small: no tensor data goes through msgpack).
 
+    Raises:
+        ValueError: the index would exceed ``MAX_INDEX_BYTES`` or ``MAX_INDEX_CONTAINERS``.
+
     >>> raw = encode_index([ValueEntry(("lr",), 0.1)], metadata={}, versions={"torch": "2"})
     >>> decode_index(raw, index_offset=64, where="x").entries
     [ValueEntry(path=('lr',), value=0.1)]
@@ -233,33 +241,75 @@ def encode_index(entries: Sequence[Entry], *, metadata: dict[str, Any], versions
         "metadata": metadata,
         "leaves": leaves,
     }
-    return msgpack.packb(index, use_bin_type=True)
+    raw = msgpack.packb(index, use_bin_type=True)
+    containers = _count_containers(index)
+    if len(raw) > MAX_INDEX_BYTES or containers > MAX_INDEX_CONTAINERS:
+        raise ValueError(
+            f"checkpoint: the index would take {len(raw)} bytes and {containers} maps and lists; the limits are "
+            f"{MAX_INDEX_BYTES} bytes and {MAX_INDEX_CONTAINERS} (too many leaves, or too much metadata)"
+        )
+    return raw
+
+
+def _count_containers(obj: Any) -> int:
+    count, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += 1
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            count += 1
+            stack.extend(item)
+    return count
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+def _unpack(raw: bytes) -> Any:
+    """msgpack-decode the index: lengths bounded by its size, at most MAX_INDEX_CONTAINERS maps and lists."""
+    budget = MAX_INDEX_CONTAINERS
+
+    def spend(container: Any) -> Any:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise _TooManyContainers
+        return container
+
+    n = len(raw)
+    return msgpack.unpackb(
+        raw,
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        list_hook=spend,
+        object_hook=spend,
+        max_str_len=n,
+        max_bin_len=0,
+        max_array_len=n,
+        max_map_len=n,
+        max_ext_len=0,
+    )
 
 
 def decode_index(raw: bytes, *, index_offset: int, where: str) -> Index:
     """Unpack (with size limits) and validate the index, including the canonical tensor layout.
 
     Raises:
-        CheckpointError: not msgpack, too deeply nested, wrong schema, unknown dtype name,
+        CheckpointError: not msgpack, too deeply nested or too many maps and lists, wrong schema, unknown dtype name,
             byte count that does not match dtype and shape, offsets out of place, duplicate paths.
     """
-    n = len(raw)
     try:
-        obj = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_str_len=n,
-            max_bin_len=0,
-            max_array_len=n,
-            max_map_len=n,
-            max_ext_len=0,
-        )
+        obj = _unpack(raw)
+    except _TooManyContainers:
+        raise CheckpointError(f"{where}: damaged index: more than {MAX_INDEX_CONTAINERS} maps and lists") from None
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as e:
         raise CheckpointError(f"{where}: damaged index: not valid msgpack ({type(e).__name__}: {e})") from e
-    index = _Schema(where)
-    top = index.map(obj, "the index")
+    schema = _Schema(where)
+    top = schema.map(obj, "the index")
     if top.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{where}: damaged index: format is {top.get('format')!r}, expected {FORMAT_NAME!r}")
     version = top.get("version")
@@ -270,15 +320,15 @@ def decode_index(raw: bytes, *, index_offset: int, where: str) -> Index:
         )
     if top.get("alignment") != ALIGNMENT or top.get("checksum") != "crc32":
         raise CheckpointError(f"{where}: damaged index: expected alignment 64 and checksum 'crc32'")
-    versions = index.map(top.get("versions"), "versions")
+    versions = schema.map(top.get("versions"), "versions")
     if not all(isinstance(v, str) for v in versions.values()):
         raise CheckpointError(f"{where}: damaged index: library versions must be strings")
-    metadata = index.map(top.get("metadata"), "metadata")
+    metadata = schema.map(top.get("metadata"), "metadata")
     try:
         check_metadata(metadata)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: damaged index: {e}") from e
-    entries = index.leaves(top.get("leaves"), index_offset)
+    entries = schema.leaves(top.get("leaves"), index_offset)
     return Index(versions=dict(versions), metadata=metadata, entries=entries, index_offset=index_offset)
 
 

@@ -59,7 +59,8 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
     Raises:
         TypeError: an unsupported leaf (the message gives its path), or metadata that is not
             JSON-like (the message gives the key path).
-        ValueError: an int outside 64 bits, or metadata nested deeper than 64 levels.
+        ValueError: an int outside 64 bits, metadata nested deeper than 64 levels, a string that is
+            not valid UTF-8, or an index over its limits (64 MiB, 4 million maps and lists).
         IsADirectoryError: ``path`` is a directory.
         OSError: the file cannot be written (the previous file at ``path`` is left intact).
 
@@ -73,6 +74,8 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
     check_metadata(metadata)
     plan, end = _plan(tree)
     versions = _library_versions()
+    placeholders = [dataclasses.replace(e, crc32=0xFFFFFFFF) if isinstance(e, TensorEntry) else e for e, _ in plan]
+    encode_index(placeholders, metadata=metadata, versions=versions)  # the limits, checked before any byte is written
     target = os.fspath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"checkpoint: {target} is a directory; save needs a file path")
@@ -96,7 +99,8 @@ def restore(path: PathLike, target: T) -> T:
     shape (per plain leaf its Python type). The result is ``target``'s treespec filled with the
     file's values, so static fields (such as ``TrainState.skeleton``) come from ``target``.
     Tensors are created on the target leaf's device (CPU for a ``meta`` target leaf, so a
-    target on the meta device costs no memory) and ``target`` itself is not modified. The file
+    target on the meta device costs no memory), contiguous and not requiring grad, and
+    ``target`` itself is not modified. The file
     is read once, front to back, straight into the new tensors; every byte is checked.
 
     Args:
