@@ -19,12 +19,15 @@ from .transforms import (
     AccumState,
     AmpState,
     CheckpointingState,
+    TrackingState,
     Transform,
+    current_lr,
     find_latest,
     with_activation_checkpointing,
     with_amp,
     with_checkpointing,
     with_grad_accum,
+    with_tracking,
 )
 
 __version__ = "0.1.0"
@@ -47,9 +50,11 @@ __all__ = [
     "Step",
     "TrainState",
     "TrainStep",
+    "TrackingState",
     "Transform",
     "checkpoint",
     "copy_into_module_",
+    "current_lr",
     "derive_seed",
     "evaluate",
     "every",
@@ -69,4 +74,5 @@ __all__ = [
     "with_amp",
     "with_checkpointing",
     "with_grad_accum",
+    "with_tracking",
 ]

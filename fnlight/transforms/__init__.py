@@ -5,16 +5,20 @@ from ._activation import with_activation_checkpointing
 from ._amp import AmpState, with_amp
 from ._base import CANONICAL_ORDER, Transform
 from ._checkpointing import CheckpointingState, find_latest, with_checkpointing
+from ._tracking import TrackingState, current_lr, with_tracking
 
 __all__ = [
     "CANONICAL_ORDER",
     "AccumState",
     "AmpState",
     "CheckpointingState",
+    "TrackingState",
     "Transform",
+    "current_lr",
     "find_latest",
     "with_activation_checkpointing",
     "with_amp",
     "with_checkpointing",
     "with_grad_accum",
+    "with_tracking",
 ]

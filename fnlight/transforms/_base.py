@@ -22,6 +22,7 @@ CANONICAL_ORDER = (
     "with_grad_accum",
     "with_eval",
     "with_early_stop",
+    "with_tracking",
     "with_checkpointing",
 )
 

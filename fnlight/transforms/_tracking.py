@@ -1,0 +1,194 @@
+"""Feeding experiment trackers: windowed means on the device, one host read per logging event."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._state import TrainState
+from ._accum import batch_size as default_batch_size
+from ._base import Metrics, Transform
+
+__all__ = ["TrackingState", "current_lr", "with_tracking"]
+
+
+class TrackingState(NamedTuple):
+    """The slot of :func:`with_tracking`: each tracker's run id ("" until its first event).
+
+    Checkpointed with the rest of the state, so a resumed run logs into the same runs.
+    """
+
+    run_ids: tuple[str, ...]
+
+
+def current_lr(opt_state: Any) -> float | None:
+    """The learning rate an optimizer state last used (its ``hparams["lr"]``), if it has one."""
+    found: list[Tensor] = []
+
+    def visit(node: Any) -> None:
+        hparams = getattr(node, "hparams", None)
+        if isinstance(hparams, Mapping) and "lr" in hparams:
+            found.append(hparams["lr"])
+        elif isinstance(node, tuple):
+            for child in node:
+                visit(child)
+
+    visit(opt_state)
+    return float(found[-1]) if found else None
+
+
+class _Window:
+    """Sums of 0-d metrics since the last logging event, kept on their devices (no host sync)."""
+
+    def __init__(self) -> None:
+        self.keys: tuple[str, ...] = ()
+        self.sums: list[Tensor] = []
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+        self.updates = 0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: Metrics, samples: int) -> None:
+        self.samples += samples
+        keys = tuple(metrics)
+        if keys == self.keys:
+            torch._foreach_add_(self.sums, [v.detach() for v in metrics.values()])
+        else:  # metrics that come and go (e.g. val/ on evaluation steps) are averaged over their own count
+            current = dict(zip(self.keys, self.sums))
+            for k, v in metrics.items():
+                current[k] = current[k] + v.detach() if k in current else v.detach().to(torch.float64).clone()
+            self.keys, self.sums = tuple(current), list(current.values())
+        for k in keys:
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def read(self) -> dict[str, float]:
+        """Means since the last read (one host transfer for all of them), then reset."""
+        if not self.sums:
+            return {}
+        values = torch.stack([s.to(torch.float64).cpu() for s in self.sums]).tolist()
+        means = {k: v / self.counts[k] for k, v in zip(self.keys, values)}
+        self.keys, self.sums, self.counts = (), [], {}
+        return means
+
+
+class Tracking(Transform):
+    """See :func:`with_tracking`."""
+
+    name = "with_tracking"
+    slot = "tracking"
+
+    def __init__(self, inner: Any, *, trackers: tuple[Any, ...], every: int, hparams: dict[str, Any] | None,
+                 batch_size_fn: Any) -> None:
+        super().__init__(inner)
+        self.trackers, self.every, self.hparams, self.batch_size_fn = trackers, every, hparams, batch_size_fn
+        self._window = _Window()
+        self._open: list[bool] = [False] * len(trackers)
+
+    def init_slot(self, state: TrainState) -> TrackingState:
+        return TrackingState(("",) * len(self.trackers))
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        before = int(state.step)
+        new_state, metrics = self.inner(state, batch)
+        try:
+            samples = self.batch_size_fn(batch)
+        except TypeError:
+            samples = 0
+        return self._observe(new_state, metrics, before, samples), metrics
+
+    def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        before = int(state.step)
+        new_state, metrics = self.inner.flush(state)
+        if int(new_state.step) != before:
+            new_state = self._observe(new_state, metrics, before, 0)
+        return new_state, metrics
+
+    def finish(self, state: TrainState) -> None:
+        """Log what is left of the window and close the trackers (a later call reopens the same runs)."""
+        if self._window.updates:
+            self._emit(state)
+        for i, tracker in enumerate(self.trackers):
+            if self._open[i]:
+                tracker.close()
+                self._open[i] = False
+        self.inner.finish(state)
+
+    def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int) -> TrainState:
+        self._window.add(metrics, samples)
+        step = int(state.step)
+        if step == before:
+            return state
+        self._window.updates += step - before
+        if step % self.every:
+            return state
+        return self._emit(state)
+
+    def _emit(self, state: TrainState) -> TrainState:
+        window = self._window
+        elapsed = max(time.perf_counter() - window.started, 1e-9)
+        scalars = window.read()
+        scalars["throughput/steps_per_s"] = window.updates / elapsed
+        if window.samples:
+            scalars["throughput/samples_per_s"] = window.samples / elapsed
+        lr = current_lr(state.opt_state)
+        if lr is not None:
+            scalars["lr"] = lr
+        scalars["epoch"] = float(int(state.data.epoch))
+        self._window = _Window()
+        run_ids = list(state.slots[self.slot].run_ids)
+        for i, tracker in enumerate(self.trackers):
+            if not self._open[i]:
+                run_ids[i] = tracker.open(run_ids[i], hparams=self.hparams)
+                self._open[i] = True
+            tracker.log_scalars(int(state.step), scalars)
+        if tuple(run_ids) != state.slots[self.slot].run_ids:
+            state = state.with_slot(self.slot, TrackingState(tuple(run_ids)))
+        return state
+
+
+def with_tracking(step: Any, *, trackers: Sequence[Any], every: int = 50, hparams: Mapping[str, Any] | None = None,
+                  batch_size_fn: Any = default_batch_size) -> Tracking:
+    """Log the step's metrics to experiment trackers every N optimizer updates.
+
+    Each call adds its metrics to a window kept on the device (no host sync); every
+    ``every`` updates the window's means are read in one transfer and sent to each
+    tracker, with ``lr`` (from the optimizer state), ``epoch``, and throughput
+    (``throughput/steps_per_s``, ``throughput/samples_per_s``). The step recorded is the
+    optimizer-update count. Metrics that appear only on some steps (``val/...`` from
+    :func:`with_eval`) are averaged over the steps that had them. At the end of a fold the
+    rest of the window is logged and the trackers are closed.
+
+    Each tracker's run id is kept in ``state.slots["tracking"]``: a run resumed from a
+    checkpoint reopens the same tracker runs. Trackers: see :mod:`fnlight.tracking`
+    (aim on an embedded repository, CSV/JSONL files; slow trackers run off the training
+    thread there).
+
+    Args:
+        step: the step to wrap (after with_early_stop, before with_checkpointing).
+        trackers: objects with ``open(run_id, *, hparams) -> run_id``, ``log_scalars(step,
+            scalars)``, ``log_hparams(hparams)`` and ``close()``.
+        every: log every N optimizer updates.
+        hparams: hyperparameters recorded when each run opens.
+        batch_size_fn: samples in a batch, for ``throughput/samples_per_s``.
+
+    Returns:
+        The wrapped step.
+
+    Raises:
+        ValueError, TypeError: bad options or a wrong composition order.
+    """
+    where = "with_tracking"
+    trackers = tuple(trackers)
+    for t in trackers:
+        if not all(callable(getattr(t, m, None)) for m in ("open", "log_scalars", "close")):
+            raise TypeError(f"{where}: each tracker needs open(), log_scalars() and close(); got {type(t).__name__}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise TypeError(f"{where}: hparams must be a mapping, got {type(hparams).__name__}")
+    return Tracking(step, trackers=trackers, every=every, hparams=dict(hparams) if hparams else None,
+                    batch_size_fn=batch_size_fn)

@@ -1,0 +1,107 @@
+"""with_tracking: windowed means, lr and throughput, one event per N updates, run ids in the state."""
+
+import pytest
+import torch
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import adamw, linear
+from tests.conftest import make_batches
+
+
+class Recorder:
+    """A tracker that keeps everything in memory."""
+
+    def __init__(self):
+        self.events, self.opened, self.closed, self.hparams = [], [], 0, None
+
+    def open(self, run_id="", *, hparams=None):
+        self.opened.append(run_id)
+        self.hparams = hparams
+        return run_id or "run-1"
+
+    def log_scalars(self, step, scalars):
+        self.events.append((step, dict(scalars)))
+
+    def log_hparams(self, hparams):
+        self.hparams = hparams
+
+    def close(self):
+        self.closed += 1
+
+
+def build(tracker, every=2, accum=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    step = fl.make_train_step(model, fl.losses.classification, adamw(linear(1e-2, 0.0, 100)))
+    if accum:
+        step = fl.with_grad_accum(step, every=accum)
+    return fl.with_tracking(step, trackers=[tracker], every=every, hparams={"lr": 1e-2})
+
+
+def test_logs_window_means_every_n_updates_with_lr_and_throughput():
+    tracker = Recorder()
+    step = build(tracker, every=2)
+    batches = make_batches(5)
+    direct = fl.make_train_step(build(Recorder()).core._model, fl.losses.classification, adamw(linear(1e-2, 0.0, 100)))
+    losses, state = [], direct.init()
+    for b in batches:
+        state, m = direct(state, b)
+        losses.append(float(m["loss"]))
+    final = fl.fold(step, step.init(), batches, progress=False)
+    assert [s for s, _ in tracker.events] == [2, 4, 5]
+    first = tracker.events[0][1]
+    assert first["loss"] == pytest.approx((losses[0] + losses[1]) / 2, rel=1e-6)
+    assert first["lr"] == pytest.approx(1e-2 * 0.99)
+    assert first["throughput/steps_per_s"] > 0 and first["throughput/samples_per_s"] > 0
+    assert {"accuracy", "epoch"} <= set(first)
+    assert tracker.opened == [""] and tracker.closed == 1 and tracker.hparams == {"lr": 1e-2}
+    assert final.slots["tracking"].run_ids == ("run-1",)
+
+
+def test_steps_are_optimizer_updates_under_accumulation():
+    tracker = Recorder()
+    step = build(tracker, every=1, accum=2)
+    fl.fold(step, step.init(), make_batches(6), progress=False)
+    assert [s for s, _ in tracker.events] == [1, 2, 3]
+
+
+def test_a_resumed_state_reopens_the_same_run():
+    tracker = Recorder()
+    step = build(tracker, every=2)
+    state = fl.fold(step, step.init(), make_batches(4), progress=False)
+    again = Recorder()
+    fl.fold(build(again, every=2), state, make_batches(4), epochs=2, progress=False)
+    assert again.opened == ["run-1"]
+    assert [s for s, _ in again.events] == [6, 8]
+
+
+def test_metrics_that_come_and_go_are_averaged_over_their_own_steps():
+    from fnlight.transforms._tracking import _Window
+
+    window = _Window()
+    window.add({"loss": torch.tensor(1.0)}, 4)
+    window.add({"loss": torch.tensor(3.0), "val/loss": torch.tensor(5.0, dtype=torch.float64)}, 4)
+    window.add({"loss": torch.tensor(5.0)}, 4)
+    assert window.read() == {"loss": 3.0, "val/loss": 5.0}
+    assert window.read() == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"trackers": [object()]}, TypeError, "each tracker needs open\\(\\), log_scalars\\(\\) and close\\(\\); got object"),
+        ({"trackers": [], "every": 0}, ValueError, "every must be an int >= 1, got 0"),
+        ({"trackers": [], "hparams": [1]}, TypeError, "hparams must be a mapping, got list"),
+    ],
+)
+def test_options_are_validated(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fl.with_tracking(fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, adamw(1e-2)), **kwargs)
+
+
+def test_current_lr_finds_the_optimizer_lr():
+    opt = fl.optim.chain(fl.optim.clip_by_global_norm(1.0), adamw(0.25))
+    state = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, opt).init()
+    assert fl.current_lr(state.opt_state) == 0.25
+    assert fl.current_lr(()) is None
