@@ -12,6 +12,7 @@ from ._rng import derive_seed
 from ._signals import Preempted
 from ._state import DataPosition, TrainState
 from ._step import EvalStep, GradContext, Gradients, LossFn, NonFiniteError, Step, TrainStep, make_eval_step, make_train_step
+from ._summary import ModelSummary, SummaryRow, print_summary, summary
 from ._tree import tree_clone, tree_equal
 from .data import Loader
 from .transforms import (
@@ -44,13 +45,15 @@ __all__ = [
     "Gradients",
     "Loader",
     "LossFn",
+    "ModelSummary",
     "NonFiniteError",
     "Observer",
     "Preempted",
     "Step",
+    "SummaryRow",
+    "TrackingState",
     "TrainState",
     "TrainStep",
-    "TrackingState",
     "Transform",
     "checkpoint",
     "copy_into_module_",
@@ -65,8 +68,10 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "optim",
+    "print_summary",
     "save_safetensors",
     "state_dict",
+    "summary",
     "to_module",
     "tree_clone",
     "tree_equal",

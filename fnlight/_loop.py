@@ -16,6 +16,7 @@ from ._progress import Progress
 from ._signals import SignalWatch, preempt
 from ._state import TrainState
 from ._step import EvalStep, Step
+from ._summary import print_summary
 from ._tree import tree_clone
 
 __all__ = ["Observer", "evaluate", "every", "fold"]
@@ -114,6 +115,7 @@ def fold(
     progress: bool | None = None,
     donate: bool = False,
     handle_signals: bool = True,
+    summary: bool | None = None,
 ) -> TrainState:
     """Run ``step`` over ``data``: ``state = step(state, batch)`` for every batch of every epoch.
 
@@ -137,6 +139,8 @@ def fold(
         observers: :class:`Observer` callbacks run every N updates or T seconds.
         progress: show a progress bar; ``None`` shows it when stderr is a terminal.
         donate: let the fold update ``state``'s own tensors (see above).
+        summary: print the model summary (:func:`fnlight.print_summary`) first; ``None``
+            prints it when the progress bar is shown.
         handle_signals: on SIGTERM or SIGINT (main thread only), finish the current step,
             save through ``with_checkpointing`` if the step has it, and raise
             :class:`fnlight.Preempted` (a ``SystemExit``); a second Ctrl-C aborts at once.
@@ -183,6 +187,8 @@ def fold(
 
     start = int(state.step)
     bar = Progress(total=_total(step, data, epochs, max_steps), enabled=progress, start_step=start)
+    if summary or (summary is None and bar.enabled):
+        print_summary(state, console=bar.console)
     for o in observers:
         o._start(start)
     metrics: dict[str, Tensor] = {}

@@ -24,6 +24,7 @@ class Progress:
         self._last = 0.0
         self._t0 = time.perf_counter()
         self._start_step = start_step
+        self.console: Any = CONSOLE
         if not enabled:
             return
         from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
@@ -38,6 +39,7 @@ class Progress:
             auto_refresh=False,
             console=CONSOLE,
         )
+        self.console = self._bar.console
         self._task = self._bar.add_task("fold", total=total, completed=start_step, epoch=0, loss="-", rate="")
         self._bar.start()
 

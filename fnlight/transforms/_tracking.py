@@ -81,8 +81,9 @@ class Tracking(Transform):
     name = "with_tracking"
     slot = "tracking"
 
-    def __init__(self, inner: Any, *, trackers: tuple[Any, ...], every: int, hparams: dict[str, Any] | None,
-                 batch_size_fn: Any) -> None:
+    def __init__(
+        self, inner: Any, *, trackers: tuple[Any, ...], every: int, hparams: dict[str, Any] | None, batch_size_fn: Any
+    ) -> None:
         super().__init__(inner)
         self.trackers, self.every, self.hparams, self.batch_size_fn = trackers, every, hparams, batch_size_fn
         self._window = _Window()
@@ -150,8 +151,14 @@ class Tracking(Transform):
         return state
 
 
-def with_tracking(step: Any, *, trackers: Sequence[Any], every: int = 50, hparams: Mapping[str, Any] | None = None,
-                  batch_size_fn: Any = default_batch_size) -> Tracking:
+def with_tracking(
+    step: Any,
+    *,
+    trackers: Sequence[Any],
+    every: int = 50,
+    hparams: Mapping[str, Any] | None = None,
+    batch_size_fn: Any = default_batch_size,
+) -> Tracking:
     """Log the step's metrics to experiment trackers every N optimizer updates.
 
     Each call adds its metrics to a window kept on the device (no host sync); every
@@ -190,5 +197,4 @@ def with_tracking(step: Any, *, trackers: Sequence[Any], every: int = 50, hparam
         raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
     if hparams is not None and not isinstance(hparams, Mapping):
         raise TypeError(f"{where}: hparams must be a mapping, got {type(hparams).__name__}")
-    return Tracking(step, trackers=trackers, every=every, hparams=dict(hparams) if hparams else None,
-                    batch_size_fn=batch_size_fn)
+    return Tracking(step, trackers=trackers, every=every, hparams=dict(hparams) if hparams else None, batch_size_fn=batch_size_fn)

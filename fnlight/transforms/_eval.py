@@ -1,0 +1,176 @@
+"""Evaluation inside the training step: a validation pass every N updates and/or at epoch end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from .._loop import _batch_size, evaluate
+from .._state import TrainState
+from .._step import make_eval_step
+from ._base import Metrics, Transform
+
+__all__ = ["with_eval"]
+
+
+class Eval(Transform):
+    """See :func:`with_eval`."""
+
+    name = "with_eval"
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        data: Iterable[Any],
+        eval_step: Callable[[TrainState, Any], Metrics],
+        every: int | None,
+        at_epoch_end: bool,
+        prefix: str,
+        batch_size_fn: Callable[[Any], int],
+    ) -> None:
+        super().__init__(inner)
+        self.data, self.eval_step = data, eval_step
+        self.every, self.at_epoch_end, self.prefix = every, at_epoch_end, prefix
+        self.batch_size_fn = batch_size_fn
+
+    def evaluate(self, state: TrainState) -> Metrics:
+        """One evaluation pass over ``data``: ``{prefix + name: 0-d float64 tensor}`` (CPU)."""
+        means = evaluate(self.eval_step, state, self.data, batch_size_fn=self.batch_size_fn)
+        return {self.prefix + k: torch.tensor(v, dtype=torch.float64) for k, v in means.items()}
+
+    def _on_multiple(self, step: int) -> bool:
+        return self.every is not None and step > 0 and step % self.every == 0
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        before = int(state.step)
+        new_state, metrics = self.inner(state, batch)
+        step = int(new_state.step)
+        if step != before and self._on_multiple(step):
+            metrics = {**metrics, **self.evaluate(new_state)}
+        return new_state, metrics
+
+    def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        """The inner flush, then an evaluation if the epoch end (or the flush's update) calls for one.
+
+        A state that was already evaluated right after its update (a multiple of ``every``)
+        and is unchanged by the flush is not evaluated again, so a monitor downstream sees
+        each evaluation once.
+        """
+        before = int(state.step)
+        new_state, metrics = self.inner.flush(state)
+        step = int(new_state.step)
+        on_multiple = self._on_multiple(step)
+        due = (on_multiple or self.at_epoch_end) if step != before else (self.at_epoch_end and not on_multiple)
+        if due:
+            metrics = {**metrics, **self.evaluate(new_state)}
+        return new_state, metrics
+
+    def __repr__(self) -> str:
+        return f"with_eval({self.inner!r}, every={self.every!r}, at_epoch_end={self.at_epoch_end!r})"
+
+
+def with_eval(
+    step: Any,
+    *,
+    data: Iterable[Any],
+    eval_step: Callable[[TrainState, Any], Metrics] | None = None,
+    loss_fn: Any = None,
+    every: int | None = None,
+    at_epoch_end: bool = False,
+    prefix: str = "val/",
+    batch_size_fn: Callable[[Any], int] = _batch_size,
+) -> Eval:
+    """Evaluate on held-out data every N optimizer updates and/or at each epoch end.
+
+    After a call whose update brings ``state.step`` to a multiple of ``every``, and/or
+    in the epoch-end ``flush`` (after the inner flush, so a short accumulation window is
+    applied first), the step runs :func:`fnlight.evaluate` over ``data`` on the new state
+    and merges the results into that call's metrics as ``prefix + name`` (``val/loss``,
+    ``val/accuracy``), 0-d float64 tensors. The means are exact per-sample means, also
+    with an uneven last batch. Evaluation is a pure function of the state: it needs no
+    slot and changes nothing in the state (eval mode, no gradients).
+
+    At epoch end, a state already evaluated right after its update (a multiple of
+    ``every``) and unchanged by the flush is not evaluated a second time.
+
+    Args:
+        step: the step to wrap (see docs/transforms.md for the order).
+        data: a re-iterable of validation batches (a list, a ``DataLoader``, a
+            :class:`fnlight.Loader` — whose ``iter`` serves its epoch-0 order), not a
+            one-shot iterator.
+        eval_step: ``(state, batch) -> {name: 0-d tensor}``, e.g.
+            ``fnlight.make_eval_step(loss_fn)``.
+        loss_fn: instead of ``eval_step``: build it with ``make_eval_step(loss_fn)``.
+        every: evaluate after every N-th optimizer update (>= 1).
+        at_epoch_end: evaluate at the end of every epoch.
+        prefix: prepended to the evaluation metrics' names (non-empty, so they cannot
+            overwrite the training metrics).
+        batch_size_fn: the number of samples in a validation batch (default: leading
+            dimension of its first tensor).
+
+    Returns:
+        The wrapped step.
+
+    Raises:
+        TypeError: ``data`` is not iterable or is a one-shot iterator, ``eval_step``/
+            ``loss_fn``/``batch_size_fn`` are not callable, or an option has the wrong type.
+        ValueError: not exactly one of ``eval_step``/``loss_fn``, neither ``every`` nor
+            ``at_epoch_end``, ``every < 1``, an empty ``data`` or ``prefix``, or a wrong
+            composition order.
+
+    >>> import torch, fnlight as fl
+    >>> core = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    >>> val = [(torch.ones(3, 2), torch.zeros(3, 1)), (torch.ones(1, 2), torch.zeros(1, 1))]
+    >>> step = with_eval(core, data=val, loss_fn=fl.losses.mse, every=2)
+    >>> state, metrics = step(step.init(), (torch.ones(4, 2), torch.zeros(4, 1)))
+    >>> sorted(metrics)
+    ['loss']
+    >>> state, metrics = step(state, (torch.ones(4, 2), torch.zeros(4, 1)))
+    >>> sorted(metrics), metrics["val/loss"].dtype
+    (['loss', 'val/loss'], torch.float64)
+    """
+    where = "with_eval"
+    if (eval_step is None) == (loss_fn is None):
+        raise ValueError(
+            f"{where}: give exactly one of eval_step=make_eval_step(loss_fn) or loss_fn=..., "
+            f"got eval_step={eval_step!r}, loss_fn={loss_fn!r}"
+        )
+    if eval_step is not None and not callable(eval_step):
+        raise TypeError(f"{where}: eval_step must be callable (state, batch) -> metrics, got {eval_step!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"{where}: loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}")
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"{where}: data is a one-shot iterator ({type(data).__name__}); every evaluation iterates it again, "
+            "so pass a re-iterable: a list of batches, a DataLoader or a fnlight.Loader"
+        )
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{where}: data must be a re-iterable of batches (list, DataLoader, fnlight.Loader), got {data!r}")
+    if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"{where}: data is empty ({type(data).__name__} of length 0); there is nothing to evaluate on")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"{where}: every must be an int >= 1 (optimizer updates) or None, got {every!r}")
+    if not isinstance(at_epoch_end, bool):
+        raise TypeError(f"{where}: at_epoch_end must be a bool, got {at_epoch_end!r}")
+    if every is None and not at_epoch_end:
+        raise ValueError(f"{where}: say when to evaluate: every=N (optimizer updates) and/or at_epoch_end=True")
+    if not isinstance(prefix, str):
+        raise TypeError(f"{where}: prefix must be a str such as 'val/', got {prefix!r}")
+    if not prefix:
+        raise ValueError(
+            f"{where}: prefix must not be empty (the evaluation's 'loss' would overwrite the training 'loss'); use e.g. 'val/'"
+        )
+    if not callable(batch_size_fn):
+        raise TypeError(f"{where}: batch_size_fn must be callable batch -> int, got {batch_size_fn!r}")
+    return Eval(
+        step,
+        data=data,
+        eval_step=eval_step if eval_step is not None else make_eval_step(loss_fn),
+        every=every,
+        at_epoch_end=at_epoch_end,
+        prefix=prefix,
+        batch_size_fn=batch_size_fn,
+    )

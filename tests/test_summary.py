@@ -1,0 +1,66 @@
+"""Model summary: counts per module, trainable vs frozen, sizes, tied weights, the printed table."""
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+import fnlight as fl
+
+
+def model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)), nn.ReLU(), nn.Linear(8, 2))
+    m[0][0].weight.requires_grad_(False)
+    return m
+
+
+def test_counts_per_module_and_totals():
+    s = fl.summary(model())
+    assert [(r.name, r.kind, r.trainable, r.frozen) for r in s.rows] == [
+        ("0", "Sequential", 8 + 16, 32),
+        ("1", "ReLU", 0, 0),
+        ("2", "Linear", 18, 0),
+    ]
+    assert (s.total.trainable, s.total.frozen, s.total.params) == (42, 32, 74)
+    assert s.total.mib == pytest.approx(74 * 4 / 2**20)
+    assert s.buffers_mib == pytest.approx((8 + 8) * 4 / 2**20 + 8 / 2**20)
+
+
+def test_depth_and_state_and_dtypes():
+    s = fl.summary(model(), depth=2)
+    assert [r.name for r in s.rows] == ["0", "0.0", "0.1", "1", "2"]
+    step = fl.with_amp(fl.make_train_step(model(), fl.losses.cross_entropy, fl.optim.sgd(0.1)), dtype="bf16", mode="true")
+    from_state = fl.summary(step.init())
+    assert from_state.total.params == 74 and from_state.total.frozen == 32
+    assert from_state.total.mib == pytest.approx(74 * 2 / 2**20)
+
+
+def test_tied_weights_count_once():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    assert fl.summary(nn.Sequential(emb, head)).total.params == 40
+
+
+def test_printed_table_and_fold_prints_it_with_progress(monkeypatch):
+    buffer = io.StringIO()
+    fl.print_summary(model(), console=Console(file=buffer, width=120))
+    assert "model summary" in buffer.getvalue() and "74" in buffer.getvalue()
+    import fnlight._progress as progress
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(progress, "CONSOLE", Console(file=buffer, force_terminal=True, width=120))
+    step = fl.make_train_step(model(), fl.losses.cross_entropy, fl.optim.sgd(0.1))
+    fl.fold(step, step.init(), [(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))], progress=True)
+    assert "model summary" in buffer.getvalue()
+    assert "Sequential" in str(fl.summary(model()))
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="expected an nn.Module or a TrainState, got int"):
+        fl.summary(3)
+    with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
+        fl.summary(model(), depth=0)
