@@ -28,7 +28,9 @@ def _signature(obj: object) -> str:
 
 
 def _entry(module: str, name: str, obj: object) -> str:
-    kind = "module" if inspect.ismodule(obj) else "class" if inspect.isclass(obj) else "function" if callable(obj) else "alias"
+    kind = "module" if inspect.ismodule(obj) else "class" if inspect.isclass(obj) else "function" if callable(obj) else "constant"
+    if kind == "constant":
+        return f"### `{module}.{name}`\n\n*constant* `{name} = {obj!r}`\n"
     doc = inspect.getdoc(obj) or ""
     if kind == "module":
         return f"### `{module}.{name}`\n\n*module* — see its own section below.\n"

@@ -29,10 +29,13 @@ def main(run_dir: Path) -> None:
     loader = fl.Loader((x, y), batch_size=16, shuffle=True, seed=3)
 
     @fl.every(1)
-    def slow_down(state, metrics):  # gives the killer time to land mid-run
-        time.sleep(0.12)
+    def report(state, metrics):  # the test kills the run soon after an update it picks
+        print("update", int(state.step), flush=True)
+        time.sleep(0.01)
 
-    state = fl.fold(step, step.init(seed=5), loader, epochs=4, observers=[slow_down], progress=False)
+    state = step.init(seed=5)
+    print("start", int(state.step), flush=True)
+    state = fl.fold(step, state, loader, epochs=4, observers=[report], progress=False)
     fl.checkpoint.save(run_dir / "final.ckpt", {"params": state.params, "opt": state.opt_state, "step": int(state.step)})
     print("done", int(state.step))
 

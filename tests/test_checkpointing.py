@@ -176,42 +176,44 @@ def test_checkpointing_goes_outermost():
         fl.with_grad_accum(fl.with_checkpointing(core, directory="d", every=1), every=2)
 
 
-def run_worker(run_dir, *, kill_after=None, sig=signal.SIGKILL):
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fault_worker.py"), str(run_dir)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    if kill_after is not None:
-        time.sleep(kill_after)
-        if proc.poll() is None:
+def run_worker(run_dir, *, kill_at=None, sig=signal.SIGKILL, rng=None):
+    """Run the worker; with ``kill_at(start)``, send ``sig`` soon after the update it picks."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_worker.py"), str(run_dir)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    target = None
+    for line in proc.stdout:
+        lines.append(line)
+        words = line.split()
+        if kill_at is not None and words[:1] == ["start"]:
+            target = kill_at(int(words[1]))
+        if target is not None and words[:1] == ["update"] and int(words[1]) >= target:
+            time.sleep(rng.uniform(0.0, 0.05))  # land anywhere in the next step(s), a checkpoint write included
             proc.send_signal(sig)
+            break
     out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
+    return proc.returncode, "".join(lines) + out, err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_fault_injection_ends_bitwise_equal(tmp_path, sig):
-    started = time.monotonic()
     code, _, err = run_worker(tmp_path / "clean")
     assert code == 0, err
-    duration = time.monotonic() - started
     rng = random.Random(int(sig))
     interrupted, graceful, attempts = 0, 0, 0
     while not (tmp_path / "run" / "final.ckpt").exists():
         attempts += 1
         assert attempts < 12, "the run never finished"
-        code, _, err = run_worker(tmp_path / "run", kill_after=rng.uniform(0.3, 0.55) * duration, sig=sig)
+        kill_at = (lambda start: start + rng.randint(1, 7)) if interrupted < 3 else None
+        code, _, err = run_worker(tmp_path / "run", kill_at=kill_at, sig=sig, rng=rng)
         if code != 0:
             interrupted += 1
-            assert code in (-signal.SIGKILL, -signal.SIGTERM, 143), err  # before the fold: the default handler
+            assert code in (-signal.SIGKILL, 143), err
             if code == 143:
                 graceful += 1
                 assert "SIGTERM received; stopped after update" in err and "saved" in err
-    assert interrupted >= 2
-    assert sig == signal.SIGKILL or graceful >= 1  # at least one SIGTERM landed inside the fold
+    assert interrupted == 3
+    assert sig == signal.SIGKILL or graceful == 3
     a, b = _load_final(tmp_path / "clean" / "final.ckpt"), _load_final(tmp_path / "run" / "final.ckpt")
     assert a["step"] == b["step"] == 24
     assert fl.tree_equal(a, b)

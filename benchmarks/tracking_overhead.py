@@ -1,0 +1,107 @@
+"""Cost of tracking: fold step time with aim tracking every update vs no tracking (target <= 1.02x).
+
+MLP 784-512-512-10, batch 64, fused AdamW, in a donating fold. (n) no tracking;
+(t) ``with_tracking(every=1)`` into ``Trackers(AimTracker(...))`` — aim on an embedded
+repository, fed from a background thread — so every update is a logging event (one host
+read of the window's means plus a queue put). (j) the same into a JSONL file. Blocks of N
+updates, interleaved, order rotated each round; median ms/update and ratios to (n).
+
+Run (from the repository root)::
+
+    python benchmarks/tracking_overhead.py            # about 2 minutes on 2 vCPUs
+    python benchmarks/tracking_overhead.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_overhead import fl, keep_freed_heap, mlp, quartiles  # noqa: E402
+
+from fnlight.tracking import AimTracker, JSONLTracker, Trackers  # noqa: E402
+
+Batch = tuple[Tensor, Tensor]
+
+
+def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+class Runner:
+    """One fold per call over a block of batches; optionally tracking every update."""
+
+    def __init__(self, model: nn.Module, trackers: Trackers | None) -> None:
+        step = fl.make_train_step(model, loss_fn, fl.optim.adamw(1e-3))
+        self.step = fl.with_tracking(step, trackers=[trackers], every=1) if trackers is not None else step
+        self.state = self.step.init()
+
+    def __call__(self, batches: Sequence[Batch]) -> None:
+        epochs = int(self.state.data.epoch) + 1
+        self.state = fl.fold(self.step, self.state, batches, epochs=epochs, donate=True, progress=False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    keep_freed_heap()
+    rounds, steps = (5, 20) if args.quick else (25, 60)
+    torch.manual_seed(0)
+    reference = mlp((784, 512, 512, 10))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        aim = Trackers(AimTracker(repo=f"{tmp}/aim"))
+        jsonl = Trackers(JSONLTracker(f"{tmp}/jsonl"))
+        runners = {"n": Runner(copy.deepcopy(reference), None), "t": Runner(copy.deepcopy(reference), aim),
+                   "j": Runner(copy.deepcopy(reference), jsonl)}
+        for run in runners.values():
+            run(batches)
+        ms: dict[str, list[float]] = {m: [] for m in runners}
+        order = list(runners)
+        for r in range(rounds):
+            for m in order[r % 3:] + order[: r % 3]:
+                gc.collect()
+                t0 = time.perf_counter()
+                runners[m](batches)
+                ms[m].append((time.perf_counter() - t0) * 1e3 / steps)
+        t0 = time.perf_counter()
+        aim.close()
+        jsonl.close()
+        drain = time.perf_counter() - t0
+    labels = {"n": "(n) fold, no tracking", "t": "(t) fold + aim every update (background thread)",
+              "j": "(j) fold + JSONL every update (background thread)"}
+    n = statistics.median(ms["n"])
+    lines = [f"## Tracking overhead (torch {torch.__version__}, {torch.get_num_threads()} thread(s))", "",
+             "MLP 784-512-512-10, batch 64, fused AdamW; a logging event every update.", "",
+             "| method | median ms/update | IQR | ratio to (n) | paired ratio (median) |", "|---|---:|---:|---:|---:|"]
+    for m, label in labels.items():
+        q1, q3 = quartiles(ms[m])
+        paired = statistics.median(x / y for x, y in zip(ms[m], ms["n"], strict=True))
+        lines.append(f"| {label} | {statistics.median(ms[m]):.3f} | {q1:.3f}-{q3:.3f} | "
+                     f"{statistics.median(ms[m]) / n:.3f}x | {paired:.3f}x |")
+    lines += ["", f"Closing both trackers (draining their queues) took {drain:.2f} s after the last update."]
+    print("\n".join(lines))
+    if args.markdown:
+        with args.markdown.open("a") as f:
+            f.write("\n".join(lines) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
