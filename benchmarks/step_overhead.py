@@ -100,8 +100,9 @@ LABELS = {
 class TinyTransformer(nn.Module):
     """Token embedding + learned positions, a ``TransformerEncoder``, a linear vocabulary head."""
 
-    def __init__(self, *, vocab: int = 1000, d_model: int = 128, heads: int = 4, ff: int = 512,
-                 layers: int = 2, seq: int = 32) -> None:
+    def __init__(
+        self, *, vocab: int = 1000, d_model: int = 128, heads: int = 4, ff: int = 512, layers: int = 2, seq: int = 32
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.zeros(seq, d_model))
@@ -256,7 +257,7 @@ def time_workload(w: Workload, *, rounds: int, steps: int, warmup: int) -> TimeR
     ms: dict[str, list[float]] = {m: [] for m in METHODS}
     faults: dict[str, list[float]] = {m: [] for m in METHODS}
     for r in range(rounds):
-        for m in METHODS[r % 3:] + METHODS[:r % 3]:
+        for m in METHODS[r % 3 :] + METHODS[: r % 3]:
             gc.collect()
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
@@ -322,8 +323,9 @@ def rss_worker(method: str, cfg: RssConfig) -> dict[str, float]:
     torch.manual_seed(0)
     model = mlp(cfg.widths())  # kept alive for the whole run, as a user script keeps it
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(cfg.batch, cfg.d_in, generator=g), torch.randint(0, 10, (cfg.batch,), generator=g))
-               for _ in range(cfg.steps)]
+    batches = [
+        (torch.randn(cfg.batch, cfg.d_in, generator=g), torch.randint(0, 10, (cfg.batch,), generator=g)) for _ in range(cfg.steps)
+    ]
     if method in ("a", "b"):
         HandLoop(model, fused=method == "b")(batches)
     else:
@@ -339,8 +341,16 @@ def measure_rss(cfg: RssConfig, *, threads: int) -> dict[str, dict[str, float]]:
     """Run :func:`rss_worker` for every method, each in a fresh subprocess of this script."""
     results: dict[str, dict[str, float]] = {}
     for method in (*METHODS, "c'"):
-        cmd = [sys.executable, __file__, "--threads", str(threads), "--rss-worker", method,
-               "--rss-config", json.dumps(dataclasses.asdict(cfg))]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--threads",
+            str(threads),
+            "--rss-worker",
+            method,
+            "--rss-config",
+            json.dumps(dataclasses.asdict(cfg)),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"rss worker {method!r} failed (exit {proc.returncode}):\n{proc.stderr}")
@@ -383,13 +393,23 @@ def time_report(results: Sequence[TimeResult], *, markdown: bool) -> list[str]:
         for m in METHODS:
             xs = res.ms[m]
             lo, hi = quartiles(xs)
-            rows.append([res.workload.name if m == "a" else "", LABELS[m], f"{res.median(m):.3f}",
-                         f"{lo:.3f}-{hi:.3f}", f"{min(xs):.3f}-{max(xs):.3f}", f"{res.median(m) / ref:.3f}x",
-                         f"{statistics.median(res.faults[m]):.0f}"])
+            rows.append(
+                [
+                    res.workload.name if m == "a" else "",
+                    LABELS[m],
+                    f"{res.median(m):.3f}",
+                    f"{lo:.3f}-{hi:.3f}",
+                    f"{min(xs):.3f}-{max(xs):.3f}",
+                    f"{res.median(m) / ref:.3f}x",
+                    f"{statistics.median(res.faults[m]):.0f}",
+                ]
+            )
         cb, ca, ba = res.median("c") / ref, res.median("c") / res.median("a"), ref / res.median("a")
         paired = ", ".join(_median_iqr(f"{n}/{d}", res.paired(n, d)) for n, d in (("c", "b"), ("c", "a"), ("b", "a")))
-        notes.append(f"{res.workload.name} ({res.params / 1e6:.2f}M params): ratio of medians c/b {cb:.3f}, "
-                     f"c/a {ca:.3f}, b/a {ba:.3f}; c - b = {(res.median('c') - ref) * 1e3:+.0f} us/step")
+        notes.append(
+            f"{res.workload.name} ({res.params / 1e6:.2f}M params): ratio of medians c/b {cb:.3f}, "
+            f"c/a {ca:.3f}, b/a {ba:.3f}; c - b = {(res.median('c') - ref) * 1e3:+.0f} us/step"
+        )
         notes.append(f"  paired per-round ratios, median [p25-p75]: {paired}")
         notes.append(f"  (c) vs (b) final weights: max abs difference {res.max_diff:.1e}")
         if res.workload.target:
@@ -400,8 +420,10 @@ def time_report(results: Sequence[TimeResult], *, markdown: bool) -> list[str]:
 def rss_report(cfg: RssConfig, rss: dict[str, dict[str, float]], *, markdown: bool) -> list[str]:
     header = ("method", "peak MiB", "above baseline MiB", "vs (b)", "vs (a)")
     b, a = rss["b"]["peak"], rss["a"]["peak"]
-    rows = [[LABELS[m], f"{r['peak']:.0f}", f"{r['peak'] - r['baseline']:.0f}", f"{r['peak'] / b:.3f}x",
-             f"{r['peak'] / a:.3f}x"] for m, r in rss.items()]
+    rows = [
+        [LABELS[m], f"{r['peak']:.0f}", f"{r['peak'] - r['baseline']:.0f}", f"{r['peak'] / b:.3f}x", f"{r['peak'] / a:.3f}x"]
+        for m, r in rss.items()
+    ]
     params = rss["b"]["params"]
     copy_mib = params * 4 / 2**20
     cb = rss["c"]["peak"] / b
@@ -409,8 +431,7 @@ def rss_report(cfg: RssConfig, rss: dict[str, dict[str, float]], *, markdown: bo
     notes = [
         f"{cfg.describe()}: {params / 1e6:.1f}M params, {copy_mib:.0f} MiB per fp32 copy; "
         f"baseline = RSS after imports ({rss['b']['baseline']:.0f} MiB)",
-        f"  (c') - (c) = {extra:.0f} MiB = {extra / copy_mib:.2f} param-sized copies "
-        "(the fold's clone of the input state)",
+        f"  (c') - (c) = {extra:.0f} MiB = {extra / copy_mib:.2f} param-sized copies (the fold's clone of the input state)",
         f"  target (c) <= 1.05x (b): {cb:.3f}x, {'met' if cb <= 1.05 else 'NOT met'}",
     ]
     return [*_table(header, rows, left=1, markdown=markdown), "", *_notes(notes, markdown=markdown)]
@@ -426,10 +447,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, metavar="PATH", help="also append the tables to PATH as markdown")
     p.add_argument("--rounds", type=int, help="timed rounds per workload (default 25, quick 5)")
     p.add_argument("--steps", type=int, help="steps per timed block for every model (default: per model)")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc's heap trimming in the step-time process (see the module docstring)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads for every method (default 1: see the module docstring)")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's heap trimming in the step-time process (see the module docstring)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads for every method (default 1: see the module docstring)"
+    )
     p.add_argument("--rss-worker", choices=(*METHODS, "c'"), help=argparse.SUPPRESS)
     p.add_argument("--rss-config", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -451,12 +476,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = RssConfig(width=2048, hidden=4, d_in=2048, steps=3) if args.quick else RssConfig()
 
     trim = "default malloc" if args.default_malloc or not keep_freed_heap() else "glibc heap trim off"
-    title = (f"fnlight step overhead: torch {torch.__version__}, torch.get_num_threads() = "
-             f"{torch.get_num_threads()}, Python {platform.python_version()}, {platform.machine()}, {trim}")
+    title = (
+        f"fnlight step overhead: torch {torch.__version__}, torch.get_num_threads() = "
+        f"{torch.get_num_threads()}, Python {platform.python_version()}, {platform.machine()}, {trim}"
+    )
     blocks = {w.name: args.steps or (max(5, w.steps // 10) if args.quick else w.steps) for w in WORKLOADS}
-    setup = (f"step time: {rounds} rounds of one block per method (steps per block: "
-             + ", ".join(f"{n.split(',')[0]} {k}" for n, k in blocks.items())
-             + f"), order rotated each round, {warmup} warm-up blocks per method; AdamW lr={LR} wd={WEIGHT_DECAY}")
+    setup = (
+        f"step time: {rounds} rounds of one block per method (steps per block: "
+        + ", ".join(f"{n.split(',')[0]} {k}" for n, k in blocks.items())
+        + f"), order rotated each round, {warmup} warm-up blocks per method; AdamW lr={LR} wd={WEIGHT_DECAY}"
+    )
     print(title, setup, "", sep="\n", flush=True)
     results = [time_workload(w, rounds=rounds, steps=blocks[w.name], warmup=warmup) for w in WORKLOADS]
     print("\n".join(time_report(results, markdown=False)), flush=True)

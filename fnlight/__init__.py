@@ -4,7 +4,7 @@ The public surface is re-exported here; submodules ``fnlight.optim`` (optimizers
 gradient transformations, schedules) and ``fnlight.losses`` are public too.
 """
 
-from . import checkpoint, losses, optim
+from . import checkpoint, losses, optim, tracking
 from ._donation import DonatedStateError
 from ._interop import copy_into_module_, load_state_dict, save_safetensors, state_dict, to_module
 from ._loop import Observer, evaluate, every, fold
@@ -20,6 +20,7 @@ from .transforms import (
     AccumState,
     AmpState,
     CheckpointingState,
+    EarlyStopState,
     TrackingState,
     Transform,
     current_lr,
@@ -27,6 +28,8 @@ from .transforms import (
     with_activation_checkpointing,
     with_amp,
     with_checkpointing,
+    with_early_stop,
+    with_eval,
     with_grad_accum,
     with_tracking,
 )
@@ -40,6 +43,7 @@ __all__ = [
     "CheckpointingState",
     "DataPosition",
     "DonatedStateError",
+    "EarlyStopState",
     "EvalStep",
     "GradContext",
     "Gradients",
@@ -73,11 +77,14 @@ __all__ = [
     "state_dict",
     "summary",
     "to_module",
+    "tracking",
     "tree_clone",
     "tree_equal",
     "with_activation_checkpointing",
     "with_amp",
     "with_checkpointing",
+    "with_early_stop",
+    "with_eval",
     "with_grad_accum",
     "with_tracking",
 ]

@@ -178,8 +178,13 @@ def test_checkpointing_goes_outermost():
 
 def run_worker(run_dir, *, kill_at=None, sig=signal.SIGKILL, rng=None):
     """Run the worker; with ``kill_at(start)``, send ``sig`` soon after the update it picks."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_worker.py"), str(run_dir)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fault_worker.py"), str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     target = None
     for line in proc.stdout:

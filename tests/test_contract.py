@@ -22,6 +22,12 @@ TRANSFORMS = {
     "amp_true_bf16": ("with_amp", lambda s: fl.with_amp(s, dtype="bf16", mode="true")),
     "accum_every": ("with_grad_accum", lambda s: fl.with_grad_accum(s, every=3)),
     "accum_split": ("with_grad_accum", lambda s: fl.with_grad_accum(s, micro_batches=2)),
+    "eval": (
+        "with_eval",
+        lambda s: fl.with_eval(s, data=make_batches(3, batch=5, seed=9), loss_fn=fl.losses.classification, every=2),
+    ),
+    "early_stop": ("with_early_stop", lambda s: fl.with_early_stop(s, monitor="loss", patience=100)),
+    "early_stop_restore": ("with_early_stop", lambda s: fl.with_early_stop(s, monitor="loss", patience=100, restore_best=True)),
 }
 
 
@@ -117,6 +123,7 @@ def test_init_extends_the_state_with_each_slot(case):
     slots = set(build(case).init().slots)
     expected = {"amp"} & ({"amp"} if "amp_fp16" in case else set())
     expected |= {"grad_accum"} if "accum_every" in case else set()
+    expected |= {"early_stop"} if any(n.startswith("early_stop") for n in case) else set()
     assert slots == expected
 
 

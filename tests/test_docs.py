@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
-PUBLIC = ("fnlight", "fnlight.optim", "fnlight.losses", "fnlight.checkpoint")
+PUBLIC = ("fnlight", "fnlight.optim", "fnlight.losses", "fnlight.checkpoint", "fnlight.tracking")
 
 
 def python_blocks(text: str) -> list[str]:
@@ -30,8 +30,11 @@ def test_examples_in_page_run(page, capsys):
 @pytest.mark.parametrize("module_name", PUBLIC)
 def test_every_public_name_has_a_docstring(module_name):
     module = importlib.import_module(module_name)
-    missing = [n for n in module.__all__
-               if not isinstance(getattr(module, n), (int, str, tuple)) and not inspect.getdoc(getattr(module, n))]
+    missing = [
+        n
+        for n in module.__all__
+        if not isinstance(getattr(module, n), (int, str, tuple)) and not inspect.getdoc(getattr(module, n))
+    ]
     assert not missing, f"{module_name}: public names without a docstring: {missing}"
 
 

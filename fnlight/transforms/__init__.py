@@ -5,6 +5,8 @@ from ._activation import with_activation_checkpointing
 from ._amp import AmpState, with_amp
 from ._base import CANONICAL_ORDER, Transform
 from ._checkpointing import CheckpointingState, find_latest, with_checkpointing
+from ._early_stop import EarlyStopState, with_early_stop
+from ._eval import with_eval
 from ._tracking import TrackingState, current_lr, with_tracking
 
 __all__ = [
@@ -12,6 +14,7 @@ __all__ = [
     "AccumState",
     "AmpState",
     "CheckpointingState",
+    "EarlyStopState",
     "TrackingState",
     "Transform",
     "current_lr",
@@ -19,6 +22,8 @@ __all__ = [
     "with_activation_checkpointing",
     "with_amp",
     "with_checkpointing",
+    "with_early_stop",
+    "with_eval",
     "with_grad_accum",
     "with_tracking",
 ]

@@ -9,10 +9,35 @@ import torch
 
 from .._loop import _batch_size, evaluate
 from .._state import TrainState
-from .._step import make_eval_step
-from ._base import Metrics, Transform
+from .._step import _device_type, make_eval_step
+from ._amp import _cast_floating
+from ._base import Metrics, Transform, layers
 
 __all__ = ["with_eval"]
+
+
+class _InPrecision:
+    """An eval step run in the precision of the training forward pass (an inner ``with_amp``).
+
+    ``mode="mixed"``: under the same ``torch.autocast``; ``mode="true"``: floating inputs
+    cast to the parameters' dtype, as the training step casts them.
+    """
+
+    def __init__(self, eval_step: Callable[[TrainState, Any], Metrics], dtype: torch.dtype, mode: str) -> None:
+        self.eval_step, self.dtype, self.mode = eval_step, dtype, mode
+
+    def __call__(self, state: TrainState, batch: Any) -> Metrics:
+        if self.mode == "true":
+            return self.eval_step(state, _cast_floating(batch, self.dtype))
+        with torch.autocast(_device_type(state.params), dtype=self.dtype):
+            return self.eval_step(state, batch)
+
+
+def _in_precision(eval_step: Callable[[TrainState, Any], Metrics], inner: Any) -> Callable[[TrainState, Any], Metrics]:
+    for layer in layers(inner):
+        if getattr(layer, "name", None) == "with_amp":
+            return _InPrecision(eval_step, layer.dtype, layer.mode)
+    return eval_step
 
 
 class Eval(Transform):
@@ -32,7 +57,7 @@ class Eval(Transform):
         batch_size_fn: Callable[[Any], int],
     ) -> None:
         super().__init__(inner)
-        self.data, self.eval_step = data, eval_step
+        self.data, self.eval_step = data, _in_precision(eval_step, inner)
         self.every, self.at_epoch_end, self.prefix = every, at_epoch_end, prefix
         self.batch_size_fn = batch_size_fn
 
@@ -94,7 +119,10 @@ def with_eval(
     slot and changes nothing in the state (eval mode, no gradients).
 
     At epoch end, a state already evaluated right after its update (a multiple of
-    ``every``) and unchanged by the flush is not evaluated a second time.
+    ``every``) and unchanged by the flush is not evaluated a second time. Evaluation
+    runs in the training forward pass's precision: under an inner :func:`with_amp`,
+    ``mode="mixed"`` evaluates under the same autocast and ``mode="true"`` casts the
+    floating inputs to its dtype.
 
     Args:
         step: the step to wrap (see docs/transforms.md for the order).
@@ -149,7 +177,11 @@ def with_eval(
         )
     if not isinstance(data, Iterable):
         raise TypeError(f"{where}: data must be a re-iterable of batches (list, DataLoader, fnlight.Loader), got {data!r}")
-    if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
+    try:
+        empty = len(data) == 0  # type: ignore[arg-type]
+    except TypeError:  # no length (an iterable-style DataLoader): find out at the first evaluation
+        empty = False
+    if empty:
         raise ValueError(f"{where}: data is empty ({type(data).__name__} of length 0); there is nothing to evaluate on")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"{where}: every must be an int >= 1 (optimizer updates) or None, got {every!r}")

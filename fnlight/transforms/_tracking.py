@@ -82,10 +82,18 @@ class Tracking(Transform):
     slot = "tracking"
 
     def __init__(
-        self, inner: Any, *, trackers: tuple[Any, ...], every: int, hparams: dict[str, Any] | None, batch_size_fn: Any
+        self,
+        inner: Any,
+        *,
+        trackers: tuple[Any, ...],
+        every: int,
+        hparams: dict[str, Any] | None,
+        batch_size_fn: Any,
+        close_on_finish: bool,
     ) -> None:
         super().__init__(inner)
         self.trackers, self.every, self.hparams, self.batch_size_fn = trackers, every, hparams, batch_size_fn
+        self.close_on_finish = close_on_finish
         self._window = _Window()
         self._open: list[bool] = [False] * len(trackers)
 
@@ -112,11 +120,16 @@ class Tracking(Transform):
         """Log what is left of the window and close the trackers (a later call reopens the same runs)."""
         if self._window.updates:
             self._emit(state)
+        if self.close_on_finish:
+            self.close()
+        self.inner.finish(state)
+
+    def close(self) -> None:
+        """Close every open tracker run (the next logging event reopens them with the state's run ids)."""
         for i, tracker in enumerate(self.trackers):
             if self._open[i]:
                 tracker.close()
                 self._open[i] = False
-        self.inner.finish(state)
 
     def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int) -> TrainState:
         self._window.add(metrics, samples)
@@ -158,6 +171,7 @@ def with_tracking(
     every: int = 50,
     hparams: Mapping[str, Any] | None = None,
     batch_size_fn: Any = default_batch_size,
+    close_on_finish: bool = True,
 ) -> Tracking:
     """Log the step's metrics to experiment trackers every N optimizer updates.
 
@@ -181,6 +195,8 @@ def with_tracking(
         every: log every N optimizer updates.
         hparams: hyperparameters recorded when each run opens.
         batch_size_fn: samples in a batch, for ``throughput/samples_per_s``.
+        close_on_finish: close the tracker runs when a fold ends (``False`` keeps them open
+            across folds — several folds of one run — until ``step.close()``).
 
     Returns:
         The wrapped step.
@@ -197,4 +213,11 @@ def with_tracking(
         raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
     if hparams is not None and not isinstance(hparams, Mapping):
         raise TypeError(f"{where}: hparams must be a mapping, got {type(hparams).__name__}")
-    return Tracking(step, trackers=trackers, every=every, hparams=dict(hparams) if hparams else None, batch_size_fn=batch_size_fn)
+    return Tracking(
+        step,
+        trackers=trackers,
+        every=every,
+        hparams=dict(hparams) if hparams else None,
+        batch_size_fn=batch_size_fn,
+        close_on_finish=bool(close_on_finish),
+    )

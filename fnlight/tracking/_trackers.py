@@ -1,0 +1,282 @@
+"""Several trackers as one: fanned out on a background thread, each isolated from the others' failures."""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import queue
+import threading
+import warnings
+import weakref
+from collections.abc import Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from ._aim import AimTracker
+from ._base import Tracker, TrackerWarning, check_hparams, check_run_id, check_scalars, check_step
+from ._files import JSONLTracker
+
+__all__ = ["Trackers", "default_trackers"]
+
+logger = logging.getLogger("fnlight.tracking")
+
+_OPEN: weakref.WeakSet[Trackers] = weakref.WeakSet()
+
+
+def _close_open_trackers() -> None:
+    """At interpreter exit, drain and close every Trackers still open (a forgotten ``close()``)."""
+    for trackers in list(_OPEN):
+        trackers.close()
+
+
+class Trackers:
+    """Several trackers as one tracker: fanned out, run on a background thread, each failure isolated.
+
+    Every call goes to each tracker in order. With ``background=True`` (the default) the calls
+    run on one worker thread fed by a queue, so :meth:`log_scalars` costs the caller a few µs
+    whatever the trackers do (aim's ``Run.track`` takes ~1 ms per event), and events reach each
+    tracker in the order they were logged. :meth:`open` waits for the trackers to open (it must
+    return the run id); :meth:`close` waits until every queued event has been delivered and
+    every tracker closed. The caller waits in :meth:`log_scalars` only when ``max_queue``
+    events are pending (the trackers are persistently slower than training).
+
+    **Failure isolation.** A tracker that raises (disk full, aim repository locked, a bug) is
+    disabled for the rest of the run and reported once with a :class:`TrackerWarning` naming it
+    and its error, on the caller's thread at its next call; training and the other trackers
+    go on. The next :meth:`open` enables every tracker again. Bad arguments (a negative step,
+    a non-numeric value) raise at once on the caller's thread, before anything is queued.
+
+    **One run id.** For a new run the first tracker that opens chooses the id and the others
+    open that same id (the file trackers create ``<run_id>.jsonl``), so one id names the run
+    everywhere and ``open(run_id)`` continues it in every tracker. An :class:`AimTracker`
+    (whose ids are aim's hashes) must therefore come first.
+
+    Trackers is itself a :class:`Tracker`; nested ``Trackers`` are flattened. A ``Trackers``
+    still open at interpreter exit is drained and closed. It can be used as a context manager
+    (closed on exit).
+
+    Args:
+        *trackers: the trackers to feed (any objects with the :class:`Tracker` methods).
+        background: run the trackers on a worker thread (``False``: call them inline).
+        max_queue: how many events may wait for the worker before the caller blocks.
+
+    Raises:
+        TypeError: an argument is not a tracker.
+        ValueError: an :class:`AimTracker` is not first, or ``max_queue < 1``.
+
+    >>> import tempfile
+    >>> from fnlight.tracking import CSVTracker, JSONLTracker, Trackers, read_scalars
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     trackers = Trackers(JSONLTracker(d), CSVTracker(d))
+    ...     run_id = trackers.open(hparams={"lr": 0.1})
+    ...     for step in range(1, 4):
+    ...         trackers.log_scalars(step, {"loss": 1 / step})
+    ...     trackers.close()
+    ...     read_scalars(f"{d}/{run_id}.jsonl") == read_scalars(f"{d}/{run_id}.csv")
+    True
+    """
+
+    def __init__(self, *trackers: Tracker, background: bool = True, max_queue: int = 10_000) -> None:
+        flat: list[Tracker] = []
+        for t in trackers:
+            if isinstance(t, Trackers):
+                flat.extend(t.trackers)
+            elif isinstance(t, Tracker):
+                flat.append(t)
+            else:
+                raise TypeError(
+                    f"Trackers takes trackers (objects with open, log_scalars, log_hparams and close methods), "
+                    f"got {type(t).__name__}: {t!r}"
+                )
+        for t in flat[1:]:
+            if getattr(t, "_generates_run_ids", False):
+                raise ValueError(
+                    f"{t!r} must be the first tracker: its run ids are chosen by its backend (aim's run hashes) and "
+                    f"cannot be given to it, so it has to choose the run id the other trackers then use; "
+                    f"pass it first, e.g. Trackers(aim_tracker, JSONLTracker(dir)), and at most one such tracker"
+                )
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+        self.trackers: tuple[Tracker, ...] = tuple(flat)
+        self.background = bool(background)
+        self.max_queue = max_queue
+        self._active = [True] * len(flat)
+        self._failures: collections.deque[tuple[Tracker, str, BaseException]] = collections.deque()
+        self._queue: queue.Queue[tuple[str, tuple[Any, ...], Future[Any] | None]] | None = None
+        self._thread: threading.Thread | None = None
+        self._run_id = ""
+        self._is_open = False
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(t) for t in self.trackers)
+        return f"Trackers({inner}{'' if self.background else ', background=False'})"
+
+    def __enter__(self) -> Trackers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def run_id(self) -> str:
+        """The id of the open run ("" when none is open, or no tracker could open)."""
+        return self._run_id if self._is_open else ""
+
+    def open(self, run_id: str = "", *, hparams: Mapping[str, Any] | None = None) -> str:
+        """Open a run in every tracker (waiting for them); return its id.
+
+        Returns:
+            The run id: chosen by the first tracker that opens for a new run, else ``run_id``.
+
+        Raises:
+            RuntimeError: a run is already open.
+        """
+        if self._is_open:
+            raise RuntimeError(f"{self!r} already has run {self._run_id!r} open: close() it before opening another")
+        run_id = check_run_id(run_id)
+        hparams = None if hparams is None else check_hparams(hparams)
+        self._active = [True] * len(self.trackers)
+        if self.background:
+            self._queue = queue.Queue(self.max_queue)
+            self._thread = threading.Thread(target=self._work, name="fnlight-trackers", daemon=True)
+            self._thread.start()
+        self._run_id = self._call("open", (run_id, hparams), wait=True)
+        self._is_open = True
+        _OPEN.add(self)
+        atexit.unregister(_close_open_trackers)  # re-registered last, so it runs before aim's own exit cleanup
+        atexit.register(_close_open_trackers)
+        return self._run_id
+
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Queue (or, without background, deliver) one event: ``scalars`` at ``step``."""
+        args = (check_step(step), check_scalars(scalars))
+        self._require_open()
+        self._call("log_scalars", args, wait=False)
+
+    def log_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Queue (or deliver) hyperparameters for every tracker."""
+        args = (check_hparams(hparams),)
+        self._require_open()
+        self._call("log_hparams", args, wait=False)
+
+    def close(self) -> None:
+        """Deliver every queued event, close every tracker, stop the worker; report failures."""
+        if not self._is_open:
+            return
+        _OPEN.discard(self)
+        try:
+            self._call("close", (), wait=True)
+            if self._thread is not None:
+                self._thread.join()
+        finally:
+            self._is_open, self._queue, self._thread = False, None, None
+
+    def _require_open(self) -> None:
+        if not self._is_open:
+            raise RuntimeError(f"{self!r} has no open run: call open() first")
+
+    def _call(self, method: str, args: tuple[Any, ...], *, wait: bool) -> Any:
+        if self._queue is None:
+            result = self._fan_out(method, args)
+        elif wait:
+            done: Future[Any] = Future()
+            self._queue.put((method, args, done))
+            result = done.result()
+        else:
+            self._queue.put((method, args, None))
+            result = None
+        if self._failures:
+            self._report()
+        return result
+
+    def _work(self) -> None:
+        q = self._queue
+        assert q is not None
+        while True:
+            method, args, done = q.get()
+            result = self._fan_out(method, args)
+            if done is not None:
+                done.set_result(result)
+            if method == "close":
+                return
+
+    def _fan_out(self, method: str, args: tuple[Any, ...]) -> Any:
+        """Call ``method`` on every enabled tracker; never raises (failures are recorded)."""
+        if method == "open":
+            run_id, hparams = args
+            for i, t in enumerate(self.trackers):
+                try:
+                    opened = t.open(run_id, hparams=hparams)
+                except Exception as e:
+                    self._fail(i, method, e)
+                    continue
+                run_id = run_id or opened
+            return run_id
+        for i, t in enumerate(self.trackers):
+            if self._active[i]:
+                try:
+                    getattr(t, method)(*args)
+                except Exception as e:
+                    self._fail(i, method, e)
+        return None
+
+    def _fail(self, i: int, method: str, error: Exception) -> None:
+        tracker = self.trackers[i]
+        self._active[i] = False
+        logger.debug("tracker %r failed in %s()", tracker, method, exc_info=error)
+        self._failures.append((tracker, method, error))
+        if method != "close":
+            try:
+                tracker.close()
+            except Exception:
+                pass
+
+    def _report(self) -> None:
+        while self._failures:
+            tracker, method, error = self._failures.popleft()
+            warnings.warn(
+                f"tracker {tracker!r} raised in {method}() and is disabled for the rest of this run "
+                f"(training and the other trackers go on): {type(error).__name__}: {error}",
+                TrackerWarning,
+                stacklevel=4,
+            )
+
+
+def default_trackers(directory: str | os.PathLike[str], *, experiment: str | None = None, aim: bool | None = None) -> Trackers:
+    """The default trackers: aim (when importable) and JSONL, on a background thread, in one directory.
+
+    The aim repository is ``<directory>/.aim`` (see it with ``aim up --repo <directory>``); the
+    JSONL file of a run is ``<directory>/<run_id>.jsonl``, named by the aim run hash when aim is
+    used, and its hyperparameters ``<directory>/<run_id>.hparams.json``.
+
+    Args:
+        directory: where the runs go (created on the first ``open``).
+        experiment: the aim experiment of new runs.
+        aim: ``None``: use aim when it can be imported; ``True``: require it; ``False``: JSONL only.
+
+    Returns:
+        ``Trackers(AimTracker(directory, experiment=experiment), JSONLTracker(directory))``, or
+        ``Trackers(JSONLTracker(directory))`` without aim.
+
+    Raises:
+        ImportError: ``aim=True`` and aim cannot be imported.
+
+    >>> default_trackers("runs", aim=False)  # nothing is created before open()
+    Trackers(JSONLTracker('runs'))
+    """
+    if aim not in (None, True, False):
+        raise TypeError(f"aim must be None (when importable), True or False, got {aim!r}")
+    directory = Path(directory)
+    trackers: list[Tracker] = []
+    if aim is not False:
+        try:
+            trackers.append(AimTracker(directory, experiment=experiment))
+        except ImportError:
+            if aim:
+                raise
+            logger.info("aim is not installed: tracking to JSONL only (pip install aim for the aim UI)")
+    trackers.append(JSONLTracker(directory))
+    return Trackers(*trackers)

@@ -1,0 +1,203 @@
+"""with_eval: when it evaluates, exact weighted means against a hand computation, prefix, precision, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import sgd
+from fnlight.transforms._early_stop import with_early_stop
+from fnlight.transforms._eval import with_eval
+from tests.conftest import make_batches
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def core():
+    return fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1, momentum=0.9))
+
+
+def val_data(sizes=(7, 7, 3), seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
+
+
+def by_hand(state, data):
+    """Loss and accuracy of the trained module (eval mode) over the concatenated validation data."""
+    model = fl.to_module(state).eval()
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    with torch.no_grad():
+        logits = model(x)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).double().mean().item()
+
+
+def run(step, batches):
+    """Pure calls; the metrics of each call."""
+    state, history = step.init(), []
+    for b in batches:
+        state, metrics = step(state, b)
+        history.append((int(state.step), metrics))
+    return state, history
+
+
+def test_every_n_updates_with_exact_weighted_means():
+    val = val_data()
+    step = with_eval(core(), data=val, loss_fn=fl.losses.classification, every=3)
+    state = step.init()
+    evaluated = []
+    for b in make_batches(10, batch=8):
+        state, metrics = step(state, b)
+        if "val/loss" in metrics:
+            evaluated.append(int(state.step))
+            loss, accuracy = by_hand(state, val)
+            assert metrics["val/loss"].dtype == torch.float64 and metrics["val/loss"].ndim == 0
+            assert metrics["val/loss"].item() == pytest.approx(loss, rel=1e-6)
+            assert metrics["val/accuracy"].item() == pytest.approx(accuracy, abs=1e-7)
+            assert "loss" in metrics and "accuracy" in metrics  # the training metrics stay
+    assert evaluated == [3, 6, 9]
+
+
+def test_counts_optimizer_updates_not_calls():
+    step = with_eval(fl.with_grad_accum(core(), every=2), data=val_data(), loss_fn=fl.losses.classification, every=2)
+    _, history = run(step, make_batches(9, batch=8))
+    assert [n for n, m in history if "val/loss" in m] == [2, 4]  # calls 4 and 8
+
+
+def test_at_epoch_end_evaluates_after_the_inner_flush():
+    val = val_data()
+    step = with_eval(fl.with_grad_accum(core(), every=4), data=val, loss_fn=fl.losses.classification, at_epoch_end=True)
+    state, history = run(step, make_batches(10, batch=8))
+    assert not any("val/loss" in m for _, m in history)
+    state, metrics = step.flush(state)  # applies the short window of 2, then evaluates
+    assert int(state.step) == 3
+    loss, accuracy = by_hand(state, val)
+    assert metrics["val/loss"].item() == pytest.approx(loss, rel=1e-6)
+    assert metrics["val/accuracy"].item() == pytest.approx(accuracy, abs=1e-7)
+    reference = fl.evaluate(fl.make_eval_step(fl.losses.classification), state, val)
+    assert metrics["val/loss"].item() == reference["loss"]
+
+
+def test_at_epoch_end_does_not_evaluate_the_same_state_twice():
+    step = with_eval(core(), data=val_data(), loss_fn=fl.losses.classification, every=2, at_epoch_end=True)
+    state, history = run(step, make_batches(4, batch=8))
+    assert [n for n, m in history if "val/loss" in m] == [2, 4]
+    _, metrics = step.flush(state)
+    assert "val/loss" not in metrics  # update 4 was already evaluated
+    state, _ = step(state, make_batches(1, batch=8, seed=7)[0])
+    _, metrics = step.flush(state)
+    assert "val/loss" in metrics  # update 5 was not
+
+
+def test_fold_at_epoch_end_feeds_the_flush_metrics():
+    seen = []
+
+    class Spy:  # a plain step wrapping the transform: records what each epoch-end flush returns
+        def __init__(self, inner):
+            self.inner = inner
+            self.init = inner.init
+
+        def __call__(self, state, batch):
+            return self.inner(state, batch)
+
+        def flush(self, state):
+            state, metrics = self.inner.flush(state)
+            seen.append((int(state.data.epoch), int(state.step), sorted(metrics)))
+            return state, metrics
+
+    step = Spy(with_eval(core(), data=val_data(), loss_fn=fl.losses.classification, at_epoch_end=True))
+    fl.fold(step, step.init(), make_batches(3, batch=8), epochs=2, progress=False)
+    assert seen == [(0, 3, ["val/accuracy", "val/loss"]), (1, 6, ["val/accuracy", "val/loss"])]
+
+
+def test_prefix_custom_eval_step_and_batch_size_fn():
+    val = [{"x": x, "y": y} for x, y in val_data()]
+
+    def errors(model, batch):
+        logits = model(batch["x"])
+        return F.cross_entropy(logits, batch["y"]), {"err": 1.0 - (logits.argmax(-1) == batch["y"]).float().mean()}
+
+    step = with_eval(
+        core(), data=val, eval_step=fl.make_eval_step(errors), every=1, prefix="test_", batch_size_fn=lambda b: len(b["y"])
+    )
+    state, metrics = step(step.init(), make_batches(1, batch=8)[0])
+    assert sorted(metrics) == ["accuracy", "loss", "test_err", "test_loss"]
+    loss, accuracy = by_hand(state, [(b["x"], b["y"]) for b in val])
+    assert metrics["test_loss"].item() == pytest.approx(loss, rel=1e-6)
+    assert metrics["test_err"].item() == pytest.approx(1 - accuracy, abs=1e-7)
+
+
+def test_loader_data_equals_the_list():
+    val = val_data((7, 7, 3))
+    x, y = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+    batch = make_batches(1, batch=8)[0]
+    a = with_eval(core(), data=val, loss_fn=fl.losses.classification, every=1)
+    b = with_eval(core(), data=fl.Loader((x, y), batch_size=7), loss_fn=fl.losses.classification, every=1)
+    ma, mb = a(a.init(), batch)[1], b(b.init(), batch)[1]
+    assert ma["val/loss"].item() == pytest.approx(mb["val/loss"].item(), rel=1e-7)
+    assert ma["val/accuracy"].item() == mb["val/accuracy"].item()
+
+
+def test_evaluation_leaves_the_state_and_training_unchanged():
+    batches = make_batches(6, batch=8)
+    plain = core()
+    expected = fl.fold(plain, plain.init(), batches, progress=False)
+    step = with_eval(core(), data=val_data(), loss_fn=fl.losses.classification, every=1, at_epoch_end=True)
+    got = fl.fold(step, step.init(), batches, progress=False)
+    for field in ("step", "params", "buffers", "opt_state", "data", "slots", "stop"):
+        assert fl.tree_equal(getattr(got, field), getattr(expected, field)), field  # BatchNorm statistics included
+
+
+@pytest.mark.parametrize("mode", ["mixed", "true"])
+def test_evaluates_in_the_precision_of_an_inner_amp(mode):
+    val = val_data()
+    step = with_eval(fl.with_amp(core(), dtype="bf16", mode=mode), data=val, loss_fn=fl.losses.classification, every=1)
+    state, metrics = step(step.init(), make_batches(1, batch=8)[0])
+    eval_step = fl.make_eval_step(fl.losses.classification)
+    if mode == "true":
+        cast = [(x.to(torch.bfloat16), y) for x, y in val]
+        expected = fl.evaluate(eval_step, state, cast)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = fl.evaluate(eval_step, state, val)
+    assert metrics["val/loss"].item() == expected["loss"]
+
+
+BAD = [
+    (dict(every=1), ValueError, "exactly one of eval_step"),
+    (dict(loss_fn=fl.losses.mse, eval_step=fl.make_eval_step(fl.losses.mse), every=1), ValueError, "exactly one of eval_step"),
+    (dict(eval_step="loss", every=1), TypeError, "eval_step must be callable"),
+    (dict(loss_fn=3, every=1), TypeError, "loss_fn must be callable"),
+    (dict(data=iter(val_data()), loss_fn=fl.losses.mse, every=1), TypeError, "one-shot iterator"),
+    (dict(data=(b for b in val_data()), loss_fn=fl.losses.mse, every=1), TypeError, "one-shot iterator"),
+    (dict(data=5, loss_fn=fl.losses.mse, every=1), TypeError, "data must be a re-iterable"),
+    (dict(data=[], loss_fn=fl.losses.mse, every=1), ValueError, "data is empty"),
+    (dict(loss_fn=fl.losses.mse), ValueError, "say when to evaluate"),
+    (dict(loss_fn=fl.losses.mse, every=0), ValueError, "every must be an int >= 1"),
+    (dict(loss_fn=fl.losses.mse, every=2.0), ValueError, "every must be an int >= 1"),
+    (dict(loss_fn=fl.losses.mse, every=True), ValueError, "every must be an int >= 1"),
+    (dict(loss_fn=fl.losses.mse, at_epoch_end="yes"), TypeError, "at_epoch_end must be a bool"),
+    (dict(loss_fn=fl.losses.mse, every=1, prefix=None), TypeError, "prefix must be a str"),
+    (dict(loss_fn=fl.losses.mse, every=1, prefix=""), ValueError, "prefix must not be empty"),
+    (dict(loss_fn=fl.losses.mse, every=1, batch_size_fn=8), TypeError, "batch_size_fn must be callable"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "match"), BAD, ids=[m + str(i) for i, (_, _, m) in enumerate(BAD)])
+def test_bad_options_are_rejected_at_build_time(options, error, match):
+    options = {"data": val_data(), **options}
+    with pytest.raises(error, match=match):
+        with_eval(core(), **options)
+
+
+def test_not_a_step_and_wrong_order_are_rejected():
+    with pytest.raises(TypeError, match="expected a train step"):
+        with_eval(mlp(), data=val_data(), loss_fn=fl.losses.mse, every=1)
+    with pytest.raises(ValueError, match="cannot wrap a step already wrapped by with_early_stop"):
+        with_eval(with_early_stop(core(), monitor="loss"), data=val_data(), loss_fn=fl.losses.mse, every=1)
+    with pytest.raises(ValueError, match="already wrapped by with_eval"):
+        step = with_eval(core(), data=val_data(), loss_fn=fl.losses.mse, every=1)
+        with_eval(step, data=val_data(), loss_fn=fl.losses.mse, every=1)

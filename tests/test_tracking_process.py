@@ -1,0 +1,60 @@
+"""ProcessTrackers: trackers in a child process — delivery, run reuse, errors."""
+
+import pytest
+
+from fnlight.tracking import AimTracker, JSONLTracker, ProcessTrackers, read_scalars
+
+
+def test_events_arrive_in_order_and_the_process_is_reused(tmp_path):
+    trackers = ProcessTrackers(JSONLTracker(tmp_path))
+    run_id = trackers.open(hparams={"lr": 0.1})
+    for step in range(1, 51):
+        trackers.log_scalars(step, {"loss": 1.0 / step})
+    trackers.close()
+    process = trackers._process
+    again = trackers.open(run_id)
+    trackers.log_scalars(51, {"loss": 0.0})
+    trackers.shutdown()
+    assert again == run_id and process is not None and not process.is_alive()
+    loss = read_scalars(tmp_path / f"{run_id}.jsonl")["loss"]
+    assert [s for s, _ in loss] == list(range(1, 52)) and loss[1] == (2, 0.5)
+
+
+def test_aim_in_the_child_process(tmp_path):
+    aim = pytest.importorskip("aim")
+    trackers = ProcessTrackers(AimTracker(tmp_path), JSONLTracker(tmp_path))
+    run_id = trackers.open()
+    trackers.log_scalars(3, {"loss": 0.25})
+    trackers.shutdown()
+    run = aim.Repo(str(tmp_path)).get_run(run_id)
+    (metric,) = [m for m in run.metrics() if m.name == "loss"]
+    steps, (values, *_) = metric.data.numpy()
+    assert steps.tolist() == [3] and values.tolist() == [0.25]
+
+
+def test_a_failing_tracker_is_reported_once_by_the_child_and_the_others_go_on(tmp_path, capfd):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    trackers = ProcessTrackers(JSONLTracker(tmp_path / "ok"), JSONLTracker(blocker))
+    run_id = trackers.open()
+    trackers.log_scalars(1, {"loss": 1.0})
+    trackers.log_scalars(2, {"loss": 2.0})
+    trackers.shutdown()
+    err = capfd.readouterr().err
+    assert err.count("raised in open() and is disabled") == 1
+    assert read_scalars(tmp_path / "ok" / f"{run_id}.jsonl") == {"loss": [(1, 1.0), (2, 2.0)]}
+
+
+def test_misuse_is_named(tmp_path):
+    trackers = ProcessTrackers(JSONLTracker(tmp_path))
+    with pytest.raises(RuntimeError, match="log_scalars: call open\\(\\) first"):
+        trackers.log_scalars(1, {"loss": 1.0})
+    with pytest.raises(RuntimeError, match="log_hparams: call open\\(\\) first"):
+        trackers.log_hparams({"a": 1})
+    with pytest.raises(TypeError, match="Trackers takes trackers"):
+        ProcessTrackers(object())
+    tracker = AimTracker(tmp_path)
+    tracker.open()
+    with pytest.raises(TypeError, match="a tracker with an open run cannot be pickled"):
+        tracker.__getstate__()
+    tracker.close()
