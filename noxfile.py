@@ -46,5 +46,6 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (ratios against a hand-written loop measured in the same run)."""
-    install(session, "examples")
-    session.run("python", "benchmarks/step_overhead.py", *session.posargs)
+    install(session, "examples,aim")
+    for script in ("step_overhead", "transforms_overhead", "checkpoint_io", "tracking_overhead"):
+        session.run("python", f"benchmarks/{script}.py", *session.posargs)

@@ -64,6 +64,11 @@ class ProcessTrackers:
     :meth:`close` ends the run but keeps the process for the next :meth:`open` (a fold closes
     its trackers when it ends); :meth:`shutdown` ends the process, as interpreter exit does.
 
+    The child is started with the ``spawn`` method, which imports the main script again:
+    a script that trains at import time must keep its training code under
+    ``if __name__ == "__main__":`` (Python's multiprocessing rule; otherwise :meth:`open`
+    raises a ``RuntimeError`` saying so).
+
     Costs: starting the child (importing torch, fnlight and the trackers' libraries) takes
     about as long as importing them here, and its memory is that of a second Python process
     with those libraries.
@@ -110,7 +115,15 @@ class ProcessTrackers:
 
     def _ask(self, kind: str, args: tuple[Any, ...]) -> Any:
         self._events.put((kind, args))
-        status, value = self._replies.recv()
+        try:
+            status, value = self._replies.recv()
+        except EOFError:
+            self._process = None
+            raise RuntimeError(
+                f"ProcessTrackers.{kind}: the tracking process exited (its error is on stderr above). A common cause: "
+                "the script starts training at import time; the tracking process is started with the 'spawn' method, "
+                "which imports the main script again, so put the training code under `if __name__ == \"__main__\":`"
+            ) from None
         if status == "error":
             warnings.warn(f"ProcessTrackers: {kind} failed in the tracking process: {value}", TrackerWarning, stacklevel=3)
             return None
