@@ -251,8 +251,9 @@ def _flush(
     if state is not previous:
         mark_donated(previous)
     n = int(state.step)
-    if n != before:
+    if flushed:  # e.g. an epoch-end evaluation: the last metrics of the epoch carry it
         metrics = {**metrics, **flushed}
+    if n != before:
         for o in observers:
             o._maybe(state, metrics, n)
         bar.update(n, epoch, metrics)

@@ -201,3 +201,20 @@ def test_not_a_step_and_wrong_order_are_rejected():
     with pytest.raises(ValueError, match="already wrapped by with_eval"):
         step = with_eval(core(), data=val_data(), loss_fn=fl.losses.mse, every=1)
         with_eval(step, data=val_data(), loss_fn=fl.losses.mse, every=1)
+
+
+def test_epoch_end_evaluation_reaches_the_fold_metrics():
+    import torch
+
+    import fnlight as fl
+    from fnlight.transforms._eval import with_eval
+
+    torch.manual_seed(0)
+    core = fl.make_train_step(torch.nn.Linear(3, 2), fl.losses.cross_entropy, fl.optim.sgd(0.1))
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+    step = with_eval(core, data=data, loss_fn=fl.losses.cross_entropy, at_epoch_end=True)
+    seen = []
+    fl.fold(
+        step, step.init(), data, epochs=2, progress=False, observers=[fl.Observer(lambda s, m: seen.append(sorted(m)), steps=100)]
+    )
+    assert seen == [["loss", "val/loss"]]
