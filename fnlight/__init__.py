@@ -15,6 +15,7 @@ from ._step import EvalStep, GradContext, Gradients, LossFn, NonFiniteError, Ste
 from ._summary import ModelSummary, SummaryRow, print_summary, summary
 from ._tree import tree_clone, tree_equal
 from .data import Loader
+from .distributed import DistInfo, dist_info, init_distributed, with_ddp
 from .transforms import (
     CANONICAL_ORDER,
     AccumState,
@@ -42,6 +43,7 @@ __all__ = [
     "AmpState",
     "CheckpointingState",
     "DataPosition",
+    "DistInfo",
     "DonatedStateError",
     "EarlyStopState",
     "EvalStep",
@@ -63,10 +65,12 @@ __all__ = [
     "copy_into_module_",
     "current_lr",
     "derive_seed",
+    "dist_info",
     "evaluate",
     "every",
     "find_latest",
     "fold",
+    "init_distributed",
     "load_state_dict",
     "losses",
     "make_eval_step",
@@ -83,6 +87,7 @@ __all__ = [
     "with_activation_checkpointing",
     "with_amp",
     "with_checkpointing",
+    "with_ddp",
     "with_early_stop",
     "with_eval",
     "with_grad_accum",

@@ -53,6 +53,8 @@ class GradContext(NamedTuple):
         autocast: run the forward pass and loss under ``torch.autocast`` to this dtype.
         loss_weight: multiply the loss by this Python float before ``autograd.grad``
             (accumulation pre-weights micro-batches, as a hand-written loop divides by K).
+        rank: this process's rank under data parallelism; mixed into the dropout seed (rank 0
+            draws what a single process draws).
         accumulate: gradient buffers (one per trainable parameter, owned by the caller) that
             backward adds into in place, as ``.backward()`` accumulates into ``.grad``; the
             returned gradients are these buffers. ``None``: fresh gradient tensors.
@@ -63,6 +65,7 @@ class GradContext(NamedTuple):
     autocast: torch.dtype | None = None
     loss_weight: float = 1.0
     accumulate: dict[str, Tensor] | None = None
+    rank: int = 0
 
 
 class NonFiniteError(FloatingPointError):
@@ -217,7 +220,7 @@ class TrainStep:
         buffers = state.buffers if is_donating() else {k: b.clone() for k, b in state.buffers.items()}
         skeleton = state.skeleton
         _set_mode(skeleton, True)
-        seed = derive_seed(int(state.key), int(state.step), ctx.micro)
+        seed = derive_seed(int(state.key), int(state.step), ctx.micro, *((ctx.rank,) if ctx.rank else ()))
         # Backward runs while the tensors are bound: activation checkpointing recomputes forwards then.
         grad_was_enabled = torch.is_grad_enabled()
         torch.set_grad_enabled(True)

@@ -1,0 +1,75 @@
+"""Process groups: initialise from torchrun or SLURM variables; a no-op for one process."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "dist_info", "init_distributed"]
+
+
+class DistInfo(NamedTuple):
+    """Where this process stands: its rank, the world size and its rank on the node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def dist_info() -> DistInfo:
+    """The current process group's rank and size (``(0, 1, 0)`` when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(0, 1, 0)
+
+
+def _from_environment() -> tuple[int, int, int] | None:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> DistInfo:
+    """Initialise the default process group from torchrun or SLURM variables; a no-op for one process.
+
+    torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; under
+    SLURM (``srun``) ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` are used and ``MASTER_ADDR``/
+    ``MASTER_PORT`` must be exported by the job script. The backend is NCCL when CUDA is available,
+    else gloo. ``timeout`` (seconds) bounds every collective: a rank that died makes the others fail
+    with an error after it instead of hanging.
+
+    Args:
+        backend: ``"nccl"``, ``"gloo"`` or ``None`` (choose as above).
+        timeout: seconds before a collective that cannot complete raises.
+
+    Returns:
+        This process's :class:`DistInfo` (``(0, 1, 0)`` when no launcher variables are set).
+
+    Raises:
+        ValueError: a non-positive timeout or an unknown backend.
+
+    >>> init_distributed()  # a single process: nothing to do
+    DistInfo(rank=0, world_size=1, local_rank=0)
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"init_distributed: timeout must be a positive number of seconds, got {timeout!r}")
+    if backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"init_distributed: backend must be 'nccl', 'gloo' or None, got {backend!r}")
+    if dist.is_initialized():
+        return dist_info()
+    found = _from_environment()
+    if found is None or found[1] == 1:
+        return DistInfo(0, 1, 0)
+    rank, world_size, local_rank = found
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+    return DistInfo(rank, world_size, local_rank)
