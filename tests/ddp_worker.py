@@ -40,6 +40,7 @@ def main(out, accum):
     assert int(state.step) == 20, int(state.step)
     if info.rank == 0:
         fl.checkpoint.save(out, state.params)
+    torch.distributed.barrier()  # every rank is done before any exits
 
 
 if __name__ == "__main__":

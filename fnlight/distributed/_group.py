@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import NamedTuple
@@ -72,4 +73,10 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+    atexit.register(_destroy)  # tear the group down before interpreter exit (gloo aborts otherwise)
     return DistInfo(rank, world_size, local_rank)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
