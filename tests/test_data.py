@@ -102,3 +102,34 @@ def test_bad_options(args, kwargs, error, match):
 def test_bad_start():
     with pytest.raises(ValueError, match=r"start must be in \[0, 7\], got 8"):
         fl.Loader(tensors(), batch_size=8).iter_epoch(0, 8)
+
+
+def test_ranks_serve_disjoint_shares_of_the_same_order():
+    x, y = tensors(51)
+    shards = [fl.Loader((x, y), batch_size=8, shuffle=True, seed=4, rank=r, world_size=2) for r in range(2)]
+    orders = [s.order(3) for s in shards]
+    assert sorted(torch.cat(orders).tolist()) == list(range(51))  # every sample once: no duplicates
+    assert [len(o) for o in orders] == [26, 25] and [len(s) for s in shards] == [4, 4]
+    served = torch.cat([b[1] for s in shards for b in s.iter_epoch(3)])
+    assert sorted(served.tolist()) == sorted(y.tolist())
+    single = fl.Loader((x, y), batch_size=8, shuffle=True, seed=4)
+    assert torch.equal(single.order(3)[0::2], orders[0])
+
+
+def test_drop_last_gives_every_rank_the_same_number_of_steps():
+    x, y = tensors(51)
+    shards = [fl.Loader((x, y), batch_size=8, shuffle=True, rank=r, world_size=2, drop_last=True) for r in range(2)]
+    assert [s.shard_size for s in shards] == [25, 25] and [len(s) for s in shards] == [3, 3]
+    assert not set(shards[0].order(0).tolist()) & set(shards[1].order(0).tolist())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank": 2, "world_size": 2}, r"rank must be an int in \[0, 2\), got 2"),
+        ({"rank": 0, "world_size": 0}, "world_size must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_rank_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fl.Loader(tensors(), batch_size=2, **kwargs)

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 
 from .._rng import derive_seed
+from ..distributed._group import dist_info
 
 __all__ = ["Loader"]
 
@@ -34,6 +35,11 @@ class Loader:
             default ``torch.utils.data.default_collate``).
         num_workers: worker processes for map-style datasets (``torch.utils.data.DataLoader``);
             each worker's torch generator is seeded from ``(seed, epoch, worker)``.
+        rank, world_size: this process's share of the data (default: the current process
+            group's, see :func:`fnlight.init_distributed`). Ranks serve disjoint strided
+            shares of the same ``(seed, epoch)`` order; use ``drop_last=True`` for training
+            so every rank makes the same number of steps. Evaluation with
+            ``drop_last=False`` serves every sample exactly once (no padding duplicates).
 
     Raises:
         TypeError, ValueError: a dataset of the wrong kind, tensors of unequal lengths,
@@ -55,6 +61,8 @@ class Loader:
         drop_last: bool = False,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Loader: batch_size must be an int >= 1, got {batch_size!r}")
@@ -75,6 +83,14 @@ class Loader:
                 f"Loader: dataset must be a tuple of tensors or a map-style dataset (__getitem__ and __len__), "
                 f"got {type(dataset).__name__}"
             )
+        info = dist_info()
+        rank = info.rank if rank is None else rank
+        world_size = info.world_size if world_size is None else world_size
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"Loader: world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"Loader: rank must be an int in [0, {world_size}), got {rank!r}")
+        self.rank, self.world_size = rank, world_size
         self.dataset = dataset
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.collate_fn = collate_fn or default_collate
@@ -85,16 +101,34 @@ class Loader:
         """Samples in the dataset."""
         return len(self.tensors[0]) if self.tensors is not None else len(self.dataset)
 
+    @property
+    def shard_size(self) -> int:
+        """Samples this rank serves per epoch (all of them in one process)."""
+        n, w = self.num_samples, self.world_size
+        return n // w if self.drop_last else len(range(self.rank, n, w))
+
     def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
+        n, b = self.shard_size, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def order(self, epoch: int) -> Tensor:
-        """The sample indices of ``epoch``, in the order they are served."""
+        """The sample indices this rank serves in ``epoch``, in order.
+
+        Every rank computes the same global order from ``(seed, epoch)`` and takes every
+        ``world_size``-th sample from its ``rank`` on: no sample is served twice. With
+        ``drop_last`` the global order is first cut to a multiple of ``world_size`` so every
+        rank serves as many samples (needed for training, where ranks step together).
+        """
         if not self.shuffle:
-            return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-        return torch.randperm(self.num_samples, generator=generator)
+            order = torch.arange(self.num_samples)
+        else:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator)
+        if self.world_size == 1:
+            return order
+        if self.drop_last:
+            order = order[: self.shard_size * self.world_size]
+        return order[self.rank :: self.world_size]
 
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         """The batches of ``epoch`` from batch number ``start`` on."""
