@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
 
-__all__ = ["derive_seed", "restore_generators", "seed_generators", "seeded"]
+__all__ = ["derive_seed", "restore_generators", "seed_generators"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -49,17 +46,3 @@ def restore_generators(saved: list[tuple[torch.Generator, Tensor]]) -> None:
     """Undo :func:`seed_generators`."""
     for g, state in saved:
         g.set_state(state)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[None]:
-    """Run the block with torch's default generators seeded with ``seed``, then restore them.
-
-    Random ops inside the block (dropout, ``torch.rand``...) draw from a stream that
-    depends on ``seed`` alone; the caller's global random state is left as it was.
-    """
-    saved = seed_generators(seed, devices)
-    try:
-        yield
-    finally:
-        restore_generators(saved)

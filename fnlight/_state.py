@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import optree
 import torch
 import torch.utils._pytree as torch_pytree
 from optree import dataclasses as odc
@@ -112,9 +111,3 @@ torch_pytree.register_pytree_node(
     flatten_with_keys_fn=_flatten_with_keys,
 )
 torch_pytree.register_dataclass(DataPosition, serialized_type_name="fnlight.DataPosition")
-
-
-def tree_leaves_with_path(tree: Any) -> list[tuple[str, Any]]:
-    """Flatten ``tree`` (fnlight namespace) into ``(dotted path, leaf)`` pairs."""
-    paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace=NAMESPACE, none_is_leaf=False)
-    return [(".".join(str(p) for p in path), leaf) for path, leaf in zip(paths, leaves)]
