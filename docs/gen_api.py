@@ -11,7 +11,7 @@ import pathlib
 import re
 import sys
 
-MODULES = ("fnlight", "fnlight.optim", "fnlight.losses", "fnlight.checkpoint", "fnlight.tracking")
+MODULES = ("fnlight", "fnlight.optim", "fnlight.losses", "fnlight.checkpoint", "fnlight.tracking", "fnlight.distributed")
 HEADER = """# API reference
 
 Generated from the docstrings by `python docs/gen_api.py`; do not edit by hand.

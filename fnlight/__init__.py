@@ -4,7 +4,7 @@ The public surface is re-exported here; submodules ``fnlight.optim`` (optimizers
 gradient transformations, schedules) and ``fnlight.losses`` are public too.
 """
 
-from . import checkpoint, losses, optim, tracking
+from . import checkpoint, distributed, losses, optim, tracking
 from ._donation import DonatedStateError
 from ._interop import copy_into_module_, load_state_dict, save_safetensors, state_dict, to_module
 from ._loop import Observer, evaluate, every, fold
@@ -15,7 +15,7 @@ from ._step import EvalStep, GradContext, Gradients, LossFn, NonFiniteError, Ste
 from ._summary import ModelSummary, SummaryRow, print_summary, summary
 from ._tree import tree_clone, tree_equal
 from .data import Loader
-from .distributed import DistInfo, dist_info, init_distributed, with_ddp
+from .distributed import DistInfo, dist_info, init_distributed, with_ddp, with_fsdp
 from .transforms import (
     CANONICAL_ORDER,
     AccumState,
@@ -66,6 +66,7 @@ __all__ = [
     "current_lr",
     "derive_seed",
     "dist_info",
+    "distributed",
     "evaluate",
     "every",
     "find_latest",
@@ -90,6 +91,7 @@ __all__ = [
     "with_ddp",
     "with_early_stop",
     "with_eval",
+    "with_fsdp",
     "with_grad_accum",
     "with_tracking",
 ]

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["bound", "make_skeleton", "materialize"]
+__all__ = ["bound", "full_tensors", "make_skeleton", "materialize"]
 
 _SLOTS = "_fnlight_slots"
+
+
+def full_tensors(tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``tensors`` with every sharded ``DTensor`` gathered into a full local tensor (no gradient).
+
+    States trained under :func:`fnlight.with_fsdp` hold sharded parameters; evaluation and
+    export need the whole tensors. Returns ``tensors`` itself when nothing is sharded.
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # never imported: no DTensor exists
+    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors.values()):
+        return tensors
+    return {n: t.full_tensor() if isinstance(t, dtensor) else t for n, t in tensors.items()}
 
 
 def make_skeleton(module: nn.Module) -> nn.Module:

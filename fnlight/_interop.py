@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ._bind import materialize
+from ._bind import full_tensors, materialize
 from ._donation import check_live
 from ._state import TrainState
 
@@ -34,7 +34,7 @@ def to_module(state: TrainState) -> nn.Module:
     >>> fl.to_module(state)(torch.zeros(1, 2)).shape
     torch.Size([1, 1])
     """
-    module = materialize(_require_skeleton(state, "to_module"), state.params, state.buffers)
+    module = materialize(_require_skeleton(state, "to_module"), full_tensors(state.params), state.buffers)
     return module.eval()
 
 
@@ -47,7 +47,7 @@ def state_dict(state: TrainState) -> dict[str, Tensor]:
     ['bias', 'weight']
     """
     skeleton = _require_skeleton(state, "state_dict")
-    merged = {**state.params, **state.buffers}
+    merged = {**full_tensors(state.params), **state.buffers}
     return {k: merged[k].detach().clone() for k in skeleton.state_dict(keep_vars=True) if k in merged}
 
 

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ._bind import bind, bound, make_skeleton, unbind
+from ._bind import bind, bound, full_tensors, make_skeleton, unbind
 from ._donation import check_live, is_donating
 from ._rng import derive_seed, restore_generators, seed_generators
 from ._state import TrainState
@@ -58,6 +58,10 @@ class GradContext(NamedTuple):
         accumulate: gradient buffers (one per trainable parameter, owned by the caller) that
             backward adds into in place, as ``.backward()`` accumulates into ``.grad``; the
             returned gradients are these buffers. ``None``: fresh gradient tensors.
+        gather: maps the parameters (by name; the trainable ones are autograd leaves) to the
+            tensors bound into the module for this call, differentiably: sharded data
+            parallelism materialises full parameters here, so gradients flow back to the
+            shards. ``None``: the parameters themselves.
     """
 
     micro: int = 0
@@ -66,6 +70,7 @@ class GradContext(NamedTuple):
     loss_weight: float = 1.0
     accumulate: dict[str, Tensor] | None = None
     rank: int = 0
+    gather: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
 
 
 class NonFiniteError(FloatingPointError):
@@ -224,7 +229,8 @@ class TrainStep:
         # Backward runs while the tensors are bound: activation checkpointing recomputes forwards then.
         grad_was_enabled = torch.is_grad_enabled()
         torch.set_grad_enabled(True)
-        saved_slots = bind(skeleton, {**params, **leaves, **buffers})
+        bound_params = {**params, **leaves} if ctx.gather is None else ctx.gather({**params, **leaves})
+        saved_slots = bind(skeleton, {**bound_params, **buffers})
         saved_rng = seed_generators(seed, self._devices)
         try:
             if ctx.autocast is None:
@@ -337,7 +343,7 @@ class EvalStep:
         _check_state(state, "eval step")
         skeleton = state.skeleton
         _set_mode(skeleton, False)
-        with torch.no_grad(), bound(skeleton, {**state.params, **state.buffers}):
+        with torch.no_grad(), bound(skeleton, {**full_tensors(state.params), **state.buffers}):
             out = _call_loss(self.loss_fn, skeleton, batch, "eval", state)
         return _split_output(out, self.loss_fn)[1]
 

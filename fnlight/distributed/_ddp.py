@@ -10,10 +10,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
-from ..transforms._base import Metrics, Transform
+from ..transforms._base import Metrics, Transform, layers
 from ._group import dist_info
 
-__all__ = ["with_ddp"]
+__all__ = ["broadcast_tensors", "with_ddp"]
 
 
 def _buckets(tensors: list[Tensor], limit: int) -> list[list[int]]:
@@ -45,12 +45,25 @@ def _all_reduce_mean(tensors: list[Tensor], limit: int, world_size: int) -> list
     return out
 
 
+def broadcast_tensors(tensors: list[Tensor], limit: int = 25 * 2**20) -> list[Tensor]:
+    """Copies of rank 0's ``tensors`` on every rank, broadcast in flat buckets of at most ``limit`` bytes."""
+    synced = [t.detach().clone() for t in tensors]
+    for bucket in _buckets(synced, limit):
+        flat = _flatten_dense_tensors([synced[i] for i in bucket])
+        dist.broadcast(flat, src=0)
+        for i, t in zip(bucket, _unflatten_dense_tensors(flat, [synced[i] for i in bucket])):
+            synced[i] = t
+    return synced
+
+
 class DDP(Transform):
     """See :func:`with_ddp`."""
 
     name = "with_ddp"
 
     def __init__(self, inner: Any, *, bucket_bytes: int) -> None:
+        if any(getattr(layer, "name", None) == "with_fsdp" for layer in layers(inner)):
+            raise ValueError("with_ddp: the step is already wrapped by with_fsdp; use one of with_ddp or with_fsdp, not both")
         super().__init__(inner)
         self.bucket_bytes = bucket_bytes
 
@@ -60,13 +73,7 @@ class DDP(Transform):
         info = dist_info()
         if info.world_size == 1:
             return state
-        tensors = [*state.params.values(), *state.buffers.values()]
-        synced = [t.clone() for t in tensors]
-        for bucket in _buckets(synced, self.bucket_bytes):
-            flat = _flatten_dense_tensors([synced[i] for i in bucket])
-            dist.broadcast(flat, src=0)
-            for i, t in zip(bucket, _unflatten_dense_tensors(flat, [synced[i] for i in bucket])):
-                synced[i] = t
+        synced = broadcast_tensors([*state.params.values(), *state.buffers.values()], self.bucket_bytes)
         n = len(state.params)
         params = dict(zip(state.params, synced[:n]))
         return state.replace(

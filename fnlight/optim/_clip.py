@@ -50,7 +50,9 @@ def global_norm(grads: Grads) -> Tensor:
     norms: list[Tensor] = []
     for idx in group_indices(tensors, range(len(tensors))).values():
         norms.extend(torch._foreach_norm([tensors[i] for i in idx], 2.0))
-    return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), 2.0)
+    total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), 2.0)
+    # Sharded gradients (with_fsdp) give a replicated DTensor: the global value as a plain tensor.
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 def _init(params: Grads) -> ClipState:

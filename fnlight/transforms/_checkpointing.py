@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from torch import Tensor
 
 from .._state import NAMESPACE, TrainState
 from ..checkpoint import CheckpointError, read_metadata, restore, save
+from ..distributed._group import dist_info
+from ..distributed._sharded import is_sharded, read_sharded_metadata, restore_sharded, save_sharded
 from ._base import Metrics, Transform
 
 __all__ = ["CheckpointingState", "find_latest", "with_checkpointing"]
@@ -41,8 +44,20 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _restore(path: Path, target: Any) -> Any:
+    """A checkpoint file, or a sharded checkpoint directory, restored into ``target`` (sharded or not)."""
+    return restore_sharded(path, target) if path.is_dir() or is_sharded(target) else restore(path, target)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    return read_sharded_metadata(path) if path.is_dir() else read_metadata(path)
+
+
 def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path | None:
     """The newest valid checkpoint in ``directory`` (``step-*.ckpt``), skipping damaged ones.
+
+    A checkpoint is a file, or for a state sharded by :func:`fnlight.with_fsdp` a directory
+    of per-rank files (see :func:`fnlight.distributed.save_sharded`).
 
     With ``target`` each candidate is fully restored into it (every checksum verified, the
     structure checked) and the first that succeeds is returned; without, a candidate is
@@ -56,7 +71,7 @@ def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path |
     """
     for _, path in reversed(_checkpoints(Path(directory))):
         try:
-            restore(path, target) if target is not None else read_metadata(path)
+            _restore(path, target) if target is not None else _read_metadata(path)
         except (CheckpointError, OSError):
             continue
         return path
@@ -65,6 +80,16 @@ def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path |
 
 def _cpu_copy(tree: Any) -> Any:
     return optree.tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, Tensor) else t, tree, namespace=NAMESPACE)
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a time-based save must happen on all ranks at the same update)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(int(flag))
+    dist.broadcast(t, src=0)
+    return bool(t)
 
 
 class Checkpointing(Transform):
@@ -98,10 +123,20 @@ class Checkpointing(Transform):
     def init(self, **options: Any) -> TrainState:
         """The inner initial state — or, with ``resume``, the newest valid checkpoint restored into it."""
         state = self.inner.init(**options).with_slot(self.slot, CheckpointingState(""))
-        path = find_latest(self.directory, state) if self.resume else None
+        if not self.resume:
+            return state
+        info = dist_info()
+        if info.world_size == 1:
+            path = find_latest(self.directory, state)
+        else:  # rank 0 chooses, so that every rank resumes from the same checkpoint
+            import torch.distributed as dist
+
+            chosen = [str(find_latest(self.directory) or "") if info.rank == 0 else None]
+            dist.broadcast_object_list(chosen, src=0)
+            path = Path(chosen[0]) if chosen[0] else None
         if path is None:
             return state
-        return restore(path, state).with_slot(self.slot, CheckpointingState(str(path)))
+        return _restore(path, state).with_slot(self.slot, CheckpointingState(str(path)))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         before = int(state.step)
@@ -137,7 +172,9 @@ class Checkpointing(Transform):
         if step == before:
             return
         due = self.every is not None and step % self.every == 0
-        due = due or (self.seconds is not None and time.monotonic() - self._last_save >= self.seconds)
+        if self.seconds is not None:
+            late = time.monotonic() - self._last_save >= self.seconds
+            due = due or (late if dist_info().world_size == 1 else _agree(late))
         if due:
             self._save(state, metrics, wait=not self.async_write)
 
@@ -150,6 +187,14 @@ class Checkpointing(Transform):
         metadata = {"step": step, "epoch": int(state.data.epoch), "monitor": self.monitor, "value": value}
         path = self.directory / f"step-{step:09d}.ckpt"
         self._last_save = time.monotonic()
+        info = dist_info()
+        if info.world_size > 1 and is_sharded(state):  # every rank writes its shards, together
+            save_sharded(path, state, metadata=metadata)
+            if info.rank == 0:
+                self._commit(path, state)
+            return path
+        if info.rank != 0:  # replicated state: rank 0 writes it for everyone
+            return path
         if wait:
             self._write(path, state, metadata)
             return path
@@ -170,6 +215,10 @@ class Checkpointing(Transform):
     def _write(self, path: Path, state: TrainState, metadata: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         save(path, state, metadata=metadata)
+        self._commit(path, state)
+
+    def _commit(self, path: Path, state: TrainState) -> None:
+        """Point ``latest`` at ``path`` and apply retention."""
         pointer = self.directory / f".{LATEST}.tmp"
         pointer.write_text(path.name + "\n")
         os.replace(pointer, self.directory / LATEST)
@@ -183,14 +232,14 @@ class Checkpointing(Transform):
             scored = []
             for step, p in found:
                 try:
-                    value = read_metadata(p).get("metadata", {}).get("value")
+                    value = _read_metadata(p).get("metadata", {}).get("value")
                 except (CheckpointError, OSError):
                     continue
                 scored.append((math.inf if value is None else sign * value, -step, p))
             kept |= {p for *_, p in sorted(scored)[: self.keep_best]}
         for _, p in found:
             if p not in kept and p not in keep:
-                p.unlink(missing_ok=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def with_checkpointing(

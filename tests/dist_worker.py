@@ -1,0 +1,123 @@
+"""Data-parallel runs for tests/test_distributed.py; launch with torchrun --nproc_per_node 2.
+
+Usage: ``torchrun --nproc_per_node 2 tests/dist_worker.py OUT_DIR PHASE``. Every run trains on the
+global batches of ``global_batches()``, each rank taking its half; rank 0 writes what the tests
+compare into OUT_DIR. One launch runs many scenarios: starting ranks costs seconds.
+
+Phases:
+- ``train``: with_ddp and with_fsdp, each without and with accumulation (K=2), 20 updates;
+  the FSDP trap (gathering without ``grad_placements``); per-rank state bytes; an FSDP run
+  that saves sharded checkpoints at updates 10 and 20; and the 1 -> 2 reshard of a
+  single-process checkpoint (``OUT_DIR/single.ckpt``, written by the test first).
+- ``resume``: restore ``OUT_DIR/back.ckpt`` (the 2 -> 1 reshard of update 10, written by the
+  test) on 2 FSDP ranks and train the last 10 updates.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fnlight as fl
+from fnlight.distributed import _fsdp
+
+UPDATES = 20
+
+
+def model(width=32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, 3))
+
+
+def optimizer():
+    return fl.optim.chain(fl.optim.clip_by_global_norm(1.0), fl.optim.adamw(1e-2))
+
+
+def global_batches(n=UPDATES, size=16):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 10, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+
+
+def local_batches(rank, accum, world=2):
+    """This rank's half of every global batch, as ``accum`` micro-batches each."""
+    data = []
+    for x, y in global_batches():
+        share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        xs, ys = x[share], y[share]
+        data += [(xs[i::accum], ys[i::accum]) for i in range(accum)]
+    return data
+
+
+def build(mode, rank, accum=1, width=32):
+    torch.manual_seed(100 + rank)  # a different local init on every rank: rank 0's must win
+    local = nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, 3))
+    if rank == 0:
+        local.load_state_dict(model(width).state_dict())
+    step = fl.make_train_step(local, fl.losses.cross_entropy, optimizer())
+    step = fl.with_ddp(step) if mode == "ddp" else fl.with_fsdp(step)
+    return fl.with_grad_accum(step, every=accum) if accum > 1 else step
+
+
+def save_params(path, state):
+    """Rank 0 writes the whole parameters (gathered from the shards); every rank must call it."""
+    params = fl.state_dict(state)
+    if torch.distributed.get_rank() == 0:
+        fl.checkpoint.save(path, params)
+
+
+def train(out: Path, rank: int) -> None:
+    for mode in ("ddp", "fsdp"):
+        for accum in (1, 2):
+            step = build(mode, rank, accum)
+            state = fl.fold(step, step.init(), local_batches(rank, accum), progress=False)
+            assert int(state.step) == UPDATES, int(state.step)
+            save_params(out / f"{mode}-{accum}.ckpt", state)
+
+    # The trap: full_tensor() without grad_placements leaves each rank with its own gradient.
+    original = _fsdp._gather
+    _fsdp._gather = lambda tensors: {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in tensors.items()}
+    try:
+        step = build("fsdp", rank)
+        save_params(out / "trap.ckpt", fl.fold(step, step.init(), local_batches(rank, 1), progress=False))
+    finally:
+        _fsdp._gather = original
+
+    # Per-rank bytes of parameters + optimizer state.
+    sizes = {}
+    for mode in ("ddp", "fsdp"):
+        state = build(mode, rank, width=512).init()
+        sizes[mode] = fl.distributed.local_bytes((state.params, state.opt_state))
+    everyone = [None, None]
+    torch.distributed.all_gather_object(everyone, sizes)
+    if rank == 0:
+        (out / "bytes.json").write_text(json.dumps(everyone))
+
+    # Sharded checkpoints at updates 10 and 20 of an uninterrupted FSDP run.
+    step = fl.with_checkpointing(build("fsdp", rank), directory=out / "sharded", every=10, keep_last=2)
+    state = fl.fold(step, step.init(), local_batches(rank, 1), progress=False)
+    save_params(out / "uninterrupted.ckpt", state)
+
+    # 1 -> 2: a single-process checkpoint restored into 2 FSDP ranks, saved sharded again.
+    state = fl.distributed.restore_sharded(out / "single.ckpt", build("fsdp", rank).init())
+    fl.distributed.save_sharded(out / "single-on-2", state)
+
+
+def resume(out: Path, rank: int) -> None:
+    step = build("fsdp", rank)
+    target = step.init().with_slot("checkpointing", fl.CheckpointingState(""))  # saved under with_checkpointing
+    state = fl.distributed.restore_sharded(out / "back.ckpt", target)
+    assert int(state.step) == UPDATES // 2, int(state.step)
+    state = fl.fold(step, state, local_batches(rank, 1), progress=False)
+    save_params(out / "resumed.ckpt", state)
+
+
+def main(out, phase):
+    info = fl.init_distributed(timeout=60)
+    {"train": train, "resume": resume}[phase](Path(out), info.rank)
+    torch.distributed.barrier()  # every rank is done before any exits
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

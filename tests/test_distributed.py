@@ -1,0 +1,126 @@
+"""with_ddp and with_fsdp under torchrun with 2 gloo ranks equal single-process training on the global batch.
+
+The ranks run tests/dist_worker.py (one launch for many scenarios: starting ranks costs seconds).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fnlight as fl
+from tests.dist_worker import UPDATES, global_batches, model, optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def reference_step():
+    return fl.make_train_step(model(), fl.losses.cross_entropy, optimizer())
+
+
+def params_of(path, like):
+    return fl.checkpoint.restore(path, {k: torch.empty_like(v) for k, v in like.items()})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The uninterrupted single-process reference, then the 2-rank ``train`` phase."""
+    out = tmp_path_factory.mktemp("dist")
+    step = reference_step()
+    data = global_batches()
+    half = fl.fold(step, step.init(), data, max_steps=UPDATES // 2, progress=False)
+    fl.checkpoint.save(out / "single.ckpt", half)
+    expected = fl.fold(step, step.init(), data, progress=False)
+    proc = torchrun("tests/dist_worker.py", str(out), "train")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, expected
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_equal_one_process_on_the_global_batch(run, mode, accum):
+    out, expected = run
+    got = params_of(out / f"{mode}-{accum}.ckpt", expected.params)
+    for name in expected.params:
+        torch.testing.assert_close(got[name], expected.params[name], rtol=1e-6, atol=1e-6)
+
+
+def test_fsdp_trap_of_gathering_without_grad_placements_is_caught(run):
+    """Gathering without grad_placements=[Partial()] skips the reduction: the comparison above would fail."""
+    out, expected = run
+    got = params_of(out / "trap.ckpt", expected.params)
+    assert any(not torch.allclose(got[n], expected.params[n], rtol=1e-4, atol=1e-4) for n in expected.params)
+
+
+def test_fsdp_state_bytes_per_rank_are_about_half_of_ddp(run):
+    out, _ = run
+    for rank_sizes in json.loads((out / "bytes.json").read_text()):
+        assert rank_sizes["fsdp"] <= 0.55 * rank_sizes["ddp"], rank_sizes
+
+
+def test_reshard_two_ranks_to_one_and_back_continues_bit_identically(run):
+    out, _ = run
+    sharded = out / "sharded" / f"step-{UPDATES // 2:09d}.ckpt"
+    assert sorted(os.listdir(sharded)) == ["rank-00000-of-00002.ckpt", "rank-00001-of-00002.ckpt"]
+    # 2 -> 1: the sharded directory restored whole into one process, written as one file ...
+    step = reference_step()
+    target = step.init().with_slot("checkpointing", fl.CheckpointingState(""))  # saved under with_checkpointing
+    whole = fl.distributed.restore_sharded(sharded, target)
+    assert int(whole.step) == UPDATES // 2
+    fl.checkpoint.save(out / "back.ckpt", whole)
+    # ... and 1 -> 2: restored into two FSDP ranks, which finish the run.
+    proc = torchrun("tests/dist_worker.py", str(out), "resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    uninterrupted = params_of(out / "uninterrupted.ckpt", whole.params)
+    resumed = params_of(out / "resumed.ckpt", whole.params)
+    for name in whole.params:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_reshard_one_process_to_two_and_back_continues_bit_identically(run):
+    out, expected = run
+    step = reference_step()
+    target = step.init()
+    back = fl.distributed.restore_sharded(out / "single-on-2", target)
+    assert fl.tree_equal(back, fl.checkpoint.restore(out / "single.ckpt", target))
+    resumed = fl.fold(step, back, global_batches(), progress=False)
+    assert fl.tree_equal(resumed.params, expected.params)
+
+
+def test_single_process_is_a_no_op():
+    assert fl.init_distributed() == fl.DistInfo(0, 1, 0) == fl.dist_info()
+    batch = (torch.ones(2, 3), torch.zeros(2, 1))
+    core = fl.make_train_step(nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    state = core.init()
+    for wrap in (fl.with_ddp, fl.with_fsdp):
+        step = wrap(fl.make_train_step(nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1)))
+        assert fl.tree_equal(step(state.replace(), batch)[0].params, core(state.replace(), batch)[0].params)
+
+
+def test_options_and_order_are_validated():
+    core = fl.make_train_step(nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    with pytest.raises(ValueError, match="bucket_mb must be a positive number, got 0"):
+        fl.with_ddp(core, bucket_mb=0)
+    with pytest.raises(ValueError, match="with_ddp cannot wrap a step already wrapped by with_grad_accum"):
+        fl.with_ddp(fl.with_grad_accum(core, every=2))
+    with pytest.raises(ValueError, match="with_fsdp cannot wrap a step already wrapped by with_grad_accum"):
+        fl.with_fsdp(fl.with_grad_accum(core, every=2))
+    with pytest.raises(ValueError, match="with_fsdp: the step is already wrapped by with_ddp; use one of"):
+        fl.with_fsdp(fl.with_ddp(core))
+    with pytest.raises(ValueError, match="with_ddp: the step is already wrapped by with_fsdp; use one of"):
+        fl.with_ddp(fl.with_fsdp(core))
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got -1"):
+        fl.init_distributed(timeout=-1)
+    with pytest.raises(ValueError, match="backend must be 'nccl', 'gloo' or None, got 'mpi'"):
+        fl.init_distributed(backend="mpi")
