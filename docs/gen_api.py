@@ -11,7 +11,15 @@ import pathlib
 import re
 import sys
 
-MODULES = ("fnlight", "fnlight.optim", "fnlight.losses", "fnlight.checkpoint", "fnlight.tracking", "fnlight.distributed")
+MODULES = (
+    "fnlight",
+    "fnlight.optim",
+    "fnlight.losses",
+    "fnlight.checkpoint",
+    "fnlight.tracking",
+    "fnlight.distributed",
+    "fnlight.export",
+)
 HEADER = """# API reference
 
 Generated from the docstrings by `python docs/gen_api.py`; do not edit by hand.

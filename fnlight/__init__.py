@@ -4,7 +4,7 @@ The public surface is re-exported here; submodules ``fnlight.optim`` (optimizers
 gradient transformations, schedules) and ``fnlight.losses`` are public too.
 """
 
-from . import checkpoint, distributed, losses, optim, tracking
+from . import checkpoint, distributed, export, losses, optim, tracking
 from ._donation import DonatedStateError
 from ._interop import copy_into_module_, load_state_dict, save_safetensors, state_dict, to_module
 from ._loop import Observer, evaluate, every, fold
@@ -69,6 +69,7 @@ __all__ = [
     "distributed",
     "evaluate",
     "every",
+    "export",
     "find_latest",
     "fold",
     "init_distributed",

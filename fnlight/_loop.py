@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ._donation import check_live, donating, mark_donated
 from ._progress import Progress
+from ._ranks import all_sum, rank, union_of_keys, world_size
 from ._signals import SignalWatch, preempt
 from ._state import TrainState
 from ._step import EvalStep, Step
@@ -186,7 +187,7 @@ def fold(
         state = tree_clone(state)
 
     start = int(state.step)
-    bar = Progress(total=_total(step, data, epochs, max_steps), enabled=progress, start_step=start)
+    bar = Progress(total=_total(step, data, epochs, max_steps), enabled=progress if rank() == 0 else False, start_step=start)
     if summary or (summary is None and bar.enabled):
         print_summary(state, console=bar.console)
     for o in observers:
@@ -282,7 +283,10 @@ def evaluate(
     """Mean of each metric of ``eval_step`` over ``data``, weighted by batch size.
 
     Sums are accumulated on the device in float64 and read once at the end, so the
-    result is the exact per-sample mean even when the last batch is smaller.
+    result is the exact per-sample mean even when the last batch is smaller. Under
+    data parallelism (every rank evaluating its share, e.g. a :class:`fnlight.Loader`
+    with ``rank``/``world_size``) the sums and counts are added over the ranks, so every
+    rank gets the means over all samples; every rank must call it.
 
     Args:
         eval_step: ``make_eval_step(loss_fn)`` or any ``(state, batch) -> metrics``.
@@ -310,4 +314,9 @@ def evaluate(
             term = v.detach().to(torch.float64) * n
             sums[k] = sums[k] + term if k in sums else term
         count += n
+    if world_size() > 1:  # every rank evaluated its share: the means are over all of them
+        keys = union_of_keys(list(sums))
+        zero = torch.zeros((), dtype=torch.float64)
+        totals = all_sum(torch.stack([*(sums.get(k, zero).cpu() for k in keys), torch.tensor(count, dtype=torch.float64)]))
+        sums, count = dict(zip(keys, totals[:-1])), int(totals[-1])
     return {k: float(v) / count for k, v in sums.items()} if count else {}

@@ -10,7 +10,15 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
-PUBLIC = ("fnlight", "fnlight.optim", "fnlight.losses", "fnlight.checkpoint", "fnlight.tracking", "fnlight.distributed")
+PUBLIC = (
+    "fnlight",
+    "fnlight.optim",
+    "fnlight.losses",
+    "fnlight.checkpoint",
+    "fnlight.tracking",
+    "fnlight.distributed",
+    "fnlight.export",
+)
 
 
 def python_blocks(text: str) -> list[str]:

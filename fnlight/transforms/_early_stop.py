@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._donation import is_donating
+from .._ranks import all_sum, world_size
 from .._state import TrainState
 from ._base import Metrics, Transform
 
@@ -97,7 +98,10 @@ class EarlyStop(Transform):
                 self._seen.update(metrics)
             return state, metrics
         self._seen.add(self.monitor)
-        return self.check(state, float(metrics[self.monitor]), metrics)
+        value = float(metrics[self.monitor])
+        if world_size() > 1:  # every rank decides on the mean over ranks, so all stop at the same update
+            value = float(all_sum(torch.tensor([value], dtype=torch.float64))[0]) / world_size()
+        return self.check(state, value, metrics)
 
     def check(self, state: TrainState, value: float, metrics: Metrics | None = None) -> tuple[TrainState, Metrics]:
         """One check of ``value`` against the record in ``state``; returns the new state and metrics.

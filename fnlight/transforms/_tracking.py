@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .._ranks import all_sum, rank, world_size
 from .._state import TrainState
 from ._accum import batch_size as default_batch_size
 from ._base import Metrics, Transform
@@ -66,11 +67,27 @@ class _Window:
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def read(self) -> dict[str, float]:
-        """Means since the last read (one host transfer for all of them), then reset."""
-        if not self.sums:
+        """Means since the last read (one host transfer for all of them), then reset.
+
+        Under data parallelism the sums, counts and samples are added over the ranks (one
+        all-reduce per logging event), so the means are over every rank's batches.
+        """
+        if world_size() > 1:
+            keys = list(self.keys)
+            totals = all_sum(
+                torch.tensor(
+                    [*(float(s) for s in self.sums), *(float(self.counts[k]) for k in keys), float(self.samples)],
+                    dtype=torch.float64,
+                )
+            ).tolist()
+            n = len(keys)
+            self.samples = int(totals[-1])
+            means = {k: totals[i] / totals[n + i] for i, k in enumerate(keys)}
+        elif not self.sums:
             return {}
-        values = torch.stack([s.to(torch.float64).cpu() for s in self.sums]).tolist()
-        means = {k: v / self.counts[k] for k, v in zip(self.keys, values)}
+        else:
+            values = torch.stack([s.to(torch.float64).cpu() for s in self.sums]).tolist()
+            means = {k: v / self.counts[k] for k, v in zip(self.keys, values)}
         self.keys, self.sums, self.counts = (), [], {}
         return means
 
@@ -153,6 +170,8 @@ class Tracking(Transform):
             scalars["lr"] = lr
         scalars["epoch"] = float(int(state.data.epoch))
         self._window = _Window()
+        if rank() != 0:  # rank 0 writes for everyone (the means above are over all ranks)
+            return state
         run_ids = list(state.slots[self.slot].run_ids)
         for i, tracker in enumerate(self.trackers):
             if not self._open[i]:
