@@ -84,6 +84,8 @@ def train(out: Path, rank: int) -> None:
     finally:
         _fsdp._gather = original
 
+    metrics(out, rank)
+
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}
     for mode in ("ddp", "fsdp"):
@@ -102,6 +104,33 @@ def train(out: Path, rank: int) -> None:
     # 1 -> 2: a single-process checkpoint restored into 2 FSDP ranks, saved sharded again.
     state = fl.distributed.restore_sharded(out / "single.ckpt", build("fsdp", rank).init())
     fl.distributed.save_sharded(out / "single-on-2", state)
+
+
+def eval_batches():
+    """Uneven shares: rank 0 gets 3 batches (sizes 5, 7, 2), rank 1 gets 2 (sizes 4, 1)."""
+    g = torch.Generator().manual_seed(2)
+    sizes = [(5, 7, 2), (4, 1)]
+    return [[(torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in share] for share in sizes]
+
+
+def metrics(out: Path, rank: int) -> None:
+    """Evaluation over every rank's share; tracking that logs the mean over ranks from rank 0 only."""
+    step = build("ddp", rank)
+    state = step.init()
+    result = fl.evaluate(fl.make_eval_step(fl.losses.classification), state, eval_batches()[rank])
+    local_losses = []
+    tracked = fl.with_tracking(step, trackers=[fl.tracking.JSONLTracker(out / f"track-{rank}")], every=5)
+    fl.fold(
+        tracked,
+        tracked.init(),
+        local_batches(rank, 1)[:10],
+        progress=False,
+        observers=[fl.Observer(lambda s, m: local_losses.append(float(m["loss"])), steps=1, at_end=False)],
+    )
+    everyone = [None, None]
+    torch.distributed.all_gather_object(everyone, local_losses)
+    if rank == 0:
+        (out / "metrics.json").write_text(json.dumps({"eval": result, "losses": everyone}))
 
 
 def resume(out: Path, rank: int) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fnlight as fl
-from tests.dist_worker import UPDATES, global_batches, model, optimizer
+from tests.dist_worker import UPDATES, eval_batches, global_batches, model, optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,23 @@ def test_fsdp_state_bytes_per_rank_are_about_half_of_ddp(run):
     out, _ = run
     for rank_sizes in json.loads((out / "bytes.json").read_text()):
         assert rank_sizes["fsdp"] <= 0.55 * rank_sizes["ddp"], rank_sizes
+
+
+def test_metrics_are_reduced_over_ranks_and_tracked_on_rank_0_only(run):
+    out, _ = run
+    saved = json.loads((out / "metrics.json").read_text())
+    # evaluate: the exact per-sample means over both ranks' uneven shares
+    step = reference_step()
+    everything = [b for share in eval_batches() for b in share]
+    assert saved["eval"] == pytest.approx(
+        fl.evaluate(fl.make_eval_step(fl.losses.classification), step.init(), everything), rel=1e-12
+    )
+    # tracking: rank 0 logged the mean over ranks and updates of each window; rank 1 wrote nothing
+    assert not (out / "track-1").exists()
+    (run_file,) = (out / "track-0").glob("*.jsonl")
+    logged = dict(fl.tracking.read_scalars(run_file)["loss"])
+    losses = torch.tensor(saved["losses"], dtype=torch.float64)  # [rank, update]
+    assert logged == pytest.approx({5: float(losses[:, :5].mean()), 10: float(losses[:, 5:].mean())}, rel=1e-6)
 
 
 def test_reshard_two_ranks_to_one_and_back_continues_bit_identically(run):
