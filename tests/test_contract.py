@@ -22,6 +22,8 @@ TRANSFORMS = {
     "amp_true_bf16": ("with_amp", lambda s: fl.with_amp(s, dtype="bf16", mode="true")),
     "accum_every": ("with_grad_accum", lambda s: fl.with_grad_accum(s, every=3)),
     "accum_split": ("with_grad_accum", lambda s: fl.with_grad_accum(s, micro_batches=2)),
+    "ema": ("with_ema", lambda s: fl.transforms.with_ema(s, decay=0.9, warmup=True)),
+    "swa": ("with_swa", lambda s: fl.transforms.with_swa(s, start=2, every=2)),
     "eval": (
         "with_eval",
         lambda s: fl.with_eval(s, data=make_batches(3, batch=5, seed=9), loss_fn=fl.losses.classification, every=2),
@@ -125,6 +127,7 @@ def test_init_extends_the_state_with_each_slot(case):
     expected = {"amp"} & ({"amp"} if "amp_fp16" in case else set())
     expected |= {"grad_accum"} if "accum_every" in case else set()
     expected |= {"early_stop"} if any(n.startswith("early_stop") for n in case) else set()
+    expected |= {n for n in ("ema", "swa") if n in case}
     assert slots == expected
 
 

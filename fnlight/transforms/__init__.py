@@ -6,7 +6,9 @@ from ._amp import AmpState, with_amp
 from ._base import CANONICAL_ORDER, Transform
 from ._checkpointing import CheckpointingState, find_latest, with_checkpointing
 from ._early_stop import EarlyStopState, with_early_stop
+from ._ema import EmaState, averaged, with_ema
 from ._eval import with_eval
+from ._swa import SwaState, update_bn, with_swa
 from ._tracking import TrackingState, current_lr, with_tracking
 
 __all__ = [
@@ -15,15 +17,21 @@ __all__ = [
     "AmpState",
     "CheckpointingState",
     "EarlyStopState",
+    "EmaState",
+    "SwaState",
     "TrackingState",
     "Transform",
+    "averaged",
     "current_lr",
     "find_latest",
+    "update_bn",
     "with_activation_checkpointing",
     "with_amp",
     "with_checkpointing",
     "with_early_stop",
+    "with_ema",
     "with_eval",
     "with_grad_accum",
+    "with_swa",
     "with_tracking",
 ]

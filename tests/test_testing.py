@@ -1,0 +1,208 @@
+"""fnlight.testing: each assertion passes on a sound step and fails, naming the culprit, on a broken one."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import adamw, sgd
+from fnlight.testing import (
+    assert_all_params_get_grad,
+    assert_can_overfit,
+    assert_deterministic,
+    assert_finite,
+    assert_pure,
+)
+from tests.conftest import make_batches, make_bn_mlp
+
+BATCH = make_batches(1, batch=16)[0]
+
+
+def good(**options):
+    return fl.make_train_step(make_bn_mlp(dropout=0.3), fl.losses.cross_entropy, adamw(1e-2), **options)
+
+
+def chained():
+    return fl.transforms.with_ema(fl.with_grad_accum(good(), every=2), decay=0.9)
+
+
+@pytest.mark.parametrize("build", [good, chained], ids=["core", "ema+accum"])
+def test_a_sound_step_passes_everything(build):
+    step = build()
+    state = step.init(seed=0)
+    assert_pure(step, state, BATCH)
+    assert_deterministic(step, state, BATCH)
+    assert_finite(step, state, BATCH)
+    assert_all_params_get_grad(step, state, BATCH)
+    before = fl.tree_clone(state)
+    assert_can_overfit(step, state, BATCH, steps=200)
+    assert fl.tree_equal(state, before)
+
+
+def clamping_loss(model, batch):
+    with torch.no_grad():
+        model[0].weight.clamp_(-0.01, 0.01)  # WGAN-style clipping in place: writes into the input state
+    return fl.losses.cross_entropy(model, batch)
+
+
+def centring_loss(model, batch):
+    x, y = batch
+    x.sub_(x.mean())  # normalises the caller's batch in place
+    return F.cross_entropy(model(x), y)
+
+
+def test_assert_pure_names_the_state_paths_changed_in_place():
+    step = fl.make_train_step(make_bn_mlp(), clamping_loss, adamw(1e-2))
+    with pytest.raises(AssertionError, match=r"modified its input in place: state.params\['0.weight'\] changed"):
+        assert_pure(step, step.init(), BATCH)
+
+
+def test_assert_pure_names_the_batch_paths_changed_in_place():
+    step = fl.make_train_step(make_bn_mlp(), centring_loss, adamw(1e-2))
+    batch = tuple(t.clone() for t in BATCH)
+    with pytest.raises(AssertionError, match=r"modified its input in place: batch\[0\] changed"):
+        assert_pure(step, step.init(), batch)
+
+
+def test_a_step_must_return_a_state_and_metrics():
+    step = good()
+    with pytest.raises(AssertionError, match=r"assert_pure: a step must return \(TrainState, dict of metrics\), got TrainState"):
+        assert_pure(lambda s, b: step(s, b)[0], step.init(), BATCH)
+
+
+def test_assert_deterministic_catches_randomness_outside_the_step_seed():
+    step = good()
+
+    def noisy(state, batch):
+        new, metrics = step(state, batch)
+        w = new.params["4.weight"]
+        return new.replace(params={**new.params, "4.weight": w + 1e-3 * torch.rand_like(w)}), metrics
+
+    with pytest.raises(AssertionError, match=r"different results at new_state.params\['4.weight'\]\. Randomness must come"):
+        assert_deterministic(noisy, step.init(), BATCH)
+
+
+def nan_loss(model, batch):
+    return fl.losses.cross_entropy(model, batch) * float("nan")
+
+
+def test_assert_finite_reports_a_nan_loss_in_the_gradient_phase():
+    step = fl.make_train_step(make_bn_mlp(), nan_loss, adamw(1e-2))
+    with pytest.raises(
+        AssertionError, match=r"non-finite values in the gradient phase \(loss = nan\): metrics\['loss'\], gradient of"
+    ):
+        assert_finite(step, step.init(), BATCH)
+
+
+def test_assert_finite_turns_a_nonfinite_error_into_an_assertion():
+    step = fl.make_train_step(make_bn_mlp(), nan_loss, adamw(1e-2))
+    with pytest.raises(AssertionError, match="assert_finite: the step raised NonFiniteError: non-finite values at update 0"):
+        assert_finite(lambda s, b: step(s, b), step.init(), BATCH)
+
+
+def test_assert_finite_names_nonfinite_parameters_after_the_step():
+    step = good()
+
+    def poisoning(state, batch):
+        new, metrics = step(state, batch)
+        return new.replace(params={**new.params, "0.bias": new.params["0.bias"] / 0.0}), metrics
+
+    with pytest.raises(AssertionError, match=r"non-finite values after the step: new_state.params\['0.bias'\]"):
+        assert_finite(poisoning, step.init(), BATCH)
+
+
+class PartlyUsed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(10, 3)
+        self.gate = nn.Parameter(torch.ones(3))
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.body(x) + 0.0 * self.gate
+
+
+def test_assert_all_params_get_grad_names_missing_and_zero_gradients():
+    step = fl.make_train_step(PartlyUsed(), fl.losses.cross_entropy, adamw(1e-2))
+    state = step.init()
+    expected = (
+        r"3 of 5 trainable parameters get no usable gradient from this batch: "
+        r"no gradient \(not used by the loss\): 'unused.weight', 'unused.bias'; an all-zero gradient: 'gate'\."
+    )
+    with pytest.raises(AssertionError, match=expected):
+        assert_all_params_get_grad(step, state, BATCH)
+    assert_all_params_get_grad(step, state, BATCH, ignore=["gate", "unused.weight", "unused.bias"])
+    accumulating = fl.with_grad_accum(step, micro_batches=2)
+    with pytest.raises(AssertionError, match="3 of 5 trainable parameters"):
+        assert_all_params_get_grad(accumulating, accumulating.init(), BATCH)
+
+
+def test_assert_all_params_get_grad_argument_errors():
+    step = fl.make_train_step(PartlyUsed(), fl.losses.cross_entropy, adamw(1e-2))
+    state = step.init()
+    with pytest.raises(ValueError, match=r"ignore names \['gates'\] that are not trainable parameters; the trainable ones are"):
+        assert_all_params_get_grad(step, state, BATCH, ignore=["gates"])
+    with pytest.raises(TypeError, match="ignore must be a collection of parameter names, got the single string 'gate'"):
+        assert_all_params_get_grad(step, state, BATCH, ignore="gate")
+    with pytest.raises(TypeError, match=r"the step has no gradient phase \(step.grads\).*got function"):
+        assert_all_params_get_grad(lambda s, b: step(s, b), state, BATCH)
+
+
+def test_assert_can_overfit_fails_when_nothing_learns():
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, sgd(0.0))
+    with pytest.raises(
+        AssertionError, match=r"loss did not reach 0.1 x the first value = .* within 20 calls on one batch: first"
+    ):
+        assert_can_overfit(step, step.init(), BATCH, steps=20)
+    with pytest.raises(AssertionError, match=r"loss did not reach 0.001 within 5 calls"):
+        assert_can_overfit(step, step.init(), BATCH, steps=5, target_loss=1e-3)
+
+
+def doubled_loss(model, batch):
+    loss = fl.losses.cross_entropy(model, batch)
+    return loss, {"twice": 2 * loss.detach()}
+
+
+def test_assert_can_overfit_reaches_an_absolute_target_and_watches_any_metric():
+    step = fl.make_train_step(make_bn_mlp(), doubled_loss, adamw(3e-2))
+    assert_can_overfit(step, step.init(), BATCH, steps=100, target_loss=0.05)
+    assert_can_overfit(step, step.init(), BATCH, steps=100, target_loss=0.1, metric="twice")
+    with pytest.raises(AssertionError, match=r"twice did not reach 0.001 within 2 calls on one batch"):
+        assert_can_overfit(step, step.init(), BATCH, steps=2, target_loss=1e-3, metric="twice")
+
+
+def test_assert_can_overfit_fails_on_a_nonfinite_loss():
+    step = fl.make_train_step(make_bn_mlp(), nan_loss, adamw(1e-2), nonfinite="ignore")
+    with pytest.raises(AssertionError, match="assert_can_overfit: loss became nan at call 1"):
+        assert_can_overfit(step, step.init(), BATCH)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"steps": 0}, ValueError, "assert_can_overfit: steps must be an int >= 1, got 0"),
+        ({"factor": 1.5}, ValueError, r"assert_can_overfit: factor must be in \(0.0, 1.0\), got 1.5"),
+        ({"target_loss": float("inf")}, ValueError, r"assert_can_overfit: target_loss must be in \[-inf, inf\), got inf"),
+        ({"target_loss": "low"}, TypeError, "assert_can_overfit: target_loss must be a float, got 'low'"),
+        ({"metric": "acc"}, ValueError, r"metric 'acc' is not among the step's metrics \['loss'\]"),
+    ],
+)
+def test_assert_can_overfit_option_errors(options, error, match):
+    step = good()
+    with pytest.raises(error, match=match):
+        assert_can_overfit(step, step.init(), BATCH, **options)
+
+
+@pytest.mark.parametrize(
+    "check", [assert_pure, assert_deterministic, assert_finite, assert_all_params_get_grad, assert_can_overfit]
+)
+def test_argument_errors(check):
+    step = good()
+    with pytest.raises(TypeError, match=f"{check.__name__}: step must be callable"):
+        check("step", step.init(), BATCH)
+    with pytest.raises(
+        TypeError, match=rf"{check.__name__}: state must be a fnlight.TrainState \(from step.init\(\)\), got dict"
+    ):
+        check(step, {}, BATCH)
