@@ -1,0 +1,515 @@
+"""The command line: configs and overrides, fit/resume, validate/test/predict from checkpoints, errors."""
+
+import importlib
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentError
+from torch import nn
+
+import fnlight as fl
+from fnlight.cli import CheckpointConfig, ConfigError, DataModule, EarlyStopConfig, FnlightCLI, Recipe, main, make_recipe_step
+from fnlight.cli._saved_config import differences
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = __name__  # the module path class_path uses for the data modules below
+
+
+class Blobs:
+    """Three Gaussian blobs in 4-d: 4 training batches per epoch, and val/test/predict splits.
+
+    Args:
+        n: training samples.
+        batch_size: training batch size.
+        seed: draws the data and the shuffling order.
+    """
+
+    def __init__(self, n: int = 64, batch_size: int = 16, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        centres = torch.randn(3, 4, generator=g) * 3
+
+        def draw(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y = torch.randint(0, 3, (m,), generator=g)
+            return centres[y] + torch.randn(m, 4, generator=g), y
+
+        self.splits = {"train": draw(n), "val": draw(24), "test": draw(20)}
+        self.batch_size, self.seed = batch_size, seed
+
+    def train(self) -> fl.Loader:
+        return fl.Loader(self.splits["train"], batch_size=self.batch_size, shuffle=True, seed=self.seed)
+
+    def val(self) -> fl.Loader:
+        return fl.Loader(self.splits["val"], batch_size=10)
+
+    def test(self) -> fl.Loader:
+        return fl.Loader(self.splits["test"], batch_size=8)
+
+    def predict(self) -> fl.Loader:
+        return fl.Loader((self.splits["test"][0],), batch_size=8)
+
+
+class TrainOnly:
+    """Only training data (no val, test or predict methods)."""
+
+    def __init__(self, n: int = 32) -> None:
+        self.data = Blobs(n).splits["train"]
+
+    def train(self) -> fl.Loader:
+        return fl.Loader(self.data, batch_size=16)
+
+
+class Empty(Blobs):
+    """val() and predict() return None, test() is an empty list."""
+
+    def val(self) -> None:
+        return None
+
+    def test(self) -> list:
+        return []
+
+    def predict(self) -> None:
+        return None
+
+
+class NoBatches(Blobs):
+    """predict() yields nothing."""
+
+    def predict(self) -> list:
+        return []
+
+
+class Unsized(Blobs):
+    """Training data as a function epoch -> batches (no len())."""
+
+    def train(self):
+        loader = super().train()
+        return lambda epoch: loader.iter_epoch(epoch)
+
+
+class TwoHeads(nn.Module):
+    """Returns (logits, features): a tuple output.
+
+    Args:
+        classes: output classes.
+    """
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.head(h), h
+
+
+def two_heads_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    logits, _ = model(batch[0])
+    return nn.functional.cross_entropy(logits, batch[1])
+
+
+def write_config(path: Path, run_dir: Path, **recipe) -> Path:
+    config = {
+        "model": {"class_path": "torch.nn.Linear", "init_args": {"in_features": 4, "out_features": 3}},
+        "data": {"class_path": f"{HERE}.Blobs", "init_args": {"n": 64, "batch_size": 16}},
+        "recipe": {"run_dir": str(run_dir), "lr": 0.05, "epochs": 2, "tracker": "none", "progress": False} | recipe,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str) -> FnlightCLI:
+    return FnlightCLI(args=list(args), exit_on_error=False)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "run.yaml", tmp_path / "run")
+
+
+def test_fit_from_config_writes_checkpoints_and_the_resolved_config(config, tmp_path, capsys):
+    assert main(["fit", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "config.yaml",
+        "latest",
+        "step-000000004.ckpt",
+        "step-000000008.ckpt",
+    ]
+    saved = yaml.safe_load((checkpoints / "config.yaml").read_text())
+    assert saved["model"]["class_path"] == "torch.nn.Linear"
+    assert saved["model"]["init_args"] == {"in_features": 4, "out_features": 3, "bias": True, "device": None, "dtype": None}
+    assert saved["data"]["init_args"] == {"n": 64, "batch_size": 16, "seed": 0}
+    assert saved["recipe"]["lr"] == 0.05 and saved["recipe"]["optimizer"] == "adamw" and saved["recipe"]["early_stop"] is None
+    assert "fit: new run in" in out and "val/accuracy" in out
+    assert yaml.safe_load(out.splitlines()[-1])["config"] == str(checkpoints / "config.yaml")
+    assert set(saved) == {"model", "data", "recipe"}  # validate/test/predict accept it as --config
+
+
+def test_command_line_overrides_the_config_file(config, tmp_path, capsys):
+    args = ["fit", "--config", str(config), "--recipe.lr", "0.01", "--model.init_args.out_features", "5"]
+    assert main([*args, "--recipe.checkpoint.keep_last", "4", "--recipe.early_stop.patience", "7", "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["recipe"]["lr"] == 0.01 and printed["recipe"]["epochs"] == 2  # the override, and the file's value
+    assert printed["model"]["init_args"]["out_features"] == 5
+    assert printed["recipe"]["checkpoint"]["keep_last"] == 4
+    assert printed["recipe"]["early_stop"] == {
+        "monitor": "val/loss",
+        "mode": "min",
+        "patience": 7,
+        "min_delta": 0.0,
+        "min_updates": 0,
+        "restore_best": False,
+    }
+    assert printed["recipe"]["loss"] == "fnlight.losses.classification"  # defaults are filled in
+    assert not (tmp_path / "run").exists()  # printing runs nothing
+
+
+def test_configs_layer_in_order(config, tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("recipe:\n  lr: 0.2\n  grad_accum: 2\n")
+    run = FnlightCLI(args=["fit", "--config", str(config), "--config", str(override)], run=False)
+    assert (run.recipe.lr, run.recipe.grad_accum, run.recipe.epochs) == (0.2, 2, 2)
+    assert isinstance(run.model, nn.Linear) and isinstance(run.data, DataModule) and run.subcommand == "fit"
+
+
+def test_fit_resumes_from_the_latest_checkpoint_exactly(tmp_path, capsys):
+    first = write_config(tmp_path / "a.yaml", tmp_path / "a", epochs=1)
+    assert int(cli("fit", "--config", str(first)).state.step) == 4
+    again = cli("fit", "--config", str(first))  # the same config: resumes, nothing left to do
+    assert int(again.state.step) == 4 and "resumed from" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"holds a different config \(recipe\.epochs: saved 1, given 3\); pass --overwrite"):
+        cli("fit", "--config", str(first), "--recipe.epochs", "3")
+    with pytest.raises(
+        ConfigError, match=rf"model\.class_path: saved 'torch\.nn\.Linear', given '{re.escape(HERE)}\.TwoHeads'; .*given absent"
+    ):
+        cli("fit", "--config", str(first), "--model", f"{HERE}.TwoHeads")
+    with pytest.raises(ConfigError, match=r"fit: the checkpoints in .* do not fit .*choose another --recipe\.run_dir"):
+        cli("fit", "--config", str(first), "--model.init_args.out_features", "5", "--overwrite")
+    saved = yaml.safe_load((tmp_path / "a" / "checkpoints" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["out_features"] == 3  # a refused run changes nothing
+    resumed = cli("fit", "--config", str(first), "--recipe.epochs", "3", "--overwrite")
+    assert int(resumed.state.step) == 12
+    assert resumed.state.slots["checkpointing"].resumed_from.endswith("step-000000004.ckpt")
+    assert yaml.safe_load((tmp_path / "a" / "checkpoints" / "config.yaml").read_text())["recipe"]["epochs"] == 3
+
+    straight = cli("fit", "--config", str(write_config(tmp_path / "b.yaml", tmp_path / "b", epochs=3)))
+    assert fl.tree_equal(resumed.state.params, straight.state.params)  # 1 epoch + resume + 2 == 3 epochs, bit for bit
+    assert fl.tree_equal(resumed.state.opt_state, straight.state.opt_state)
+
+
+def test_fit_starts_over_when_every_checkpoint_is_damaged(config, tmp_path):
+    cli("fit", "--config", str(config))
+    for path in (tmp_path / "run" / "checkpoints").glob("step-*.ckpt"):
+        with open(path, "r+b") as f:  # flip a bit of the first tensor: the index is intact, the CRC is not
+            f.seek(64)
+            byte = f.read(1)
+            f.seek(64)
+            f.write(bytes([byte[0] ^ 1]))
+    again = cli("fit", "--config", str(config))
+    assert int(again.state.step) == 8 and again.state.slots["checkpointing"].resumed_from == ""
+
+
+def test_config_differences_are_listed_by_dotted_key():
+    saved = {"model": {"class_path": "A", "init_args": {"width": 8}}, "recipe": {f"k{i}": i for i in range(7)} | {"g": {}}}
+    given = {"model": {"class_path": "B"}, "recipe": {f"k{i}": -i for i in range(7)} | {"g": {"x": 1}}}
+    assert differences(saved, given, limit=3) == (
+        "model.class_path: saved 'A', given 'B'; model.init_args.width: saved 8, given absent; "
+        "recipe.k1: saved 1, given -1; and 7 more"
+    )
+    assert differences(saved, saved) == ""
+
+
+def test_validate_and_test_report_the_metrics_of_a_checkpoint(config, tmp_path, capsys):
+    fit = cli("fit", "--config", str(config))
+    saved = str(tmp_path / "run" / "checkpoints" / "config.yaml")
+    capsys.readouterr()
+    validate = cli("validate", "--config", saved)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["step"] == 8 and printed["checkpoint"].endswith("step-000000008.ckpt")
+    assert printed["val/loss"] == validate.metrics["val/loss"] == pytest.approx(fit.metrics["val/loss"], abs=0)
+    expected = fl.evaluate(fl.make_eval_step(fl.losses.classification), fit.state, Blobs().val())
+    assert validate.metrics == {"val/" + k: v for k, v in expected.items()}
+
+    test = cli("test", "--config", saved, "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "step-000000004.ckpt"))
+    assert sorted(test.metrics) == ["test/accuracy", "test/loss"] and int(test.state.step) == 4
+
+
+def test_ckpt_path_best_ranks_by_the_monitored_metric(tmp_path):
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run", epochs=3, checkpoint={"keep_last": 3, "monitor": "val/loss"})
+    fit = cli("fit", "--config", str(config), "--recipe.lr", "0.5")
+    recorded = {}
+    for path in (tmp_path / "run" / "checkpoints").glob("step-*.ckpt"):
+        metadata = fl.checkpoint.read_metadata(path)["metadata"]
+        recorded[path] = metadata["value"]
+    assert len(recorded) == 3 and fit.metrics["val/loss"] in recorded.values()
+    best = cli("validate", "--config", str(config), "--recipe.lr", "0.5", "--ckpt_path", "best")
+    assert best.checkpoint == min(recorded, key=recorded.get)
+    assert best.metrics["val/loss"] == recorded[best.checkpoint]  # recorded at save time, on the same state
+
+
+def test_predict_writes_one_output_row_per_input(config, tmp_path):
+    fit = cli("fit", "--config", str(config))
+    predicted = cli("predict", "--config", str(config))
+    assert predicted.output == tmp_path / "run" / "predictions.pt"
+    outputs = torch.load(predicted.output)
+    x = Blobs().splits["test"][0]
+    assert outputs.shape == (20, 3)
+    torch.testing.assert_close(outputs, fl.to_module(fit.state)(x), rtol=0, atol=0)
+    cli("predict", "--config", str(config), "--output", str(tmp_path / "out" / "logits.npy"))
+    assert np.array_equal(np.load(tmp_path / "out" / "logits.npy"), outputs.numpy())
+
+
+def test_predict_keeps_the_structure_of_tuple_outputs(tmp_path):
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run", epochs=1)
+    args = ["--config", str(config), "--model", f"{HERE}.TwoHeads", "--recipe.loss", f"{HERE}.two_heads_loss"]
+    cli("fit", *args)
+    predicted = cli("predict", *args)
+    logits, features = predicted.predictions
+    assert logits.shape == (20, 3) and features.shape == (20, 8)
+    with pytest.raises(ConfigError, match=r"\(\.npy\) holds one array, but the model returns tuple; use a \.pt file"):
+        cli("predict", *args, "--output", str(tmp_path / "p.npy"))
+
+
+def test_the_fnlight_command_runs_the_example_config(tmp_path):
+    """`python -m fnlight.cli` (what the `fnlight` script calls) on examples/configs/digits.yaml, as its docstring says."""
+    run_dir = tmp_path / "digits"
+    overrides = [
+        "--recipe.run_dir",
+        str(run_dir),
+        "--recipe.epochs",
+        "1",
+        "--recipe.warmup_steps",
+        "4",
+        "--recipe.tracker",
+        "jsonl",
+    ]
+    overrides += ["--model.init_args.hidden", "32"]
+    command = [sys.executable, "-m", "fnlight.cli", "fit", "--config", "examples/configs/digits.yaml", *overrides]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "checkpoints" / "step-000000020.ckpt").exists()  # 1257 samples / 64 = 20 updates per epoch
+    assert len(list(run_dir.glob("*.jsonl"))) == 1 and len(list(run_dir.glob("*.hparams.json"))) == 1
+    hparams = json.loads(next(run_dir.glob("*.hparams.json")).read_text())
+    assert hparams["model"]["init_args"]["hidden"] == 32  # the trackers record the resolved config
+
+
+def test_the_console_script_is_declared():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["fnlight"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main
+    assert importlib.import_module("fnlight.cli.__main__").main is main
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--recipe.lrr", "1"], r"recipe\.lrr"),  # unknown key
+        (["--recipe.epochs", "two"], r"recipe\.epochs"),  # wrong type
+        (["--recipe.optimizer", "lion"], r"(?s)recipe\.optimizer.*lion"),
+        (["--model.init_args.out_feature", "3"], r"out_feature"),
+        (["--model", "torch.nn.Linear", "--model.init_args.in_features", "null"], r"in_features"),
+        (["--data", "builtins.dict"], r"does not implement protocol DataModule"),
+    ],
+)
+def test_command_line_errors_name_the_key(config, extra, match, capsys):
+    with pytest.raises(ArgumentError, match=match):
+        cli("fit", "--config", str(config), *extra)
+    assert main(["fit", "--config", str(config), *extra]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_config_file_errors_name_the_key(tmp_path, capsys):
+    unknown = tmp_path / "unknown.yaml"
+    write_config(unknown, tmp_path / "run", lrr=0.1)
+    with pytest.raises(ArgumentError, match=r"recipe\.lrr"):
+        cli("fit", "--config", str(unknown))
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"data": {"class_path": f"{HERE}.Blobs"}}))
+    with pytest.raises(ArgumentError, match=r"model"):
+        cli("fit", "--config", str(missing))
+    no_init = tmp_path / "required.yaml"
+    no_init.write_text(yaml.safe_dump({"model": {"class_path": "torch.nn.Linear"}, "data": {"class_path": f"{HERE}.Blobs"}}))
+    with pytest.raises(ArgumentError, match=r"in_features"):
+        cli("fit", "--config", str(no_init))
+    with pytest.raises(ArgumentError, match=r"does not exist"):
+        cli("fit", "--config", str(tmp_path / "nowhere.yaml"))
+    with pytest.raises(ArgumentError, match=r"subcommand"):
+        cli()
+    assert main(["fit", "--config", str(unknown)]) == 2
+    assert "recipe.lrr" in capsys.readouterr().err
+
+
+def test_config_errors_reach_the_user_with_status_2(config, tmp_path, capsys):
+    assert main(["validate", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fnlight: error: validate: no checkpoint (step-*.ckpt) in") and "Traceback" not in err
+    assert main(["fit", "--config", str(config), "--recipe.grad_accum", "0"]) == 2
+    assert "recipe.grad_accum must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"seed": -1}, r"recipe\.seed must be an int >= 0, got -1"),
+        ({"run_dir": ""}, r"recipe\.run_dir must be a non-empty path, got ''"),
+        ({"loss": 3}, r"recipe\.loss must be a function loss_fn\(model, batch\), got 3"),
+        ({"optimizer": "lion"}, r"recipe\.optimizer must be one of \['adamw', 'adam', 'sgd', 'rmsprop', 'adagrad'\], got 'lion'"),
+        ({"amp": "fp8"}, r"recipe\.amp must be one of \['none', 'bf16', 'fp16'\], got 'fp8'"),
+        (
+            {"momentum": 0.9},
+            r"recipe\.momentum applies to the optimizers \['sgd', 'rmsprop'\], got momentum=0\.9 with optimizer='adamw'",
+        ),
+        ({"warmup_steps": -1}, r"recipe\.warmup_steps must be an int >= 0, got -1"),
+        (
+            {"end_lr": 0.1},
+            r"recipe\.end_lr applies to the schedules 'cosine' and 'linear', got end_lr=0\.1 with schedule='constant'",
+        ),
+        ({"epochs": 0}, r"recipe\.epochs must be an int >= 1 or null, got 0"),
+        ({"max_steps": True}, r"recipe\.max_steps must be an int >= 1 or null, got True"),
+        ({"epochs": None}, r"recipe: give epochs and/or max_steps, got both null"),
+        ({"grad_accum": 0}, r"recipe\.grad_accum must be an int >= 1, got 0"),
+        ({"eval_every": "sometimes"}, r"recipe\.eval_every must be an int >= 1, 'epoch' or 'never', got 'sometimes'"),
+        ({"log_every": 0}, r"recipe\.log_every must be an int >= 1, got 0"),
+    ],
+)
+def test_recipe_values_are_checked(options, match):
+    with pytest.raises(ConfigError, match=match):
+        Recipe(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "data", "match"),
+    [
+        (
+            {"lr": -1.0},
+            Blobs,
+            r"recipe \(optimizer, lr, .*\): fnlight\.optim\.adamw: learning_rate must be in \[0\.0, inf\), got -1\.0",
+        ),
+        ({"clip_norm": 0.0}, Blobs, r"recipe \(.*clip_norm\): fnlight\.optim\.clip_by_global_norm: max_norm"),
+        (
+            {"schedule": "cosine"},
+            Unsized,
+            r"recipe\.schedule='cosine' needs the run's length in optimizer updates.*set recipe\.max_steps",
+        ),
+        ({"schedule": "linear", "warmup_steps": 4}, Blobs, r"recipe\.warmup_steps must be below the run's 4 optimizer updates"),
+        ({"early_stop": EarlyStopConfig()}, TrainOnly, r"recipe\.early_stop\.monitor='val/loss' is a validation metric"),
+        ({"early_stop": EarlyStopConfig(), "eval_every": "never"}, Blobs, r"recipe\.eval_every is 'never'"),
+        (
+            {"early_stop": EarlyStopConfig(patience=0)},
+            Blobs,
+            r"recipe\.early_stop: with_early_stop: patience must be an int >= 1",
+        ),
+        ({}, Unsized, r"recipe\.checkpoint\.every='epoch' needs len\(\) of the training data"),
+        ({"checkpoint": CheckpointConfig(every=None)}, Blobs, r"recipe\.checkpoint: with_checkpointing: give every=N"),
+        (
+            {"checkpoint": CheckpointConfig(keep_best=1)},
+            Blobs,
+            r"recipe\.checkpoint: with_checkpointing: keep_best=1 needs monitor",
+        ),
+        ({}, Empty, r"data\.val\(\) and recipe\.eval_every: with_eval"),
+    ],
+)
+def test_recipe_is_checked_against_the_functions_and_the_data(tmp_path, options, data, match):
+    recipe = Recipe(run_dir=str(tmp_path), tracker="none", **options)
+    module = data()
+    val = [] if data is Empty else getattr(module, "val", lambda: None)()
+    with pytest.raises(ConfigError, match=match):
+        make_recipe_step(nn.Linear(4, 3), recipe, train=module.train(), val=val)
+
+
+def test_make_recipe_step_assembles_the_canonical_order(tmp_path):
+    recipe = Recipe(
+        run_dir=str(tmp_path),
+        amp="bf16",
+        grad_accum=2,
+        early_stop=EarlyStopConfig(monitor="loss"),
+        tracker="jsonl",
+        clip_norm=1.0,
+    )
+    data = Blobs()
+    step = make_recipe_step(nn.Linear(4, 3), recipe, train=data.train(), val=data.val())
+    names, layer = [], step
+    while isinstance(layer, fl.Transform):
+        names.append(layer.name)
+        layer = layer.inner
+    assert names == ["with_checkpointing", "with_tracking", "with_early_stop", "with_eval", "with_grad_accum", "with_amp"]
+    assert step.every == 2 and step.inner.inner.inner.every == 2  # 4 batches / 2 per update: 'epoch' is 2 updates
+    with pytest.raises(ValueError, match=r"empty"):
+        make_recipe_step(nn.Linear(4, 3), recipe, train=[])
+    with pytest.raises(TypeError, match=r"make_recipe_step: model must be a torch\.nn\.Module, got str"):
+        make_recipe_step("model", recipe, train=data.train())
+    with pytest.raises(TypeError, match=r"make_recipe_step: recipe must be a fnlight\.cli\.Recipe, got dict"):
+        make_recipe_step(nn.Linear(4, 3), {"lr": 0.1}, train=data.train())
+
+
+def test_subcommands_refuse_what_they_cannot_run(config, tmp_path):
+    def run(sub: str, *args: str, data: str = "Blobs") -> FnlightCLI:
+        return cli(sub, "--config", str(config), "--data", f"{HERE}.{data}", *args)
+
+    with pytest.raises(ConfigError, match=r"validate: no checkpoint \(step-\*\.ckpt\) in .*run fit with this config first"):
+        run("validate")
+    run("fit")
+    with pytest.raises(ConfigError, match=r"test: the data module TrainOnly has no test\(\) method, which test runs on"):
+        run("test", data="TrainOnly")
+    with pytest.raises(ConfigError, match=r"validate: Empty\.val\(\) returned None: there is no data to evaluate on"):
+        run("validate", data="Empty")
+    with pytest.raises(ConfigError, match=r"test: data\.test\(\): with_eval: .*empty"):
+        run("test", data="Empty")
+    with pytest.raises(ConfigError, match=r"predict: Empty\.predict\(\) returned None: there is nothing to predict"):
+        run("predict", data="Empty")
+    with pytest.raises(ConfigError, match=r"predict: NoBatches\.predict\(\) gave no batches"):
+        run("predict", data="NoBatches")
+    with pytest.raises(ConfigError, match=r"predict: --output must end in one of \['\.pt', '\.pth', '\.npy'\], got '.*out\.csv'"):
+        run("predict", "--output", str(tmp_path / "out.csv"))
+    with pytest.raises(
+        ConfigError, match=r"test: --ckpt_path 'nope\.ckpt': no such file \(expected latest, best, or a checkpoint file\)"
+    ):
+        run("test", "--ckpt_path", "nope.ckpt")
+    with pytest.raises(
+        ConfigError, match=r"validate: --ckpt_path best ranks checkpoints by recipe\.checkpoint\.monitor, which is null"
+    ):
+        run("validate", "--ckpt_path", "best")
+    with pytest.raises(ConfigError, match=r"--ckpt_path best: no checkpoint in .* records a value of 'val/accuracy'"):
+        run("validate", "--ckpt_path", "best", "--recipe.checkpoint.monitor", "val/accuracy")
+    with pytest.raises(ConfigError, match=r"validate: the checkpoint does not fit this config's model.*--config .*config\.yaml"):
+        run("validate", "--model.init_args.out_features", "5")
+
+
+def test_constructor_arguments_are_checked():
+    with pytest.raises(
+        TypeError, match=r"FnlightCLI: model_class must be a torch\.nn\.Module subclass or None, got <class 'str'>"
+    ):
+        FnlightCLI(str, args=[])
+    with pytest.raises(TypeError, match=r"FnlightCLI: data_class must be a class with a train\(\) method .* got <class 'int'>"):
+        FnlightCLI(None, int, args=[])
+
+
+def test_classes_given_to_the_cli_take_their_arguments_directly(tmp_path):
+    base = ["--recipe.run_dir", str(tmp_path), "--recipe.tracker", "none", "--recipe.progress", "false", "--recipe.epochs", "1"]
+    base += ["--recipe.loss", f"{HERE}.two_heads_loss"]
+    run = FnlightCLI(TwoHeads, Blobs, args=["fit", "--model.classes", "3", "--data.n", "32", *base], exit_on_error=False)
+    assert int(run.state.step) == 2 and isinstance(run.model, TwoHeads)
+    with pytest.raises(ArgumentError, match=r"model\.init_args"):  # no class_path/init_args without subclass mode
+        FnlightCLI(TwoHeads, Blobs, args=["fit", "--model.init_args.classes", "3", *base], exit_on_error=False)
+    base[1] = str(tmp_path / "sub")
+    sub = FnlightCLI(nn.Module, Blobs, args=["fit", "--model", f"{HERE}.TwoHeads", *base], subclass_mode_model=True, run=False)
+    assert isinstance(sub.model, TwoHeads) and sub.state is None
+
+
+def test_a_missing_jsonargparse_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jsonargparse", None)
+    monkeypatch.delitem(sys.modules, "fnlight.cli._cli")
+    with pytest.raises(ImportError, match=r"fnlight\.cli needs jsonargparse: pip install 'fnlight\[cli\]'"):
+        importlib.import_module("fnlight.cli._cli")
