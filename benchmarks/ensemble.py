@@ -26,7 +26,7 @@ is turned off as in ``step_overhead.py``.
 
 Run (from the repository root; fnlight need not be installed)::
 
-    python benchmarks/ensemble.py                 # about 3 minutes on 2 vCPUs
+    python benchmarks/ensemble.py                 # 1-2 minutes on 2 vCPUs
     python benchmarks/ensemble.py --quick         # CI smoke run, under 30 s
     python benchmarks/ensemble.py --markdown results.md
 """
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="few rounds and steps (CI smoke run)")
     p.add_argument("--rounds", type=int, help="timed rounds per (model, K) (default 15, quick 3)")
-    p.add_argument("--steps", type=int, help="steps per timed block (default 20, quick 5)")
+    p.add_argument("--steps", type=int, help="steps per timed block (default 50, quick 5)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--markdown", type=Path, metavar="PATH", help="also append the table to PATH")
     args = p.parse_args(argv)
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if value is not None and value < low:
             p.error(f"--{name} must be at least {low}, got {value}")
     rounds = args.rounds or (3 if args.quick else 15)
-    steps = args.steps or (5 if args.quick else 20)
+    steps = args.steps or (5 if args.quick else 50)
     torch.set_num_threads(args.threads)
     trimmed = keep_freed_heap()
     header = (

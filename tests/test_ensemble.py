@@ -234,6 +234,34 @@ def test_nonfinite_skip_leaves_only_the_bad_replica_unchanged():
         assert new.opt_state.count.tolist() == [1, 0, 1, 1]
 
 
+def test_sgd_momentum_starts_per_replica_after_a_skipped_first_update():
+    # replica 1 skips update 0, so at update 1 its momentum buffer starts (copy of the gradient)
+    # while the others' accumulate: the per-replica first-step path of the vectorised SGD (with dampening,
+    # starting a buffer from zeros would give (1 - dampening) * g instead of g).
+    data = batches(n=2)
+    step = make_ensemble_step(
+        build(),
+        fl.losses.cross_entropy,
+        k=K,
+        optimizer="sgd",
+        lr=LRS,
+        options={"momentum": 0.9, "dampening": 0.5},
+        nonfinite="skip",
+    )
+    clean = step.init(seeds=SEEDS)
+    state, _ = step(poisoned(step, 1), data[0])
+    weight = state.params["0.weight"].clone()
+    weight[1] = clean.params["0.weight"][1]  # replica 1 back to its initial (finite) weights
+    state = state.replace(params={**state.params, "0.weight": weight})
+    state, _ = step(state, data[1])
+    assert state.opt_state.count.tolist() == [2, 1, 2, 2]
+    for i, seed in enumerate(SEEDS):
+        alone = fl.make_train_step(build(seed), fl.losses.cross_entropy, fl.optim.sgd(LRS[i], momentum=0.9, dampening=0.5))
+        ref = fl.fold(alone, alone.init(seed=seed), data[1:] if i == 1 else data, progress=False)
+        assert max_diff(replica_state(state, i).params, ref.params) < 1e-6
+        assert max_diff(replica_state(state, i).opt_state.momentum_buffer, ref.opt_state.momentum_buffer) < 1e-6
+
+
 def test_nonfinite_ignore_trains_on():
     step = make_ensemble_step(build(), fl.losses.cross_entropy, k=K, lr=LRS, nonfinite="ignore")
     new, metrics = step(poisoned(step, 0), batches(n=1)[0])

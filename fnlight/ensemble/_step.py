@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,9 @@ class EnsembleStep:
         self._trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
         self._frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
         self._devices = tuple({p.device for p in model.parameters() if p.device.type == "cuda"})
+        self._cached: tuple[nn.Module, Any] | None = None  # (skeleton, vmapped loss) of the last call
+        self._keys: tuple[int, ...] = ()
+        self._keys_seed = 0
 
     @property
     def core(self) -> EnsembleStep:
@@ -137,6 +141,15 @@ class EnsembleStep:
         return f"EnsembleStep({_name(self.loss_fn)}, {type(self._model).__name__}, k={self.k}, {self.optimizer.kind})"
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        """One update of every replica: ``(stacked state, batch) -> (stacked state, {name: [K] tensor})``.
+
+        Raises:
+            ValueError: the state is not stacked, has another number of replicas, or another
+                optimizer structure; a per-replica batch without the leading ``k``; a loss
+                that does not depend on the parameters.
+            TypeError: the state's optimizer state is not this step's kind.
+            NonFiniteError: a replica's loss is not finite (``nonfinite="raise"``).
+        """
         where = "ensemble step"
         _check_state(state, where)
         k = _size(state, where)
@@ -152,46 +165,38 @@ class EnsembleStep:
         rest = {**{n: params[n] for n in self._frozen}, **buffers}
         skeleton = state.skeleton
         _set_mode(skeleton, True)
-        loss_fn = self.loss_fn
-
-        def replica_loss(leaves: dict[str, Tensor], rest: dict[str, Tensor], batch: Any) -> tuple[Tensor, Metrics]:
-            saved = bind(skeleton, {**rest, **leaves})
-            try:
-                return _split_output(loss_fn(skeleton, batch), loss_fn)
-            finally:
-                unbind(saved)
-
-        # vmap batches the forward pass only; one autograd.grad of the summed losses then gives each
-        # replica its own gradient (replica i's loss depends on row i alone). Cheaper than
-        # vmap(grad_and_value(...)), whose per-level wrapping costs more than the backward of small models.
-        forward = torch.func.vmap(replica_loss, in_dims=(0, 0, 0 if self.per_replica_batch else None), randomness=self.randomness)
+        keys = tuple(state.key.tolist())
+        if keys != self._keys:  # the replicas' keys mixed once: dropout seeds depend on every key and the step
+            self._keys, self._keys_seed = keys, derive_seed(*keys)
         grad_was_enabled = torch.is_grad_enabled()
         torch.set_grad_enabled(True)
-        saved_rng = seed_generators(derive_seed(int(state.step), *state.key.tolist()), self._devices)
+        saved_rng = seed_generators(derive_seed(self._keys_seed, int(state.step)), self._devices)
         try:
-            loss, metrics = forward(leaves, rest, batch)
-            if not loss.requires_grad:
-                raise ValueError(
-                    f"loss_fn {_name(loss_fn)!r} returned a loss that does not depend on any trainable "
-                    "parameter (no gradient can flow); did it call the model it was given?"
-                )
-            grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+            loss, metrics = self._forward(skeleton)(leaves, rest, batch)
         except Exception as e:
             e.add_note(
-                f"fnlight: {where} {int(state.step)}: loss_fn {_name(loss_fn)!r} ran under torch.func.vmap over {k} replicas "
-                f"on a batch {describe_batch(batch)}; reading values (.item(), data-dependent control flow) or updating "
-                "unbatched tensors in place is not supported there"
+                f"fnlight: {where} {int(state.step)}: loss_fn {_name(self.loss_fn)!r} ran under torch.func.vmap over {k} "
+                f"replicas on a batch {describe_batch(batch)}; reading values (.item(), data-dependent control flow) or "
+                "updating unbatched tensors in place is not supported there"
             )
             raise
         finally:
             restore_generators(saved_rng)
             torch.set_grad_enabled(grad_was_enabled)
+        if not loss.requires_grad:
+            raise ValueError(
+                f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
+                "parameter (no gradient can flow); did it call the model it was given?"
+            )
+        # One autograd.grad of the summed losses gives each replica its own gradient: replica i's loss
+        # depends on row i of each parameter alone.
+        grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
         loss = loss.detach()
         # As torch.optim (and make_train_step): a parameter without a gradient is not updated.
         grads = {n: g for n, g in zip(leaves, grads) if g is not None}
         trainable = {n: params[n] for n in grads}
         bad = None
-        if self.nonfinite != "ignore":
+        if self.nonfinite != "ignore" and not math.isfinite(float(loss.sum())):  # one read; the mask only when needed
             finite = torch.isfinite(loss)
             if not bool(finite.all()):
                 bad = ~finite
@@ -210,6 +215,28 @@ class EnsembleStep:
         new_state = state.replace(step=state.step + 1, params={**params, **new_params}, buffers=new_buffers, opt_state=opt_state)
         return new_state, metrics
 
+    def _forward(self, skeleton: nn.Module) -> Any:
+        """``vmap`` of the loss over the replicas, bound into ``skeleton`` (built once per skeleton).
+
+        Only the forward pass is batched: ``vmap(grad_and_value(...))`` adds a transform level
+        whose wrapping costs more than the backward of a small model.
+        """
+        if self._cached is not None and self._cached[0] is skeleton:
+            return self._cached[1]
+        loss_fn = self.loss_fn
+
+        def replica_loss(leaves: dict[str, Tensor], rest: dict[str, Tensor], batch: Any) -> tuple[Tensor, Metrics]:
+            saved = bind(skeleton, {**rest, **leaves})
+            try:
+                return _split_output(loss_fn(skeleton, batch), loss_fn)
+            finally:
+                unbind(saved)
+
+        in_dims = (0, 0, 0 if self.per_replica_batch else None)
+        forward = torch.func.vmap(replica_loss, in_dims=in_dims, randomness=self.randomness)
+        self._cached = (skeleton, forward)
+        return forward
+
     def _check_batch(self, batch: Any) -> None:
         for i, leaf in enumerate(optree.tree_leaves(batch)):
             if not isinstance(leaf, Tensor) or leaf.ndim == 0 or leaf.shape[0] != self.k:
@@ -220,9 +247,10 @@ class EnsembleStep:
                 )
 
     def _nonfinite_message(self, state: TrainState, loss: Tensor) -> str:
-        bad = [i for i, v in enumerate(loss.tolist()) if not torch.isfinite(torch.tensor(v))]
+        values = loss.tolist()
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         lrs = state.opt_state.hparams["lr"].tolist()
-        shown = ", ".join(f"{i} (lr {lrs[i]:.3g}, loss {loss[i].item()})" for i in bad[:10])
+        shown = ", ".join(f"{i} (lr {lrs[i]:.3g}, loss {values[i]})" for i in bad[:10])
         return (
             f"non-finite loss at update {int(state.step)} in replica(s) {shown}; lower their learning rates, "
             "or pass nonfinite='skip' (those replicas skip the update) or 'ignore' to make_ensemble_step"

@@ -12,6 +12,7 @@ of ``fnlight.optim.adamw/adam/sgd`` states, so a replica continues under those o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -141,20 +142,20 @@ class EnsembleOptimizer:
         vmax = [state.nu_max[n] for n in names] if self.amsgrad else []
         if not inplace:
             mu, nu, vmax = [t.clone() for t in mu], [t.clone() for t in nu], [t.clone() for t in vmax]
-        count = state.count + 1
-        t = count.to(torch.float64)
-        lr, wd, b1, b2 = hp["lr"], hp["weight_decay"], hp["b1"], hp["b2"]
+        # The per-replica scalars in float64, as the fused kernels compute them from double arguments.
+        t = [c + 1 for c in state.count.tolist()]
+        lr, wd, b1, b2 = (hp[n].tolist() for n in ("lr", "weight_decay", "b1", "b2"))
         c = _PerReplica(
             ps,
-            decay=1 - lr * wd if self.kind == "adamw" else wd,
-            one_minus_b1=1 - b1,
-            one_minus_b2=1 - b2,
+            decay=[1 - a * w for a, w in zip(lr, wd)] if self.kind == "adamw" else wd,
+            one_minus_b1=[1 - b for b in b1],
+            one_minus_b2=[1 - b for b in b2],
             b2=b2,
-            bias_correction2_sqrt=torch.sqrt(1 - b2**t),
-            eps=hp["eps"],
-            step_size=lr / (1 - b1**t),
+            bias_correction2_sqrt=[math.sqrt(1 - b**s) for b, s in zip(b2, t)],
+            eps=hp["eps"].tolist(),
+            step_size=[a / (1 - b**s) for a, b, s in zip(lr, b1, t)],
         )
-        if decayed and bool((wd != 0).any()):
+        if decayed and any(wd):
             sub = [ps[i] for i in decayed]
             if self.kind == "adamw":  # decoupled: p *= 1 - lr * wd
                 torch._foreach_mul_(sub, [c.decay[i] for i in decayed])
@@ -178,16 +179,20 @@ class EnsembleOptimizer:
         torch._foreach_sub_(ps, step)
         merged = lambda old, new: {**old, **dict(zip(names, new))}
         return AdamState(
-            count, merged(state.mu, mu), merged(state.nu, nu), merged(state.nu_max, vmax) if self.amsgrad else {}, dict(hp)
+            state.count + 1,
+            merged(state.mu, mu),
+            merged(state.nu, nu),
+            merged(state.nu_max, vmax) if self.amsgrad else {},
+            dict(hp),
         )
 
     def _sgd(
         self, names: list[str], ps: list[Tensor], gs: list[Tensor], decayed: list[int], state: SgdState, inplace: bool
     ) -> SgdState:
         hp = state.hparams
-        wd = hp["weight_decay"]
-        c = _PerReplica(ps, wd=wd, momentum=hp["momentum"], one_minus_dampening=1 - hp["dampening"], minus_lr=-hp["lr"])
-        if decayed and bool((wd != 0).any()):  # g += p * wd
+        lr, wd, momentum, dampening = (hp[n].tolist() for n in ("lr", "weight_decay", "momentum", "dampening"))
+        c = _PerReplica(ps, wd=wd, momentum=momentum, one_minus_dampening=[1 - d for d in dampening], minus_lr=[-a for a in lr])
+        if decayed and any(wd):  # g += p * wd
             products = torch._foreach_mul([ps[i] for i in decayed], [c.wd[i] for i in decayed])
             gs = list(gs)
             for j, i in enumerate(decayed):
@@ -197,11 +202,12 @@ class EnsembleOptimizer:
             bufs = [state.momentum_buffer[n] for n in names]
             if not inplace:
                 bufs = [b.clone() for b in bufs]
-            first = state.count == 0
-            if not bool(first.all()):  # buf = buf * momentum + g * (1 - dampening)
+            first = [c == 0 for c in state.count.tolist()]
+            if not all(first):  # buf = buf * momentum + g * (1 - dampening)
                 torch._foreach_mul_(bufs, c.momentum)
                 torch._foreach_add_(bufs, torch._foreach_mul(gs, c.one_minus_dampening))
-            if bool(first.any()):  # the first update copies the gradient (as torch's kernels do)
+            if any(first):  # the first update copies the gradient (as torch's kernels do)
+                first = torch.tensor(first, device=bufs[0].device)
                 for b, g in zip(bufs, gs):
                     b[first] = g[first]
             gs = torch._foreach_add(gs, torch._foreach_mul(bufs, c.momentum)) if self.nesterov else bufs
@@ -211,13 +217,13 @@ class EnsembleOptimizer:
 
 
 class _PerReplica:
-    """Per-replica ``[K]`` float64 values, cast once, as ``[K, 1, ..., 1]`` views matching each tensor.
+    """Per-replica values (K floats each), cast once, as ``[K, 1, ..., 1]`` views matching each tensor.
 
     ``c.name[i]`` broadcasts against ``tensors[i]``; ``c.name`` is the list for all of them.
     """
 
-    def __init__(self, tensors: Sequence[Tensor], **values: Tensor) -> None:
-        table = torch.stack(list(values.values()))  # [J, K]
+    def __init__(self, tensors: Sequence[Tensor], **values: list[float]) -> None:
+        table = torch.tensor(list(values.values()), dtype=torch.float64)  # [J, K]
         cast: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         rows: dict[tuple[torch.dtype, torch.device, int], tuple[Tensor, ...]] = {}
         keys = [(t.dtype, t.device, t.ndim) for t in tensors]
