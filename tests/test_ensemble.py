@@ -337,8 +337,10 @@ def test_init_errors():
     with pytest.raises(ValueError, match=r"cannot re-draw parameter 'scale': its module \(Scaled\) has no reset_parameters\(\)"):
         custom.init(seeds=[0, 1])
     assert custom.init(seeds=[0, 1], reinit=False).params["scale"].shape == (2, 3)
-    with pytest.raises(IndexError, match=r"index must be an int in \[0, 4\), got 4"):
+    with pytest.raises(IndexError, match=r"replica_step: index 4 is out of range for an ensemble of 4 replicas"):
         step.replica_step(4)
+    with pytest.raises(TypeError, match=r"replica_step: index must be an int, got '1'"):
+        step.replica_step("1")
 
 
 def test_step_errors():

@@ -128,9 +128,15 @@ class EnsembleStep:
 
         ``replica_step(i)(replica_state(state, i), batch)`` updates replica ``i`` as this
         ensemble step does (to float rounding: batched matmuls may round differently).
+
+        Raises:
+            TypeError: ``index`` is not an int.
+            IndexError: ``index`` is out of range.
         """
-        if isinstance(index, bool) or not isinstance(index, int) or not -self.k <= index < self.k:
-            raise IndexError(f"EnsembleStep.replica_step: index must be an int in [0, {self.k}), got {index!r}")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"EnsembleStep.replica_step: index must be an int, got {index!r}")
+        if not -self.k <= index < self.k:
+            raise IndexError(f"EnsembleStep.replica_step: index {index} is out of range for an ensemble of {self.k} replicas")
         return make_train_step(self._model, self.loss_fn, self.optimizer.builder(index))
 
     def updates_per(self, batches: int) -> int:
