@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_sum", "rank", "union_of_keys", "world_size"]
+__all__ = ["all_sum", "collective", "rank", "union_of_keys", "world_size"]
 
 
 def world_size() -> int:
@@ -38,3 +41,17 @@ def union_of_keys(keys: list[str]) -> list[str]:
     dist.all_gather_object(gathered, sorted(keys))
     return sorted({k for part in gathered for k in (part or [])})
 
+
+
+@contextlib.contextmanager
+def collective(where: str) -> Iterator[None]:
+    """Name the likely cause when a collective fails: another rank died, raised or stalled past the timeout."""
+    try:
+        yield
+    except RuntimeError as e:  # DistBackendError and the backends' own errors are RuntimeErrors
+        e.add_note(
+            f"fnlight: {where}: a collective failed on rank {rank()} of {world_size()}. Another rank has most likely "
+            "died or raised (see its log above), or stalled past the timeout of init_distributed(timeout=...). "
+            "Restarting the job (e.g. torchrun --max-restarts) resumes from the last checkpoint under with_checkpointing."
+        )
+        raise

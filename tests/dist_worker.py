@@ -14,6 +14,7 @@ Phases:
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -142,9 +143,43 @@ def resume(out: Path, rank: int) -> None:
     save_params(out / "resumed.ckpt", state)
 
 
+def fault(out: Path, rank: int) -> None:
+    """Rank 1 dies (``FAULT=kill``: SIGKILL; ``raise``: an exception; ``hang``: stalls) at update 5 of a long DDP run.
+
+    Under torchrun (``FAULT=restart``) it is the FSDP run of ``train`` with sharded checkpoints
+    every 10 updates, and rank 1 is killed at update 12 of the first attempt only: torchrun's
+    restart resumes from update 10.
+    """
+    import os
+    import signal
+    import time
+
+    kind = os.environ["FAULT"]
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+    def maybe_die(state, metrics):
+        if rank == 1 and int(state.step) == (12 if kind == "restart" else 5) and attempt == 0:
+            if kind == "raise":
+                raise RuntimeError("rank 1 fails on purpose")
+            if kind == "hang":
+                time.sleep(600)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    die = fl.Observer(maybe_die, steps=1, at_end=False)
+    if kind == "restart":
+        step = fl.with_checkpointing(build("fsdp", rank), directory=out / "restart", every=10, keep_last=2)
+        state = fl.fold(step, step.init(), local_batches(rank, 1), progress=False, observers=[die])
+        save_params(out / "restarted.ckpt", state)
+        if rank == 0:
+            (out / "resumed_from.txt").write_text(state.slots["checkpointing"].resumed_from)
+        return
+    step = build("ddp", rank)
+    fl.fold(step, step.init(), local_batches(rank, 1) * 50, progress=False, observers=[die])
+
+
 def main(out, phase):
-    info = fl.init_distributed(timeout=60)
-    {"train": train, "resume": resume}[phase](Path(out), info.rank)
+    info = fl.init_distributed(timeout=float(os.environ.get("FNLIGHT_TEST_TIMEOUT", 60)))
+    {"train": train, "resume": resume, "fault": fault}[phase](Path(out), info.rank)
     torch.distributed.barrier()  # every rank is done before any exits
 
 

@@ -5,6 +5,7 @@ The ranks run tests/dist_worker.py (one launch for many scenarios: starting rank
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,48 @@ def test_reshard_one_process_to_two_and_back_continues_bit_identically(run):
     assert fl.tree_equal(back, fl.checkpoint.restore(out / "single.ckpt", target))
     resumed = fl.fold(step, back, global_batches(), progress=False)
     assert fl.tree_equal(resumed.params, expected.params)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["kill", "raise", "hang"])
+def test_when_a_rank_dies_raises_or_stalls_the_survivor_exits_with_a_clear_error(tmp_path, kind):
+    """Two ranks started by hand (no torchrun to clean up): rank 0 must not hang after rank 1 fails."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": kind, "FNLIGHT_TEST_TIMEOUT": "10", "WORLD_SIZE": "2"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cmd = [sys.executable, "tests/dist_worker.py", str(tmp_path), "fault"]
+    ranks = [
+        subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    try:
+        _, stderr = ranks[0].communicate(timeout=120)  # far beyond the 10 s collective timeout
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert ranks[0].returncode != 0
+    assert "fnlight: with_ddp at update 5: a collective failed on rank 0 of 2" in stderr, stderr[-3000:]
+    assert "Another rank has most likely died or raised" in stderr
+
+
+def test_torchrun_restart_resumes_from_the_last_sharded_checkpoint(run):
+    """Rank 1 is killed at update 12; torchrun restarts both ranks, which resume from update 10 and finish."""
+    out, _ = run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "restart"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1"]
+    proc = subprocess.run(
+        [*cmd, "tests/dist_worker.py", str(out), "fault"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "resumed_from.txt").read_text().endswith(f"step-{UPDATES // 2:09d}.ckpt")
+    like = reference_step().init().params
+    restarted, uninterrupted = params_of(out / "restarted.ckpt", like), params_of(out / "uninterrupted.ckpt", like)
+    assert all(torch.equal(restarted[n], uninterrupted[n]) for n in like)
 
 
 def test_single_process_is_a_no_op():

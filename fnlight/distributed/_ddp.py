@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .._ranks import collective
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from ..transforms._base import Metrics, Transform, layers
@@ -73,7 +74,8 @@ class DDP(Transform):
         info = dist_info()
         if info.world_size == 1:
             return state
-        synced = broadcast_tensors([*state.params.values(), *state.buffers.values()], self.bucket_bytes)
+        with collective("with_ddp init (broadcast of rank 0's parameters)"):
+            synced = broadcast_tensors([*state.params.values(), *state.buffers.values()], self.bucket_bytes)
         n = len(state.params)
         params = dict(zip(state.params, synced[:n]))
         return state.replace(
@@ -89,9 +91,10 @@ class DDP(Transform):
         info = dist_info()
         if info.world_size > 1:
             names = list(g.grads)
-            reduced = _all_reduce_mean(
-                [*g.grads.values(), g.loss.detach().float().reshape(1)], self.bucket_bytes, info.world_size
-            )
+            with collective(f"with_ddp at update {int(state.step)}"):
+                reduced = _all_reduce_mean(
+                    [*g.grads.values(), g.loss.detach().float().reshape(1)], self.bucket_bytes, info.world_size
+                )
             g = g._replace(grads=dict(zip(names, reduced[:-1])), loss=reduced[-1].reshape(()).to(g.loss.dtype))
         return self.inner.update(state, g)
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
+from .._ranks import collective
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from ..transforms._base import Metrics, Transform, layers
@@ -90,8 +91,9 @@ class FSDP(Transform):
             return state
         device = next(iter(state.params.values())).device.type if state.params else "cpu"
         mesh = _mesh(device, info.world_size)
-        params = {n: _shard(p, mesh) for n, p in state.params.items()}
-        buffers = dict(zip(state.buffers, broadcast_tensors(list(state.buffers.values()))))
+        with collective("with_fsdp init (scatter of rank 0's parameters)"):
+            params = {n: _shard(p, mesh) for n, p in state.params.items()}
+            buffers = dict(zip(state.buffers, broadcast_tensors(list(state.buffers.values()))))
         return state.replace(params=params, buffers=buffers, opt_state=self.core.init_opt_state(params))
 
     def grads(self, state: TrainState, batch: Any, ctx: GradContext = NO_CONTEXT) -> Gradients:
@@ -100,14 +102,16 @@ class FSDP(Transform):
             return self.inner.grads(state, batch, ctx)
         # The gathered gradients are summed over ranks: weight each rank's loss by 1/world_size for the mean.
         ctx = ctx._replace(gather=_gather, loss_weight=ctx.loss_weight / info.world_size, rank=info.rank)
-        return self.inner.grads(state, batch, ctx)
+        with collective(f"with_fsdp at update {int(state.step)}"):
+            return self.inner.grads(state, batch, ctx)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:
         """Average the loss over the ranks (the gradients already are), then update the shards."""
         info = dist_info()
         if info.world_size > 1:
             loss = g.loss.detach().float().reshape(1).clone()
-            dist.all_reduce(loss)
+            with collective(f"with_fsdp at update {int(state.step)}"):
+                dist.all_reduce(loss)
             g = g._replace(loss=loss.div_(info.world_size).reshape(()).to(g.loss.dtype))
         return self.inner.update(state, g)
 

@@ -72,9 +72,24 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+    delta = datetime.timedelta(seconds=timeout)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=delta, store=_attempt_store(world_size, delta))
     atexit.register(_destroy)  # tear the group down before interpreter exit (gloo aborts otherwise)
     return DistInfo(rank, world_size, local_rank)
+
+
+def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart attempt; else ``None`` (torch's env:// store).
+
+    torchrun keeps its store across restarts, and the process group's keys (each rank's
+    address) carry no attempt number: a restarted rank can read the address of a rank of the
+    failed attempt and fail to connect. The prefix keeps each attempt's keys apart.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/fnlight/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def _destroy() -> None:
