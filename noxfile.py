@@ -47,5 +47,5 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (ratios against a hand-written loop measured in the same run)."""
     install(session, "examples,aim")
-    for script in ("step_overhead", "transforms_overhead", "checkpoint_io", "tracking_overhead"):
+    for script in ("step_overhead", "transforms_overhead", "checkpoint_io", "tracking_overhead", "ensemble"):
         session.run("python", f"benchmarks/{script}.py", *session.posargs)

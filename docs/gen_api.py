@@ -19,6 +19,10 @@ MODULES = (
     "fnlight.tracking",
     "fnlight.distributed",
     "fnlight.export",
+    "fnlight.ensemble",
+    "fnlight.finders",
+    "fnlight.testing",
+    "fnlight.cli",
 )
 HEADER = """# API reference
 

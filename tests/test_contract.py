@@ -22,8 +22,8 @@ TRANSFORMS = {
     "amp_true_bf16": ("with_amp", lambda s: fl.with_amp(s, dtype="bf16", mode="true")),
     "accum_every": ("with_grad_accum", lambda s: fl.with_grad_accum(s, every=3)),
     "accum_split": ("with_grad_accum", lambda s: fl.with_grad_accum(s, micro_batches=2)),
-    "ema": ("with_ema", lambda s: fl.transforms.with_ema(s, decay=0.9, warmup=True)),
-    "swa": ("with_swa", lambda s: fl.transforms.with_swa(s, start=2, every=2)),
+    "ema": ("with_ema", lambda s: fl.with_ema(s, decay=0.9, warmup=True)),
+    "swa": ("with_swa", lambda s: fl.with_swa(s, start=2, every=2)),
     "eval": (
         "with_eval",
         lambda s: fl.with_eval(s, data=make_batches(3, batch=5, seed=9), loss_fn=fl.losses.classification, every=2),

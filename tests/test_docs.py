@@ -18,6 +18,10 @@ PUBLIC = (
     "fnlight.tracking",
     "fnlight.distributed",
     "fnlight.export",
+    "fnlight.ensemble",
+    "fnlight.finders",
+    "fnlight.testing",
+    "fnlight.cli",
 )
 
 
