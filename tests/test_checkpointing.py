@@ -231,3 +231,15 @@ def _load_final(path):
     step = fl.with_amp(fl.make_train_step(model, fl.losses.cross_entropy, adamw(1e-2)), dtype="fp16")
     state = step.init()
     return fl.checkpoint.restore(path, {"params": state.params, "opt": state.opt_state, "step": 0})
+
+
+def test_resume_refuses_checkpoints_of_another_model(tmp_path):
+    batch = (torch.ones(4, 2), torch.zeros(4, 1))
+    core = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    small = fl.with_checkpointing(core, directory=tmp_path, every=1)
+    fl.fold(small, small.init(), [batch] * 2, progress=False)
+    wide = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    other = fl.with_checkpointing(fl.make_train_step(wide, fl.losses.mse, fl.optim.sgd(0.1)), directory=tmp_path, every=1)
+    with pytest.raises(fl.checkpoint.CheckpointMismatchError, match="does not match the target tree"):
+        other.init()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000002.ckpt"]  # nothing overwritten

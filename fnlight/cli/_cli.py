@@ -229,19 +229,13 @@ class FnlightCLI:
         train = self.data.train()
         val = self.data.val() if callable(getattr(self.data, "val", None)) else None
         _, step = _assemble(self.model, recipe, train=train, val=val, hparams=self.resolved, for_fit=True)
-        existing = find_latest(self.checkpoint_dir) if recipe.checkpoint.resume else None
-        state = step.init(seed=recipe.seed)
-        if existing is not None and not state.slots["checkpointing"].resumed_from:
-            # with_checkpointing skips checkpoints that do not restore; here that would silently start over
-            try:
-                restore(existing, state)
-            except CheckpointMismatchError as e:
-                raise ConfigError(
-                    f"fit: the checkpoints in {self.checkpoint_dir} do not fit this config's model, optimizer and "
-                    f"transforms, so the run cannot continue from them; choose another --recipe.run_dir. {e}"
-                ) from e
-            except CheckpointError:
-                pass  # damaged: with_checkpointing's policy (start from the newest intact one, here none) stands
+        try:  # with_checkpointing refuses checkpoints of another model rather than silently starting over
+            state = step.init(seed=recipe.seed)
+        except CheckpointMismatchError as e:
+            raise ConfigError(
+                f"fit: the checkpoints in {self.checkpoint_dir} do not fit this config's model, optimizer and "
+                f"transforms, so the run cannot continue from them; choose another --recipe.run_dir. {e}"
+            ) from e
         write_saved_config(self.checkpoint_dir, self.resolved)  # after the resume check: a refused run changes nothing
         resumed = state.slots["checkpointing"].resumed_from
         position = f"update {int(state.step)}, {int(state.data.batch)} batches into epoch {int(state.data.epoch) + 1}"

@@ -15,7 +15,7 @@ import optree
 from torch import Tensor
 
 from .._state import NAMESPACE, TrainState
-from ..checkpoint import CheckpointError, read_metadata, restore, save
+from ..checkpoint import CheckpointError, CheckpointMismatchError, read_metadata, restore, save
 from ..distributed._group import dist_info
 from ..distributed._sharded import is_sharded, read_sharded_metadata, restore_sharded, save_sharded
 from ._base import Metrics, Transform
@@ -61,7 +61,13 @@ def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path |
 
     With ``target`` each candidate is fully restored into it (every checksum verified, the
     structure checked) and the first that succeeds is returned; without, a candidate is
-    valid when its preamble, index and footer are intact.
+    valid when its preamble, index and footer are intact. A readable checkpoint whose
+    structure differs from ``target`` (another model, another chain of transforms) raises
+    :class:`~fnlight.checkpoint.CheckpointMismatchError` rather than being skipped: silently
+    starting over would overwrite that run's checkpoints.
+
+    Raises:
+        CheckpointMismatchError: the newest readable checkpoint does not fit ``target``.
 
     Returns:
         The path, or ``None`` when there is no valid checkpoint (or no directory).
@@ -72,6 +78,8 @@ def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path |
     for _, path in reversed(_checkpoints(Path(directory))):
         try:
             _restore(path, target) if target is not None else _read_metadata(path)
+        except CheckpointMismatchError:
+            raise  # readable, but of another model or transform chain: resuming from an older one would be wrong
         except (CheckpointError, OSError):
             continue
         return path

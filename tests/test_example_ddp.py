@@ -1,0 +1,84 @@
+"""examples/ddp.py runs unchanged on one process, on 2 ranks (DDP and FSDP, with resume) and on two "nodes"."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def accuracy(stdout, mode, ranks, update):
+    found = re.search(rf"{mode}: {ranks} rank\(s\), update {update}: val accuracy ([0-9.]+)", stdout)
+    assert found, stdout
+    return float(found.group(1))
+
+
+def test_one_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "examples/ddp.py", "--epochs", "2", "--run-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert accuracy(proc.stdout, "ddp", 1, 44) > 0.7
+
+
+def test_two_ranks_fsdp_then_resume(tmp_path):
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "examples/ddp.py", "--fsdp", "--run-dir", str(tmp_path)]
+    first = subprocess.run([*cmd, "--epochs", "10"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert accuracy(first.stdout, "fsdp", 2, 220) > 0.9
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "step-000000220.ckpt")) == [
+        "rank-00000-of-00002.ckpt",
+        "rank-00001-of-00002.ckpt",
+    ]
+    again = subprocess.run([*cmd, "--epochs", "11"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "at update 220" in again.stdout
+    assert accuracy(again.stdout, "fsdp", 2, 242) > 0.9
+
+
+def test_two_nodes_on_one_machine(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node-rank",
+                str(n),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"localhost:{port}",
+                "examples/ddp.py",
+                "--epochs",
+                "2",
+                "--run-dir",
+                str(tmp_path),
+            ],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert accuracy(outputs[0][0], "ddp", 2, 44) > 0.7
