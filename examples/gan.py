@@ -7,8 +7,8 @@ the *other* network travels in the batch, explicitly:
 
 - the discriminator's batch is ``(real, fake)``, the fakes drawn from the generator's state
   under ``no_grad`` (so nothing flows back into the generator);
-- the generator's batch is ``(z, d_params)``: its loss runs the discriminator through
-  ``torch.func.functional_call`` with the discriminator state's tensors. Those are plain
+- the generator's batch is ``(z, d_state)``: its loss runs the discriminator with
+  ``fl.apply(d_state, ...)``, which binds the discriminator state's tensors. Those are plain
   tensors that do not require gradients, and the generator's optimizer only knows the
   generator's parameters, so the discriminator is held fixed without ``requires_grad_``
   toggling, ``.detach()`` juggling or a second ``zero_grad``.
@@ -40,7 +40,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 import fnlight as fl
 from fnlight.optim import adam
@@ -59,11 +58,6 @@ def ring(n: int, generator: torch.Generator) -> Tensor:
 def mlp(inputs: int, width: int, outputs: int) -> nn.Sequential:
     """Two hidden ReLU layers."""
     return nn.Sequential(nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, outputs))
-
-
-def run(module: nn.Module, state: fl.TrainState, *inputs: Tensor) -> Tensor:
-    """Call ``module`` with the state's parameters and buffers in place of its own."""
-    return functional_call(module, {**state.params, **state.buffers}, inputs)
 
 
 def make_discriminator_loss(*, r1: float):
@@ -88,15 +82,11 @@ def make_discriminator_loss(*, r1: float):
     return discriminator_loss
 
 
-def make_generator_loss(discriminator: nn.Module):
-    """The non-saturating generator loss, judged by a discriminator whose tensors come with the batch."""
-
-    def generator_loss(model: nn.Module, batch: tuple[Tensor, dict[str, Tensor]]) -> Tensor:
-        z, d_params = batch
-        logits = functional_call(discriminator, d_params, (model(z),)).squeeze(-1)
-        return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # -log D(G(z))
-
-    return generator_loss
+def generator_loss(model: nn.Module, batch: tuple[Tensor, fl.TrainState]) -> Tensor:
+    """The non-saturating generator loss, judged by the discriminator state that comes with the batch."""
+    z, d_state = batch
+    logits = fl.apply(d_state, model(z)).squeeze(-1)  # gradients flow through D's inputs, not into D
+    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # -log D(G(z))
 
 
 def quality(points: Tensor) -> tuple[float, int]:
@@ -120,7 +110,7 @@ def main() -> tuple[float, int]:
 
     torch.manual_seed(args.seed)
     generator, discriminator = mlp(args.latent, args.width, 2), mlp(2, args.width, 1)
-    g_step = fl.make_train_step(generator, make_generator_loss(discriminator), adam(args.lr, b1=0.5, b2=0.9))
+    g_step = fl.make_train_step(generator, generator_loss, adam(args.lr, b1=0.5, b2=0.9))
     d_step = fl.make_train_step(discriminator, make_discriminator_loss(r1=args.r1), adam(args.lr, b1=0.5, b2=0.9))
     g_state, d_state = g_step.init(seed=args.seed), d_step.init(seed=args.seed + 1)
 
@@ -129,7 +119,7 @@ def main() -> tuple[float, int]:
 
     def report(turn: int, g_state: fl.TrainState, losses: str = "") -> tuple[float, int]:
         with torch.no_grad():
-            near, covered = quality(run(generator, g_state, probe))
+            near, covered = quality(fl.apply(g_state, probe))
         print(f"turn {turn:5d}{losses}  near a mode {near:6.1%}  modes covered {covered}/{MODES}")
         return near, covered
 
@@ -137,10 +127,10 @@ def main() -> tuple[float, int]:
     start = time.perf_counter()
     for turn in range(1, args.steps + 1):
         with torch.no_grad():
-            fake = run(generator, g_state, torch.randn(args.batch_size, args.latent, generator=noise))
+            fake = fl.apply(g_state, torch.randn(args.batch_size, args.latent, generator=noise))
         d_state, d_metrics = d_step(d_state, (ring(args.batch_size, noise), fake))
         z = torch.randn(args.batch_size, args.latent, generator=noise)
-        g_state, g_metrics = g_step(g_state, (z, d_state.params))
+        g_state, g_metrics = g_step(g_state, (z, d_state))
         if turn % max(args.steps // 10, 1) == 0 or turn == args.steps:
             losses = f"  D loss {float(d_metrics['loss']):.3f}  G loss {float(g_metrics['loss']):.3f}"
             near, covered = report(turn, g_state, losses)

@@ -6,7 +6,7 @@ gradient transformations, schedules) and ``fnlight.losses`` are public too.
 
 from . import checkpoint, distributed, ensemble, export, finders, losses, optim, testing, tracking
 from ._donation import DonatedStateError
-from ._interop import copy_into_module_, load_state_dict, save_safetensors, state_dict, to_module
+from ._interop import apply, copy_into_module_, load_state_dict, save_safetensors, state_dict, to_module
 from ._loop import Observer, evaluate, every, fold
 from ._rng import derive_seed
 from ._signals import Preempted
@@ -69,6 +69,7 @@ __all__ = [
     "TrainState",
     "TrainStep",
     "Transform",
+    "apply",
     "averaged",
     "checkpoint",
     "copy_into_module_",

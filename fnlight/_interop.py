@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._bind import full_tensors, materialize
+from ._bind import bound, full_tensors, materialize
 from ._donation import check_live
 from ._state import TrainState
 
-__all__ = ["copy_into_module_", "load_state_dict", "state_dict", "to_module"]
+__all__ = ["apply", "copy_into_module_", "load_state_dict", "state_dict", "to_module"]
 
 
 def _require_skeleton(state: TrainState, where: str) -> nn.Module:
@@ -36,6 +37,41 @@ def to_module(state: TrainState) -> nn.Module:
     """
     module = materialize(_require_skeleton(state, "to_module"), full_tensors(state.params), state.buffers)
     return module.eval()
+
+
+def apply(state: TrainState, *args: Any, training: bool = False, **kwargs: Any) -> Any:
+    """Run the model on ``args`` with the state's parameters and buffers, without copying them.
+
+    The module skeleton is called with the state's tensors bound in place of its own, in eval
+    mode (``training=False``, the default) or train mode. Gradients flow as usual: through the
+    inputs (e.g. a GAN generator's loss through a discriminator held in another state) and to
+    the state's tensors only if they require grad (a state's tensors do not). Pure: in train
+    mode the buffers are cloned first, so BatchNorm statistics updated by the call are
+    discarded and ``state`` is never modified. Dropout in train mode draws from torch's global
+    generator (inside a step, fnlight seeds it per call; here you choose).
+
+    Args:
+        state: a state with a module skeleton (from ``step.init()``).
+        *args: positional inputs of the model's ``forward``.
+        training: call the model in train mode (BatchNorm batch statistics, dropout active).
+        **kwargs: keyword inputs of the model's ``forward``.
+
+    Returns:
+        Whatever the model's ``forward`` returns.
+
+    >>> import torch, fnlight as fl
+    >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    >>> fl.apply(state, torch.zeros(3, 2)).shape
+    torch.Size([3, 1])
+    """
+    if not isinstance(training, bool):
+        raise TypeError(f"apply: training must be a bool, got {training!r}")
+    skeleton = _require_skeleton(state, "apply")
+    buffers = {k: b.clone() for k, b in state.buffers.items()} if training else state.buffers
+    if skeleton.training != training:
+        skeleton.train(training)
+    with bound(skeleton, {**full_tensors(state.params), **buffers}):
+        return skeleton(*args, **kwargs)
 
 
 def state_dict(state: TrainState) -> dict[str, Tensor]:

@@ -53,10 +53,19 @@ class Progress:
         loss = metrics.get("loss")
         done = step - self._start_step
         rate = f"{done / (now - self._t0):.1f} steps/s" if done > 0 else ""
-        self._bar.update(self._task, completed=step, epoch=epoch, loss="-" if loss is None else f"{float(loss):.4g}", rate=rate)
+        self._bar.update(self._task, completed=step, epoch=epoch, loss=_show(loss), rate=rate)
         self._bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _show(loss: Any) -> str:
+    """The loss as shown: a number, or the mean of a per-replica loss (ensembles: ``[K]``)."""
+    if loss is None:
+        return "-"
+    if getattr(loss, "ndim", 0):
+        return f"{float(loss.float().mean()):.4g} (mean of {loss.numel()})"
+    return f"{float(loss):.4g}"

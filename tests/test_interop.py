@@ -102,3 +102,28 @@ def test_safetensors_missing_package_is_named(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="save_safetensors needs the safetensors package: pip install safetensors"):
         fl.save_safetensors(trained, tmp_path / "m.safetensors")
+
+
+def test_apply_runs_the_model_with_the_state_tensors_without_copying_or_mutating():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    state = fl.make_train_step(model, fl.losses.mse, fl.optim.sgd(0.1)).init()
+    x = torch.randn(5, 3, requires_grad=True)
+    out = fl.apply(state, x)
+    assert torch.equal(out, fl.to_module(state)(x))  # eval mode by default
+    out.sum().backward()  # gradients reach the inputs (a GAN's generator through a fixed discriminator)
+    assert x.grad is not None and all(not p.requires_grad for p in state.params.values())
+    before = fl.tree_clone(state.buffers)
+    train_out = fl.apply(state, x, training=True)  # batch statistics; BatchNorm's running stats are discarded
+    assert not torch.allclose(train_out, out)
+    assert fl.tree_equal(state.buffers, before)
+    with pytest.raises(TypeError, match="apply: training must be a bool, got 1"):
+        fl.apply(state, x, training=1)
+    with pytest.raises(TypeError, match="apply: expected a fnlight.TrainState, got Linear"):
+        fl.apply(nn.Linear(2, 1), x)
+
+
+def test_progress_shows_the_mean_of_a_per_replica_loss():
+    from fnlight._progress import _show
+
+    assert (_show(None), _show(torch.tensor(0.5)), _show(torch.tensor([1.0, 3.0]))) == ("-", "0.5", "2 (mean of 2)")
