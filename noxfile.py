@@ -38,9 +38,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Check the docs: every ```python block in docs/ and README runs, every public name is documented."""
-    install(session, "dev")
-    session.run("python", "-m", "pytest", "-q", "tests/test_docs.py", *session.posargs)
+    """Build the site (mkdocs, warnings are errors) and check the docs: examples run, every public name is documented."""
+    install(session, "docs,dev")
+    site = os.path.join(session.create_tmp(), "site")
+    session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
+    tests = ("tests/test_docs.py", "tests/test_site.py")
+    session.run("python", "-m", "pytest", "-q", *tests, *session.posargs, env={"FNLIGHT_SITE": site})
 
 
 @nox.session
