@@ -1,8 +1,9 @@
 """The docs site: every page is in the nav, every public name is rendered, the strict build passes.
 
 The site is built with ``mkdocs build --strict`` (warnings are errors) into a temporary directory,
-or taken from ``$FNLIGHT_SITE`` when ``nox -s docs`` has just built it. Without mkdocs (the ``docs``
-extra) the build tests are skipped; the nav and reference-page checks need only PyYAML.
+or taken from ``$FNLIGHT_SITE`` when ``nox -s docs`` has just built it. The ``dev`` extra (what
+``nox -s tests`` installs) includes mkdocs, so CI builds the site; without mkdocs the build tests
+are skipped; the nav and reference-page checks need only PyYAML.
 """
 
 import importlib
