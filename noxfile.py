@@ -48,7 +48,12 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the benchmarks (ratios against a hand-written loop measured in the same run)."""
-    install(session, "examples,aim")
-    for script in ("step_overhead", "transforms_overhead", "checkpoint_io", "tracking_overhead", "ensemble"):
-        session.run("python", f"benchmarks/{script}.py", *session.posargs)
+    """Run the benchmark suite; it rewrites the generated section of docs/benchmarks.md.
+
+    Lightning is installed here only (the Trainer and Fabric columns of benchmarks/peers.py),
+    with torch pinned again so that pip keeps the torch installed first. Arguments after
+    ``--`` go to benchmarks/suite.py (``--quick --output /tmp/b.md``, ``--only peers``...).
+    """
+    install(session, "examples,aim,dev")
+    session.install("lightning>=2.5,<2.7", TORCH)
+    session.run("python", "benchmarks/suite.py", *session.posargs)

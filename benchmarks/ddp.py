@@ -146,7 +146,7 @@ def report(results: dict[str, dict[str, list[float]]], *, device: str, threads: 
         "fnlight with_ddp ms/step",
         "ratio of medians",
         "paired ratio median [p25-p75]",
-        "max |Δw|",
+        "max abs Δw",
     ]
     rows = []
     for kind, t in results.items():
