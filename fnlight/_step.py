@@ -268,6 +268,12 @@ class TrainStep:
         update produced (``grad_norm`` when the optimizer clips; ``skipped`` under the
         ``"skip"``/``"stop"`` policies).
         """
+        return self._update(state, g, self.optimizer.apply)
+
+    def _update(
+        self, state: TrainState, g: Gradients, apply: Callable[..., tuple[dict[str, Tensor], Any]]
+    ) -> tuple[TrainState, Metrics]:
+        """:meth:`update` with ``apply`` in place of the optimizer's (``with_compile`` passes a compiled one)."""
         metrics: Metrics = {}
         if self.nonfinite != "ignore":
             bad = self._nonfinite(g)
@@ -280,7 +286,7 @@ class TrainStep:
         inplace = is_donating()
         params = state.params
         subset = {n: params[n] for n in g.grads}
-        new_params, opt_state = self.optimizer.apply(subset, dict(g.grads), state.opt_state, inplace=inplace)
+        new_params, opt_state = apply(subset, dict(g.grads), state.opt_state, inplace=inplace)
         new_state = state.replace(
             step=state.step + 1,
             params=params if inplace and len(subset) == len(self._trainable) else {**params, **new_params},

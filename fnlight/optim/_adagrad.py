@@ -10,6 +10,7 @@ from torch import Tensor
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
 from ._kernels import check_mask, clone_all, initial_lr, merge, weight_decay_groups
 from ._masks import MaskFn
+from ._traced import adagrad_math, copy_back, decayed_flags, resolve_lr_tensor
 
 __all__ = ["AdagradState", "adagrad"]
 
@@ -93,6 +94,13 @@ def adagrad(
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         sums = [state.sum_of_squares[n] for n in names]
+        if torch.compiler.is_compiling():  # traced by torch.compile: tensor math, no Python floats (see _traced)
+            lr_t, hp = resolve_lr_tensor(learning_rate, state.count, state.hparams)
+            new_ps, new_sums = adagrad_math(ps, gs, sums, decayed_flags(names, ps, mask), count=state.count, lr=lr_t, hparams=hp)
+            if inplace:
+                new_ps, new_sums = copy_back(ps, new_ps), copy_back(sums, new_sums)
+            new_state = AdagradState(state.count + 1, merge(state.sum_of_squares, names, new_sums), hp)
+            return dict(zip(names, new_ps, strict=True)), new_state
         if not inplace:
             ps, sums = clone_all(ps), clone_all(sums)
         lr, hp = resolve_lr(learning_rate, state.count, state.hparams)

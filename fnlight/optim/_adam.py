@@ -10,6 +10,7 @@ from torch import Tensor
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
 from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
 from ._masks import MaskFn
+from ._traced import adam_math, copy_back, decayed_flags, resolve_lr_tensor
 
 __all__ = ["AdamState", "adam", "adamw"]
 
@@ -68,6 +69,25 @@ def _make(
             },
         )
 
+    def finish(
+        state: AdamState,
+        count: Tensor,
+        names: list[str],
+        ps: list[Tensor],
+        mu: list[Tensor],
+        nu: list[Tensor],
+        vmax: list[Tensor],
+        hp: dict,
+    ) -> tuple[dict[str, Tensor], AdamState]:
+        new_state = AdamState(
+            count,
+            merge(state.mu, names, mu),
+            merge(state.nu, names, nu),
+            merge(state.nu_max, names, vmax) if amsgrad else {},
+            hp,
+        )
+        return dict(zip(names, ps, strict=True)), new_state
+
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: AdamState, *, inplace: bool
     ) -> tuple[dict[str, Tensor], AdamState]:
@@ -75,6 +95,15 @@ def _make(
         ps, gs = list(params.values()), [grads[n] for n in names]
         mu, nu = [state.mu[n] for n in names], [state.nu[n] for n in names]
         vmax = [state.nu_max[n] for n in names] if amsgrad else []
+        if torch.compiler.is_compiling():  # traced by torch.compile: tensor math, no Python floats (see _traced)
+            lr_t, hp = resolve_lr_tensor(learning_rate, state.count, state.hparams)
+            decayed = decayed_flags(names, ps, mask)
+            new = adam_math(
+                ps, gs, mu, nu, vmax, decayed, count=state.count, lr=lr_t, hparams=hp, decoupled=kind == "adamw", amsgrad=amsgrad
+            )
+            if inplace:
+                new = tuple(copy_back(old, fresh) for old, fresh in zip((ps, mu, nu, vmax), new, strict=True))
+            return finish(state, state.count + 1, names, *new, hp)
         if not inplace:
             ps, mu, nu, vmax = clone_all(ps), clone_all(mu), clone_all(nu), clone_all(vmax)
         lr, hp = resolve_lr(learning_rate, state.count, state.hparams)
@@ -95,10 +124,7 @@ def _make(
                     weight_decay=group_wd,
                     **opts,
                 )
-        new_state = AdamState(
-            count, merge(state.mu, names, mu), merge(state.nu, names, nu), merge(state.nu_max, names, vmax) if amsgrad else {}, hp
-        )
-        return dict(zip(names, ps, strict=True)), new_state
+        return finish(state, count, names, ps, mu, nu, vmax, hp)
 
     return Optimizer(init, apply)
 

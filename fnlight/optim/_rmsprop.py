@@ -10,6 +10,7 @@ from torch import Tensor
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
 from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
 from ._masks import MaskFn
+from ._traced import copy_back, decayed_flags, resolve_lr_tensor, rmsprop_math
 
 __all__ = ["RmspropState", "rmsprop"]
 
@@ -136,6 +137,18 @@ def rmsprop(
             },
         )
 
+    def finish(
+        state: RmspropState, names: list[str], ps: list[Tensor], sq: list[Tensor], ga: list[Tensor], mb: list[Tensor], hp: dict
+    ) -> tuple[dict[str, Tensor], RmspropState]:
+        new_state = RmspropState(
+            state.count + 1,
+            merge(state.square_avg, names, sq),
+            merge(state.grad_avg, names, ga) if centered else {},
+            merge(state.momentum_buffer, names, mb) if use_momentum else {},
+            hp,
+        )
+        return dict(zip(names, ps, strict=True)), new_state
+
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: RmspropState, *, inplace: bool
     ) -> tuple[dict[str, Tensor], RmspropState]:
@@ -144,6 +157,12 @@ def rmsprop(
         sq = [state.square_avg[n] for n in names]
         ga = [state.grad_avg[n] for n in names] if centered else []
         mb = [state.momentum_buffer[n] for n in names] if use_momentum else []
+        if torch.compiler.is_compiling():  # traced by torch.compile: tensor math, no Python floats (see _traced)
+            lr_t, hp = resolve_lr_tensor(learning_rate, state.count, state.hparams)
+            new = rmsprop_math(ps, gs, sq, ga, mb, decayed_flags(names, ps, mask), lr=lr_t, hparams=hp)
+            if inplace:
+                new = tuple(copy_back(old, fresh) for old, fresh in zip((ps, sq, ga, mb), new, strict=True))
+            return finish(state, names, *new, hp)
         if not inplace:
             ps, sq, ga, mb = clone_all(ps), clone_all(sq), clone_all(ga), clone_all(mb)
         lr, hp = resolve_lr(learning_rate, state.count, state.hparams)
@@ -159,13 +178,6 @@ def rmsprop(
                     weight_decay=group_wd,
                     **opts,
                 )
-        new_state = RmspropState(
-            state.count + 1,
-            merge(state.square_avg, names, sq),
-            merge(state.grad_avg, names, ga) if centered else {},
-            merge(state.momentum_buffer, names, mb) if use_momentum else {},
-            hp,
-        )
-        return dict(zip(names, ps, strict=True)), new_state
+        return finish(state, names, ps, sq, ga, mb, hp)
 
     return Optimizer(init, apply)

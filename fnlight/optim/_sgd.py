@@ -10,6 +10,7 @@ from torch import Tensor
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
 from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
 from ._masks import MaskFn
+from ._traced import copy_back, decayed_flags, resolve_lr_tensor, sgd_math
 
 __all__ = ["SgdState", "sgd"]
 
@@ -103,6 +104,14 @@ def sgd(
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         bufs = [state.momentum_buffer[n] for n in names] if use_momentum else []
+        if torch.compiler.is_compiling():  # traced by torch.compile: tensor math, no Python floats (see _traced)
+            lr_t, hp = resolve_lr_tensor(learning_rate, state.count, state.hparams)
+            decayed = decayed_flags(names, ps, mask)
+            new_ps, new_bufs = sgd_math(ps, gs, bufs, decayed, count=state.count, lr=lr_t, hparams=hp, nesterov=nesterov)
+            if inplace:
+                new_ps, new_bufs = copy_back(ps, new_ps), copy_back(bufs, new_bufs)
+            momentum_state = merge(state.momentum_buffer, names, new_bufs) if use_momentum else {}
+            return dict(zip(names, new_ps, strict=True)), SgdState(state.count + 1, momentum_state, hp)
         if not inplace:
             ps, bufs = clone_all(ps), clone_all(bufs)
         lr, hp = resolve_lr(learning_rate, state.count, state.hparams)

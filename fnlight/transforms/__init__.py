@@ -5,6 +5,7 @@ from ._activation import with_activation_checkpointing
 from ._amp import AmpState, with_amp
 from ._base import CANONICAL_ORDER, Transform
 from ._checkpointing import CheckpointingState, find_latest, with_checkpointing
+from ._compile import CompileError, CompileFallbackWarning, with_compile
 from ._early_stop import EarlyStopState, with_early_stop
 from ._ema import EmaState, averaged, with_ema
 from ._eval import with_eval
@@ -16,6 +17,8 @@ __all__ = [
     "AccumState",
     "AmpState",
     "CheckpointingState",
+    "CompileError",
+    "CompileFallbackWarning",
     "EarlyStopState",
     "EmaState",
     "SwaState",
@@ -28,6 +31,7 @@ __all__ = [
     "with_activation_checkpointing",
     "with_amp",
     "with_checkpointing",
+    "with_compile",
     "with_early_stop",
     "with_ema",
     "with_eval",

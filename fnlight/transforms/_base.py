@@ -17,6 +17,7 @@ Metrics = dict[str, Tensor]
 # Innermost first. A transform may only wrap steps whose transforms come earlier here.
 CANONICAL_ORDER = (
     "with_activation_checkpointing",
+    "with_compile",
     "with_amp",
     "with_ddp",
     "with_fsdp",

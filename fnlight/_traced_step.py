@@ -1,0 +1,163 @@
+"""The train step's phases as functions of tensors only, for ``torch.compile`` (see ``with_compile``).
+
+:class:`fnlight.TrainStep` runs its phases with Python bookkeeping around the tensor work:
+it reads the step counter and the key as Python ints for the dropout seed, reads the loss
+for the finiteness check, and hands the optimizer Python floats. Each of those is a graph
+break or a recompilation inside ``torch.compile``. The functions here are the tensor work
+alone, built from the core step's pieces (its loss function, trainable names, optimizer and
+the state's module skeleton): everything that changes from step to step arrives as a
+tensor argument, so one graph serves every step. The Python bookkeeping (seeding the
+generator, the finiteness decision, assembling the new state) stays outside, in
+:mod:`fnlight.transforms._compile`.
+
+Every function takes ``inplace``: ``True`` inside :func:`fnlight.fold` (donation; the
+graph writes the new parameters, moments and buffers into the input tensors), ``False``
+for a direct, pure call (new tensors out, inputs untouched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from ._bind import bind, unbind
+from ._step import TrainStep, _name, _split_output
+
+__all__ = ["make_apply_fn", "make_grads_fn", "make_step_fn", "writable"]
+
+GradsOut = tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]
+
+# 0-d CPU tensors of these dtypes enter a dynamo graph with a symbolic scalar value attached
+# (fake_tensor's item_memo), and torch 2.13's AOTAutograd then silently drops in-place writes
+# into them (float64 measured: the input keeps its value, later reads see the stale one).
+# Counters and hyperparameters are such tensors: they are never written in place in a graph.
+_SCALAR_DTYPES = (torch.float64, torch.int64, torch.int32, torch.int16, torch.int8)
+
+
+def writable(t: Tensor) -> bool:
+    """Whether a compiled graph may update ``t`` in place (see ``_SCALAR_DTYPES``)."""
+    return t.ndim > 0 or t.dtype not in _SCALAR_DTYPES or t.device.type != "cpu"
+
+
+def _commit(old: Any, new: Any, ok: Tensor | None, *, inplace: bool) -> Any:
+    """``new`` (a pytree like ``old``), kept only where ``ok``; written into ``old`` when ``inplace``."""
+    old_leaves, old_spec = pytree.tree_flatten(old)
+    new_leaves, new_spec = pytree.tree_flatten(new)
+    if old_spec != new_spec:
+        raise TypeError(f"with_compile: the optimizer changed the structure of its state: {old_spec} -> {new_spec}")
+    out = []
+    for o, n in zip(old_leaves, new_leaves):
+        if n is not o and isinstance(n, Tensor):
+            if ok is not None:
+                n = torch.where(ok.to(n.device), n, o)
+            if inplace and writable(o):  # other leaves come back as new tensors, as in the eager step
+                o.copy_(n)
+                n = o
+        out.append(n)
+    return pytree.tree_unflatten(out, new_spec)
+
+
+def _finite(loss: Tensor, grads: Mapping[str, Tensor], check_grads: bool) -> Tensor:
+    ok = torch.isfinite(loss)
+    if check_grads and grads:
+        ok = ok & torch.stack([torch.isfinite(g).all().to(loss.device) for g in grads.values()]).all()
+    return ok
+
+
+def make_grads_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callable[..., GradsOut]:
+    """The gradient phase: ``fn(skeleton, params, buffers, batch, autocast, loss_scale, loss_weight, accumulate)``.
+
+    Forward, loss and ``autograd.grad`` on the skeleton: :meth:`fnlight.TrainStep.grads`
+    without its bookkeeping. Returns ``(loss, grads, buffers, metrics)`` like it.
+    """
+
+    def grads_fn(
+        skeleton: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        batch: Any,
+        autocast: torch.dtype | None,
+        loss_scale: Tensor | None,
+        loss_weight: float | None,
+        accumulate: dict[str, Tensor] | None,
+    ) -> GradsOut:
+        leaves = {n: params[n].detach().requires_grad_() for n in core._trainable}
+        bufs = {k: b if inplace and writable(b) else b.clone() for k, b in buffers.items()}
+        saved = bind(skeleton, {**params, **leaves, **bufs})
+        try:
+            if autocast is None:
+                out = core.loss_fn(skeleton, batch)
+            else:
+                with torch.autocast(device_type, dtype=autocast):
+                    out = core.loss_fn(skeleton, batch)
+            loss, metrics = _split_output(out, core.loss_fn)
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"loss_fn {_name(core.loss_fn)!r} returned a loss that does not depend on any trainable parameter "
+                    "(no gradient can flow); did it call the model it was given?"
+                )
+            target = loss if loss_weight is None else loss * loss_weight
+            if loss_scale is not None:
+                target = target.float() * loss_scale
+            grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
+        finally:
+            unbind(saved)
+        fresh = {n: g for n, g in zip(leaves, grads) if g is not None}
+        if accumulate is None:
+            return metrics["loss"], fresh, bufs, metrics
+        # Accumulating into the caller's buffers (with_grad_accum inside the fold): every buffer
+        # is returned, as AccumulateGrad leaves a preset .grad in place when no gradient arrives.
+        summed = dict(accumulate)
+        for n, g in fresh.items():
+            summed[n] = summed[n].add_(g) if writable(summed[n]) else summed[n] + g
+        return metrics["loss"], {n: summed[n] for n in leaves}, bufs, metrics
+
+    return grads_fn
+
+
+def make_apply_fn(core: TrainStep, *, inplace: bool) -> Callable[..., tuple[dict[str, Tensor], Any]]:
+    """``fn(params, grads, opt_state) -> (params, opt_state)``: the optimizer's update with tensor hyperparameters."""
+
+    def apply_fn(params: dict[str, Tensor], grads: dict[str, Tensor], opt_state: Any) -> tuple[dict[str, Tensor], Any]:
+        new_params, new_opt = core.optimizer.apply(params, grads, opt_state, inplace=False)
+        return _commit(params, new_params, None, inplace=inplace), _commit(opt_state, new_opt, None, inplace=inplace)
+
+    return apply_fn
+
+
+def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callable[..., tuple[Any, ...]]:
+    """The whole step as one function of tensors: forward, backward, finiteness flag and guarded update.
+
+    ``fn(skeleton, params, buffers, opt_state, step, batch, autocast)`` returns
+    ``(ok, loss, metrics, new_params, buffers, opt_state, step)``: ``ok`` is the 0-d bool
+    finiteness flag (``None`` for ``nonfinite="ignore"``). Inside the fold (``inplace``) a
+    non-finite update is masked out in the graph (``torch.where``, fused into the update
+    loops), so the caller can skip it after reading ``ok`` without the parameters having
+    moved; a pure call returns new tensors that the caller discards instead.
+    """
+    guard = core.nonfinite != "ignore"
+    grads_fn = make_grads_fn(core, inplace=inplace, device_type=device_type)
+
+    def step_fn(
+        skeleton: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        opt_state: Any,
+        step: Tensor,
+        batch: Any,
+        autocast: torch.dtype | None,
+    ) -> tuple[Any, ...]:
+        loss, grads, bufs, metrics = grads_fn(skeleton, params, buffers, batch, autocast, None, None, None)
+        ok = _finite(loss, grads, core.check_grads) if guard else None
+        subset = {n: params[n] for n in grads}
+        new_params, new_opt = core.optimizer.apply(subset, grads, opt_state, inplace=False)
+        mask = ok if inplace else None  # a pure call's skipped result is simply not used
+        new_params = _commit(subset, new_params, mask, inplace=inplace)
+        new_opt = _commit(opt_state, new_opt, mask, inplace=inplace)
+        return ok, loss, metrics, new_params, bufs, new_opt, step + 1
+
+    return step_fn

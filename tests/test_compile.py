@@ -1,0 +1,356 @@
+"""with_compile: one graph, no recompilation, equal to the eager step, composition, fallback, every raise.
+
+Most tests compile with the "eager" or "aot_eager" backends (dynamo's tracing and graph
+counting, AOTAutograd's functionalisation of the in-place update), which take well under a
+second; one test runs inductor on a small model.
+"""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from torch import nn
+
+import fnlight as fl
+from fnlight.optim import adagrad, adam, adamw, chain, clip_by_global_norm, rmsprop, sgd, warmup_cosine
+from fnlight.transforms import CompileError, CompileFallbackWarning, with_compile
+from fnlight.transforms._base import CANONICAL_ORDER
+from tests.conftest import make_batches
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def mlp(seed: int = 0, dropout: float = 0.0, bn: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    mid: list[nn.Module] = [nn.BatchNorm1d(16)] if bn else []
+    # no bias before BatchNorm: its true gradient is zero, and Adam would amplify rounding noise there
+    return nn.Sequential(nn.Linear(10, 16, bias=not bn), *mid, nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
+
+
+def schedule_opt():
+    return chain(clip_by_global_norm(1.0), adamw(warmup_cosine(1e-2, 3, 20), weight_decay=0.1))
+
+
+OPTIMIZERS = {
+    "clip+adamw(warmup_cosine)": schedule_opt,
+    "adam amsgrad": lambda: adam(1e-2, weight_decay=0.01, amsgrad=True),
+    "sgd nesterov": lambda: sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adagrad": lambda: adagrad(0.05, lr_decay=0.01),
+    "rmsprop centered": lambda: rmsprop(0.01, centered=True, momentum=0.5),
+}
+
+
+def build(opt=schedule_opt, *, model=None, nonfinite="raise", **options):
+    core = fl.make_train_step(model if model is not None else mlp(), fl.losses.classification, opt(), nonfinite=nonfinite)
+    return core, with_compile(core, **{"backend": "aot_eager", **options})
+
+
+def close(a, b, **tol) -> None:
+    la, lb = optree.tree_leaves(a, namespace="fnlight"), optree.tree_leaves(b, namespace="fnlight")
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, **(tol or TOL))
+        else:
+            assert x == y
+
+
+def graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+# ------------------------------------------------------------------ one graph, no recompilation, equal to eager
+
+
+def test_one_graph_and_no_recompilation_as_step_and_lr_change():
+    data = make_batches(4, batch=8)
+    _, step = build()
+    before = graphs()
+    state = fl.fold(step, step.init(seed=0), data, epochs=3, progress=False)
+    lrs = []
+    state = fl.fold(
+        step, state, data, epochs=5, observers=[fl.every(1)(lambda s, m: lrs.append(float(s.opt_state[-1].hparams["lr"])))]
+    )
+    assert int(state.step) == 20 and len(set(lrs)) == 8  # the schedule moved at every update
+    assert step.graphs == {"step": 1, "grads": 0, "update": 0} and graphs() - before == 1
+    assert step.eager_reason is None
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_fold_equals_the_eager_step(opt):
+    data = make_batches(5, batch=8)
+    backend = "aot_eager" if opt == "clip+adamw(warmup_cosine)" else "eager"  # AOTAutograd's in-place handling once
+    core, step = build(OPTIMIZERS[opt], model=mlp(dropout=0.3, bn=True), backend=backend)
+    expected = fl.fold(core, core.init(seed=3), data, epochs=2, progress=False)
+    got = fl.fold(step, step.init(seed=3), data, epochs=2, progress=False)
+    close(got, expected)
+    assert step.graphs["step"] == 1
+
+
+def test_pure_calls_equal_the_eager_step_and_leave_the_input_untouched():
+    data = make_batches(3, batch=8)
+    core, step = build(model=mlp(dropout=0.3, bn=True))
+    state, expected = step.init(seed=1), core.init(seed=1)
+    for batch in data:
+        before = fl.tree_clone(state)
+        new, metrics = step(state, batch)
+        assert fl.tree_equal(state, before)  # pure: nothing written in place
+        expected, expected_metrics = core(expected, batch)
+        close(new, expected)
+        assert sorted(metrics) == sorted(expected_metrics) == ["accuracy", "grad_norm", "loss"]
+        state = new
+    again, _ = step(step.init(seed=1), data[0])
+    close(again, step(step.init(seed=1), data[0])[0], rtol=0, atol=0)  # deterministic
+    assert step.graphs["step"] == 1  # pure calls: their own graph (the fold's updates in place)
+
+
+def test_donation_equals_pure_calls_and_keeps_the_structure():
+    data = make_batches(4, batch=8)
+    _, step = build(model=mlp(bn=True))
+    pure = step.init(seed=2)
+    for batch in data:
+        pure, _ = step(pure, batch)
+    initial = step.init(seed=2)
+    folded = fl.fold(step, initial, data, progress=False)
+    close(folded.params, pure.params, rtol=0, atol=0)
+    close(folded.opt_state, pure.opt_state, rtol=0, atol=0)
+    paths = optree.tree_flatten_with_path(initial, namespace="fnlight")
+    assert [(p, t.dtype, t.shape) for p, t in zip(paths[0], paths[1])] == [
+        (p, t.dtype, t.shape) for p, t in zip(*optree.tree_flatten_with_path(folded, namespace="fnlight")[:2])
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own import
+def test_inductor_matches_eager_with_dropout_and_a_schedule():
+    data = make_batches(3, batch=8)
+    core, step = build(model=mlp(dropout=0.3), backend="inductor")
+    expected = fl.fold(core, core.init(seed=0), data, epochs=2, progress=False)
+    got = fl.fold(step, step.init(seed=0), data, epochs=2, progress=False)
+    close(got, expected)  # eager_random=True: the same dropout masks as the eager step
+    assert step.graphs == {"step": 1, "grads": 0, "update": 0}
+
+
+def test_a_short_last_batch_compiles_one_more_graph_once():
+    data = [*make_batches(3, batch=8), *make_batches(1, batch=5, seed=7)]
+    core, step = build()
+    state = fl.fold(step, step.init(), data, epochs=3, progress=False)
+    assert step.graphs["step"] == 2  # batch 8 and batch 5 (dynamic=False), then none
+    close(state, fl.fold(core, core.init(), data, epochs=3, progress=False))
+
+
+def test_unused_parameters_are_left_as_they_are():
+    class Partly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.used, self.unused = nn.Linear(10, 3), nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    data = make_batches(3, batch=8)
+    core, step = build(model=Partly())
+    got = fl.fold(step, step.init(), data, progress=False)
+    close(got, fl.fold(core, core.init(), data, progress=False))
+    torch.testing.assert_close(got.params["unused.weight"], step.init().params["unused.weight"], rtol=0, atol=0)
+
+
+def test_many_compiled_steps_in_one_process_each_keep_their_own_graph():
+    data = make_batches(2, batch=8)
+    for i in range(9):  # more than dynamo's recompile limit (8): every step has its own cache
+        _, step = build(lambda i=i: sgd(0.1 * (i + 1)), model=nn.Linear(10, 3), backend="eager")
+        fl.fold(step, step.init(), data, progress=False)
+        assert step.graphs["step"] == 1 and step.eager_reason is None
+
+
+# ------------------------------------------------------------------ non-finite losses
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_nonfinite_skip_and_stop_leave_the_update_out(donate):
+    data = make_batches(3, batch=8)
+    bad = (torch.full((8, 10), float("nan")), data[0][1])
+    for policy in ("skip", "stop"):
+        _, step = build(nonfinite=policy, backend="eager")
+        state = fl.fold(step, step.init(), data[:2], progress=False)
+        if donate:
+            after = fl.fold(step, state, [bad], epochs=2, progress=False)
+        else:
+            after, metrics = step(state, bad)
+            assert float(metrics["skipped"]) == 1.0
+        close(after.params, state.params, rtol=0, atol=0)
+        close(after.opt_state, state.opt_state, rtol=0, atol=0)
+        assert int(after.step) == 2 and bool(after.stop) == (policy == "stop")
+
+
+def test_nonfinite_raise_names_the_update():
+    _, step = build(backend="eager")
+    state = step.init()
+    bad = (torch.full((8, 10), float("inf")), torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(fl.NonFiniteError, match=r"non-finite values at update 0 .*run this batch without with_compile"):
+        step(state, bad)
+
+
+# ------------------------------------------------------------------ composition
+
+
+def test_canonical_order_puts_compile_right_after_activation_checkpointing():
+    assert CANONICAL_ORDER[:3] == ("with_activation_checkpointing", "with_compile", "with_amp")
+    core = fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1))
+    with pytest.raises(ValueError, match="with_compile cannot wrap a step already wrapped by with_amp"):
+        with_compile(fl.with_amp(core), backend="eager")
+
+
+@pytest.mark.parametrize(
+    ("name", "wrap", "expected_graphs"),
+    [
+        ("accum every=2", lambda s: fl.with_grad_accum(s, every=2), {"step": 0, "grads": 2, "update": 1}),
+        ("accum micro_batches=2", lambda s: fl.with_grad_accum(s, micro_batches=2), {"step": 0, "grads": 2, "update": 1}),
+        ("amp bf16", lambda s: fl.with_amp(s, dtype="bf16"), {"step": 0, "grads": 1, "update": 1}),
+        (
+            "amp fp16",
+            lambda s: fl.with_amp(s, dtype="fp16", init_scale=256.0, growth_interval=2),
+            {"step": 0, "grads": 1, "update": 1},
+        ),
+        ("ddp, one process", fl.with_ddp, {"step": 0, "grads": 1, "update": 1}),
+        ("ddp + accum", lambda s: fl.with_grad_accum(fl.with_ddp(s), every=3), {"step": 0, "grads": 2, "update": 1}),
+        ("activation checkpointing inside", None, {"step": 1, "grads": 0, "update": 0}),
+    ],
+)
+def test_composes_and_equals_the_eager_composition(name, wrap, expected_graphs):
+    data = make_batches(5, batch=8)
+
+    def make(compiled: bool):
+        step = fl.make_train_step(mlp(dropout=0.2), fl.losses.classification, schedule_opt())
+        if wrap is None:
+            step = fl.with_activation_checkpointing(step, modules=["0"])
+        if compiled:
+            step = with_compile(step, backend="aot_eager")
+        return step if wrap is None else wrap(step)
+
+    eager, compiled = make(False), make(True)
+    expected = fl.fold(eager, eager.init(seed=4), data, epochs=2, progress=False)
+    got = fl.fold(compiled, compiled.init(seed=4), data, epochs=2, progress=False)
+    tol = {"rtol": 2e-2, "atol": 2e-3} if name.startswith("amp") else TOL  # aot_eager rounds each low-precision op
+    close(got, expected, **tol)
+    inner = compiled if wrap is None else compiled.inner if name != "ddp + accum" else compiled.inner.inner
+    assert inner.graphs == expected_graphs
+    got = fl.fold(compiled, got, data, epochs=3, progress=False)  # and none more in the next epoch
+    assert inner.graphs == expected_graphs
+
+
+def test_pure_accumulation_equals_the_eager_composition():
+    data = make_batches(4, batch=8)
+    eager = fl.with_grad_accum(fl.make_train_step(mlp(), fl.losses.classification, schedule_opt()), every=2)
+    compiled = fl.with_grad_accum(
+        with_compile(fl.make_train_step(mlp(), fl.losses.classification, schedule_opt()), backend="eager"), every=2
+    )
+    a, b = eager.init(), compiled.init()
+    for batch in data:
+        a, _ = eager(a, batch)
+        b, _ = compiled(b, batch)
+    close(b, a)
+
+
+def test_sharded_parameters_are_refused_in_the_gradient_phase():
+    _, step = build(backend="eager")
+    gather = fl.GradContext(gather=lambda params: params)
+    with pytest.raises(TypeError, match=r"gather sharded parameters \(with_fsdp\)"):
+        step.grads(step.init(), make_batches(1)[0], gather)
+
+
+# ------------------------------------------------------------------ fallback
+
+
+class Branchy(nn.Module):
+    """Python control flow on a tensor value: not one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        out = self.fc(x)
+        return out * 2 if out.sum().item() > 0 else out
+
+
+def test_fallback_warn_names_the_model_and_the_reason_then_runs_eagerly():
+    data = make_batches(3, batch=8)
+    core, step = build(model=Branchy(), backend="eager")
+    with pytest.warns(
+        CompileFallbackWarning, match=r"could not compile the step of Branchy \(loss_fn 'classification'\).*Reason: "
+    ):
+        got = fl.fold(step, step.init(), data, progress=False)
+    assert "item" in step.eager_reason or "data-dependent" in step.eager_reason
+    close(got, fl.fold(core, core.init(), data, progress=False), rtol=0, atol=0)
+    fl.fold(step, got, data, epochs=2, progress=False)  # eager from now on: no second warning (warnings are errors here)
+
+
+def test_fallback_raise():
+    _, step = build(model=Branchy(), backend="eager", fallback="raise")
+    with pytest.raises(CompileError, match=r"could not compile the step of Branchy .*fullgraph=True: .*fallback='warn'"):
+        step(step.init(), make_batches(1)[0])
+
+
+def test_fallback_eager_is_silent():
+    core, step = build(model=Branchy(), backend="eager", fallback="eager")
+    state, _ = step(step.init(), make_batches(1)[0])
+    close(state, core(core.init(), make_batches(1)[0])[0], rtol=0, atol=0)
+    assert step.eager_reason is not None
+
+
+def test_a_backend_failure_falls_back_with_its_message():
+    def broken(gm, example_inputs):
+        raise RuntimeError("backend exploded")
+
+    _, step = build(backend=broken)
+    with pytest.warns(CompileFallbackWarning, match="backend exploded"):
+        step(step.init(), make_batches(1)[0])
+
+
+def test_an_error_of_the_model_itself_is_raised_as_eager_raises_it():
+    core = fl.make_train_step(nn.Linear(7, 3), fl.losses.classification, sgd(0.1))  # the batches have 10 features
+    step = with_compile(core, backend="eager")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        step(step.init(), make_batches(1)[0])
+    assert any("could not compile the step of Linear" in note for note in info.value.__notes__)
+
+
+def test_graph_breaks_are_reported_once_with_fullgraph_false():
+    core, step = build(model=Branchy(), backend="eager", fullgraph=False)
+    data = make_batches(3, batch=8)
+    with pytest.warns(CompileFallbackWarning, match="compiled with graph breaks"):
+        got = fl.fold(step, step.init(), data, progress=False)
+    close(got, fl.fold(core, core.init(), data, progress=False))
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"backend": "no-such-backend"}, ValueError, "backend must be a torch.compile backend"),
+        ({"backend": 3}, TypeError, "backend must be a string or a callable backend, got 3"),
+        ({"mode": "fastest"}, ValueError, r"mode must be None or one of \["),
+        ({"mode": 1}, TypeError, "mode must be a string or None, got 1"),
+        ({"mode": "max-autotune", "backend": "eager"}, ValueError, "mode and options are inductor settings"),
+        ({"options": {"cpp_wrapper": True}, "backend": "aot_eager"}, ValueError, "mode and options are inductor settings"),
+        ({"options": ["cpp_wrapper"]}, TypeError, "options must be a mapping of inductor options or None"),
+        ({"fullgraph": 1}, TypeError, "fullgraph must be a bool, got 1"),
+        ({"eager_random": None}, TypeError, "eager_random must be a bool, got None"),
+        ({"dynamic": "yes"}, TypeError, "dynamic must be a bool or None, got 'yes'"),
+        ({"fallback": "ignore"}, ValueError, r"fallback must be one of \('warn', 'raise', 'eager'\), got 'ignore'"),
+    ],
+)
+def test_options_are_validated_when_built(options, error, match):
+    core = fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1))
+    with pytest.raises(error, match=match):
+        with_compile(core, **options)
+
+
+def test_not_a_train_step():
+    with pytest.raises(TypeError, match="with_compile: expected a train step"):
+        with_compile(lambda state, batch: (state, {}), backend="eager")
