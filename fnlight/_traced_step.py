@@ -135,11 +135,14 @@ def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callabl
     ``fn(skeleton, params, buffers, opt_state, step, batch, autocast)`` returns
     ``(ok, loss, metrics, new_params, buffers, opt_state, step)``: ``ok`` is the 0-d bool
     finiteness flag (``None`` for ``nonfinite="ignore"``). Inside the fold (``inplace``) a
-    non-finite update is masked out in the graph (``torch.where``, fused into the update
-    loops), so the caller can skip it after reading ``ok`` without the parameters having
-    moved; a pure call returns new tensors that the caller discards instead.
+    non-finite update is masked out in the graph under ``"skip"`` and ``"stop"``
+    (``torch.where``, fused into the update loops), so the caller can skip it after reading
+    ``ok`` without the parameters having moved; under ``"raise"`` the fold's state is lost
+    with the exception anyway, so the update is not masked (one select per element fewer). A
+    pure call returns new tensors, which the caller discards.
     """
     guard = core.nonfinite != "ignore"
+    masked = inplace and core.nonfinite in ("skip", "stop")
     grads_fn = make_grads_fn(core, inplace=inplace, device_type=device_type)
 
     def step_fn(
@@ -155,7 +158,7 @@ def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callabl
         ok = _finite(loss, grads, core.check_grads) if guard else None
         subset = {n: params[n] for n in grads}
         new_params, new_opt = core.optimizer.apply(subset, grads, opt_state, inplace=False)
-        mask = ok if inplace else None  # a pure call's skipped result is simply not used
+        mask = ok if masked else None
         new_params = _commit(subset, new_params, mask, inplace=inplace)
         new_opt = _commit(opt_state, new_opt, mask, inplace=inplace)
         return ok, loss, metrics, new_params, bufs, new_opt, step + 1

@@ -184,6 +184,16 @@ def test_nonfinite_skip_and_stop_leave_the_update_out(donate):
         assert int(after.step) == 2 and bool(after.stop) == (policy == "stop")
 
 
+def test_nonfinite_raise_in_the_fold_leaves_the_given_state_untouched():
+    _, step = build(backend="eager")
+    state = step.init()
+    before = fl.tree_clone(state)
+    bad = (torch.full((8, 10), float("nan")), torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(fl.NonFiniteError, match="non-finite values at update 1 "):
+        fl.fold(step, state, [make_batches(1, batch=8)[0], bad], progress=False)
+    assert fl.tree_equal(state, before)
+
+
 def test_nonfinite_raise_names_the_update():
     _, step = build(backend="eager")
     state = step.init()

@@ -109,7 +109,7 @@ def adam_math(
                 p = p * c_decay
             else:
                 g = g + p * c_decay
-        m = torch.lerp(m, g, c_b1)
+        m = m + c_b1 * (g - m)  # lerp's formula for weights below 0.5 (1 - b1), as an fma, without lerp's per-element branch
         v = v * c_b2 + c_1mb2 * g * g
         if amsgrad:
             top = torch.maximum(vmax[i], v)
@@ -196,7 +196,7 @@ def rmsprop_math(
         s = s * c_alpha + c_1ma * g * g
         new_sq.append(s)
         if ga:
-            a = torch.lerp(ga[i], g, c_1ma)
+            a = ga[i] + c_1ma * (g - ga[i])  # lerp with weight 1 - alpha, as above
             new_ga.append(a)
             avg = torch.sqrt(s - a * a) + c_eps
         else:
