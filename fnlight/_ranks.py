@@ -42,7 +42,6 @@ def union_of_keys(keys: list[str]) -> list[str]:
     return sorted({k for part in gathered for k in (part or [])})
 
 
-
 @contextlib.contextmanager
 def collective(where: str) -> Iterator[None]:
     """Name the likely cause when a collective fails: another rank died, raised or stalled past the timeout."""

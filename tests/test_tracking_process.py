@@ -66,9 +66,8 @@ def test_a_script_without_main_guard_gets_a_clear_error(tmp_path):
 
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "from fnlight.tracking import JSONLTracker, ProcessTrackers\n"
-        f"ProcessTrackers(JSONLTracker({str(tmp_path)!r})).open()\n"
+        f"from fnlight.tracking import JSONLTracker, ProcessTrackers\nProcessTrackers(JSONLTracker({str(tmp_path)!r})).open()\n"
     )
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "put the training code under `if __name__ == \"__main__\":`" in proc.stderr
+    assert 'put the training code under `if __name__ == "__main__":`' in proc.stderr

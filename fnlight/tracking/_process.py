@@ -122,7 +122,7 @@ class ProcessTrackers:
             raise RuntimeError(
                 f"ProcessTrackers.{kind}: the tracking process exited (its error is on stderr above). A common cause: "
                 "the script starts training at import time; the tracking process is started with the 'spawn' method, "
-                "which imports the main script again, so put the training code under `if __name__ == \"__main__\":`"
+                'which imports the main script again, so put the training code under `if __name__ == "__main__":`'
             ) from None
         if status == "error":
             warnings.warn(f"ProcessTrackers: {kind} failed in the tracking process: {value}", TrackerWarning, stacklevel=3)
