@@ -10,19 +10,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
-PUBLIC = (
-    "fnlight",
-    "fnlight.optim",
-    "fnlight.losses",
-    "fnlight.checkpoint",
-    "fnlight.tracking",
-    "fnlight.distributed",
-    "fnlight.export",
-    "fnlight.ensemble",
-    "fnlight.finders",
-    "fnlight.testing",
-    "fnlight.cli",
-)
+sys.path.insert(0, str(ROOT / "docs"))
+try:
+    import gen_api  # the reference generator owns the list of public modules
+finally:
+    sys.path.pop(0)
+PUBLIC = gen_api.MODULES
 
 
 def python_blocks(text: str) -> list[str]:
@@ -59,11 +52,6 @@ def test_public_names_are_exactly_all():
 
 
 def test_api_reference_is_current():
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        import gen_api
-    finally:
-        sys.path.pop(0)
     current = (ROOT / "docs" / "api.md").read_text()
     assert current == gen_api.render(), "docs/api.md is out of date: run `python docs/gen_api.py`"
     for module_name in PUBLIC:
