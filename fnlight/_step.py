@@ -229,8 +229,11 @@ class TrainStep:
         # Backward runs while the tensors are bound: activation checkpointing recomputes forwards then.
         grad_was_enabled = torch.is_grad_enabled()
         torch.set_grad_enabled(True)
-        bound_params = {**params, **leaves} if ctx.gather is None else ctx.gather({**params, **leaves})
-        saved_slots = bind(skeleton, {**bound_params, **buffers})
+        if ctx.gather is None:  # one dict on the hot path
+            tensors = {**params, **leaves, **buffers}
+        else:
+            tensors = {**ctx.gather({**params, **leaves}), **buffers}
+        saved_slots = bind(skeleton, tensors)
         saved_rng = seed_generators(seed, self._devices)
         try:
             if ctx.autocast is None:
