@@ -93,5 +93,10 @@ def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store |
 
 
 def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    try:  # leave together: a rank tearing gloo down while its peer still uses it can abort the process
+        dist.barrier()
+    except RuntimeError:  # a peer already failed or left: nothing to wait for
+        pass
+    dist.destroy_process_group()
