@@ -255,15 +255,15 @@ def test_crash_mid_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tm
     save(path, SMALL_TREE)
     old = path.read_bytes()
     calls = []
-    real = ck_io.write_tensor_bytes
+    real = ck_stream.Checksummer.write
 
-    def crash_on_third(f, t):
+    def crash_on_third(self, w, t, key):
         calls.append(1)
         if len(calls) == 3:
             raise error
-        return real(f, t)
+        return real(self, w, t, key)
 
-    monkeypatch.setattr(ck_io, "write_tensor_bytes", crash_on_third)
+    monkeypatch.setattr(ck_stream.Checksummer, "write", crash_on_third)
     new = {k: (v + 1 if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v) for k, v in SMALL_TREE.items()}
     with pytest.raises(type(error)):
         save(path, new)
@@ -271,8 +271,23 @@ def test_crash_mid_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tm
     assert fl.tree_equal(restore(path, small_target()), SMALL_TREE)
 
 
+def test_a_crash_while_large_tensors_are_checksummed_stops_the_worker(tmp_path, monkeypatch):
+    big = {"a": torch.randn(1 << 19), "b": torch.randn(1 << 19)}  # 2 MiB each: checksummed on the worker
+    real = ck_stream.Checksummer.write
+
+    def crash_on_second(self, w, t, key):
+        if key == ("b",):
+            raise OSError("disk full")
+        return real(self, w, t, key)
+
+    monkeypatch.setattr(ck_stream.Checksummer, "write", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        save(tmp_path / "c.ckpt", big)
+    assert os.listdir(tmp_path) == [] and not _crc_workers()
+
+
 def test_crash_on_first_save_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(ck_io, "write_tensor_bytes", lambda f, t: 1 / 0)
+    monkeypatch.setattr(ck_stream.Checksummer, "write", lambda self, w, t, key: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         save(tmp_path / "c.ckpt", SMALL_TREE)
     assert os.listdir(tmp_path) == []
@@ -519,6 +534,54 @@ def test_a_flip_in_each_region_names_the_problem(tmp_path, position, message):
     path.write_bytes(bytes(data))
     with raises(path, message):
         restore(path, small_target())
+
+
+def _crc_workers() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name == "fnlight-crc32"]
+
+
+@pytest.mark.parametrize("damage", ["flip-first", "flip-last", "truncate"])
+def test_large_tensors_are_checked_on_the_worker_thread(tmp_path, damage):
+    big = {"a": torch.randn(1 << 18), "b": torch.randn(3, 1 << 17), "small": torch.arange(5)}  # 1 MiB, 1.5 MiB
+    big["t"] = torch.randn(1 << 9, 1 << 10).t()  # 2 MiB, not contiguous: staged, checksummed inline
+    path = tmp_path / "big.ckpt"
+    save(path, big)
+    assert not _crc_workers()
+    with open(path, "rb", buffering=0) as f:
+        stored = {path_str(e.path): e.crc32 for e in ck_io._read_index(f, "here").entries}
+    assert stored == {k: zlib.crc32(v.contiguous().numpy().tobytes()) for k, v in big.items()}
+    target = {k: torch.empty_like(v) for k, v in big.items()}
+    out = restore(path, target)
+    assert all(torch.equal(out[k], big[k]) for k in big) and not _crc_workers()
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: 64 + (1 << 20) + 4096]  # inside b: the worker is stopped on the way out
+        message = r"file ended|truncated"
+    else:
+        offset = 64 + 100 if damage == "flip-first" else 64 + (1 << 20) + (3 << 19) - 1
+        data[offset] ^= 0x01
+        message = r"checksum mismatch in the tensor " + ("a" if damage == "flip-first" else "b")
+    path.write_bytes(bytes(data))
+    with raises(path, message):
+        restore(path, target)
+    assert not _crc_workers()
+
+
+def test_the_checksummer_keeps_each_tensors_crc_apart_whatever_the_chunking(tmp_path, monkeypatch):
+    monkeypatch.setattr(ck_stream, "THREAD_MIN", 1)
+    monkeypatch.setattr(ck_stream, "IO_CHUNK", 7)  # many chunks per tensor, interleaved with others
+    path = tmp_path / "f.ckpt"
+    path.write_bytes(SMALL)
+    out = restore(path, small_target())
+    assert torch.equal(out["w"], SMALL_TREE["w"])
+    for position, name in [(64, "flag"), (200, "w")]:
+        data = bytearray(SMALL)
+        data[position] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with raises(path, rf"checksum mismatch in the tensor {name}"):
+            restore(path, small_target())
 
 
 # --- damage: hostile indexes (valid checksums, bad content) ------------------------------------

@@ -33,7 +33,7 @@ from ._format import (
 )
 from ._leaves import KeyPath, check_metadata, check_plain, check_tensor, flatten, kind_of, path_str
 from ._native import drop_cached_pages
-from ._stream import Writer, byte_view, empty_like_entry, read_into, write_tensor_bytes
+from ._stream import Checksummer, Writer, byte_view, empty_like_entry, read_into
 
 __all__ = ["read_metadata", "restore", "save"]
 
@@ -82,7 +82,11 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
 
     def write(w: Writer) -> None:
         w.write(preamble())
-        entries = [_write_leaf(w, entry, leaf) for entry, leaf in plan]
+        with Checksummer() as checksums:
+            for entry, leaf in plan:
+                _write_leaf(w, entry, leaf, checksums)
+            crcs = checksums.crcs()
+        entries = [dataclasses.replace(e, crc32=crcs[e.path]) if isinstance(e, TensorEntry) else e for e, _ in plan]
         raw_index = encode_index(entries, metadata=metadata, versions=versions)
         index_offset = align(end)
         w.write(bytes(index_offset - end))
@@ -101,7 +105,8 @@ def restore(path: PathLike, target: T) -> T:
     Tensors are created on the target leaf's device (CPU for a ``meta`` target leaf, so a
     target on the meta device costs no memory), contiguous and not requiring grad, and
     ``target`` itself is not modified. The file
-    is read once, front to back, straight into the new tensors; every byte is checked.
+    is read once, front to back, straight into the new tensors; every byte is checked (the
+    CRC-32s of large tensors on a worker thread, overlapping the reading).
 
     Args:
         path: the checkpoint file.
@@ -130,12 +135,17 @@ def restore(path: PathLike, target: T) -> T:
         values: dict[KeyPath, Any] = {}
         devices = {p: leaf.device for p, leaf in pairs if isinstance(leaf, Tensor)}
         f.seek(PREAMBLE_SIZE)
+        with Checksummer() as checksums:
+            for entry in index.entries:
+                if isinstance(entry, TensorEntry):
+                    values[entry.path] = _read_tensor(f, entry, where, devices[entry.path], checksums)
+                else:
+                    values[entry.path] = entry.value
+            _check_padding(f, index.index_offset, where, "before the index")
+            crcs = checksums.crcs()
         for entry in index.entries:
-            if isinstance(entry, TensorEntry):
-                values[entry.path] = _read_tensor(f, entry, where, devices[entry.path])
-            else:
-                values[entry.path] = entry.value
-        _check_padding(f, index.index_offset, where, "before the index")
+            if isinstance(entry, TensorEntry) and entry.length:
+                _check_crc(entry, crcs[entry.path], where)
     return optree.tree_unflatten(spec, [values[p] for p, _ in pairs])
 
 
@@ -244,15 +254,14 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def _write_leaf(w: Writer, entry: TensorEntry | ValueEntry, leaf: Tensor | None) -> TensorEntry | ValueEntry:
-    """Write one tensor's padding and bytes; return its entry with the crc32 filled in."""
+def _write_leaf(w: Writer, entry: TensorEntry | ValueEntry, leaf: Tensor | None, checksums: Checksummer) -> None:
+    """Write one tensor's padding and bytes; its CRC-32 goes to ``checksums`` under its path."""
     if not isinstance(entry, TensorEntry) or leaf is None:
-        return entry
+        return
     w.write(bytes(entry.offset - w.pos))
-    crc = write_tensor_bytes(w, leaf) if entry.length else 0
+    checksums.write(w, leaf, entry.path)
     if w.pos != entry.offset + entry.length:
         raise RuntimeError(f"checkpoint: the tensor at {path_str(entry.path)} changed size while it was being saved")
-    return dataclasses.replace(entry, crc32=crc)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -280,22 +289,34 @@ def _read_at(f: BinaryIO, offset: int, n: int, where: str) -> bytes:
     return bytes(buf)
 
 
-def _read_tensor(f: BinaryIO, entry: TensorEntry, where: str, device: torch.device) -> Tensor:
+def _read_tensor(
+    f: BinaryIO, entry: TensorEntry, where: str, device: torch.device, checksums: Checksummer | None = None
+) -> Tensor:
+    """Read the tensor ``entry`` from ``f``'s position. Its checksum is checked here, or, given
+    ``checksums``, left to the caller (``_check_crc`` on ``checksums.crcs()[entry.path]``)."""
     name = path_str(entry.path)
     _check_padding(f, entry.offset, where, f"before the tensor {name}")
     t = empty_like_entry(entry.shape, entry.dtype)
     if entry.length:
-        n, crc = read_into(f, byte_view(t))
+        if checksums is None:
+            n, crc = read_into(f, byte_view(t))
+        else:
+            n = checksums.read_into(f, byte_view(t), entry.path)
         if n != entry.length:
             raise CheckpointError(f"{where}: truncated: the file ended inside the tensor {name}")
-        if crc != entry.crc32:
-            raise CheckpointError(
-                f"{where}: damaged: checksum mismatch in the tensor {name} "
-                f"(stored crc32 {entry.crc32:#010x}, computed {crc:#010x})"
-            )
+        if checksums is None:
+            _check_crc(entry, crc, where)
     if device.type not in ("cpu", "meta"):
         t = t.to(device)
     return t
+
+
+def _check_crc(entry: TensorEntry, crc: int, where: str) -> None:
+    if crc != entry.crc32:
+        raise CheckpointError(
+            f"{where}: damaged: checksum mismatch in the tensor {path_str(entry.path)} "
+            f"(stored crc32 {entry.crc32:#010x}, computed {crc:#010x})"
+        )
 
 
 def _check_padding(f: BinaryIO, upto: int, where: str, what: str) -> None:
