@@ -430,6 +430,25 @@ def test_trackers_inline_mode_calls_trackers_on_the_callers_thread():
     assert rec.threads == {threading.current_thread().name}
 
 
+def test_trackers_flush_waits_for_the_worker():
+    gate = threading.Event()
+    rec = Recorder(gate=gate)
+    trackers = Trackers(rec)
+    trackers.flush()  # no open run: nothing to wait for
+    trackers.open()
+    trackers.log_scalars(1, {"x": 1.0})
+    trackers.log_scalars(2, {"x": 2.0})
+    threading.Timer(0.05, gate.set).start()
+    trackers.flush()
+    assert rec.events() == [(1, {"x": 1.0}), (2, {"x": 2.0})]  # delivered before flush returned
+    assert ("_sync",) not in rec.calls  # the sync mark is not a tracker call
+    trackers.close()
+    inline = Trackers(Recorder(), background=False)
+    inline.open()
+    inline.flush()  # inline: a no-op
+    inline.close()
+
+
 def test_trackers_apply_backpressure_without_losing_events():
     gate = threading.Event()
     rec = Recorder(gate=gate)

@@ -1,5 +1,8 @@
 """ProcessTrackers: trackers in a child process — delivery, run reuse, errors."""
 
+import json
+import time
+
 import pytest
 
 from fnlight.tracking import AimTracker, JSONLTracker, ProcessTrackers, read_scalars
@@ -71,3 +74,79 @@ def test_a_script_without_main_guard_gets_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert 'put the training code under `if __name__ == "__main__":`' in proc.stderr
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_events_wait_in_this_process_until_flush_every_then_go_in_order(tmp_path):
+    trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=60.0)
+    run_id = trackers.open()
+    for step in range(1, 11):
+        trackers.log_scalars(step, {"loss": float(step)})
+    assert len(trackers._pending) == 10  # batched: nothing sent within flush_every of the open
+    trackers.log_hparams({"lr": 0.5})  # sends the pending events first
+    trackers.log_scalars(11, {"loss": 11.0})
+    trackers.close()
+    assert trackers._pending == []
+    trackers.shutdown()
+    assert [s for s, _ in read_scalars(tmp_path / f"{run_id}.jsonl")["loss"]] == list(range(1, 12))
+
+
+def test_a_waiting_event_is_sent_within_flush_every_without_another_call(tmp_path):
+    trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=0.2)
+    run_id = trackers.open()
+    trackers.log_scalars(1, {"loss": 1.0})  # just after open's message: waits for the flusher
+    path = tmp_path / f"{run_id}.jsonl"
+    deadline = time.monotonic() + 30
+    while not any("scalars" in line for line in _lines(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert [line["step"] for line in _lines(path) if "scalars" in line] == [1]
+    finally:
+        trackers.shutdown()
+    assert trackers._flusher is None
+
+
+def test_after_a_quiet_spell_an_event_goes_at_once(tmp_path):
+    trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=0.2)
+    run_id = trackers.open()
+    trackers._stopping.set()  # silence the flusher: only log_scalars itself can send now
+    trackers._flusher.join()
+    time.sleep(0.3)
+    trackers.log_scalars(1, {"loss": 1.0})
+    assert trackers._pending == []
+    trackers.log_scalars(2, {"loss": 2.0})  # right after a batch: waits
+    assert len(trackers._pending) == 1
+    trackers.shutdown()
+    assert [s for s, _ in read_scalars(tmp_path / f"{run_id}.jsonl")["loss"]] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ("0.5", TypeError, r"flush_every must be a number of seconds, got '0.5'"),
+        (True, TypeError, r"flush_every must be a number of seconds, got True"),
+        (0, ValueError, r"flush_every must be a finite number of seconds above 0, got 0"),
+        (-1.0, ValueError, r"above 0, got -1.0"),
+        (float("inf"), ValueError, r"above 0, got inf"),
+    ],
+)
+def test_flush_every_is_checked(tmp_path, value, error, match):
+    with pytest.raises(error, match=match):
+        ProcessTrackers(JSONLTracker(tmp_path), flush_every=value)
+
+
+def test_flush_waits_until_the_child_has_written_everything(tmp_path):
+    trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=60.0)
+    trackers.flush()  # before open: nothing to do
+    run_id = trackers.open()
+    for step in range(1, 6):
+        trackers.log_scalars(step, {"loss": float(step)})
+    path = tmp_path / f"{run_id}.jsonl"
+    assert not any("scalars" in line for line in _lines(path))
+    trackers.flush()
+    assert [line["step"] for line in _lines(path) if "scalars" in line] == [1, 2, 3, 4, 5]
+    trackers.shutdown()
+    trackers.flush()  # after shutdown: nothing to do

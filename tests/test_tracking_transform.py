@@ -59,6 +59,35 @@ def test_logs_window_means_every_n_updates_with_lr_and_throughput():
     assert final.slots["tracking"].run_ids == ("run-1",)
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_logged_values_are_the_metrics_of_their_update_even_if_a_tensor_changes_later(every):
+    """every=1 reads the step's own metric tensors (no copy); every>1 copies them into the window."""
+    counter = torch.zeros(())
+
+    class Counting:
+        core = None
+
+        def __init__(self, inner):
+            self.inner, self.core = inner, inner.core
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, state, batch):
+            state, metrics = self.inner(state, batch)
+            counter.add_(1.0)  # the same tensor, changed in place after every update
+            return state, {**metrics, "count": counter}
+
+    tracker = Recorder()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    core = fl.make_train_step(model, fl.losses.classification, adamw(1e-2))
+    step = fl.with_tracking(Counting(core), trackers=[tracker], every=every)
+    fl.fold(step, step.init(), make_batches(6), progress=False)
+    counts = [e["count"] for _, e in tracker.events]
+    assert counts == ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0] if every == 1 else [2.0, 5.0])  # means of 1-3 and 4-6
+
+
 def test_steps_are_optimizer_updates_under_accumulation():
     tracker = Recorder()
     step = build(tracker, every=1, accum=2)

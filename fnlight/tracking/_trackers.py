@@ -162,6 +162,18 @@ class Trackers:
         self._require_open()
         self._call("log_hparams", args, wait=False)
 
+    def flush(self) -> None:
+        """Wait until every event logged so far has been delivered to every tracker.
+
+        A no-op without a background worker (events are delivered during the call) or
+        without an open run.
+        """
+        if self._queue is None or not self._is_open:
+            return
+        done: Future[Any] = Future()
+        self._queue.put(("_sync", (), done))
+        done.result()
+
     def close(self) -> None:
         """Deliver every queued event, close every tracker, stop the worker; report failures."""
         if not self._is_open:
@@ -197,7 +209,7 @@ class Trackers:
         assert q is not None
         while True:
             method, args, done = q.get()
-            result = self._fan_out(method, args)
+            result = None if method == "_sync" else self._fan_out(method, args)
             if done is not None:
                 done.set_result(result)
             if method == "close":

@@ -53,9 +53,13 @@ class _Window:
         self.updates = 0
         self.started = time.perf_counter()
 
-    def add(self, metrics: Metrics, samples: int) -> None:
+    def add(self, metrics: Metrics, samples: int, *, last: bool = False) -> None:
+        """Add one call's metrics; ``last``: the window is read before the next step runs."""
         self.samples += samples
         keys = tuple(metrics)
+        if last and not self.keys:  # a window of one call (every=1): read its tensors as they are
+            self.keys, self.sums, self.counts = keys, [v.detach() for v in metrics.values()], dict.fromkeys(keys, 1)
+            return
         if keys == self.keys:
             torch._foreach_add_(self.sums, [v.detach() for v in metrics.values()])
         else:  # metrics that come and go (e.g. val/ on evaluation steps) are averaged over their own count
@@ -85,6 +89,8 @@ class _Window:
             means = {k: totals[i] / totals[n + i] for i, k in enumerate(keys)}
         elif not self.sums:
             return {}
+        elif all(s.device.type == "cpu" for s in self.sums):  # reading a CPU scalar is no transfer
+            means = {k: float(s) / self.counts[k] for k, s in zip(self.keys, self.sums)}
         else:
             values = torch.stack([s.to(torch.float64).cpu() for s in self.sums]).tolist()
             means = {k: v / self.counts[k] for k, v in zip(self.keys, values)}
@@ -149,8 +155,8 @@ class Tracking(Transform):
                 self._open[i] = False
 
     def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int) -> TrainState:
-        self._window.add(metrics, samples)
         step = int(state.step)
+        self._window.add(metrics, samples, last=step != before and step % self.every == 0)
         if step == before:
             return state
         self._window.updates += step - before
