@@ -150,3 +150,18 @@ def test_flush_waits_until_the_child_has_written_everything(tmp_path):
     assert [line["step"] for line in _lines(path) if "scalars" in line] == [1, 2, 3, 4, 5]
     trackers.shutdown()
     trackers.flush()  # after shutdown: nothing to do
+
+
+def test_a_dead_tracking_process_is_replaced_with_one_flusher(tmp_path):
+    import threading
+
+    trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=0.1)
+    trackers.open()
+    trackers._process.kill()
+    trackers._process.join()
+    run_id = trackers.open()  # a new child (and a new run: the old child took its run with it)
+    trackers.log_scalars(1, {"loss": 1.0})
+    flushers = [t for t in threading.enumerate() if t.name == "fnlight-trackers-flush"]
+    trackers.shutdown()
+    assert len(flushers) == 1 and not any(t.is_alive() for t in flushers)
+    assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"loss": [(1, 1.0)]}

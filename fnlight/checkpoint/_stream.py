@@ -6,9 +6,9 @@ a uint8 numpy view (any dtype, including bfloat16 and float8, which numpy lacks)
 moves at most ``IO_CHUNK`` bytes, far below the ~2 GiB a single read/write may transfer.
 
 The CRC-32 is updated chunk by chunk, right after each chunk is read or before it is written,
-while its bytes are still in cache. When a whole file is restored, a ``Checksummer`` computes
-the CRC-32s of large tensors on a worker thread while the next chunk is read (both release the
-GIL): reading and checking overlap, instead of adding up.
+while its bytes are still in cache. When a whole file is saved or restored, a ``Checksummer``
+computes the CRC-32s of large tensors on a worker thread while the next chunk is written or
+read (both release the GIL): the I/O and the checks overlap instead of adding up.
 """
 
 from __future__ import annotations

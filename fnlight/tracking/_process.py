@@ -133,6 +133,7 @@ class ProcessTrackers:
         return self._run_id
 
     def _start(self) -> None:
+        self._stop_flusher()  # the flusher of a process that died
         context = multiprocessing.get_context("spawn")
         self._events = context.Queue()
         self._replies, child_end = context.Pipe(duplex=False)
@@ -146,6 +147,12 @@ class ProcessTrackers:
         self._flusher = threading.Thread(target=self._flush_periodically, name="fnlight-trackers-flush", daemon=True)
         self._flusher.start()
         _LIVE.add(self)
+
+    def _stop_flusher(self) -> None:
+        self._stopping.set()
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
 
     def _flush_periodically(self) -> None:
         """Send what waits once it is ``flush_every`` old, also when no further event comes."""
@@ -227,10 +234,7 @@ class ProcessTrackers:
         self.close()
         if self._process is None:
             return
-        self._stopping.set()
-        if self._flusher is not None:
-            self._flusher.join()
-            self._flusher = None
+        self._stop_flusher()
         if self._process.is_alive():
             self._send("shutdown", ())
         self._process.join(timeout=60)
