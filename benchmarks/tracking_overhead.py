@@ -5,7 +5,8 @@ MLP 784-512-512-10, batch 64, fused AdamW, in a donating fold. (n) no tracking;
 embedded repository, run in a separate process, events sent in batches every 0.5 s (the
 default ``flush_every``) — so every update is a logging event (one host read of the
 window's means plus a list append); (t10) the same every 10 updates; (j) every update into
-a JSONL file on a background thread (``Trackers``).
+a JSONL file on a background thread (``Trackers``, which also hands its worker batches every
+0.5 s).
 
 Timing: blocks of N updates (default 600, ~2 s: several ``flush_every`` periods, so the
 tracking process works during the block as it would in a long run), interleaved, order
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "n": "(n) fold, no tracking",
         "t": "(t) fold + aim every update (tracking process, batches every 0.5 s)",
         "t10": "(t10) fold + aim every 10 updates (tracking process, batches every 0.5 s)",
-        "j": "(j) fold + JSONL every update (background thread)",
+        "j": "(j) fold + JSONL every update (background thread, batches every 0.5 s)",
     }
     n = statistics.median(ms["n"])
     lines = [

@@ -449,6 +449,42 @@ def test_trackers_flush_waits_for_the_worker():
     inline.close()
 
 
+def test_trackers_hand_events_to_the_worker_in_batches():
+    rec = Recorder()
+    trackers = Trackers(rec, flush_every=60.0)
+    trackers.open()
+    for step in range(5):
+        trackers.log_scalars(step, {"x": float(step)})
+    assert len(trackers._pending) == 5 and rec.events() == []  # within flush_every of open: waiting
+    trackers.log_hparams({"late": True})  # goes after the events logged before it
+    trackers.flush()
+    assert rec.events() == [(s, {"x": float(s)}) for s in range(5)] and rec.calls[-1] == ("log_hparams", {"late": True})
+    trackers.close()
+
+
+def test_an_idle_trackers_worker_takes_waiting_events_after_flush_every():
+    import time
+
+    rec = Recorder()
+    trackers = Trackers(rec, flush_every=0.1)
+    trackers.open()
+    trackers.log_scalars(1, {"x": 1.0})  # right after open's message: waits
+    deadline = time.monotonic() + 30
+    while not rec.events() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rec.events() == [(1, {"x": 1.0})] and trackers._pending == []
+    trackers.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [("1", TypeError, r"Trackers: flush_every must be a number of seconds, got '1'"), (0.0, ValueError, r"above 0, got 0.0")],
+)
+def test_trackers_flush_every_is_checked(value, error, match):
+    with pytest.raises(error, match=match):
+        Trackers(Recorder(), flush_every=value)
+
+
 def test_trackers_apply_backpressure_without_losing_events():
     gate = threading.Event()
     rec = Recorder(gate=gate)

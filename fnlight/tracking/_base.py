@@ -96,6 +96,15 @@ def check_step(step: Any) -> int:
     return step
 
 
+def check_flush_every(flush_every: Any, where: str) -> float:
+    """``flush_every`` (seconds an event may wait before it is sent on) as a float > 0."""
+    if isinstance(flush_every, bool) or not isinstance(flush_every, (int, float)):
+        raise TypeError(f"{where}: flush_every must be a number of seconds, got {flush_every!r}")
+    if not (math.isfinite(flush_every) and flush_every > 0):
+        raise ValueError(f"{where}: flush_every must be a finite number of seconds above 0, got {flush_every!r}")
+    return float(flush_every)
+
+
 def check_scalars(scalars: Any) -> dict[str, float]:
     """A copy of ``scalars`` as ``{str: float}``; NaN and infinities pass through unchanged."""
     if not isinstance(scalars, Mapping):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import math
 import multiprocessing
 import multiprocessing.connection
 import threading
@@ -13,7 +12,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from ._base import Tracker, TrackerWarning, check_hparams, check_run_id, check_scalars, check_step
+from ._base import Tracker, TrackerWarning, check_flush_every, check_hparams, check_run_id, check_scalars, check_step
 from ._trackers import Trackers
 
 __all__ = ["ProcessTrackers"]
@@ -108,12 +107,8 @@ class ProcessTrackers:
     """
 
     def __init__(self, *trackers: Tracker, flush_every: float = 0.5) -> None:
-        if isinstance(flush_every, bool) or not isinstance(flush_every, (int, float)):
-            raise TypeError(f"ProcessTrackers: flush_every must be a number of seconds, got {flush_every!r}")
-        if not (math.isfinite(flush_every) and flush_every > 0):
-            raise ValueError(f"ProcessTrackers: flush_every must be a finite number of seconds above 0, got {flush_every!r}")
+        self.flush_every = check_flush_every(flush_every, "ProcessTrackers")
         self.trackers = Trackers(*trackers, background=False).trackers  # validates and flattens
-        self.flush_every = float(flush_every)
         self._process: multiprocessing.process.BaseProcess | None = None
         self._events: Any = None
         self._replies: Any = None
