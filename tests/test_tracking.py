@@ -485,6 +485,20 @@ def test_trackers_flush_every_is_checked(value, error, match):
         Trackers(Recorder(), flush_every=value)
 
 
+def test_closed_trackers_pickle_and_open_ones_say_why_not(tmp_path):
+    import pickle
+
+    trackers = Trackers(JSONLTracker(tmp_path), flush_every=0.25)
+    copy = pickle.loads(pickle.dumps(trackers))
+    assert copy.flush_every == 0.25 and len(copy.trackers) == 1
+    run_id = copy.open()  # the copy works: its lock is new
+    copy.log_scalars(1, {"x": 1.0})
+    with pytest.raises(TypeError, match="has an open run and cannot be pickled; close it first"):
+        pickle.dumps(copy)
+    copy.close()
+    assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"x": [(1, 1.0)]}
+
+
 def test_trackers_apply_backpressure_without_losing_events():
     gate = threading.Event()
     rec = Recorder(gate=gate)

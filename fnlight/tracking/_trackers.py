@@ -123,6 +123,15 @@ class Trackers:
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._last_sent = 0.0
 
+    def __getstate__(self) -> dict[str, Any]:
+        if self._is_open:
+            raise TypeError(f"{self!r} has an open run and cannot be pickled; close it first")
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         inner = ", ".join(repr(t) for t in self.trackers)
         return f"Trackers({inner}{'' if self.background else ', background=False'})"
