@@ -14,6 +14,7 @@ from torch import Tensor
 from ._donation import check_live, donating, mark_donated
 from ._progress import Progress
 from ._ranks import all_sum, rank, union_of_keys, world_size
+from ._rng import held_generators
 from ._signals import SignalWatch, preempt
 from ._state import TrainState
 from ._step import EvalStep, Step
@@ -195,7 +196,7 @@ def fold(
     metrics: dict[str, Tensor] = {}
     epoch = int(state.data.epoch)
     try:
-        with donating(), SignalWatch(handle_signals) as signals:
+        with donating(), held_generators(), SignalWatch(handle_signals) as signals:
             while (epochs is None or epoch < epochs) and not _done(state, max_steps):
                 skip = int(state.data.batch)
                 if hasattr(data, "iter_epoch"):

@@ -9,9 +9,10 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ._autograd import run_backward
 from ._bind import bind, bound, full_tensors, make_skeleton, unbind
 from ._donation import check_live, is_donating
-from ._rng import derive_seed, restore_generators, seed_generators
+from ._rng import restore_generators, seed_generators, step_seed
 from ._state import TrainState
 from .optim._base import Optimizer
 from .optim._clip import ClipState
@@ -225,7 +226,7 @@ class TrainStep:
         buffers = state.buffers if is_donating() else {k: b.clone() for k, b in state.buffers.items()}
         skeleton = state.skeleton
         _set_mode(skeleton, True)
-        seed = derive_seed(int(state.key), int(state.step), ctx.micro, *((ctx.rank,) if ctx.rank else ()))
+        seed = step_seed(int(state.key), int(state.step), ctx.micro, ctx.rank)
         # Backward runs while the tensors are bound: activation checkpointing recomputes forwards then.
         grad_was_enabled = torch.is_grad_enabled()
         torch.set_grad_enabled(True)
@@ -247,15 +248,15 @@ class TrainStep:
                     f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
                     "parameter (no gradient can flow); did it call the model it was given?"
                 )
-            target = loss if ctx.loss_weight == 1.0 else loss * ctx.loss_weight
+            target, weight = loss, ctx.loss_weight  # the weight goes in as the loss's gradient (_autograd.py)
             if ctx.loss_scale is not None:
-                target = target.float() * ctx.loss_scale
+                target, weight = (loss if weight == 1.0 else loss * weight).float() * ctx.loss_scale, 1.0
             if ctx.accumulate is None:
-                grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
+                grads = run_backward(target, tuple(leaves.values()), weight=weight)
             else:  # accumulate in place while each gradient is hot (AccumulateGrad), as .backward() does
                 for name, leaf in leaves.items():
                     leaf.grad = ctx.accumulate[name]
-                torch.autograd.backward(target, inputs=list(leaves.values()))
+                run_backward(target, tuple(leaves.values()), weight=weight, accumulate=True)
                 grads = [leaf.grad for leaf in leaves.values()]
         finally:
             restore_generators(saved_rng)

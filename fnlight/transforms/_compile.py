@@ -13,7 +13,7 @@ import torch._dynamo
 from torch import Tensor
 
 from .._donation import is_donating
-from .._rng import derive_seed, restore_generators, seed_generators
+from .._rng import restore_generators, seed_generators, step_seed
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients, NonFiniteError, _check_state, _name, _set_mode, update_metrics
 from .._traced_step import make_apply_fn, make_grads_fn, make_step_fn
@@ -175,7 +175,7 @@ class Compiled(Transform):
 
     @staticmethod
     def _seed(state: TrainState, ctx: GradContext) -> int:
-        return derive_seed(int(state.key), int(state.step), ctx.micro, *((ctx.rank,) if ctx.rank else ()))
+        return step_seed(int(state.key), int(state.step), ctx.micro, ctx.rank)
 
     # ------------------------------------------------------------------ the step's phases
 
