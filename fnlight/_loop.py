@@ -195,6 +195,7 @@ def fold(
         o._start(start)
     metrics: dict[str, Tensor] = {}
     epoch = int(state.data.epoch)
+    counting = bool(observers) or bar.enabled or max_steps is not None
     try:
         with donating(), held_generators(), SignalWatch(handle_signals) as signals:
             while (epochs is None or epoch < epochs) and not _done(state, max_steps):
@@ -211,13 +212,15 @@ def fold(
                     state, metrics = step(state, batch)
                     if state is not previous:
                         mark_donated(previous)
-                    n = int(state.step)
-                    for o in observers:
-                        o._maybe(state, metrics, n)
-                    bar.update(n, epoch, metrics)
+                    if counting:  # the update count is read only when something uses it
+                        n = int(state.step)
+                        for o in observers:
+                            o._maybe(state, metrics, n)
+                        if bar.enabled:
+                            bar.update(n, epoch, metrics)
                     if signals.received is not None:
                         raise preempt(step, state, signals.received)
-                    if _done(state, max_steps):
+                    if state.stop or (max_steps is not None and n >= max_steps):
                         break
                 else:
                     state, metrics = _flush(step, state, metrics, observers, bar, epoch)

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 Metrics = dict[str, Tensor]
+_set_grad_enabled = torch._C._set_grad_enabled
 
 
 class Gradients(NamedTuple):
@@ -229,7 +230,7 @@ class TrainStep:
         seed = step_seed(int(state.key), int(state.step), ctx.micro, ctx.rank)
         # Backward runs while the tensors are bound: activation checkpointing recomputes forwards then.
         grad_was_enabled = torch.is_grad_enabled()
-        torch.set_grad_enabled(True)
+        _set_grad_enabled(True)  # what torch.set_grad_enabled does, without building its context-manager object
         if ctx.gather is None:  # one dict on the hot path
             tensors = {**params, **leaves, **buffers}
         else:
@@ -261,7 +262,7 @@ class TrainStep:
         finally:
             restore_generators(saved_rng)
             unbind(saved_slots)
-            torch.set_grad_enabled(grad_was_enabled)
+            _set_grad_enabled(grad_was_enabled)
         return Gradients(metrics["loss"], {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:
