@@ -184,3 +184,23 @@ def test_options_and_order_are_validated():
         fl.init_distributed(timeout=-1)
     with pytest.raises(ValueError, match="backend must be 'nccl', 'gloo' or None, got 'mpi'"):
         fl.init_distributed(backend="mpi")
+
+
+def test_the_exit_hook_frees_the_groups_and_fnlights_device_meshes():
+    """Torn down while Python runs: a group left to C++'s static destructors made gloo abort at exit."""
+    code = """
+import os, socket, torch.distributed as dist
+from fnlight.distributed import _fsdp, _group
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+mesh = _fsdp._mesh("cpu", 1)
+del mesh
+_group._destroy()
+print(dist.is_initialized(), len(_fsdp._MESHES))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "0"]

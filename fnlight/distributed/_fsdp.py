@@ -37,6 +37,11 @@ def _mesh(device_type: str, world_size: int) -> Any:
     return _MESHES[key]
 
 
+def release_meshes() -> None:
+    """Drop the cached device meshes (when the process group is torn down: they reference it)."""
+    _MESHES.clear()
+
+
 def _shard(t: Tensor, mesh: Any) -> Tensor:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
