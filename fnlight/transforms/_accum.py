@@ -94,7 +94,7 @@ class GradAccum(Transform):
         self._names = self.core._trainable
 
     def init_slot(self, state: TrainState) -> AccumState:
-        names = self.core._trainable
+        names = self._names
         return AccumState(
             grads={n: torch.zeros_like(state.params[n]) for n in names},
             seen=torch.zeros(len(names), dtype=torch.bool),
@@ -128,7 +128,7 @@ class GradAccum(Transform):
         acc: dict[str, Tensor] | None = None
         sums: dict[str, Tensor] = {}
         current = state
-        complete = len(self.core._trainable)
+        complete = len(self._names)
         for i, (piece, n) in enumerate(zip(pieces, sizes)):
             into = acc if acc is not None and len(acc) == complete else None  # this call's own tensors
             g = self.inner.grads(current, piece, GradContext(micro=i, loss_weight=n / total, accumulate=into))
