@@ -220,7 +220,7 @@ def fold(
                             bar.update(n, epoch, metrics)
                     if signals.received is not None:
                         raise preempt(step, state, signals.received)
-                    if state.stop or (max_steps is not None and n >= max_steps):
+                    if _done(state, max_steps):
                         break
                 else:
                     state, metrics = _flush(step, state, metrics, observers, bar, epoch)
