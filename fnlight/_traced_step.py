@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ._bind import bind, unbind
 from ._step import TrainStep, _name, _split_output
 
-__all__ = ["make_apply_fn", "make_grads_fn", "make_step_fn", "writable"]
+__all__ = ["make_apply_fn", "make_grads_fn", "make_step_fn", "set_leaves", "writable"]
 
 GradsOut = tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]
 
@@ -129,6 +129,74 @@ def make_apply_fn(core: TrainStep, *, inplace: bool) -> Callable[..., tuple[dict
     return apply_fn
 
 
+def _plain(tree: Any) -> bool:
+    """Whether the containers of ``tree`` are dicts, lists, tuples and named tuples only (traced once)."""
+    if type(tree) is dict:
+        return all(_plain(v) for v in tree.values())
+    if type(tree) in (list, tuple) or (isinstance(tree, tuple) and hasattr(type(tree), "_fields")):
+        return all(_plain(v) for v in tree)
+    return pytree.tree_is_leaf(tree)
+
+
+def _changes(old: Any, new: Any, ok: Tensor | None, path: tuple[Any, ...], paths: list[Any], leaves: list[Any]) -> None:
+    """Write ``new`` into ``old`` where a leaf is writable; collect the other changed leaves with their paths.
+
+    ``old`` and ``new`` are plain trees (see :func:`_plain`) of the same structure. A tensor
+    leaf of ``new`` that is not ``old``'s own is masked by ``ok`` (when given), then copied into
+    ``old``'s tensor if that one is :func:`writable`, else kept as a new leaf; a non-tensor
+    leaf that changed is kept too. Only what is kept leaves the graph: the rest of the new
+    tree is the old one, updated in place.
+    """
+    if isinstance(new, Tensor):
+        if new is old:
+            return
+        if ok is not None:
+            new = torch.where(ok.to(new.device), new, old)
+        if writable(old):
+            old.copy_(new)
+            return
+    elif isinstance(new, dict):
+        for k, v in new.items():
+            _changes(old[k], v, ok, (*path, k), paths, leaves)
+        return
+    elif isinstance(new, (list, tuple)):
+        for i, v in enumerate(new):
+            _changes(old[i], v, ok, (*path, i), paths, leaves)
+        return
+    elif new is old:
+        return
+    paths.append(path)
+    leaves.append(new)
+
+
+def set_leaves(tree: Any, paths: tuple[tuple[Any, ...], ...], leaves: tuple[Any, ...] | list[Any]) -> Any:
+    """``tree`` with the leaf at each path (keys and indices from the root) replaced; untouched branches shared.
+
+    >>> set_leaves({"a": 1, "b": (2, 3)}, (("b", 1),), (4,))
+    {'a': 1, 'b': (2, 4)}
+    """
+    if not paths:
+        return tree
+    if paths[0] == ():
+        return leaves[0]
+    groups: dict[Any, tuple[list[Any], list[Any]]] = {}
+    for path, leaf in zip(paths, leaves):
+        sub = groups.setdefault(path[0], ([], []))
+        sub[0].append(path[1:])
+        sub[1].append(leaf)
+    if isinstance(tree, dict):
+        out = dict(tree)
+        for k, (ps, ls) in groups.items():
+            out[k] = set_leaves(tree[k], tuple(ps), ls)
+        return out
+    items = list(tree)
+    for i, (ps, ls) in groups.items():
+        items[i] = set_leaves(tree[i], tuple(ps), ls)
+    if isinstance(tree, list):
+        return items
+    return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+
+
 def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callable[..., tuple[Any, ...]]:
     """The whole step as one function of tensors: forward, backward, finiteness flag and guarded update.
 
@@ -140,6 +208,13 @@ def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callabl
     ``ok`` without the parameters having moved; under ``"raise"`` the fold's state is lost
     with the exception anyway, so the update is not masked (one select per element fewer). A
     pure call returns new tensors, which the caller discards.
+
+    In place, the graph returns only what it could not write into its inputs (each tensor
+    output that aliases an input costs the caller a few µs to rebuild): ``new_params`` and
+    ``buffers`` hold only the 0-d scalars that come back as new tensors (see
+    :func:`writable`), and ``opt_state`` is ``(paths, leaves)``, the optimizer state's new
+    leaves with their paths (put back with :func:`set_leaves`), or, for an optimizer state
+    with other containers than dicts, lists and tuples, ``(None, new_opt_state)``.
     """
     guard = core.nonfinite != "ignore"
     masked = inplace and core.nonfinite in ("skip", "stop")
@@ -159,8 +234,21 @@ def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callabl
         subset = {n: params[n] for n in grads}
         new_params, new_opt = core.optimizer.apply(subset, grads, opt_state, inplace=False)
         mask = ok if masked else None
-        new_params = _commit(subset, new_params, mask, inplace=inplace)
-        new_opt = _commit(opt_state, new_opt, mask, inplace=inplace)
-        return ok, loss, metrics, new_params, bufs, new_opt, step + 1
+        if not inplace:
+            new_params = _commit(subset, new_params, mask, inplace=False)
+            new_opt = _commit(opt_state, new_opt, mask, inplace=False)
+            return ok, loss, metrics, new_params, bufs, new_opt, step + 1
+        fresh_bufs = {k: b for k, b in bufs.items() if b is not buffers[k]}
+        paths: list[Any] = []
+        leaves: list[Any] = []
+        _changes(subset, new_params, mask, (), paths, leaves)
+        fresh_params = {path[0]: leaf for path, leaf in zip(paths, leaves)}
+        if _plain(opt_state) and pytree.tree_structure(opt_state) == pytree.tree_structure(new_opt):
+            paths, leaves = [], []
+            _changes(opt_state, new_opt, mask, (), paths, leaves)
+            opt_out: tuple[Any, Any] = (tuple(paths), tuple(leaves))
+        else:
+            opt_out = (None, _commit(opt_state, new_opt, mask, inplace=True))
+        return ok, loss, metrics, fresh_params, fresh_bufs, opt_out, step + 1
 
     return step_fn

@@ -7,13 +7,17 @@ second; one test runs inductor on a small model.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import optree
 import pytest
 import torch
 from torch import nn
 
 import fnlight as fl
+from fnlight._traced_step import make_step_fn, set_leaves
 from fnlight.optim import adagrad, adam, adamw, chain, clip_by_global_norm, rmsprop, sgd, warmup_cosine
+from fnlight.optim._adam import AdamState
 from fnlight.transforms import CompileError, CompileFallbackWarning, with_compile
 from fnlight.transforms._base import CANONICAL_ORDER
 from tests.conftest import make_batches
@@ -119,6 +123,65 @@ def test_donation_equals_pure_calls_and_keeps_the_structure():
     assert [(p, t.dtype, t.shape) for p, t in zip(paths[0], paths[1])] == [
         (p, t.dtype, t.shape) for p, t in zip(*optree.tree_flatten_with_path(folded, namespace="fnlight")[:2])
     ]
+
+
+def test_in_place_graph_returns_only_what_it_could_not_write_in_place():
+    data = make_batches(3, batch=8)
+    core, step = build(model=mlp(bn=True))
+    state = fl.fold(step, step.init(seed=0), data[:1], progress=False)
+    body = make_step_fn(core, inplace=True, device_type="cpu")
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        ok, _, _, params, buffers, (paths, leaves), count = torch.compile(body, backend="aot_eager", fullgraph=True)(
+            state.skeleton, state.params, state.buffers, state.opt_state, state.step, data[1], None
+        )
+    # the float32 parameters, moments and running statistics were written into the state's tensors;
+    # the 0-d int64 counters (update count, BatchNorm's batch count) and the schedule's learning rate are new
+    assert params == {} and list(buffers) == ["1.num_batches_tracked"]
+    fields = AdamState._fields  # state.opt_state: (ClipState, AdamState)
+    assert set(paths) == {(1, fields.index("count")), (1, fields.index("hparams"), "lr")} and all(t.ndim == 0 for t in leaves)
+    assert int(count) == 2 and bool(ok)
+
+
+def test_set_leaves_replaces_only_the_given_paths_and_shares_the_rest():
+    moments = {"w": torch.zeros(2)}
+    tree = (AdamState(torch.tensor(1), moments, {"x": [1, 2]}, {}, {"lr": 0.1}), [3, 4])
+    out = set_leaves(tree, ((0, 0), (0, 2, "x", 1), (1, 0)), (torch.tensor(2), 5, 6))
+    assert type(out[0]) is AdamState and int(out[0].count) == 2 and out[0].nu == {"x": [1, 5]} and out[1] == [6, 4]
+    assert out[0].mu is moments and out[0].hparams is tree[0].hparams  # untouched branches are the same objects
+    assert tree[0].nu == {"x": [1, 2]} and tree[1] == [3, 4]  # the given tree is left as it was
+    assert set_leaves(tree, (), ()) is tree and set_leaves(tree, ((),), ("whole",)) == "whole"
+
+
+def test_in_place_fold_with_an_optimizer_state_in_other_containers_equals_eager():
+    def ordered(inner):  # an optimizer whose state is an OrderedDict: the graph returns the whole new state
+        def apply(params, grads, state, *, inplace):
+            params, inner_state = inner.apply(params, grads, state["inner"], inplace=inplace)
+            return params, OrderedDict(inner=inner_state)
+
+        return fl.optim.Optimizer(lambda params: OrderedDict(inner=inner.init(params)), apply)
+
+    data = make_batches(4, batch=8)
+    core, step = build(lambda: ordered(adamw(1e-2)), backend="eager")
+    got = fl.fold(step, step.init(seed=0), data, epochs=2, progress=False)
+    close(got, fl.fold(core, core.init(seed=0), data, epochs=2, progress=False))
+    assert type(got.opt_state) is OrderedDict and int(got.opt_state["inner"].count) == 8
+
+
+def test_in_place_fold_with_a_float64_scalar_parameter_equals_eager():
+    class Tempered(nn.Module):  # a 0-d float64 parameter is not updated in place in the graph (see writable)
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = mlp()
+            self.temperature = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.body(x) * self.temperature
+
+    data = make_batches(4, batch=8)
+    core, step = build(lambda: adamw(1e-2), model=Tempered())
+    got = fl.fold(step, step.init(seed=0), data, epochs=2, progress=False)
+    close(got, fl.fold(core, core.init(seed=0), data, epochs=2, progress=False))
+    assert got.params["temperature"].dtype == torch.float64 and float(got.params["temperature"]) != 1.5
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own import

@@ -15,8 +15,18 @@ from torch import Tensor
 from .._donation import is_donating
 from .._rng import restore_generators, seed_generators, step_seed
 from .._state import TrainState
-from .._step import NO_CONTEXT, GradContext, Gradients, NonFiniteError, _check_state, _name, _set_mode, update_metrics
-from .._traced_step import make_apply_fn, make_grads_fn, make_step_fn
+from .._step import (
+    NO_CONTEXT,
+    GradContext,
+    Gradients,
+    NonFiniteError,
+    _check_state,
+    _name,
+    _set_grad_enabled,
+    _set_mode,
+    update_metrics,
+)
+from .._traced_step import make_apply_fn, make_grads_fn, make_step_fn, set_leaves
 from ._base import Metrics, Transform
 
 __all__ = ["FALLBACKS", "CompileError", "CompileFallbackWarning", "with_compile"]
@@ -116,13 +126,13 @@ class Compiled(Transform):
         grad_was_enabled = torch.is_grad_enabled()
         config = torch._dynamo.config
         traced_autograd = config.trace_autograd_ops
-        torch.set_grad_enabled(True)
+        _set_grad_enabled(True)
         config.trace_autograd_ops = True  # autograd.grad inside the graph instead of a graph break
         try:
             return fn(*args)
         finally:
             config.trace_autograd_ops = traced_autograd
-            torch.set_grad_enabled(grad_was_enabled)
+            _set_grad_enabled(grad_was_enabled)
             if saved_rng is not None:
                 restore_generators(saved_rng)
             compiled = stats["unique_graphs"] - before
@@ -231,6 +241,13 @@ class Compiled(Transform):
             return self._fall_back(e, lambda: self.inner(state, batch))
         core = self.core
         extra: Metrics = {}
+        if inplace:  # the graph wrote into the state's tensors and returned only the rest (see make_step_fn)
+            paths, leaves = opt_state
+            opt_state = leaves if paths is None else set_leaves(state.opt_state, paths, leaves)
+            buffers = {**state.buffers, **buffers} if buffers else state.buffers
+            new_params = {**state.params, **new_params} if new_params else state.params
+        else:
+            new_params = {**state.params, **new_params}
         if ok is not None:
             bad = not bool(ok)  # one read of a flag, as the eager step reads its loss
             if core.nonfinite != "raise":
@@ -240,12 +257,7 @@ class Compiled(Transform):
                     raise NonFiniteError(_nonfinite_message(state, loss))
                 kept = state.replace(buffers=dict(buffers)) if inplace else state  # as eager: the forward moved the buffers
                 return (kept.replace(stop=torch.tensor(True)) if core.nonfinite == "stop" else kept), {**metrics, **extra}
-        new_state = state.replace(
-            step=step,
-            params={**state.params, **new_params},  # 0-d scalars come back as new tensors (see writable())
-            buffers=dict(buffers),
-            opt_state=opt_state,
-        )
+        new_state = state.replace(step=step, params=new_params, buffers=dict(buffers), opt_state=opt_state)
         extra.update(update_metrics(opt_state))
         return new_state, {**metrics, **extra} if extra else metrics
 
