@@ -116,6 +116,43 @@ def test_metrics_that_come_and_go_are_averaged_over_their_own_steps():
     assert window.read() == {}
 
 
+def test_window_sums_each_metric_in_its_own_dtype_at_least_float32():
+    from fnlight.transforms._tracking import _Window
+
+    window = _Window()
+    values = [0.1, 0.2, 0.7, 1 / 3]
+    for v in values:
+        window.add({"half": torch.tensor(v, dtype=torch.bfloat16), "double": torch.tensor(v, dtype=torch.float64)}, 1)
+    assert [t.dtype for t in window.sums] == [torch.float32, torch.float64]
+    means = window.read()
+    assert means["double"] == sum(values) / 4  # float64 metrics: summed in float64, as a hand-written loop would
+    assert means["half"] == pytest.approx(sum(float(torch.tensor(v, dtype=torch.bfloat16)) for v in values) / 4, rel=1e-7)
+
+
+def test_a_window_of_one_call_does_not_keep_tensors_that_a_later_step_writes_in_place():
+    from fnlight.transforms._tracking import _Window
+
+    norm = torch.tensor(2.0)  # like ClipState.norm, which a donating fold overwrites at the next update
+    window = _Window()
+    window.add({"grad_norm": norm}, 1)
+    norm.fill_(5.0)
+    window.add({"grad_norm": norm}, 1)
+    assert window.read() == {"grad_norm": 3.5}
+
+
+def test_the_lr_is_looked_up_again_when_the_optimizer_state_changes():
+    tracking = build(Recorder())
+    adam_only = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, adamw(0.5)).init().opt_state
+    chained = (
+        fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, fl.optim.chain(fl.optim.clip_by_global_norm(1.0), adamw(0.25)))
+        .init()
+        .opt_state
+    )
+    assert tracking._lr(chained) == 0.25 and tracking._lr(adam_only) == 0.5 and tracking._lr(chained) == 0.25
+    assert tracking._lr(()) is None and tracking._lr((adam_only,)) == 0.5
+    assert tracking._lr((adam_only.count,)) is None  # same type and length, no lr where it was: looked up again
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
