@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ._bind import bind, unbind
 from ._step import TrainStep, _name, _split_output
 
-__all__ = ["make_apply_fn", "make_grads_fn", "make_step_fn", "set_leaves", "writable"]
+__all__ = ["make_apply_fn", "make_grads_fn", "make_step_fn", "set_leaves", "writable", "written_in_place"]
 
 GradsOut = tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]
 
@@ -120,13 +120,41 @@ def make_grads_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callab
 
 
 def make_apply_fn(core: TrainStep, *, inplace: bool) -> Callable[..., tuple[dict[str, Tensor], Any]]:
-    """``fn(params, grads, opt_state) -> (params, opt_state)``: the optimizer's update with tensor hyperparameters."""
+    """``fn(params, grads, opt_state) -> (params, opt_state)``: the optimizer's update with tensor hyperparameters.
+
+    In place, it returns what :func:`written_in_place` returns: the parameters and optimizer
+    state it could not write into its inputs.
+    """
 
     def apply_fn(params: dict[str, Tensor], grads: dict[str, Tensor], opt_state: Any) -> tuple[dict[str, Tensor], Any]:
         new_params, new_opt = core.optimizer.apply(params, grads, opt_state, inplace=False)
-        return _commit(params, new_params, None, inplace=inplace), _commit(opt_state, new_opt, None, inplace=inplace)
+        if inplace:
+            return written_in_place(params, new_params, opt_state, new_opt, None)
+        return _commit(params, new_params, None, inplace=False), _commit(opt_state, new_opt, None, inplace=False)
 
     return apply_fn
+
+
+def written_in_place(
+    params: dict[str, Tensor], new_params: dict[str, Tensor], opt_state: Any, new_opt: Any, ok: Tensor | None
+) -> tuple[dict[str, Tensor], tuple[Any, Any]]:
+    """An update written into ``params`` and ``opt_state`` (masked by ``ok``); what could not be, returned.
+
+    Each tensor output of a graph that aliases one of its inputs costs the caller a few µs to
+    hand back, so the graph returns only the rest: ``(fresh_params, (paths, leaves))``, the
+    parameters that are not :func:`writable` and the optimizer state's new leaves with their
+    paths (put back with :func:`set_leaves`); for an optimizer state with other containers
+    than dicts, lists and tuples, ``(fresh_params, (None, new_opt_state))``.
+    """
+    paths: list[Any] = []
+    leaves: list[Any] = []
+    _changes(params, new_params, ok, (), paths, leaves)
+    fresh_params = {path[0]: leaf for path, leaf in zip(paths, leaves)}
+    if not (_plain(opt_state) and pytree.tree_structure(opt_state) == pytree.tree_structure(new_opt)):
+        return fresh_params, (None, _commit(opt_state, new_opt, ok, inplace=True))
+    paths, leaves = [], []
+    _changes(opt_state, new_opt, ok, (), paths, leaves)
+    return fresh_params, (tuple(paths), tuple(leaves))
 
 
 def _plain(tree: Any) -> bool:
@@ -209,12 +237,9 @@ def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callabl
     with the exception anyway, so the update is not masked (one select per element fewer). A
     pure call returns new tensors, which the caller discards.
 
-    In place, the graph returns only what it could not write into its inputs (each tensor
-    output that aliases an input costs the caller a few µs to rebuild): ``new_params`` and
-    ``buffers`` hold only the 0-d scalars that come back as new tensors (see
-    :func:`writable`), and ``opt_state`` is ``(paths, leaves)``, the optimizer state's new
-    leaves with their paths (put back with :func:`set_leaves`), or, for an optimizer state
-    with other containers than dicts, lists and tuples, ``(None, new_opt_state)``.
+    In place, the graph returns only what it could not write into its inputs: ``buffers``
+    holds only the 0-d scalars that come back as new tensors (see :func:`writable`), and
+    ``new_params`` and ``opt_state`` are what :func:`written_in_place` returns.
     """
     guard = core.nonfinite != "ignore"
     masked = inplace and core.nonfinite in ("skip", "stop")
@@ -239,16 +264,7 @@ def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callabl
             new_opt = _commit(opt_state, new_opt, mask, inplace=False)
             return ok, loss, metrics, new_params, bufs, new_opt, step + 1
         fresh_bufs = {k: b for k, b in bufs.items() if b is not buffers[k]}
-        paths: list[Any] = []
-        leaves: list[Any] = []
-        _changes(subset, new_params, mask, (), paths, leaves)
-        fresh_params = {path[0]: leaf for path, leaf in zip(paths, leaves)}
-        if _plain(opt_state) and pytree.tree_structure(opt_state) == pytree.tree_structure(new_opt):
-            paths, leaves = [], []
-            _changes(opt_state, new_opt, mask, (), paths, leaves)
-            opt_out: tuple[Any, Any] = (tuple(paths), tuple(leaves))
-        else:
-            opt_out = (None, _commit(opt_state, new_opt, mask, inplace=True))
+        fresh_params, opt_out = written_in_place(subset, new_params, opt_state, new_opt, mask)
         return ok, loss, metrics, fresh_params, fresh_bufs, opt_out, step + 1
 
     return step_fn

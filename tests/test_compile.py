@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fnlight as fl
-from fnlight._traced_step import make_step_fn, set_leaves
+from fnlight._traced_step import make_apply_fn, make_step_fn, set_leaves
 from fnlight.optim import adagrad, adam, adamw, chain, clip_by_global_norm, rmsprop, sgd, warmup_cosine
 from fnlight.optim._adam import AdamState
 from fnlight.transforms import CompileError, CompileFallbackWarning, with_compile
@@ -140,6 +140,20 @@ def test_in_place_graph_returns_only_what_it_could_not_write_in_place():
     fields = AdamState._fields  # state.opt_state: (ClipState, AdamState)
     assert set(paths) == {(1, fields.index("count")), (1, fields.index("hparams"), "lr")} and all(t.ndim == 0 for t in leaves)
     assert int(count) == 2 and bool(ok)
+
+
+def test_in_place_update_phase_writes_into_the_state_and_returns_the_rest():
+    core, _ = build(lambda: adamw(warmup_cosine(1e-2, 3, 20)))  # lr from a schedule: a new 0-d tensor per update
+    state = core.init(seed=0)
+    grads = {n: torch.full_like(p, 0.5) for n, p in state.params.items()}
+    expected_params, expected_opt = core.optimizer.apply(state.params, grads, state.opt_state, inplace=False)
+    apply = torch.compile(make_apply_fn(core, inplace=True), backend="aot_eager", fullgraph=True)
+    before = dict(state.params)
+    fresh, (paths, leaves) = apply(state.params, grads, state.opt_state)
+    assert fresh == {} and set(paths) == {(AdamState._fields.index("count"),), (AdamState._fields.index("hparams"), "lr")}
+    close(state.params, expected_params)  # written into the given tensors
+    assert all(state.params[n] is before[n] for n in before)
+    close(set_leaves(state.opt_state, paths, leaves), expected_opt)
 
 
 def test_set_leaves_replaces_only_the_given_paths_and_shares_the_rest():

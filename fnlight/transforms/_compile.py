@@ -220,11 +220,14 @@ class Compiled(Transform):
             new_params, new_opt = self._call("update", inplace, (params, grads, opt_state), None)
         except _COMPILE_ERRORS as e:
             return self._fall_back(e, lambda: self.core.optimizer.apply(params, grads, opt_state, inplace=inplace))
-        if inplace:  # the core's update keeps the parameter dict when updating in place: write 0-d scalars back here
-            for name, new in new_params.items():
-                if new is not params[name]:
-                    params[name].copy_(new)
-        return new_params, new_opt
+        if not inplace:
+            return new_params, new_opt
+        # the graph wrote into the given tensors and returned the rest (see written_in_place); the core's
+        # update keeps the parameter dict when updating in place, so the 0-d scalars are written back here
+        for name, new in new_params.items():
+            params[name].copy_(new)
+        paths, leaves = new_opt
+        return params, (leaves if paths is None else set_leaves(opt_state, paths, leaves))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.eager_reason is not None:
