@@ -283,7 +283,7 @@ class TrainStep:
         if self.nonfinite != "ignore":
             bad = self._nonfinite(g)
             if self.nonfinite != "raise":
-                metrics["skipped"] = torch.tensor(float(bool(bad)))
+                metrics["skipped"] = torch.scalar_tensor(float(bool(bad)))
             if bad:
                 if self.nonfinite == "raise":
                     raise NonFiniteError(_nonfinite_message(state, g))

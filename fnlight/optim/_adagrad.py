@@ -109,7 +109,7 @@ def adagrad(
         opts = dict(lr=lr, lr_decay=float(hp["lr_decay"]), eps=float(hp["eps"]), maximize=False)
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
             for (device, _), idx in groups.items():
-                steps = [torch.tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
+                steps = [torch.scalar_tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
                 torch._fused_adagrad_(
                     [ps[i] for i in idx], [gs[i] for i in idx], [sums[i] for i in idx], steps, weight_decay=group_wd, **opts
                 )

@@ -113,7 +113,7 @@ def _make(
         wd = float(hp["weight_decay"])
         for group_wd, groups in weight_decay_groups(names, ps, mask, wd):
             for (device, _), idx in groups.items():
-                steps = [torch.tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
+                steps = [torch.scalar_tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
                 kernel(
                     [ps[i] for i in idx],
                     [gs[i] for i in idx],

@@ -131,7 +131,7 @@ def exponential(
         exponent = (_f(count) - begin).clamp(min=0.0) / n
         if staircase:
             exponent = torch.floor(exponent)
-        value = a * torch.pow(torch.tensor(rate, dtype=torch.float64, device=count.device), exponent)
+        value = a * torch.pow(torch.scalar_tensor(rate, dtype=torch.float64, device=count.device), exponent)
         if end is not None:
             value = value.clamp(min=end) if rate < 1 else value.clamp(max=end)
         return value

@@ -112,7 +112,7 @@ class Amp(Transform):
         torch._amp_update_scale_(scale, tracker, found_inf, self.growth_factor, self.backoff_factor, self.growth_interval)
         scale.clamp_(min=self.min_scale)
         new_state = new_state.replace(slots={**new_state.slots, "amp": AmpState(scale, tracker)})
-        return new_state, {**metrics, "loss_scale": scale.detach(), "skipped": torch.tensor(float(skipped))}
+        return new_state, {**metrics, "loss_scale": scale.detach(), "skipped": torch.scalar_tensor(float(skipped))}
 
 
 def with_amp(

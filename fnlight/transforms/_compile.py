@@ -254,7 +254,7 @@ class Compiled(Transform):
         if ok is not None:
             bad = not bool(ok)  # one read of a flag, as the eager step reads its loss
             if core.nonfinite != "raise":
-                extra["skipped"] = torch.tensor(float(bad))
+                extra["skipped"] = torch.scalar_tensor(float(bad))
             if bad:  # the update was masked out in the graph (in place) or is dropped here (pure)
                 if core.nonfinite == "raise":
                     raise NonFiniteError(_nonfinite_message(state, loss))
