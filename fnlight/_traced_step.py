@@ -49,16 +49,21 @@ def _commit(old: Any, new: Any, ok: Tensor | None, *, inplace: bool) -> Any:
     new_leaves, new_spec = pytree.tree_flatten(new)
     if old_spec != new_spec:
         raise TypeError(f"with_compile: the optimizer changed the structure of its state: {old_spec} -> {new_spec}")
-    out = []
-    for o, n in zip(old_leaves, new_leaves):
-        if n is not o and isinstance(n, Tensor):
-            if ok is not None:
-                n = torch.where(ok.to(n.device), n, o)
-            if inplace and writable(o):  # other leaves come back as new tensors, as in the eager step
-                o.copy_(n)
-                n = o
-        out.append(n)
+    out = [_settle(o, n, ok, inplace=inplace) for o, n in zip(old_leaves, new_leaves)]
     return pytree.tree_unflatten(out, new_spec)
+
+
+def _settle(old: Any, new: Any, ok: Tensor | None, *, inplace: bool) -> Any:
+    """One leaf of an update: ``new`` kept only where ``ok``; written into ``old`` (then returned) when ``inplace``
+    and ``old`` is :func:`writable` — other leaves come back as new tensors, as in the eager step."""
+    if new is old or not isinstance(new, Tensor):
+        return new
+    if ok is not None:
+        new = torch.where(ok.to(new.device), new, old)
+    if inplace and writable(old):
+        old.copy_(new)
+        return old
+    return new
 
 
 def _finite(loss: Tensor, grads: Mapping[str, Tensor], check_grads: bool) -> Tensor:
@@ -175,26 +180,17 @@ def _changes(old: Any, new: Any, ok: Tensor | None, path: tuple[Any, ...], paths
     leaf that changed is kept too. Only what is kept leaves the graph: the rest of the new
     tree is the old one, updated in place.
     """
-    if isinstance(new, Tensor):
-        if new is old:
-            return
-        if ok is not None:
-            new = torch.where(ok.to(new.device), new, old)
-        if writable(old):
-            old.copy_(new)
-            return
-    elif isinstance(new, dict):
+    if isinstance(new, dict):
         for k, v in new.items():
             _changes(old[k], v, ok, (*path, k), paths, leaves)
-        return
     elif isinstance(new, (list, tuple)):
         for i, v in enumerate(new):
             _changes(old[i], v, ok, (*path, i), paths, leaves)
-        return
-    elif new is old:
-        return
-    paths.append(path)
-    leaves.append(new)
+    else:
+        kept = _settle(old, new, ok, inplace=True)
+        if kept is not old:
+            paths.append(path)
+            leaves.append(kept)
 
 
 def set_leaves(tree: Any, paths: tuple[tuple[Any, ...], ...], leaves: tuple[Any, ...] | list[Any]) -> Any:

@@ -42,14 +42,22 @@ def _lr_path(opt_state: Any) -> tuple[int, ...] | None:
     return found[-1] if found else None
 
 
+def _hparams_at(opt_state: Any, path: tuple[int, ...]) -> Mapping[str, Any] | None:
+    """The ``hparams`` holding ``"lr"`` at ``path`` in ``opt_state`` (tuple indices), or None if there is none."""
+    node = opt_state
+    for i in path:
+        if not isinstance(node, tuple) or i >= len(node):
+            return None
+        node = node[i]
+    hparams = getattr(node, "hparams", None)
+    return hparams if isinstance(hparams, Mapping) and "lr" in hparams else None
+
+
 def current_lr(opt_state: Any) -> float | None:
     """The learning rate an optimizer state last used (its ``hparams["lr"]``), if it has one."""
     path = _lr_path(opt_state)
-    if path is None:
-        return None
-    for i in path:
-        opt_state = opt_state[i]
-    return float(opt_state.hparams["lr"])
+    hparams = None if path is None else _hparams_at(opt_state, path)
+    return None if hparams is None else float(hparams["lr"])
 
 
 class _Window:
@@ -229,11 +237,8 @@ class Tracking(Transform):
             self._lr_kind, self._lr_at = kind, _lr_path(opt_state)
         if self._lr_at is None:
             return None
-        node = opt_state
-        for i in self._lr_at:
-            node = node[i]
-        hparams = getattr(node, "hparams", None)
-        if not isinstance(hparams, Mapping) or "lr" not in hparams:  # another structure of the same type: look again
+        hparams = _hparams_at(opt_state, self._lr_at)
+        if hparams is None:  # another structure of the same type: look again
             self._lr_kind = None
             return current_lr(opt_state)
         return float(hparams["lr"])
