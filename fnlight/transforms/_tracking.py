@@ -26,13 +26,18 @@ class TrackingState(NamedTuple):
     run_ids: tuple[str, ...]
 
 
+def _lr_hparams(node: Any) -> Mapping[str, Any] | None:
+    """``node.hparams`` if it holds a learning rate (``"lr"``), else None."""
+    hparams = getattr(node, "hparams", None)
+    return hparams if isinstance(hparams, Mapping) and "lr" in hparams else None
+
+
 def _lr_path(opt_state: Any) -> tuple[int, ...] | None:
     """Where in an optimizer state (tuple indices) the last node with ``hparams["lr"]`` is; None if nowhere."""
     found: list[tuple[int, ...]] = []
 
     def visit(node: Any, path: tuple[int, ...]) -> None:
-        hparams = getattr(node, "hparams", None)
-        if isinstance(hparams, Mapping) and "lr" in hparams:
+        if _lr_hparams(node) is not None:
             found.append(path)
         elif isinstance(node, tuple):
             for i, child in enumerate(node):
@@ -49,8 +54,7 @@ def _hparams_at(opt_state: Any, path: tuple[int, ...]) -> Mapping[str, Any] | No
         if not isinstance(node, tuple) or i >= len(node):
             return None
         node = node[i]
-    hparams = getattr(node, "hparams", None)
-    return hparams if isinstance(hparams, Mapping) and "lr" in hparams else None
+    return _lr_hparams(node)
 
 
 def current_lr(opt_state: Any) -> float | None:
