@@ -7,7 +7,7 @@ second; one test runs inductor on a small model.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import optree
 import pytest
@@ -18,7 +18,7 @@ import fnlight as fl
 from fnlight._traced_step import make_apply_fn, make_step_fn, set_leaves
 from fnlight.optim import adagrad, adam, adamw, chain, clip_by_global_norm, rmsprop, sgd, warmup_cosine
 from fnlight.optim._adam import AdamState
-from fnlight.transforms import CompileError, CompileFallbackWarning, with_compile
+from fnlight.transforms import CompileError, CompileFallbackWarning, _compile, with_compile
 from fnlight.transforms._base import CANONICAL_ORDER
 from tests.conftest import make_batches
 
@@ -241,6 +241,91 @@ def test_many_compiled_steps_in_one_process_each_keep_their_own_graph():
         assert step.graphs["step"] == 1 and step.eager_reason is None
 
 
+# ------------------------------------------------------------------ guards
+
+Entry = namedtuple("Entry", "name is_global guard_type")  # what torch.compile hands a guard_filter_fn (the fields used)
+_LOSS_SCALE = 1.0  # a global of the user's module (this one), read by scaled_mse
+
+
+def scaled_mse(model, batch):
+    x, y = batch
+    return _LOSS_SCALE * ((model(x) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize(
+    ("name", "is_global", "kind", "kept"),
+    [
+        ("G['torch'].sqrt", True, "BUILTIN_MATCH", False),  # a global of fnlight's step module
+        ("G['torch'].float32", True, "CONSTANT_MATCH", False),
+        ("G['__builtins_dict___0']['len']", True, "BUILTIN_MATCH", False),
+        ("G['__import_fnlight_dot__bind']._SLOTS", True, "CONSTANT_MATCH", False),
+        ("G['__import_torch_dot_nn_dot_modules_dot_linear'].F.linear", True, "BUILTIN_MATCH", False),
+        ("G['__import_torch_dot_nn_dot_functional'].torch.backends.cudnn.enabled", True, "CONSTANT_MATCH", True),
+        ("G['__import_tests_dot_test_compile']._LOSS_SCALE", True, "CONSTANT_MATCH", True),
+        ("G['__import_tests_dot_test_compile'].F", True, "MODULE_MATCH", True),
+        ("G['__import_torchvision_dot_ops'].nms", True, "BUILTIN_MATCH", True),  # not torch itself
+        ("G['helper']", True, "CLOSURE_MATCH", True),  # not a name of fnlight's step module
+        ("G['___unnamed_scope_1_c0']", True, "TYPE_MATCH", True),
+        ("L['params']['0.weight']", False, "TENSOR_MATCH", True),
+        ("L['grads_fn'].__closure__[0].cell_contents.loss_fn.__code__", False, "ID_MATCH", True),
+    ],
+)
+def test_the_guard_filter_drops_only_guards_on_library_internals(name, is_global, kind, kept):
+    keep = _compile._library_guard_filter({"torch": torch, "bind": None})
+    assert keep([Entry(name, is_global, kind)]) == [kept]
+
+
+def test_a_global_of_the_users_module_is_still_guarded():
+    global _LOSS_SCALE
+    torch.manual_seed(0)
+    core = fl.make_train_step(nn.Linear(10, 3), scaled_mse, sgd(0.1))
+    step = with_compile(core, backend="eager")
+    state, batch = step.init(), (torch.ones(4, 10), torch.zeros(4, 3))
+    _, before = step(state, batch)
+    _LOSS_SCALE = 2.0
+    try:
+        _, after = step(state, batch)
+    finally:
+        _LOSS_SCALE = 1.0
+    torch.testing.assert_close(after["loss"], 2 * before["loss"])
+    assert step.graphs["step"] == 2  # the changed global was seen: a second graph
+
+
+def test_every_compiled_phase_gets_the_guard_filter(monkeypatch):
+    made = []
+
+    def recording(own):
+        made.append(own["__name__"])
+        return lambda entries: [True] * len(entries)
+
+    monkeypatch.setattr(_compile, "_library_guard_filter", recording)
+    _, compiled = build(lambda: sgd(0.1), backend="eager")
+    step = fl.with_grad_accum(compiled, every=2)
+    fl.fold(step, step.init(), make_batches(4, batch=8), progress=False)
+    assert made == ["fnlight._traced_step"] * 2  # the gradient and the update phases
+
+
+def test_guard_filters_combine_keeping_what_both_keep():
+    ours, theirs = (lambda e: [True, True, False]), (lambda e: [True, False, True])
+    assert _compile._combined(ours, theirs)([1, 2, 3]) == [True, False, False]
+    assert _compile._combined(ours, None) is ours
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own import
+def test_a_guard_filter_in_options_is_applied_and_the_options_are_left_as_given():
+    seen = []
+
+    def keep_all(entries):
+        seen.append(len(entries))
+        return [True] * len(entries)
+
+    options = {"guard_filter_fn": keep_all}
+    torch.manual_seed(0)
+    step = with_compile(fl.make_train_step(nn.Linear(10, 3), fl.losses.mse, sgd(0.1)), options=options)
+    fl.fold(step, step.init(), [(torch.ones(4, 10), torch.zeros(4, 3))] * 2, progress=False)
+    assert seen and options == {"guard_filter_fn": keep_all} and step.graphs["step"] == 1
+
+
 # ------------------------------------------------------------------ non-finite losses
 
 
@@ -430,6 +515,7 @@ def test_graph_breaks_are_reported_once_with_fullgraph_false():
         ({"eager_random": None}, TypeError, "eager_random must be a bool, got None"),
         ({"dynamic": "yes"}, TypeError, "dynamic must be a bool or None, got 'yes'"),
         ({"fallback": "ignore"}, ValueError, r"fallback must be one of \('warn', 'raise', 'eager'\), got 'ignore'"),
+        ({"options": {"guard_filter_fn": "all"}}, TypeError, "options' guard_filter_fn must be callable"),
     ],
 )
 def test_options_are_validated_when_built(options, error, match):
