@@ -368,10 +368,9 @@ def with_compile(
 
     Before each call dynamo checks its guards. Those on library internals are left out:
     whether fnlight's, torch's or Python's own functions, classes and modules are still the
-    same objects — 2-4% of a small MLP's compiled step on
-    this project's CPU. Guards on tensors, on the structure of the state and the batch, on the
-    step's own objects and on every global of your modules stay: changing a global your loss
-    reads still recompiles.
+    same objects (about 2-4% of a small MLP's compiled step on this project's CPU). Guards on
+    tensors, on the structure of the state and the batch, on the step's own objects and on
+    every global of your modules stay: changing a global your loss reads still recompiles.
 
     Dropout is seeded as in the eager step, from ``(key, step, micro-batch, rank)``, outside
     the graph. ``eager_random=True`` (the default, inductor's ``fallback_random``) draws
