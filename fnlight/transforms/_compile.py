@@ -432,8 +432,7 @@ def with_compile(
         raise TypeError(f"{where}: mode must be a string or None, got {mode!r}")
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"{where}: options must be a mapping of inductor options or None, got {options!r}")
-    if options and not callable(options.get("guard_filter_fn", callable)):
-        got = options["guard_filter_fn"]
+    if options and "guard_filter_fn" in options and not callable(got := options["guard_filter_fn"]):
         raise TypeError(f"{where}: options' guard_filter_fn must be callable (guard entries -> list of bool), got {got!r}")
     if (mode is not None or options) and backend != "inductor":
         raise ValueError(
