@@ -187,3 +187,76 @@ def test_pure_flush_leaves_the_input_window_untouched():
     before = fl.tree_clone(state)
     flushed, _ = step.flush(state)
     assert fl.tree_equal(state, before) and int(flushed.step) == 1
+
+
+class Heads(nn.Module):
+    """A trunk and two heads; a micro-batch's third element says which heads its loss uses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.a, self.b = nn.Linear(10, 16), nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x, heads):
+        h = torch.tanh(self.trunk(x))
+        return sum(getattr(self, name)(h) for name in heads)
+
+
+def heads_loss(model, batch):
+    x, y, heads = batch
+    return F.cross_entropy(model(x, heads), y)
+
+
+# windows of two micro-batches: complete, then a partial one (the flags start mid-window); no gradient for b
+# at all (b skipped, as torch.optim skips a None gradient); partial first (flags from zero), then complete;
+# two partial halves that cover everything; complete again
+HEADS = [("ab", "a"), ("a", "a"), ("a", "ab"), ("b", "a"), ("ab", "ab")]
+
+
+def test_windows_whose_micro_batches_reach_different_parameters_match_torch_optim():
+    g = torch.Generator().manual_seed(3)
+    windows = [
+        [(torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g), heads) for n, heads in zip((4, 6), pair)]
+        for pair in HEADS
+    ]
+    reference = Heads()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for window in windows:
+        total = sum(len(b[0]) for b in window)
+        for batch in window:
+            (heads_loss(reference, batch) * (len(batch[0]) / total)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    expected = {n: p.detach() for n, p in reference.named_parameters()}
+    step = fl.with_grad_accum(fl.make_train_step(Heads(), heads_loss, sgd(0.1, momentum=0.9)), every=2)
+    batches = [b for w in windows for b in w]
+    direct = step.init()  # pure calls first: the donating fold below updates the model's own tensors
+    for b in batches:
+        direct, _ = step(direct, b)
+    folded = fl.fold(step, step.init(), batches, donate=True, progress=False)
+    assert max_diff(folded.params, expected) < 1e-6
+    assert fl.tree_equal(direct.params, folded.params) and fl.tree_equal(direct.opt_state, folded.opt_state)
+    assert int(folded.step) == len(HEADS)
+
+
+def test_split_pieces_that_reach_different_parameters_match_torch_optim():
+    def flagged_loss(model, batch):  # the piece's first flag picks the heads (0: a, 1: b, 2: both)
+        x, y, flag = batch
+        return heads_loss(model, (x, y, ("a", "b", "ab")[int(flag[0])]))
+
+    g = torch.Generator().manual_seed(4)
+    flags = [(0, 1), (1, 2), (0, 0), (2, 0)]  # the second piece reaches a parameter the first did not, etc.
+    batches = [
+        (torch.randn(10, 10, generator=g), torch.randint(0, 3, (10,), generator=g), torch.tensor([first] * 5 + [second] * 5))
+        for first, second in flags
+    ]
+    reference = Heads()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for batch in batches:
+        for piece in zip(*(t.tensor_split(2) for t in batch)):
+            (flagged_loss(reference, piece) * 0.5).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step = fl.with_grad_accum(fl.make_train_step(Heads(), flagged_loss, sgd(0.1, momentum=0.9)), micro_batches=2)
+    state = fl.fold(step, step.init(), batches, donate=True, progress=False)
+    assert max_diff(state.params, {n: p.detach() for n, p in reference.named_parameters()}) < 1e-6

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import optree
@@ -26,13 +26,17 @@ class AccumState(NamedTuple):
             so a full window of equal batches needs no final rescaling. Between windows
             (``count == 0``) the values are the last window's and are overwritten, never read.
         seen: 1-D bool tensor: which trainable parameters received a gradient in the window.
+            Written only while the window is not ``complete`` (a complete window has seen
+            every parameter, so the common case costs no tensor operation per micro-batch).
         count: micro-batches in the window so far.
         samples: samples in the window so far (the ``n_i`` summed).
         first: ``n_0``, the size of the window's first micro-batch (0 before it).
-        loss: 0-d float32 on the parameters' device, the sum of ``n_i * loss_i`` (float32 as
-            the loss itself: adding a float32 loss into a float64 sum costs ~4 us more per call).
+        loss: the sum of ``n_i * loss_i``: a Python float when the parameters are on the CPU
+            (reading a CPU scalar costs a fraction of a tensor ``add_`` and sums in float64),
+            else a 0-d float32 tensor on their device (no host sync per micro-batch).
         complete: every micro-batch of the window so far gave every parameter a gradient
-            (then later micro-batches accumulate into the buffers in place).
+            (then later micro-batches accumulate into the buffers in place, and ``seen`` is
+            all true whatever its values).
     """
 
     grads: dict[str, Tensor]
@@ -40,7 +44,7 @@ class AccumState(NamedTuple):
     count: int
     samples: int
     first: int
-    loss: Tensor
+    loss: Tensor | float
     complete: bool
 
 
@@ -69,15 +73,49 @@ def _split(batch: Any, k: int) -> list[Any]:
     return [optree.tree_unflatten(spec, [p[i] for p in pieces]) for i in range(k)]
 
 
-def _add(acc: dict[str, Tensor] | None, grads: dict[str, Tensor], *, inplace: bool) -> dict[str, Tensor]:
-    """``acc + grads`` by name (``grads`` alone when ``acc`` is None: the fresh tensors are taken over)."""
+def _add(
+    acc: dict[str, Tensor] | None, grads: dict[str, Tensor], *, inplace: bool, valid: Collection[str] | None = None
+) -> dict[str, Tensor]:
+    """``acc + grads`` by name (``grads`` alone when ``acc`` is None: the fresh tensors are taken over).
+
+    ``valid``: the names whose entries in ``acc`` hold this window's sums (default: all of
+    ``acc``'s). A gradient for any other name is taken over as it is: the entry it replaces
+    is missing or left from an earlier window.
+    """
     if acc is None:
         return grads
-    names = list(grads)
+    valid = acc.keys() if valid is None else valid
+    names = [n for n in grads if n in valid]
+    added = [grads[n] for n in names]
     if inplace:
-        torch._foreach_add_([acc[n] for n in names], list(grads.values()))
-        return acc
-    return {**acc, **dict(zip(names, torch._foreach_add([acc[n] for n in names], list(grads.values()))))}
+        torch._foreach_add_([acc[n] for n in names], added)
+        out = acc
+    else:
+        out = {**acc, **dict(zip(names, torch._foreach_add([acc[n] for n in names], added)))}
+    if len(names) < len(grads):
+        out = {**out, **{n: g for n, g in grads.items() if n not in valid}}
+    return out
+
+
+def _mean(total: Tensor | float, samples: int, dtype: torch.dtype) -> Tensor:
+    """A window's mean metric from its sample-weighted sum (a float summed on the CPU, or a tensor)."""
+    if isinstance(total, float):
+        return torch.scalar_tensor(total / samples, dtype=dtype)
+    return (total / samples).to(dtype)
+
+
+def _seen(window: AccumState, names: tuple[str, ...], grads: dict[str, Tensor], count: int, *, inplace: bool) -> Tensor:
+    """The window's ``seen`` flags once it is incomplete (some micro-batch left a parameter without a gradient)."""
+    seen = window.seen if inplace else window.seen.clone()
+    if count == 0:
+        seen.zero_()
+    elif window.complete:  # the flags were not kept while every parameter had a gradient
+        seen.fill_(True)
+    if len(grads) == len(names):
+        seen.fill_(True)
+    else:
+        seen[[names.index(t) for t in grads]] = True
+    return seen
 
 
 class GradAccum(Transform):
@@ -95,13 +133,14 @@ class GradAccum(Transform):
 
     def init_slot(self, state: TrainState) -> AccumState:
         names = self._names
+        device = state.params[names[0]].device
         return AccumState(
             grads={n: torch.zeros_like(state.params[n]) for n in names},
             seen=torch.zeros(len(names), dtype=torch.bool),
             count=0,
             samples=0,
             first=0,
-            loss=torch.zeros((), dtype=torch.float32, device=state.params[names[0]].device),
+            loss=0.0 if device.type == "cpu" else torch.zeros((), dtype=torch.float32, device=device),
             complete=False,
         )
 
@@ -126,7 +165,7 @@ class GradAccum(Transform):
         sizes = [self.batch_size_fn(p) for p in pieces]
         total = sum(sizes)
         acc: dict[str, Tensor] | None = None
-        sums: dict[str, Tensor] = {}
+        sums: dict[str, Tensor | float] = {}
         current = state
         complete = len(self._names)
         for i, (piece, n) in enumerate(zip(pieces, sizes)):
@@ -134,12 +173,14 @@ class GradAccum(Transform):
             g = self.inner.grads(current, piece, GradContext(micro=i, loss_weight=n / total, accumulate=into))
             current = current.replace(buffers=g.buffers)
             acc = g.grads if into is not None else _add(acc, g.grads, inplace=True)
-            for k, v in g.metrics.items():  # sums owned by this call, in float32 as the loss
-                if k in sums:
-                    sums[k].add_(v.float(), alpha=n)
+            for k, v in g.metrics.items():  # on the CPU Python floats (a scalar read costs less than a tensor op)
+                if v.is_cpu:
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+                elif k in sums:  # elsewhere sums owned by this call, in float32 as the loss: no host sync
+                    sums[k].add_(v.float(), alpha=n)  # type: ignore[union-attr]
                 else:
                     sums[k] = v.float() * n
-        metrics = {k: (v / total).to(g.metrics[k].dtype) for k, v in sums.items()}
+        metrics = {k: _mean(v, total, g.metrics[k].dtype) for k, v in sums.items()}
         new_state, update_metrics = self.inner.update(state, Gradients(metrics["loss"], acc, g.buffers, metrics))
         return new_state, {**metrics, **update_metrics}
 
@@ -153,23 +194,23 @@ class GradAccum(Transform):
         # In place inside the fold once every parameter has a buffer from this window.
         into = window.grads if inplace and count and window.complete else None
         g = self.inner.grads(state, batch, GradContext(micro=count, loss_weight=n / (self.every * first), accumulate=into))
-        if into is not None:  # seen is already all true
-            acc, seen = g.grads, window.seen
-        else:
-            acc = {**window.grads, **g.grads} if count == 0 else _add(window.grads, g.grads, inplace=inplace)
-            seen = window.seen if inplace else window.seen.clone()
-            if count == 0:
-                seen.zero_()
-            if len(g.grads) == len(names):
-                seen.fill_(True)
-            else:
-                seen[[names.index(t) for t in g.grads]] = True
-        if inplace:
+        full = len(g.grads) == len(names)
+        complete = full and (count == 0 or window.complete)
+        if into is not None:
+            acc = g.grads
+        elif count == 0:
+            acc = {**window.grads, **g.grads}
+        else:  # buffers of parameters no micro-batch of this window reached yet are stale: replaced, not added to
+            valid = None if window.complete else {n for n, s in zip(names, window.seen.tolist()) if s}
+            acc = _add(window.grads, g.grads, inplace=inplace, valid=valid)
+        seen = window.seen if complete else _seen(window, names, g.grads, count, inplace=inplace)
+        if type(window.loss) is float:  # CPU: a scalar read is cheaper than a tensor op
+            loss: Tensor | float = (window.loss if count else 0.0) + float(g.loss) * n
+        elif inplace:
             loss = window.loss.zero_() if count == 0 else window.loss
             loss.add_(g.loss, alpha=n)
         else:
             loss = (window.loss if count else torch.zeros_like(window.loss)).add(g.loss, alpha=n)
-        complete = len(g.grads) == len(names) and (count == 0 or window.complete)
         window = AccumState(acc, seen, count + 1, window.samples + n, first, loss, complete)
         state = state.replace(buffers=g.buffers, slots={**state.slots, "grad_accum": window})
         if window.count < self.every:
@@ -186,16 +227,17 @@ class GradAccum(Transform):
         return new_state, {**metrics, **applied}
 
     def _apply(self, state: TrainState, window: AccumState) -> tuple[TrainState, Metrics]:
-        seen = window.seen.tolist()
-        names = [n for n, s in zip(window.grads, seen) if s]
-        grads = {n: window.grads[n] for n in names}
+        if window.complete:  # every parameter has its gradient in the window
+            grads = window.grads
+        else:
+            grads = {n: window.grads[n] for n, s in zip(self._names, window.seen.tolist()) if s}
         correction = self.every * window.first / window.samples  # 1.0 for a full window of equal batches
         if correction != 1.0 or not is_donating():  # a pure call hands fresh tensors to the update
-            scaled = torch._foreach_mul(list(grads.values()), correction)
-            grads = dict(zip(names, scaled))
-        loss = (window.loss / window.samples).float()
+            grads = dict(zip(grads, torch._foreach_mul(list(grads.values()), correction)))
+        loss = _mean(window.loss, window.samples, torch.float32)
         new_state, update_metrics = self.inner.update(state, Gradients(loss, grads, state.buffers, {"loss": loss}))
-        done = window._replace(grads={**window.grads, **grads}, count=0, samples=0, first=0, complete=False)
+        kept = grads if grads is window.grads else {**window.grads, **grads}
+        done = window._replace(grads=kept, count=0, samples=0, first=0, complete=False)
         new_state = new_state.replace(slots={**new_state.slots, "grad_accum": done})
         return new_state, {"loss": loss, **update_metrics}
 
