@@ -6,9 +6,10 @@ compare into OUT_DIR. One launch runs many scenarios: starting ranks costs secon
 
 Phases:
 - ``train``: with_ddp and with_fsdp, each without and with accumulation (K=2), 20 updates;
-  the FSDP trap (gathering without ``grad_placements``); per-rank state bytes; an FSDP run
-  that saves sharded checkpoints at updates 10 and 20; and the 1 -> 2 reshard of a
-  single-process checkpoint (``OUT_DIR/single.ckpt``, written by the test first).
+  with_ddp where some parameters get a gradient on one rank only, or on none; the FSDP trap
+  (gathering without ``grad_placements``); per-rank state bytes; an FSDP run that saves
+  sharded checkpoints at updates 10 and 20; and the 1 -> 2 reshard of a single-process
+  checkpoint (``OUT_DIR/single.ckpt``, written by the test first).
 - ``resume``: restore ``OUT_DIR/back.ckpt`` (the 2 -> 1 reshard of update 10, written by the
   test) on 2 FSDP ranks and train the last 10 updates.
 """
@@ -61,6 +62,42 @@ def build(mode, rank, accum=1, width=32):
     return fl.with_grad_accum(step, every=accum) if accum > 1 else step
 
 
+class Heads(nn.Module):
+    """A trunk and two heads; a batch's third element names the heads its loss uses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.a, self.b = nn.Linear(10, 16), nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x, heads):
+        h = torch.tanh(self.trunk(x))
+        return sum(getattr(self, name)(h) for name in heads)
+
+
+def heads_loss(model, batch):
+    x, y, heads = batch
+    return torch.nn.functional.cross_entropy(model(x, heads), y)
+
+
+# per update, the heads each rank's loss uses: b on rank 1 only; b on no rank (not updated); a on rank 1 only
+HEADS = [("a", "ab"), ("a", "a"), ("b", "ab")]
+
+
+def heads_batches(rank):
+    """Per update, this rank's half of an 8-sample global batch, with the heads it uses."""
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for pair in HEADS:
+        x, y = torch.randn(8, 10, generator=g), torch.randint(0, 3, (8,), generator=g)
+        data.append((x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4], pair[rank]))
+    return data
+
+
+def heads_optimizer():
+    return fl.optim.sgd(0.1, momentum=0.9)
+
+
 def save_params(path, state):
     """Rank 0 writes the whole parameters (gathered from the shards); every rank must call it."""
     params = fl.state_dict(state)
@@ -86,6 +123,10 @@ def train(out: Path, rank: int) -> None:
         _fsdp._gather = original
 
     metrics(out, rank)
+
+    # Parameters some ranks' batches do not reach (DistributedDataParallel's find_unused_parameters).
+    step = fl.with_ddp(fl.make_train_step(Heads(), heads_loss, heads_optimizer()))
+    save_params(out / "heads.ckpt", fl.fold(step, step.init(), heads_batches(rank), progress=False))
 
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}

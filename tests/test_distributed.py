@@ -15,7 +15,18 @@ import torch
 from torch import nn
 
 import fnlight as fl
-from tests.dist_worker import UPDATES, eval_batches, global_batches, model, optimizer
+from tests.dist_worker import (
+    HEADS,
+    UPDATES,
+    Heads,
+    eval_batches,
+    global_batches,
+    heads_batches,
+    heads_loss,
+    heads_optimizer,
+    model,
+    optimizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +66,24 @@ def test_two_ranks_equal_one_process_on_the_global_batch(run, mode, accum):
     got = params_of(out / f"{mode}-{accum}.ckpt", expected.params)
     for name in expected.params:
         torch.testing.assert_close(got[name], expected.params[name], rtol=1e-6, atol=1e-6)
+
+
+def test_ddp_parameters_reached_on_some_ranks_only_match_torch_optim_on_the_mean_loss(run):
+    """A head one rank's batches skip takes part with zeros; one no rank uses is not updated (nor its momentum)."""
+    out, _ = run
+    reference = Heads()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    shares = [heads_batches(0), heads_batches(1)]
+    for update in range(len(HEADS)):
+        (sum(heads_loss(reference, share[update]) for share in shares) / 2).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    expected = {n: p.detach() for n, p in reference.named_parameters()}
+    got = params_of(out / "heads.ckpt", expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+    untouched = fl.make_train_step(Heads(), heads_loss, heads_optimizer()).init().params
+    assert not torch.equal(got["b.weight"], untouched["b.weight"])
 
 
 def test_fsdp_trap_of_gathering_without_grad_placements_is_caught(run):

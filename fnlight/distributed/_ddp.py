@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -87,15 +88,33 @@ class DDP(Transform):
         return self.inner.grads(state, batch, ctx._replace(rank=rank) if rank else ctx)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:
-        """Average the gradients (and the loss) over the ranks, then update: once per optimizer update."""
+        """Average the gradients (and the loss) over the ranks, then update: once per optimizer update.
+
+        Every rank reduces every trainable parameter, in one order, so a parameter that this
+        rank's batches did not reach (a head or an expert used on some ranks only) takes part
+        with zeros, as in ``DistributedDataParallel(find_unused_parameters=True)``; one that no
+        rank reached is left out of the update (as ``torch.optim`` skips a ``None`` gradient).
+        A per-parameter flag of who had a gradient travels in the last bucket; only a rank
+        that lacked some gradient reads it.
+        """
         info = dist_info()
         if info.world_size > 1:
-            names = list(g.grads)
+            names = self.core._trainable
+            complete = len(g.grads) == len(names)
+            if complete:
+                grads = [g.grads[n] for n in names]
+                flags = torch.ones(len(names), device=g.loss.device)
+            else:
+                grads = [g.grads[n] if n in g.grads else torch.zeros_like(state.params[n]) for n in names]
+                flags = torch.tensor([float(n in g.grads) for n in names], device=g.loss.device)
             with collective(f"with_ddp at update {int(state.step)}"):
                 reduced = _all_reduce_mean(
-                    [*g.grads.values(), g.loss.detach().float().reshape(1)], self.bucket_bytes, info.world_size
+                    [*grads, g.loss.detach().float().reshape(1), flags], self.bucket_bytes, info.world_size
                 )
-            g = g._replace(grads=dict(zip(names, reduced[:-1])), loss=reduced[-1].reshape(()).to(g.loss.dtype))
+            averaged = dict(zip(names, reduced[:-2]))
+            if not complete:  # parameters no rank reached get no update
+                averaged = {n: t for n, t, had in zip(names, reduced[:-2], reduced[-1].tolist()) if had > 0}
+            g = g._replace(grads=averaged, loss=reduced[-2].reshape(()).to(g.loss.dtype))
         return self.inner.update(state, g)
 
 
@@ -108,7 +127,9 @@ def with_ddp(step: Any, *, bucket_mb: float = 25.0) -> DDP:
     and averaged with one ``all_reduce`` per bucket. Because :func:`with_grad_accum` wraps
     this transform and calls the update once per window, gradients are synchronised only
     at accumulation boundaries (DDP's ``no_sync`` for free). Dropout draws differ by rank
-    (the rank is part of the seed). In a single process it does nothing.
+    (the rank is part of the seed). A parameter that some ranks' batches leave without a
+    gradient is averaged with zeros from those ranks (``find_unused_parameters=True``); one
+    that no rank reached is not updated. In a single process it does nothing.
 
     Args:
         step: the step to wrap (after with_amp, before with_grad_accum; docs/transforms.md).

@@ -142,7 +142,9 @@ def with_fsdp(step: Any) -> FSDP:
     :func:`fnlight.distributed.save_sharded` / :func:`~fnlight.distributed.restore_sharded`
     (what :func:`fnlight.with_checkpointing` does for sharded states) for checkpoints.
 
-    In a single process it does nothing.
+    Every rank's loss must reach every parameter, as torch's FSDP requires: a parameter one
+    rank skips leaves the ranks' reduce-scatters misaligned. :func:`with_ddp` handles models
+    whose ranks use different parts. In a single process it does nothing.
 
     Args:
         step: the step to wrap (after with_amp, before with_grad_accum; docs/transforms.md).
