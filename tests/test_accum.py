@@ -8,6 +8,7 @@ from torch import nn
 import fnlight as fl
 from fnlight.optim import adamw, sgd
 from tests.conftest import make_batches
+from tests.dist_worker import Heads, heads_loss  # a trunk and two heads, chosen per batch
 
 
 def mlp(seed=0, dropout=0.0):
@@ -187,24 +188,6 @@ def test_pure_flush_leaves_the_input_window_untouched():
     before = fl.tree_clone(state)
     flushed, _ = step.flush(state)
     assert fl.tree_equal(state, before) and int(flushed.step) == 1
-
-
-class Heads(nn.Module):
-    """A trunk and two heads; a micro-batch's third element says which heads its loss uses."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk, self.a, self.b = nn.Linear(10, 16), nn.Linear(16, 3), nn.Linear(16, 3)
-
-    def forward(self, x, heads):
-        h = torch.tanh(self.trunk(x))
-        return sum(getattr(self, name)(h) for name in heads)
-
-
-def heads_loss(model, batch):
-    x, y, heads = batch
-    return F.cross_entropy(model(x, heads), y)
 
 
 # windows of two micro-batches: complete, then a partial one (the flags start mid-window); no gradient for b
