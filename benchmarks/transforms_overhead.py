@@ -5,8 +5,11 @@ memory that activation checkpointing saves on a deep model.
    of 16 per update. (h) hand-written: ``(loss * n_i / N).backward()`` for each micro-batch, then
    ``opt.step(); opt.zero_grad(set_to_none=True)``; (s) ``fnlight.with_grad_accum(every=4)`` in a
    donating fold; (p) ``with_grad_accum(micro_batches=4)`` on the 64-sample batches. Blocks of
-   20 updates, 100 rounds, interleaved, order rotated each round; median ms per update and ratios
-   to (h) (with 40 rounds the medians of successive runs swung by +-3 %).
+   20 updates, interleaved, order rotated each round, in 3 fresh processes of 50 rounds each,
+   one after the other: a process's memory layout biases its own comparison (single
+   processes of 100 rounds gave paired medians from 0.99x to 1.05x on the same code), so
+   the rounds of all processes are pooled. Reported: median ms per update, ratios to (h),
+   the paired per-round ratio per process and pooled, with a bootstrap 95% interval.
 2. Activation checkpointing. A deep MLP (24 blocks Linear(256, 256) + GELU, batch 8192, so that
    activations dominate the parameters, gradients and Adam moments): bytes
    saved for backward (``saved_tensors_hooks``), and peak RSS of 3 training steps in a fresh
@@ -24,6 +27,7 @@ import argparse
 import copy
 import gc
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -110,6 +114,26 @@ def time_accumulation(rounds: int, updates: int) -> dict[str, list[float]]:
     return ms
 
 
+def run_accumulation(processes: int, rounds: int, updates: int, threads: int) -> list[dict[str, list[float]]]:
+    """:func:`time_accumulation` in ``processes`` fresh processes, one after the other."""
+    out = []
+    for i in range(processes):
+        cmd = [sys.executable, __file__, "--threads", str(threads), "--accum-worker", json.dumps([rounds, updates])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"accumulation worker {i + 1} of {processes} failed (exit {proc.returncode}):\n{proc.stderr}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"accumulation: process {i + 1} of {processes} done", file=sys.stderr, flush=True)
+    return out
+
+
+def bootstrap_median(xs: Sequence[float], *, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95% interval for the median of ``xs`` (percentile bootstrap, resampling the rounds)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
 def deep(blocks: int, width: int) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(blocks)], nn.Linear(width, 10))
@@ -161,27 +185,33 @@ def run_memory(blocks: int, width: int, batch: int) -> dict[bool, dict[str, floa
     return out
 
 
-def report(ms: dict[str, list[float]], memory: dict[bool, dict[str, float]], cfg: tuple[int, int, int]) -> list[str]:
+def report(runs: list[dict[str, list[float]]], memory: dict[bool, dict[str, float]], cfg: tuple[int, int, int]) -> list[str]:
     labels = {
         "h": "(h) hand-written accumulation, fused AdamW",
         "s": "(s) fnlight with_grad_accum(every=4)",
         "p": "(p) fnlight with_grad_accum(micro_batches=4)",
     }
+    ms = {m: [x for run in runs for x in run[m]] for m in labels}
+    paired = {m: [x / y for run in runs for x, y in zip(run[m], run["h"], strict=True)] for m in labels}
+    rounds = len(runs[0]["h"])
     lines = [
         f"## Transforms (torch {torch.__version__}, {torch.get_num_threads()} thread(s))",
         "",
         f"### Accumulation: MLP 784-512-512-10, {K} micro-batches of {MICRO} per update",
         "",
-        "| method | median ms/update | IQR | ratio to (h) | paired ratio (median) |",
-        "|---|---:|---:|---:|---:|",
+        f"{len(runs)} processes of {rounds} rounds, pooled.",
+        "",
+        "| method | median ms/update | IQR | ratio to (h) | paired ratio per process | paired ratio, pooled [95% interval] |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     h = statistics.median(ms["h"])
     for m, label in labels.items():
         q1, q3 = quartiles(ms[m])
-        paired = statistics.median(x / y for x, y in zip(ms[m], ms["h"], strict=True))
+        per = ", ".join(f"{statistics.median(x / y for x, y in zip(run[m], run['h'], strict=True)):.3f}x" for run in runs)
+        lo, hi = bootstrap_median(paired[m])
         lines.append(
             f"| {label} | {statistics.median(ms[m]):.3f} | {q1:.3f}-{q3:.3f} | "
-            f"{statistics.median(ms[m]) / h:.3f}x | {paired:.3f}x |"
+            f"{statistics.median(ms[m]) / h:.3f}x | {per} | {statistics.median(paired[m]):.3f}x [{lo:.3f}-{hi:.3f}] |"
         )
     blocks, width, batch = cfg
     off, on = memory[False], memory[True]
@@ -203,16 +233,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes for the accumulation timing")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--accum-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(memory_worker(*json.loads(args.memory_worker))))
         return
-    keep_freed_heap()
-    rounds, updates = (5, 5) if args.quick else (100, 20)  # 40 rounds left the median swinging 1.03-1.07x run to run
+    if args.accum_worker:
+        keep_freed_heap()
+        print(json.dumps(time_accumulation(*json.loads(args.accum_worker))))
+        return
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
+    rounds, updates = (5, 5) if args.quick else (50, 20)
+    processes = 2 if args.quick else args.processes
     cfg = (6, 128, 1024) if args.quick else (24, 256, 8192)
-    lines = report(time_accumulation(rounds, updates), run_memory(*cfg), cfg)
+    lines = report(run_accumulation(processes, rounds, updates, args.threads), run_memory(*cfg), cfg)
     print("\n".join(lines))
     if args.markdown:
         with args.markdown.open("a") as f:
