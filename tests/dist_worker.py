@@ -6,7 +6,8 @@ compare into OUT_DIR. One launch runs many scenarios: starting ranks costs secon
 
 Phases:
 - ``train``: with_ddp and with_fsdp, each without and with accumulation (K=2), 20 updates;
-  with_ddp where some parameters get a gradient on one rank only, or on none; the FSDP trap
+  with_ddp and with_fsdp where some parameters get a gradient on one rank only, or on none;
+  the FSDP trap
   (gathering without ``grad_placements``); per-rank state bytes; an FSDP run that saves
   sharded checkpoints at updates 10 and 20; and the 1 -> 2 reshard of a single-process
   checkpoint (``OUT_DIR/single.ckpt``, written by the test first).
@@ -53,11 +54,7 @@ def local_batches(rank, accum, world=2):
 
 
 def build(mode, rank, accum=1, width=32):
-    torch.manual_seed(100 + rank)  # a different local init on every rank: rank 0's must win
-    local = nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, 3))
-    if rank == 0:
-        local.load_state_dict(model(width).state_dict())
-    step = fl.make_train_step(local, fl.losses.cross_entropy, optimizer())
+    step = fl.make_train_step(local_model(rank, width), fl.losses.cross_entropy, optimizer())
     step = fl.with_ddp(step) if mode == "ddp" else fl.with_fsdp(step)
     return fl.with_grad_accum(step, every=accum) if accum > 1 else step
 
@@ -98,6 +95,21 @@ def heads_optimizer():
     return fl.optim.sgd(0.1, momentum=0.9)
 
 
+OTHER_OPTIMIZERS = {
+    "sgd": lambda: fl.optim.sgd(0.1, momentum=0.9, weight_decay=1e-3),
+    "adagrad": lambda: fl.optim.adagrad(0.1, weight_decay=1e-3),
+}
+
+
+def local_model(rank, width=32):
+    """A different local init on every rank (rank 0's must win, broadcast or scattered by the transform)."""
+    torch.manual_seed(100 + rank)
+    local = nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, 3))
+    if rank == 0:
+        local.load_state_dict(model(width).state_dict())
+    return local
+
+
 def save_params(path, state):
     """Rank 0 writes the whole parameters (gathered from the shards); every rank must call it."""
     params = fl.state_dict(state)
@@ -127,6 +139,23 @@ def train(out: Path, rank: int) -> None:
     # Parameters some ranks' batches do not reach (DistributedDataParallel's find_unused_parameters).
     step = fl.with_ddp(fl.make_train_step(Heads(), heads_loss, heads_optimizer()))
     save_params(out / "heads.ckpt", fl.fold(step, step.init(), heads_batches(rank), progress=False))
+    # The optimizers whose fused kernels DTensor has no rule for (SGD, Adagrad) update each shard locally.
+    for name, opt in OTHER_OPTIMIZERS.items():
+        step = fl.with_fsdp(fl.make_train_step(local_model(rank), fl.losses.cross_entropy, opt()))
+        save_params(out / f"fsdp-{name}.ckpt", fl.fold(step, step.init(), local_batches(rank, 1), progress=False))
+
+    # with_fsdp: a head no rank uses is skipped; a head used on some ranks only is refused (here the shapes
+    # match, so the ranks' reduce-scatters pair a's gradient with b's without any error from the backend).
+    step = fl.with_fsdp(fl.make_train_step(Heads(), heads_loss, heads_optimizer()))
+    only_a = [(x, y, "a") for x, y, _ in heads_batches(rank)]
+    save_params(out / "heads-fsdp.ckpt", fl.fold(step, step.init(), only_a, progress=False))
+    try:
+        fl.fold(step, step.init(), [(x, y, "ab"[rank]) for x, y, _ in heads_batches(rank)], progress=False)
+        message = ""
+    except RuntimeError as e:
+        message = str(e)
+    if rank == 0:
+        (out / "fsdp-uneven.txt").write_text(message)
 
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}

@@ -17,13 +17,13 @@ from torch import nn
 import fnlight as fl
 from tests.dist_worker import (
     HEADS,
+    OTHER_OPTIMIZERS,
     UPDATES,
     Heads,
     eval_batches,
     global_batches,
     heads_batches,
     heads_loss,
-    heads_optimizer,
     model,
     optimizer,
 )
@@ -63,27 +63,53 @@ def run(tmp_path_factory):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_ranks_equal_one_process_on_the_global_batch(run, mode, accum):
     out, expected = run
-    got = params_of(out / f"{mode}-{accum}.ckpt", expected.params)
-    for name in expected.params:
-        torch.testing.assert_close(got[name], expected.params[name], rtol=1e-6, atol=1e-6)
+    assert_params_close(params_of(out / f"{mode}-{accum}.ckpt", expected.params), expected.params)
+
+
+def heads_reference(heads=None):
+    """Two-head training by hand with torch.optim on the mean of the ranks' losses (``heads`` overrides theirs)."""
+    reference = Heads()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    shares = [heads_batches(0), heads_batches(1)]
+    for update in range(len(HEADS)):
+        batches = [share[update] if heads is None else (*share[update][:2], heads) for share in shares]
+        (sum(heads_loss(reference, b) for b in batches) / 2).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach() for n, p in reference.named_parameters()}
+
+
+def assert_params_close(got, expected):
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
 
 
 def test_ddp_parameters_reached_on_some_ranks_only_match_torch_optim_on_the_mean_loss(run):
     """A head one rank's batches skip takes part with zeros; one no rank uses is not updated (nor its momentum)."""
     out, _ = run
-    reference = Heads()
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    shares = [heads_batches(0), heads_batches(1)]
-    for update in range(len(HEADS)):
-        (sum(heads_loss(reference, share[update]) for share in shares) / 2).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    expected = {n: p.detach() for n, p in reference.named_parameters()}
+    expected = heads_reference()
     got = params_of(out / "heads.ckpt", expected)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
-    untouched = fl.make_train_step(Heads(), heads_loss, heads_optimizer()).init().params
-    assert not torch.equal(got["b.weight"], untouched["b.weight"])
+    assert_params_close(got, expected)
+    assert not torch.equal(got["b.weight"], Heads().b.weight.detach())
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_OPTIMIZERS))
+def test_fsdp_with_optimizers_whose_fused_kernels_dtensor_lacks_equals_one_process(run, name):
+    out, _ = run
+    step = fl.make_train_step(model(), fl.losses.cross_entropy, OTHER_OPTIMIZERS[name]())
+    expected = fl.fold(step, step.init(), global_batches(), progress=False)
+    assert_params_close(params_of(out / f"fsdp-{name}.ckpt", expected.params), expected.params)
+
+
+def test_fsdp_skips_a_parameter_no_rank_reaches_and_refuses_one_some_ranks_reach(run):
+    out, _ = run
+    expected = heads_reference(heads="a")
+    got = params_of(out / "heads-fsdp.ckpt", expected)
+    assert_params_close(got, expected)
+    assert torch.equal(got["b.weight"], Heads().b.weight.detach())  # never reached: never updated
+    message = (out / "fsdp-uneven.txt").read_text()
+    assert message.startswith("with_fsdp at update 0: the loss reached these parameters on some ranks only: ")
+    assert "a.weight (1 of 2 ranks)" in message and "b.bias (1 of 2 ranks)" in message and "use with_ddp" in message
 
 
 def test_fsdp_trap_of_gathering_without_grad_placements_is_caught(run):

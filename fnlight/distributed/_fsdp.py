@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -111,14 +112,40 @@ class FSDP(Transform):
             return self.inner.grads(state, batch, ctx)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:
-        """Average the loss over the ranks (the gradients already are), then update the shards."""
+        """Average the loss over the ranks (the gradients already are), then update the shards.
+
+        With the loss travels a flag per trainable parameter of whether this rank's loss
+        reached it. Gradients are reduce-scattered during backward in the order each rank's
+        graph gives, so a parameter that some ranks reach and others do not pairs the ranks'
+        collectives wrongly — silently when the shapes happen to match. Such an update raises
+        (on every rank) instead of applying wrong gradients.
+        """
         info = dist_info()
         if info.world_size > 1:
-            loss = g.loss.detach().float().reshape(1).clone()
+            names = self.core._trainable
+            if len(g.grads) == len(names):
+                flags = torch.ones(len(names), device=g.loss.device)
+            else:
+                flags = torch.tensor([float(n in g.grads) for n in names], device=g.loss.device)
+            packed = torch.cat([g.loss.detach().float().reshape(1), flags])
             with collective(f"with_fsdp at update {int(state.step)}"):
-                dist.all_reduce(loss)
-            g = g._replace(loss=loss.div_(info.world_size).reshape(()).to(g.loss.dtype))
+                dist.all_reduce(packed)
+            reached = packed[1:]
+            if bool(((reached > 0) & (reached < info.world_size)).any()):
+                raise _uneven_reach(state, names, reached.tolist(), info.world_size)
+            g = g._replace(loss=packed[0].div(info.world_size).to(g.loss.dtype))
         return self.inner.update(state, g)
+
+
+def _uneven_reach(state: TrainState, names: tuple[str, ...], reached: list[float], world_size: int) -> RuntimeError:
+    uneven = [f"{n} ({int(r)} of {world_size} ranks)" for n, r in zip(names, reached) if 0 < r < world_size]
+    return RuntimeError(
+        f"with_fsdp at update {int(state.step)}: the loss reached these parameters on some ranks only: "
+        f"{', '.join(uneven)}. Under with_fsdp each gradient is reduce-scattered during backward, in the order of "
+        "each rank's graph, so the ranks' collectives no longer match and this update's gradients are wrong. "
+        "Make every rank's loss reach every parameter, or use with_ddp, which averages such parameters "
+        "with zeros from the ranks that did not reach them."
+    )
 
 
 def with_fsdp(step: Any) -> FSDP:
@@ -142,9 +169,11 @@ def with_fsdp(step: Any) -> FSDP:
     :func:`fnlight.distributed.save_sharded` / :func:`~fnlight.distributed.restore_sharded`
     (what :func:`fnlight.with_checkpointing` does for sharded states) for checkpoints.
 
-    Every rank's loss must reach every parameter, as torch's FSDP requires: a parameter one
-    rank skips leaves the ranks' reduce-scatters misaligned. :func:`with_ddp` handles models
-    whose ranks use different parts. In a single process it does nothing.
+    Every rank's loss must reach the same parameters, as torch's FSDP requires: a parameter
+    some ranks reach and others skip misaligns the ranks' reduce-scatters, and the update
+    raises ``RuntimeError`` naming it (a parameter no rank reaches is simply not updated).
+    :func:`with_ddp` handles models whose ranks use different parts. In a single process it
+    does nothing.
 
     Args:
         step: the step to wrap (after with_amp, before with_grad_accum; docs/transforms.md).
@@ -154,6 +183,7 @@ def with_fsdp(step: Any) -> FSDP:
 
     Raises:
         ValueError: the step is already wrapped by :func:`with_ddp`, or a wrong composition order.
+        RuntimeError: at an update, when the loss reached some parameter on some ranks only.
 
     >>> import torch, fnlight as fl
     >>> step = fl.with_fsdp(fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.adamw(0.1)))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
-from ._kernels import check_mask, clone_all, initial_lr, merge, weight_decay_groups
+from ._kernels import check_mask, clone_all, initial_lr, merge, shard_local, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import adagrad_math, copy_back, decayed_flags, resolve_lr_tensor
 
@@ -111,7 +111,12 @@ def adagrad(
             for (device, _), idx in groups.items():
                 steps = [torch.scalar_tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
                 torch._fused_adagrad_(
-                    [ps[i] for i in idx], [gs[i] for i in idx], [sums[i] for i in idx], steps, weight_decay=group_wd, **opts
+                    shard_local([ps[i] for i in idx]),
+                    shard_local([gs[i] for i in idx]),
+                    shard_local([sums[i] for i in idx]),
+                    steps,
+                    weight_decay=group_wd,
+                    **opts,
                 )
         return dict(zip(names, ps, strict=True)), AdagradState(count, merge(state.sum_of_squares, names, sums), hp)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from ._masks import MaskFn, split_by_mask
 
-__all__ = ["check_bool", "check_mask", "clone_all", "group_indices", "initial_lr", "merge", "weight_decay_groups"]
+__all__ = ["check_bool", "check_mask", "clone_all", "group_indices", "initial_lr", "merge", "shard_local", "weight_decay_groups"]
 
 
 Groups = dict[tuple[torch.device, torch.dtype], list[int]]
@@ -28,6 +29,20 @@ def group_indices(tensors: Sequence[Tensor], subset: Sequence[int]) -> Groups:
         t = tensors[i]
         groups.setdefault((t.device, t.dtype), []).append(i)
     return groups
+
+
+def shard_local(tensors: list[Tensor]) -> list[Tensor]:
+    """Each sharded ``DTensor`` (:func:`fnlight.with_fsdp`) as the shard this rank holds; others as they are.
+
+    For the fused kernels that ``DTensor`` has no rule for (``_fused_sgd_``,
+    ``_fused_adagrad_``): their updates are elementwise, and parameters, gradients and
+    optimizer state are sharded alike, so each rank updating its own shard in place is the
+    whole update. ``to_local()`` shares the shard's memory.
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # never imported: no DTensor exists
+    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
+        return tensors
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
 def clone_all(tensors: Sequence[Tensor]) -> list[Tensor]:

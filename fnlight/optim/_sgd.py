@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
-from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
+from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, shard_local, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import copy_back, decayed_flags, resolve_lr_tensor, sgd_math
 
@@ -126,9 +126,9 @@ def sgd(
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
             for idx in groups.values():
                 torch._fused_sgd_(
-                    [ps[i] for i in idx],
-                    [gs[i] for i in idx],
-                    [bufs[i] for i in idx] if use_momentum else [],
+                    shard_local([ps[i] for i in idx]),
+                    shard_local([gs[i] for i in idx]),
+                    shard_local([bufs[i] for i in idx]) if use_momentum else [],
                     weight_decay=group_wd,
                     **opts,
                 )
