@@ -98,6 +98,8 @@ def heads_optimizer():
 OTHER_OPTIMIZERS = {
     "sgd": lambda: fl.optim.sgd(0.1, momentum=0.9, weight_decay=1e-3),
     "adagrad": lambda: fl.optim.adagrad(0.1, weight_decay=1e-3),
+    "rmsprop": lambda: fl.optim.rmsprop(1e-3, momentum=0.9),
+    "clip_by_value": lambda: fl.optim.chain(fl.optim.clip_by_value(0.05), fl.optim.adam(1e-2)),
 }
 
 
@@ -139,7 +141,8 @@ def train(out: Path, rank: int) -> None:
     # Parameters some ranks' batches do not reach (DistributedDataParallel's find_unused_parameters).
     step = fl.with_ddp(fl.make_train_step(Heads(), heads_loss, heads_optimizer()))
     save_params(out / "heads.ckpt", fl.fold(step, step.init(), heads_batches(rank), progress=False))
-    # The optimizers whose fused kernels DTensor has no rule for (SGD, Adagrad) update each shard locally.
+    # The other optimizers on shards: SGD and Adagrad (their fused kernels have no DTensor rule: local shards),
+    # RMSprop (multi-tensor kernels), value clipping.
     for name, opt in OTHER_OPTIMIZERS.items():
         step = fl.with_fsdp(fl.make_train_step(local_model(rank), fl.losses.cross_entropy, opt()))
         save_params(out / f"fsdp-{name}.ckpt", fl.fold(step, step.init(), local_batches(rank, 1), progress=False))

@@ -94,7 +94,8 @@ def test_ddp_parameters_reached_on_some_ranks_only_match_torch_optim_on_the_mean
 
 
 @pytest.mark.parametrize("name", sorted(OTHER_OPTIMIZERS))
-def test_fsdp_with_optimizers_whose_fused_kernels_dtensor_lacks_equals_one_process(run, name):
+def test_fsdp_with_the_other_optimizers_equals_one_process(run, name):
+    """SGD and Adagrad (fused kernels DTensor has no rule for), RMSprop (foreach), value clipping."""
     out, _ = run
     step = fl.make_train_step(model(), fl.losses.cross_entropy, OTHER_OPTIMIZERS[name]())
     expected = fl.fold(step, step.init(), global_batches(), progress=False)
