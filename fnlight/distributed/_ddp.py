@@ -15,7 +15,7 @@ from .._step import NO_CONTEXT, GradContext, Gradients
 from ..transforms._base import Metrics, Transform, layers
 from ._group import dist_info
 
-__all__ = ["broadcast_tensors", "with_ddp"]
+__all__ = ["broadcast_tensors", "reached_flags", "with_ddp"]
 
 
 def _buckets(tensors: list[Tensor], limit: int) -> list[list[int]]:
@@ -45,6 +45,13 @@ def _all_reduce_mean(tensors: list[Tensor], limit: int, world_size: int) -> list
         for i, t in zip(bucket, _unflatten_dense_tensors(flat, [tensors[i] for i in bucket])):
             out[i] = t
     return out
+
+
+def reached_flags(names: tuple[str, ...], grads: dict[str, Tensor], device: torch.device) -> Tensor:
+    """1.0 for each of ``names`` that has a gradient in ``grads``, else 0.0 (float32, to reduce with the loss)."""
+    if len(grads) == len(names):
+        return torch.ones(len(names), device=device)
+    return torch.tensor([float(n in grads) for n in names], device=device)
 
 
 def broadcast_tensors(tensors: list[Tensor], limit: int = 25 * 2**20) -> list[Tensor]:
@@ -100,19 +107,15 @@ class DDP(Transform):
         info = dist_info()
         if info.world_size > 1:
             names = self.core._trainable
-            complete = len(g.grads) == len(names)
-            if complete:
-                grads = [g.grads[n] for n in names]
-                flags = torch.ones(len(names), device=g.loss.device)
-            else:
-                grads = [g.grads[n] if n in g.grads else torch.zeros_like(state.params[n]) for n in names]
-                flags = torch.tensor([float(n in g.grads) for n in names], device=g.loss.device)
+            grads = [g.grads[n] if n in g.grads else torch.zeros_like(state.params[n]) for n in names]
+            flags = reached_flags(names, g.grads, g.loss.device)
             with collective(f"with_ddp at update {int(state.step)}"):
                 reduced = _all_reduce_mean(
                     [*grads, g.loss.detach().float().reshape(1), flags], self.bucket_bytes, info.world_size
                 )
-            averaged = dict(zip(names, reduced[:-2]))
-            if not complete:  # parameters no rank reached get no update
+            if len(g.grads) == len(names):
+                averaged = dict(zip(names, reduced[:-2]))
+            else:  # parameters no rank reached get no update
                 averaged = {n: t for n, t, had in zip(names, reduced[:-2], reduced[-1].tolist()) if had > 0}
             g = g._replace(grads=averaged, loss=reduced[-2].reshape(()).to(g.loss.dtype))
         return self.inner.update(state, g)

@@ -21,7 +21,7 @@ from .._ranks import collective
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from ..transforms._base import Metrics, Transform, layers
-from ._ddp import broadcast_tensors
+from ._ddp import broadcast_tensors, reached_flags
 from ._group import dist_info
 
 __all__ = ["local_bytes", "with_fsdp"]
@@ -123,11 +123,7 @@ class FSDP(Transform):
         info = dist_info()
         if info.world_size > 1:
             names = self.core._trainable
-            if len(g.grads) == len(names):
-                flags = torch.ones(len(names), device=g.loss.device)
-            else:
-                flags = torch.tensor([float(n in g.grads) for n in names], device=g.loss.device)
-            packed = torch.cat([g.loss.detach().float().reshape(1), flags])
+            packed = torch.cat([g.loss.detach().float().reshape(1), reached_flags(names, g.grads, g.loss.device)])
             with collective(f"with_fsdp at update {int(state.step)}"):
                 dist.all_reduce(packed)
             reached = packed[1:]
