@@ -167,7 +167,8 @@ def with_fsdp(step: Any) -> FSDP:
 
     Every rank's loss must reach the same parameters, as torch's FSDP requires: a parameter
     some ranks reach and others skip misaligns the ranks' reduce-scatters, and the update
-    raises ``RuntimeError`` naming it (a parameter no rank reaches is simply not updated).
+    raises ``RuntimeError`` naming it (a parameter no rank reaches is simply not updated;
+    under :func:`with_grad_accum` the check sees the window's union of micro-batches).
     :func:`with_ddp` handles models whose ranks use different parts. In a single process it
     does nothing.
 
