@@ -201,7 +201,7 @@ class GradAccum(Transform):
         elif count == 0:
             acc = {**window.grads, **g.grads}
         else:  # buffers of parameters no micro-batch of this window reached yet are stale: replaced, not added to
-            valid = None if window.complete else {n for n, s in zip(names, window.seen.tolist()) if s}
+            valid = None if window.complete else {name for name, s in zip(names, window.seen.tolist()) if s}
             acc = _add(window.grads, g.grads, inplace=inplace, valid=valid)
         seen = window.seen if complete else _seen(window, names, g.grads, count, inplace=inplace)
         if type(window.loss) is float:  # CPU: a scalar read is cheaper than a tensor op
