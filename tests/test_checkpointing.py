@@ -110,6 +110,51 @@ def test_async_write_gives_the_same_files(tmp_path):
     assert fl.tree_equal(a.params, b.params) and fl.tree_equal(a.opt_state, b.opt_state)
 
 
+def build_epoch_end(directory, **options):
+    """Accumulation whose short last window is applied in the epoch-end flush, evaluation there, early stopping."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    step = fl.with_grad_accum(fl.make_train_step(model, fl.losses.classification, adamw(1e-3)), every=2)
+    step = fl.with_eval(step, data=make_batches(2, seed=7), loss_fn=fl.losses.classification, at_epoch_end=True)
+    step = fl.with_early_stop(step, monitor="val/loss", patience=2, min_delta=10.0, restore_best=True)  # never improves
+    return fl.with_checkpointing(step, directory=directory, every=1, keep_last=100, **options)
+
+
+@pytest.mark.filterwarnings("ignore:with_early_stop.*never appeared:RuntimeWarning")  # folds cut before an epoch end
+def test_resuming_from_a_checkpoint_written_in_the_epoch_end_flush_does_not_flush_that_epoch_again(tmp_path):
+    batches = make_batches(5)  # updates 1, 2 in the epoch's calls, 3 in its flush (the short window); then 4, 5, 6...
+    reference = build_epoch_end(tmp_path / "ref")
+    whole = fl.fold(reference, reference.init(), batches, epochs=10, progress=False)
+    assert int(whole.step) == 9 and int(whole.data.epoch) == 3  # three checks at epoch ends: best, wait 1, wait 2
+    meta = fl.checkpoint.read_metadata(tmp_path / "ref" / "step-000000003.ckpt")["metadata"]
+    assert meta["epoch"] == 1  # written in epoch 0's flush: records the move to epoch 1
+    for cut in range(1, 9):
+        first = build_epoch_end(tmp_path / str(cut))
+        fl.fold(first, first.init(), batches, epochs=10, max_steps=cut, progress=False)
+        again = build_epoch_end(tmp_path / str(cut))
+        final = fl.fold(again, again.init(), batches, epochs=10, progress=False)
+        assert int(final.step) == 9, f"resumed at update {cut}"
+        assert fl.tree_equal(final.params, whole.params) and fl.tree_equal(final.opt_state, whole.opt_state), cut
+        assert fl.tree_equal(final.slots["early_stop"], whole.slots["early_stop"]), cut
+
+
+def test_async_writes_leave_the_inner_chain_running_between_saves(tmp_path):
+    from tests.test_tracking_transform import Recorder
+
+    def trained(directory, async_write):
+        torch.manual_seed(0)
+        tracker = Recorder()
+        core = fl.make_train_step(nn.Linear(10, 3), fl.losses.classification, adamw(1e-2))
+        step = fl.with_tracking(core, trackers=[tracker], every=4)
+        step = fl.with_checkpointing(step, directory=directory, every=1, async_write=async_write)
+        fl.fold(step, step.init(), make_batches(8), progress=False)
+        return tracker
+
+    sync, asyn = trained(tmp_path / "sync", False), trained(tmp_path / "async", True)
+    assert [s for s, _ in asyn.events] == [s for s, _ in sync.events] == [4, 8]  # no partial windows logged
+    assert asyn.opened == sync.opened == [""] and asyn.closed == sync.closed == 1  # one run, closed once, at the end
+
+
 def test_seconds_trigger(tmp_path, monkeypatch):
     import fnlight.transforms._checkpointing as ckpt
 

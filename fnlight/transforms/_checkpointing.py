@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import optree
 from torch import Tensor
 
-from .._state import NAMESPACE, TrainState
+from .._state import NAMESPACE, DataPosition, TrainState
 from ..checkpoint import CheckpointError, CheckpointMismatchError, read_metadata, restore, save
 from ..distributed._group import dist_info
 from ..distributed._sharded import is_sharded, read_sharded_metadata, restore_sharded, save_sharded
@@ -100,6 +100,11 @@ def _agree(flag: bool) -> bool:
     return bool(t)
 
 
+def _next_epoch(position: DataPosition) -> DataPosition:
+    """The position the fold moves to after flushing an epoch: the next epoch's first batch (new tensors)."""
+    return DataPosition(epoch=position.epoch + 1, batch=position.batch.new_zeros(()))
+
+
 class Checkpointing(Transform):
     """See :func:`with_checkpointing`."""
 
@@ -155,7 +160,10 @@ class Checkpointing(Transform):
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         before = int(state.step)
         new_state, metrics = self.inner.flush(state)
-        self._maybe_save(new_state, metrics, before)
+        # the fold flushes once an epoch's batches are done and then moves to the next epoch; a checkpoint
+        # written here records that move (so a resumed fold does not flush this epoch again: the epoch-end
+        # evaluation and early-stopping check would count twice)
+        self._maybe_save(new_state, metrics, before, position=_next_epoch(new_state.data))
         return new_state, metrics
 
     def save_now(self, state: TrainState, metrics: Metrics | None = None) -> Path:
@@ -164,18 +172,22 @@ class Checkpointing(Transform):
         return self._save(state, metrics or {}, wait=True)
 
     def finish(self, state: TrainState) -> None:
-        """Wait for a checkpoint still being written in the background (re-raising its error)."""
+        """Wait for a checkpoint still being written in the background (re-raising its error), then finish the inner chain."""
+        self._wait()
+        finish = getattr(self.inner, "finish", None)
+        if finish is not None:
+            finish(state)
+
+    def _wait(self) -> None:
+        """Wait for the checkpoint being written in the background, if any, and re-raise its error."""
         if self._writer is not None:
             self._writer.join()
             self._writer = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        finish = getattr(self.inner, "finish", None)
-        if finish is not None:
-            finish(state)
 
-    def _maybe_save(self, state: TrainState, metrics: Metrics, before: int) -> None:
+    def _maybe_save(self, state: TrainState, metrics: Metrics, before: int, position: DataPosition | None = None) -> None:
         step = int(state.step)
         if step == before:
             return
@@ -184,7 +196,7 @@ class Checkpointing(Transform):
             late = time.monotonic() - self._last_save >= self.seconds
             due = due or (late if dist_info().world_size == 1 else _agree(late))
         if due:
-            self._save(state, metrics, wait=not self.async_write)
+            self._save(state if position is None else state.replace(data=position), metrics, wait=not self.async_write)
 
     def _save(self, state: TrainState, metrics: Metrics, *, wait: bool) -> Path:
         step = int(state.step)
@@ -206,8 +218,7 @@ class Checkpointing(Transform):
         if wait:
             self._write(path, state, metadata)
             return path
-        if self._writer is not None:  # at most one snapshot in flight: bounded extra memory
-            self.finish(state)
+        self._wait()  # at most one snapshot in flight: bounded extra memory
         snapshot = _cpu_copy(state)
 
         def run() -> None:
