@@ -63,6 +63,35 @@ def test_map_style_dataset_and_workers_agree():
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Each sample drawn with torch's, Python's and NumPy's global generators (as augmentations are)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        return torch.tensor([float(i), torch.rand(()).item(), random.random(), float(np.random.rand())])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_augmentations_depend_on_the_batch_not_on_the_batches_before_it(num_workers):
+    loader = fl.Loader(Augmented(), batch_size=3, shuffle=True, seed=5, num_workers=num_workers)
+    torch_state = torch.get_rng_state()
+    full = list(loader.iter_epoch(1))
+    for start in (1, 2, 3):  # a resumed epoch draws what the whole epoch drew from that batch on
+        assert all(torch.equal(a, b) for a, b in zip(loader.iter_epoch(1, start), full[start:], strict=True)), start
+    assert torch.equal(torch.get_rng_state(), torch_state)  # torch's global generator is left as it was
+    draws = torch.cat(full)[:, 1:]
+    assert len(set(draws.flatten().tolist())) == draws.numel()  # every sample, batch and generator draws anew
+    assert not torch.equal(torch.cat(list(loader.iter_epoch(2)))[:, 1:], draws)  # another epoch, other draws
+    other = fl.Loader(Augmented(), batch_size=3, shuffle=True, seed=5, num_workers=2 - num_workers)
+    assert all(torch.equal(a, b) for a, b in zip(other.iter_epoch(1), full, strict=True))  # workers or not: the same
+
+
 def test_fold_resumes_mid_epoch_bitwise_with_shuffle_and_dropout():
     def build():
         torch.manual_seed(0)

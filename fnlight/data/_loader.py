@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
@@ -29,12 +31,15 @@ class Loader:
             (``__getitem__`` and ``__len__``, e.g. a ``torch.utils.data.Dataset``).
         batch_size: samples per batch.
         shuffle: permute the samples each epoch (default: dataset order).
-        seed: the seed of the permutation (and of the workers' generators).
+        seed: the seed of the permutation and of the augmentations' random draws.
         drop_last: drop a final batch smaller than ``batch_size``.
         collate_fn: builds a batch from a list of samples (map-style datasets only;
             default ``torch.utils.data.default_collate``).
-        num_workers: worker processes for map-style datasets (``torch.utils.data.DataLoader``);
-            each worker's torch generator is seeded from ``(seed, epoch, worker)``.
+        num_workers: worker processes for map-style datasets (``torch.utils.data.DataLoader``).
+            With or without workers, batch ``b`` of a map-style dataset is fetched after
+            seeding torch's, Python's and NumPy's global generators from ``(seed, epoch,
+            rank, b)`` (in this process they are restored afterwards), so random
+            augmentations are the same whether the epoch started at batch 0 or resumed at ``b``.
         rank, world_size: this process's share of the data (default: the current process
             group's, see :func:`fnlight.init_distributed`). Ranks serve disjoint strided
             shares of the same ``(seed, epoch)`` order; use ``drop_last=True`` for training
@@ -141,18 +146,57 @@ class Loader:
         if self.tensors is not None:
             tensors = self.tensors
             return (tuple(t[idx] for t in tensors) for idx in chunks)
+        # batch b's samples are drawn after seeding the random generators from (seed, epoch, rank, b), so
+        # augmentations do not depend on which batches came before (a resumed epoch draws what it drew)
+        base = derive_seed(self.seed, epoch, self.rank)
+        keyed = [[(b, i) for i in idx.tolist()] for b, idx in enumerate(chunks, start)]
         if not self.num_workers:
-            dataset, collate = self.dataset, self.collate_fn
-            return (collate([dataset[i] for i in idx.tolist()]) for idx in chunks)
-        base = derive_seed(self.seed, epoch)
+            seeded, collate = _SeededBatches(self.dataset, base), self.collate_fn
+            return (collate(seeded.draw(batch)) for batch in keyed)
         loader = DataLoader(
-            self.dataset,  # type: ignore[arg-type]
-            batch_sampler=[idx.tolist() for idx in chunks],
+            _SeededBatches(self.dataset, base),  # type: ignore[arg-type]
+            batch_sampler=keyed,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
-            worker_init_fn=lambda worker: torch.manual_seed(derive_seed(base, worker)),
+            generator=torch.Generator().manual_seed(base),  # the workers' base seed; torch's global state is left alone
         )
         return iter(loader)
 
     def __iter__(self) -> Iterator[Any]:
         return self.iter_epoch(0)
+
+
+class _SeededBatches:
+    """A map-style dataset whose batches are drawn under generators seeded from the batch's number.
+
+    Given one batch as ``(batch number, index)`` pairs (the ``batch_sampler`` of
+    ``Loader.iter_epoch``), :meth:`__getitems__` seeds torch's, Python's and NumPy's global
+    generators from ``derive_seed(base, batch number)`` and fetches the samples. In a
+    ``DataLoader`` worker it runs in the worker's process; :meth:`draw` does the same in this
+    process and then restores the generators' states.
+    """
+
+    def __init__(self, dataset: Any, base: int) -> None:
+        self.dataset, self.base = dataset, base
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keyed: list[tuple[int, int]]) -> list[Any]:
+        seed = derive_seed(self.base, keyed[0][0])
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        indices = [i for _, i in keyed]
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return list(getitems(indices)) if getitems else [self.dataset[i] for i in indices]
+
+    def draw(self, keyed: list[tuple[int, int]]) -> list[Any]:
+        """:meth:`__getitems__` in this process, leaving torch's, Python's and NumPy's generators as they were."""
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return self.__getitems__(keyed)
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
