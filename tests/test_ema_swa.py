@@ -92,6 +92,16 @@ def test_swa_equals_averaged_model_with_the_foreach_average(in_fold):
     assert fl.tree_equal(averaged(state).buffers, state.buffers)  # use_buffers=False: the current buffers
 
 
+@pytest.mark.parametrize(("start", "due"), [(0, (3, 6, 9)), (1, (1, 4, 7, 10))])
+def test_start_zero_averages_the_multiples_of_every_and_start_one_the_first_update(start, due):
+    batches = make_batches(10, batch=8)
+    swa_fn = get_swa_multi_avg_fn()
+    _, reference = hand_loop(batches, lambda m: AveragedModel(m, multi_avg_fn=swa_fn), lambda n: n in due)
+    state = run(with_swa(core(), start=start, every=3), batches, in_fold=True)
+    assert int(state.slots["swa"].count) == int(reference.n_averaged) == len(due)
+    assert_module_equal(averaged(state, "swa"), reference.module, buffers=False)
+
+
 def test_swa_with_buffers_matches_the_default_cpu_average_and_takes_integer_buffers_as_they_are():
     batches = make_batches(6, batch=8)
     _, reference = hand_loop(batches, lambda m: AveragedModel(m, use_buffers=True))  # avg + (p - avg) / (n + 1)

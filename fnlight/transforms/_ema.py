@@ -168,7 +168,9 @@ def with_ema(step: Any, *, decay: float, every: int = 1, start: int = 0, warmup:
         decay: the weight of the old average at each averaged update, in [0, 1].
             The average spans about ``every / (1 - decay)`` updates.
         every: average every this many optimizer updates (>= 1).
-        start: the first update to average (>= 0; 0 and 1 both start at the first update).
+        start: the first update to average (>= 0). With ``start=0`` the averaged updates are
+            the multiples of ``every`` (``every``, ``2 * every``, ...; every update when
+            ``every=1``); with ``start >= 1`` they are ``start``, ``start + every``, ...
         warmup: use ``min(decay, (1 + k) / (10 + k))`` at the ``k``-th averaged update
             after the copy (timm's and TensorFlow's warmup), so the early average is not
             dominated by the first weights.

@@ -70,8 +70,9 @@ def with_swa(step: Any, *, start: int, every: int = 1, use_buffers: bool = False
 
     Args:
         step: the step to wrap (see docs/transforms.md for the order).
-        start: the first optimizer update whose parameters are averaged (>= 0; 0 and 1
-            both mean the first update).
+        start: the first optimizer update whose parameters are averaged (>= 0). With
+            ``start=0`` the averaged updates are the multiples of ``every`` (every update
+            when ``every=1``); with ``start >= 1`` they are ``start``, ``start + every``, ...
         every: average every this many updates (>= 1), e.g. once per epoch's worth.
         use_buffers: also average the floating buffers (``AveragedModel(use_buffers=True)``);
             integer buffers take the current value. The default leaves the buffers to
