@@ -137,7 +137,10 @@ def fold(
             the batches already seen by iterating past them), or a function
             ``epoch -> iterable`` (for per-epoch shuffling).
         epochs: the total number of epochs (default 1 if ``max_steps`` is not given either).
-        max_steps: stop once ``state.step`` (optimizer updates) reaches this.
+        max_steps: stop once ``state.step`` (optimizer updates) reaches this. When the
+            update that reaches it comes from an epoch's last batch (data with a length),
+            the epoch still ends as usual: the step's epoch-end work (``flush``: an
+            evaluation at epoch end, say) runs and the position moves to the next epoch.
         observers: :class:`Observer` callbacks run every N updates or T seconds.
         progress: show a progress bar; ``None`` shows it when stderr is a terminal.
         donate: let the fold update ``state``'s own tensors (see above).
@@ -201,9 +204,11 @@ def fold(
             while (epochs is None or epoch < epochs) and not _done(state, max_steps):
                 skip = int(state.data.batch)
                 if hasattr(data, "iter_epoch"):
+                    source: Any = data
                     batches = iter(data.iter_epoch(epoch, skip))  # type: ignore[union-attr]
                 else:
-                    batches = iter(_epoch_iterable(data, epoch))
+                    source = _epoch_iterable(data, epoch)
+                    batches = iter(source)
                     if skip:
                         batches = itertools.islice(batches, skip, None)
                 for batch in batches:
@@ -223,13 +228,12 @@ def fold(
                     if _done(state, max_steps):
                         break
                 else:
-                    state, metrics = _flush(step, state, metrics, observers, bar, epoch)
-                    epoch += 1
-                    state.data.epoch.fill_(epoch)
-                    state.data.batch.zero_()
+                    state, metrics, epoch = _end_epoch(step, state, metrics, observers, bar, epoch)
                     if signals.received is not None:
                         raise preempt(step, state, signals.received)
                     continue
+                if not state.stop and _consumed(state, source):  # max_steps reached with the epoch's last batch
+                    state, metrics, epoch = _end_epoch(step, state, metrics, observers, bar, epoch)
                 break
         n = int(state.step)
         for o in observers:
@@ -241,6 +245,22 @@ def fold(
     finally:
         bar.close()
     return state
+
+
+def _consumed(state: TrainState, source: Any) -> bool:
+    """Whether the fold has taken every batch of the epoch (known only for data with a length)."""
+    return hasattr(source, "__len__") and int(state.data.batch) >= len(source)
+
+
+def _end_epoch(
+    step: Step, state: TrainState, metrics: dict[str, Tensor], observers: Sequence[Observer], bar: Progress, epoch: int
+) -> tuple[TrainState, dict[str, Tensor], int]:
+    """Flush the step (epoch-end work) and move the state's position to the next epoch's first batch."""
+    state, metrics = _flush(step, state, metrics, observers, bar, epoch)
+    epoch += 1
+    state.data.epoch.fill_(epoch)
+    state.data.batch.zero_()
+    return state, metrics, epoch
 
 
 def _flush(

@@ -85,6 +85,29 @@ def test_max_steps_and_epochs(batches):
     assert int(state.step) == 24 and int(state.data.epoch) == 3 and int(state.data.batch) == 0
 
 
+@pytest.mark.parametrize("data", ["list", "loader", "function"])
+def test_max_steps_reached_by_an_epochs_last_batch_still_ends_the_epoch(data):
+    x, y = torch.randn(40, 10, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 3
+    train = {
+        "list": [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)],
+        "loader": fl.Loader((x, y), batch_size=8),
+        "function": lambda epoch: [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)],
+    }[data]
+
+    step = fl.with_eval(make_step(), data=[(x[:6], y[:6])], loss_fn=fl.losses.cross_entropy, at_epoch_end=True)
+    step = fl.with_early_stop(step, monitor="val/loss", patience=5)
+    by_epochs = fl.fold(step, step.init(), train, epochs=1, progress=False)
+    by_steps = fl.fold(step, step.init(), train, max_steps=5, progress=False)  # 5 batches: the whole epoch
+    for state in (by_epochs, by_steps):
+        assert (int(state.step), int(state.data.epoch), int(state.data.batch)) == (5, 1, 0)
+        assert state.slots["early_stop"].best_step == 5  # evaluated and checked at the epoch's end
+    assert all(fl.tree_equal(getattr(by_steps, f), getattr(by_epochs, f)) for f in ("params", "opt_state", "slots"))
+    whole = fl.fold(step, step.init(), train, epochs=3, progress=False)
+    resumed = fl.fold(step, by_steps, train, epochs=3, progress=False)  # no second check of epoch 0
+    assert fl.tree_equal(resumed.slots["early_stop"], whole.slots["early_stop"])
+    assert fl.tree_equal(resumed.params, whole.params)
+
+
 def test_resume_continues_bitwise_and_mid_epoch(batches):
     step = make_step(dropout=0.3)
     whole = fl.fold(step, step.init(seed=2), batches, epochs=3, progress=False)
