@@ -61,6 +61,25 @@ def _slots(skeleton: nn.Module) -> dict[str, list[tuple[dict, str]]]:
     return slots
 
 
+def state_dict_names(skeleton: nn.Module) -> dict[str, str]:
+    """Each key of the skeleton's ``state_dict`` -> the canonical name of the tensor it holds.
+
+    A tied weight appears under every name it has (``head.weight`` and ``embed.weight``), a
+    state holds it once under its canonical name (the first, as ``named_parameters()``
+    gives it); non-persistent buffers are not keys.
+    """
+    canonical: dict[int, str] = {}
+    for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()):
+        canonical.setdefault(id(t), name)
+    known = set(canonical.values())
+    names = {}
+    for key, t in skeleton.state_dict(keep_vars=True).items():
+        name = canonical.get(id(t), key if key in known else None)
+        if name is not None:
+            names[key] = name
+    return names
+
+
 def bind(skeleton: nn.Module, tensors: Mapping[str, Tensor]) -> list[tuple[dict, str, Tensor]]:
     """Put ``tensors`` (by qualified name) into the skeleton's slots; return what to put back."""
     slots = _slots(skeleton)

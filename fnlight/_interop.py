@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._bind import bound, full_tensors, materialize
+from ._bind import bound, full_tensors, materialize, state_dict_names
 from ._donation import check_live
 from ._state import TrainState
 
@@ -77,6 +77,9 @@ def apply(state: TrainState, *args: Any, training: bool = False, **kwargs: Any) 
 def state_dict(state: TrainState) -> dict[str, Tensor]:
     """The state's parameters and buffers as a plain ``state_dict`` (copies, by qualified name).
 
+    The keys are those of the module's own ``state_dict()``: a tied weight appears under each
+    of its names (a copy each, as safetensors requires), non-persistent buffers do not.
+
     >>> import torch, fnlight as fl
     >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
     >>> sorted(fl.state_dict(state))
@@ -84,7 +87,9 @@ def state_dict(state: TrainState) -> dict[str, Tensor]:
     """
     skeleton = _require_skeleton(state, "state_dict")
     merged = {**full_tensors(state.params), **state.buffers}
-    return {k: merged[k].detach().clone() for k in skeleton.state_dict(keep_vars=True) if k in merged}
+    # every key the module's own state_dict has: a tied weight under each of its names (a copy each, as
+    # safetensors wants no shared storage), non-persistent buffers left out
+    return {key: merged[name].detach().clone() for key, name in state_dict_names(skeleton).items() if name in merged}
 
 
 def copy_into_module_(state: TrainState, module: nn.Module) -> nn.Module:
@@ -109,7 +114,10 @@ def load_state_dict(state: TrainState, source: Mapping[str, Tensor], *, strict: 
 
     Args:
         state: the state to start from (not modified).
-        source: a ``state_dict`` by qualified name.
+        source: a ``state_dict`` by qualified name: the module's ``state_dict()`` keys, so a
+            tied weight under each of its names (the value under the name the state holds
+            it by wins; with ``strict=False`` any one of them will do) and no
+            non-persistent buffers (those keep the state's values).
         strict: fail on missing or unexpected keys (shape mismatches always fail).
 
     Raises:
@@ -121,16 +129,17 @@ def load_state_dict(state: TrainState, source: Mapping[str, Tensor], *, strict: 
     >>> new.params["weight"].shape
     torch.Size([1, 2])
     """
-    _require_skeleton(state, "load_state_dict")
+    skeleton = _require_skeleton(state, "load_state_dict")
     if not isinstance(source, Mapping):
         raise TypeError(f"load_state_dict: source must be a mapping name -> tensor, got {type(source).__name__}")
     targets = {**state.params, **state.buffers}
-    missing = sorted(set(targets) - set(source))
-    unexpected = sorted(set(source) - set(targets))
+    names = {key: name for key, name in state_dict_names(skeleton).items() if name in targets}  # the module's keys
+    missing = sorted(set(names) - set(source))
+    unexpected = sorted(set(source) - set(names))
     shaped = sorted(
-        f"{k}: expected {list(targets[k].shape)}, got {list(source[k].shape)}"
-        for k in set(targets) & set(source)
-        if not isinstance(source[k], Tensor) or source[k].shape != targets[k].shape
+        f"{k}: expected {list(targets[names[k]].shape)}, " + (f"got {list(v.shape)}" if isinstance(v, Tensor) else f"got {v!r}")
+        for k, v in source.items()
+        if k in names and (not isinstance(v, Tensor) or v.shape != targets[names[k]].shape)
     )
     if shaped or (strict and (missing or unexpected)):
         parts = [
@@ -140,11 +149,15 @@ def load_state_dict(state: TrainState, source: Mapping[str, Tensor], *, strict: 
         ]
         raise ValueError("load_state_dict: the state_dict does not fit the state: " + "; ".join(p for p in parts if p))
 
+    chosen: dict[str, Tensor] = {}  # canonical name -> its value: under that name, else under an alias (tied)
+    for key in sorted((k for k in names if k in source), key=lambda k: k != names[k]):
+        chosen.setdefault(names[key], source[key])
+
     def take(name: str, old: Tensor) -> Tensor:
-        if name not in source:
+        if name not in chosen:
             return old
         with torch.no_grad():
-            return source[name].detach().to(device=old.device, dtype=old.dtype, copy=True)
+            return chosen[name].detach().to(device=old.device, dtype=old.dtype, copy=True)
 
     return state.replace(
         params={k: take(k, v) for k, v in state.params.items()},

@@ -79,6 +79,7 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
         buffers = dict(model.named_buffers())
     else:
         raise TypeError(f"summary: expected an nn.Module or a TrainState, got {type(model).__name__}")
+    canonical = {id(p): n for n, p in module.named_parameters()}  # a tied weight counts under its first name
     rows = []
     for name, sub in module.named_modules():
         if not name or name.count(".") + 1 > depth:
@@ -87,6 +88,7 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
         for pname, p in sub.named_parameters(prefix=name):
             if id(p) not in ids:
                 ids.add(id(p))
+                pname = canonical.get(id(p), pname)
                 tensors.append((values.get(pname, p), pname in trainable))
         rows.append(SummaryRow(name, type(sub).__name__, *_count(tensors)))
     total = SummaryRow("total", type(module).__name__, *_count([(t, n in trainable) for n, t in values.items()]))

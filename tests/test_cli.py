@@ -397,6 +397,14 @@ def test_recipe_values_are_checked(options, match):
             Blobs,
             r"recipe \(optimizer, lr, .*\): fnlight\.optim\.adamw: learning_rate must be in \[0\.0, inf\), got -1\.0",
         ),
+        (
+            {"lr": -1.0, "schedule": "cosine"},
+            Blobs,
+            r"recipe\.lr must be a finite number >= 0 \(a learning rate of schedule='cosine'\), got -1\.0",
+        ),
+        ({"lr": -1.0, "warmup_steps": 2}, Blobs, r"recipe\.lr must be a finite number >= 0 .*'constant'\), got -1\.0"),
+        ({"end_lr": -5.0, "schedule": "linear"}, Blobs, r"recipe\.end_lr must be a finite number >= 0 .*'linear'\), got -5\.0"),
+        ({"lr": float("inf"), "schedule": "linear"}, Blobs, r"recipe\.lr must be a finite number >= 0 .*, got inf"),
         ({"clip_norm": 0.0}, Blobs, r"recipe \(.*clip_norm\): fnlight\.optim\.clip_by_global_norm: max_norm"),
         (
             {"schedule": "cosine"},

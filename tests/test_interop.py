@@ -74,6 +74,63 @@ def test_load_state_dict_lists_every_mismatch(trained):
         fl.load_state_dict(trained, [1])
 
 
+class Tied(nn.Module):
+    """A language-model head tied to the embedding, and a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+    def forward(self, tokens):
+        return self.head(self.mid(self.embed(tokens)) * self.scale)
+
+
+def trained_tied():
+    torch.manual_seed(0)
+    step = fl.make_train_step(Tied(), fl.losses.classification, adamw(1e-2))
+    tokens = torch.randint(0, 7, (6,), generator=torch.Generator().manual_seed(1))
+    return fl.fold(step, step.init(), [(tokens, tokens.roll(1))] * 3, progress=False)
+
+
+def test_state_dict_has_the_modules_keys_with_tied_weights_and_without_non_persistent_buffers(tmp_path):
+    state = trained_tied()
+    assert list(state.params) == ["embed.weight", "mid.weight", "mid.bias"] and "scale" in state.buffers
+    sd = fl.state_dict(state)
+    assert list(sd) == list(Tied().state_dict()) == ["embed.weight", "mid.weight", "mid.bias", "head.weight"]
+    assert torch.equal(sd["head.weight"], state.params["embed.weight"]) and torch.equal(sd["embed.weight"], sd["head.weight"])
+    module = fl.copy_into_module_(state, Tied())  # strict
+    assert module.head.weight is module.embed.weight and torch.equal(module.head.weight, state.params["embed.weight"])
+    x = torch.arange(7)
+    assert torch.equal(module.eval()(x), fl.apply(state, x))
+    safetensors = pytest.importorskip("safetensors.torch")
+    fl.save_safetensors(state, tmp_path / "tied.safetensors")
+    again = Tied()
+    again.load_state_dict(safetensors.load_file(str(tmp_path / "tied.safetensors")))  # strict, as recipes.md says
+    assert torch.equal(again.head.weight, state.params["embed.weight"])
+
+
+def test_load_state_dict_takes_a_tied_modules_own_state_dict():
+    state = trained_tied()
+    source = Tied()
+    with torch.no_grad():
+        source.scale.fill_(5.0)  # not in its state_dict: the state's value stays
+    new = fl.load_state_dict(state, source.state_dict())  # strict: aliases expected, non-persistent buffers not
+    assert torch.equal(new.params["embed.weight"], source.embed.weight) and torch.equal(new.params["mid.bias"], source.mid.bias)
+    assert torch.equal(new.buffers["scale"], torch.full((4,), 2.0))
+    partial = {k: v for k, v in source.state_dict().items() if k != "head.weight"}
+    with pytest.raises(ValueError, match=r"missing \['head\.weight'\]"):
+        fl.load_state_dict(state, partial)
+    assert torch.equal(fl.load_state_dict(state, partial, strict=False).params["embed.weight"], source.embed.weight)
+    alias_only = {k: v for k, v in source.state_dict().items() if k != "embed.weight"}
+    assert torch.equal(fl.load_state_dict(state, alias_only, strict=False).params["embed.weight"], source.embed.weight)
+    with pytest.raises(ValueError, match=r"mis-shaped \['head\.weight: expected \[7, 4\], got \[3\]'\]"):
+        fl.load_state_dict(state, {**source.state_dict(), "head.weight": torch.zeros(3)})
+
+
 def test_interop_rejects_non_states():
     for fn in (fl.to_module, fl.state_dict):
         with pytest.raises(TypeError, match="expected a fnlight.TrainState, got int"):

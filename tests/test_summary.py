@@ -45,6 +45,18 @@ def test_tied_weights_count_once():
     assert fl.summary(nn.Sequential(emb, head)).total.params == 40
 
 
+def test_a_module_holding_a_tied_weight_shows_it_as_the_state_holds_it():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # the state holds it once, as "0.weight"
+    step = fl.with_amp(fl.make_train_step(nn.Sequential(emb, head), fl.losses.mse, fl.optim.sgd(0.1)), dtype="bf16", mode="true")
+    for source in (nn.Sequential(emb, head), step.init()):
+        rows = {r.name: r for r in fl.summary(source).rows}
+        assert (rows["1"].params, rows["1"].trainable, rows["1"].frozen) == (40, 40, 0)
+    rows = {r.name: r for r in fl.summary(step.init()).rows}
+    assert rows["0"].mib == rows["1"].mib == 40 * 2 / 2**20  # the state's bf16 tensor, not the skeleton's fp32 one
+
+
 def test_printed_table_and_fold_prints_it_with_progress(monkeypatch):
     buffer = io.StringIO()
     fl.print_summary(model(), console=Console(file=buffer, width=120))

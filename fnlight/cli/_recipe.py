@@ -208,6 +208,14 @@ def _total(recipe: Recipe, per_epoch: int | None) -> int | None:
 
 
 def _learning_rate(recipe: Recipe, total: int | None) -> Any:
+    # a schedule's values reach the optimizer only as it runs, so the optimizer cannot check them when it is built
+    scheduled = ("lr", "end_lr") if recipe.schedule != "constant" else ("lr",) if recipe.warmup_steps else ()
+    for name in scheduled:
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ConfigError(
+                f"recipe.{name} must be a finite number >= 0 (a learning rate of schedule={recipe.schedule!r}), got {value!r}"
+            )
     if recipe.schedule == "constant":
         return warmup_schedule(constant(recipe.lr), recipe.warmup_steps) if recipe.warmup_steps else recipe.lr
     if total is None:
