@@ -235,7 +235,8 @@ def with_early_stop(
 
     Raises:
         TypeError: an option of the wrong type.
-        ValueError: an option out of range, thresholds in the wrong order for ``mode``,
+        ValueError: an option out of range (``patience`` and ``min_updates`` that are
+            not ints, ``1.5`` say, included), thresholds in the wrong order for ``mode``,
             or a wrong composition order.
 
     >>> import torch, fnlight as fl

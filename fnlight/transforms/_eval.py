@@ -146,8 +146,8 @@ def with_eval(
         TypeError: ``data`` is not iterable or is a one-shot iterator, ``eval_step``/
             ``loss_fn``/``batch_size_fn`` are not callable, or an option has the wrong type.
         ValueError: not exactly one of ``eval_step``/``loss_fn``, neither ``every`` nor
-            ``at_epoch_end``, ``every < 1``, an empty ``data`` or ``prefix``, or a wrong
-            composition order.
+            ``at_epoch_end``, ``every`` not an int >= 1 (``2.0`` included), an empty
+            ``data`` or ``prefix``, or a wrong composition order.
 
     >>> import torch, fnlight as fl
     >>> core = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
