@@ -287,7 +287,10 @@ class TrainStep:
             if bad:
                 if self.nonfinite == "raise":
                     raise NonFiniteError(_nonfinite_message(state, g))
-                return (state.replace(stop=torch.tensor(True)) if self.nonfinite == "stop" else state), metrics
+                # as torch (and a skipped fp16 update): the forward pass moved the buffers (BatchNorm statistics),
+                # in place inside the fold or in g.buffers' copies when called directly; either way they stay
+                kept = state.replace(buffers=dict(g.buffers))
+                return (kept.replace(stop=torch.tensor(True)) if self.nonfinite == "stop" else kept), metrics
         inplace = is_donating()
         params = state.params
         subset = {n: params[n] for n in g.grads}
@@ -320,7 +323,11 @@ class TrainStep:
         if not math.isfinite(g.loss.item()):
             return True
         if self.check_grads and g.grads:
-            return not bool(torch.stack(torch._foreach_norm(list(g.grads.values()))).isfinite().all())
+            grads = list(g.grads.values())
+            if bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                return False
+            # a norm also overflows for finite values above ~1.8e19 (float32): look at the elements themselves
+            return not all(bool(torch.isfinite(t).all()) for t in grads)
         return False
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -373,8 +380,9 @@ def make_train_step(
         nonfinite: what to do when the loss (or, with ``check_grads``, a gradient) is NaN
             or infinite: ``"raise"`` a :class:`NonFiniteError` naming the update and the
             offending tensors; ``"skip"`` the update (parameters, optimizer state and
-            step count unchanged; metric ``skipped``); ``"stop"`` skip it and set
-            ``state.stop`` so the fold ends; or ``"ignore"``.
+            step count unchanged; buffers keep what the forward pass did, as in torch;
+            metric ``skipped``); ``"stop"`` skip it and set ``state.stop`` so the fold
+            ends; or ``"ignore"``.
         check_grads: also check every gradient (one multi-tensor norm per update, about
             a third of an AdamW update's cost). Without it a non-finite gradient behind a
             finite loss is caught only by clipping's norm (``grad_norm`` metric).

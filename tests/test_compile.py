@@ -20,7 +20,7 @@ from fnlight.optim import adagrad, adam, adamw, chain, clip_by_global_norm, rmsp
 from fnlight.optim._adam import AdamState
 from fnlight.transforms import CompileError, CompileFallbackWarning, _compile, with_compile
 from fnlight.transforms._base import CANONICAL_ORDER
-from tests.conftest import make_batches
+from tests.conftest import make_batches, make_bn_mlp
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -334,7 +334,7 @@ def test_nonfinite_skip_and_stop_leave_the_update_out(donate):
     data = make_batches(3, batch=8)
     bad = (torch.full((8, 10), float("nan")), data[0][1])
     for policy in ("skip", "stop"):
-        _, step = build(nonfinite=policy, backend="eager")
+        _, step = build(nonfinite=policy, backend="eager", model=make_bn_mlp())
         state = fl.fold(step, step.init(), data[:2], progress=False)
         if donate:
             after = fl.fold(step, state, [bad], epochs=2, progress=False)
@@ -344,6 +344,8 @@ def test_nonfinite_skip_and_stop_leave_the_update_out(donate):
         close(after.params, state.params, rtol=0, atol=0)
         close(after.opt_state, state.opt_state, rtol=0, atol=0)
         assert int(after.step) == 2 and bool(after.stop) == (policy == "stop")
+        moved = int(after.buffers["1.num_batches_tracked"]) - int(state.buffers["1.num_batches_tracked"])
+        assert moved == 1  # the skipped batch's forward moved BatchNorm's statistics, as eager's and torch's
 
 
 def test_nonfinite_raise_in_the_fold_leaves_the_given_state_untouched():

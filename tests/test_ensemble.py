@@ -219,7 +219,8 @@ def test_nonfinite_raise_names_the_replicas():
 
 
 def test_nonfinite_skip_leaves_only_the_bad_replica_unchanged():
-    step = make_ensemble_step(build(), fl.losses.cross_entropy, k=K, lr=LRS, nonfinite="skip")
+    step = make_ensemble_step(build(bn=True), fl.losses.cross_entropy, k=K, lr=LRS, nonfinite="skip")
+    buffers = []
     for donate in (False, True):
         state = poisoned(step, 1)
         before = fl.tree_clone(state)
@@ -229,9 +230,12 @@ def test_nonfinite_skip_leaves_only_the_bad_replica_unchanged():
             new, metrics = step(state, batches(n=1)[0])
             assert metrics["skipped"].tolist() == [0.0, 1.0, 0.0, 0.0]
         assert fl.tree_equal(replica_state(new, 1).opt_state, replica_state(before, 1).opt_state)
-        assert torch.equal(new.params["2.bias"][1], before.params["2.bias"][1])
-        assert not torch.equal(new.params["2.bias"][0], before.params["2.bias"][0])
+        assert torch.equal(new.params["3.bias"][1], before.params["3.bias"][1])
+        assert not torch.equal(new.params["3.bias"][0], before.params["3.bias"][0])
         assert new.opt_state.count.tolist() == [1, 0, 1, 1]
+        buffers.append(new.buffers)
+    # the fold and a call agree: every replica's forward moved its statistics (NaN for the poisoned one), as in torch
+    torch.testing.assert_close(buffers[0], buffers[1], rtol=0, atol=0, equal_nan=True)
 
 
 def test_sgd_momentum_starts_per_replica_after_a_skipped_first_update():

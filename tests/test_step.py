@@ -289,14 +289,21 @@ def test_nonfinite_loss_raises_naming_update_and_tensors(batches):
         fl.fold(step, step.init(), batches, progress=False)
 
 
-def test_nonfinite_skip_leaves_params_moments_and_count(batches):
+def test_nonfinite_skip_leaves_params_moments_and_count_and_keeps_the_forwards_buffers(batches):
     step = fl.make_train_step(make_bn_mlp(), nan_on(batches[1]), adamw(1e-2), nonfinite="skip")
     state, m0 = step(step.init(), batches[0])
     skipped, m1 = step(state, batches[1])
     assert float(m0["skipped"]) == 0.0 and float(m1["skipped"]) == 1.0
-    assert fl.tree_equal(skipped, state)
+    assert all(fl.tree_equal(getattr(skipped, f), getattr(state, f)) for f in ("step", "params", "opt_state"))
+    module = fl.to_module(state).train()
+    module(batches[1][0])  # as torch: the skipped batch's forward pass moved BatchNorm's statistics
+    assert fl.tree_equal(skipped.buffers, dict(module.named_buffers()))
     final = fl.fold(step, step.init(), batches, progress=False)
     assert int(final.step) == len(batches) - 1 and not bool(final.stop)
+    pure = step.init()
+    for batch in batches:
+        pure, _ = step(pure, batch)
+    assert fl.tree_equal(final.buffers, pure.buffers) and fl.tree_equal(final.params, pure.params)  # the fold = calls
 
 
 def test_nonfinite_stop_ends_the_fold(batches):
@@ -304,6 +311,15 @@ def test_nonfinite_stop_ends_the_fold(batches):
     final = fl.fold(step, step.init(), batches, epochs=3, progress=False)
     assert int(final.step) == 3 and bool(final.stop)
     assert all(bool(torch.isfinite(p).all()) for p in final.params.values())
+
+
+def test_check_grads_does_not_mistake_huge_finite_gradients_for_non_finite():
+    def loss_fn(model, batch):  # every gradient ~1e19: finite, but their float32 norm overflows
+        return model(batch[0]).mean() * 1e19
+
+    step = fl.make_train_step(nn.Linear(8, 1), loss_fn, fl.optim.sgd(1e-30), nonfinite="skip", check_grads=True)
+    state, metrics = step(step.init(), (torch.ones(4, 8), None))
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1
 
 
 def test_nonfinite_gradient_behind_finite_loss_needs_check_grads(batches):

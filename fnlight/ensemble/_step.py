@@ -209,16 +209,14 @@ class EnsembleStep:
                 if self.nonfinite == "raise":
                     raise NonFiniteError(self._nonfinite_message(state, loss))
         new_params, opt_state = self.optimizer.apply(trainable, grads, state.opt_state, inplace=donate and bad is None)
-        new_buffers = buffers
         if bad is not None:  # "skip": the replicas with a non-finite loss keep their parameters and optimizer state
+            # (their buffers keep what the forward pass did, as make_train_step's and torch's skipped updates)
             keep = lambda new, old: torch.where(bad.view(-1, *[1] * (new.ndim - 1)).to(new.device), old, new)
             new_params = {n: keep(t, params[n]) for n, t in new_params.items()}
             opt_state = optree.tree_map(keep, opt_state, state.opt_state, namespace="fnlight")
-            if not donate:
-                new_buffers = {n: keep(t, state.buffers[n]) for n, t in buffers.items()}
         if self.nonfinite == "skip":
             metrics["skipped"] = torch.zeros(k) if bad is None else bad.float()
-        new_state = state.replace(step=state.step + 1, params={**params, **new_params}, buffers=new_buffers, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params={**params, **new_params}, buffers=buffers, opt_state=opt_state)
         return new_state, metrics
 
     def _forward(self, skeleton: nn.Module) -> Any:

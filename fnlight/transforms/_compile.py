@@ -312,7 +312,7 @@ class Compiled(Transform):
             if bad:  # the update was masked out in the graph (in place) or is dropped here (pure)
                 if core.nonfinite == "raise":
                     raise NonFiniteError(_nonfinite_message(state, loss))
-                kept = state.replace(buffers=dict(buffers)) if inplace else state  # as eager: the forward moved the buffers
+                kept = state.replace(buffers=dict(buffers))  # as eager: the forward moved the buffers
                 return (kept.replace(stop=torch.tensor(True)) if core.nonfinite == "stop" else kept), {**metrics, **extra}
         new_state = state.replace(step=step, params=new_params, buffers=dict(buffers), opt_state=opt_state)
         extra.update(update_metrics(opt_state))
