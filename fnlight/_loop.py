@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import optree
 import torch
 from torch import Tensor
 
@@ -19,7 +18,7 @@ from ._signals import SignalWatch, preempt
 from ._state import TrainState
 from ._step import EvalStep, Step
 from ._summary import print_summary
-from ._tree import tree_clone
+from ._tree import leading_size, tree_clone
 
 __all__ = ["Observer", "evaluate", "every", "fold"]
 
@@ -154,8 +153,10 @@ def fold(
         The final state. The fold also stops early when ``state.stop`` becomes true.
 
     Raises:
-        ValueError: ``epochs``/``max_steps`` are not positive ints, or ``data`` is a
-            one-shot iterator while more than one epoch is asked for.
+        ValueError: ``epochs``/``max_steps`` are not positive ints, ``data`` is a
+            one-shot iterator while more than one epoch is asked for, or an epoch yields
+            no batches (raised when it ends; otherwise a fold bounded by ``max_steps``
+            alone would never end).
         DonatedStateError: ``state`` was donated before.
 
     >>> import torch, fnlight as fl
@@ -211,7 +212,9 @@ def fold(
                     batches = iter(source)
                     if skip:
                         batches = itertools.islice(batches, skip, None)
+                taken = 0
                 for batch in batches:
+                    taken += 1
                     state.data.batch.add_(1)  # consumed: a checkpoint written inside the step records it
                     previous = state
                     state, metrics = step(state, batch)
@@ -228,6 +231,11 @@ def fold(
                     if _done(state, max_steps):
                         break
                 else:
+                    if not taken and not skip:
+                        raise ValueError(
+                            f"fold: the data yielded no batches in epoch {epoch} ({_describe(source)}); "
+                            "a Loader with drop_last=True and more samples per batch than the dataset has yields none"
+                        )
                     state, metrics, epoch = _end_epoch(step, state, metrics, observers, bar, epoch)
                     if signals.received is not None:
                         raise preempt(step, state, signals.received)
@@ -245,6 +253,11 @@ def fold(
     finally:
         bar.close()
     return state
+
+
+def _describe(data: Any) -> str:
+    size = f" of length {len(data)}" if hasattr(data, "__len__") else ""
+    return f"{type(data).__name__}{size}"
 
 
 def _consumed(state: TrainState, source: Any) -> bool:
@@ -290,11 +303,7 @@ def _done(state: TrainState, max_steps: int | None) -> bool:
 
 
 def _batch_size(batch: Any) -> int:
-    leaves = optree.tree_leaves(batch)
-    for leaf in leaves:
-        if isinstance(leaf, Tensor) and leaf.ndim > 0:
-            return leaf.shape[0]
-    raise TypeError("evaluate: cannot infer the batch size (no tensor with a leading dimension); pass batch_size_fn")
+    return leading_size(batch, "evaluate")
 
 
 def evaluate(

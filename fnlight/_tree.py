@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import optree
@@ -45,3 +46,30 @@ def tree_equal(a: Any, b: Any) -> bool:
         elif isinstance(x, Tensor) or isinstance(y, Tensor) or x != y:
             return False
     return True
+
+
+def leading_size(batch: Any, where: str) -> int:
+    """The leading dimension of the first tensor in ``batch`` that has one, in the order the batch is written.
+
+    A dict's values are taken in insertion order (``optree`` would sort its keys: for
+    ``{"x": ..., "class_weights": ...}`` that is the weights' length, not the batch size).
+
+    >>> import torch
+    >>> leading_size({"x": torch.zeros(8, 3), "class_weights": torch.ones(2)}, "here")
+    8
+    """
+    pending = [batch]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Tensor):
+            if node.ndim > 0:
+                return node.shape[0]
+        elif isinstance(node, Mapping):
+            pending.extend(reversed(list(node.values())))
+        elif isinstance(node, (list, tuple)):
+            pending.extend(reversed(node))
+        else:  # another container registered with optree (a dataclass...), or a plain leaf
+            leaves = optree.tree_leaves(node)
+            if leaves != [node]:
+                pending.extend(reversed(leaves))
+    raise TypeError(f"{where}: cannot infer the batch size (no tensor with a leading dimension); pass batch_size_fn")

@@ -108,6 +108,21 @@ def test_max_steps_reached_by_an_epochs_last_batch_still_ends_the_epoch(data):
     assert fl.tree_equal(resumed.params, whole.params)
 
 
+@pytest.mark.parametrize(
+    ("data", "given"),
+    [
+        ([], "list of length 0"),
+        (fl.Loader((torch.randn(5, 10), torch.zeros(5, dtype=torch.int64)), batch_size=8, drop_last=True), "Loader of length 0"),
+        (lambda epoch: [], "list of length 0"),
+    ],
+)
+@pytest.mark.parametrize("bound", [{"max_steps": 5}, {"epochs": 2}])
+def test_data_that_yields_no_batches_is_refused_instead_of_looping_forever(data, given, bound):
+    step = make_step()
+    with pytest.raises(ValueError, match=rf"fold: the data yielded no batches in epoch 0 \({given}\)"):
+        fl.fold(step, step.init(), data, progress=False, **bound)
+
+
 def test_resume_continues_bitwise_and_mid_epoch(batches):
     step = make_step(dropout=0.3)
     whole = fl.fold(step, step.init(seed=2), batches, epochs=3, progress=False)
@@ -255,6 +270,23 @@ def test_evaluate_is_exact_with_uneven_last_batch():
     assert result["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-6)
     assert result["accuracy"] == pytest.approx(float((logits.argmax(-1) == y).double().mean()), rel=1e-7)
     assert fl.evaluate(fl.make_eval_step(fl.losses.classification), state, []) == {}
+
+
+def test_evaluate_takes_the_batch_size_from_the_first_tensor_as_written_in_a_dict_batch():
+    step = make_step()
+    state = step.init()
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(37, 10, generator=g), torch.randint(0, 3, (37,), generator=g)
+    weights = torch.tensor([1.0, 2.0, 0.5])  # sorted keys would put this first: a "batch size" of 3
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch["x"]), batch["y"], weight=batch["w"], reduction="sum") / len(batch["x"])
+
+    data = [{"x": x[i : i + 10], "y": y[i : i + 10], "w": weights} for i in range(0, 37, 10)]
+    result = fl.evaluate(fl.make_eval_step(loss_fn), state, data)
+    with torch.no_grad():
+        expected = F.cross_entropy(fl.to_module(state)(x), y, weight=weights, reduction="sum") / 37
+    assert result["loss"] == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_evaluate_needs_a_batch_size():

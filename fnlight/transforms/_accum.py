@@ -12,6 +12,7 @@ from torch import Tensor
 from .._donation import is_donating
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
+from .._tree import leading_size
 from ._base import Metrics, Transform
 
 __all__ = ["AccumState", "batch_size", "with_grad_accum"]
@@ -51,11 +52,8 @@ class AccumState(NamedTuple):
 def batch_size(batch: Any) -> int:
     """The leading dimension of the first tensor in ``batch`` (the default sample count)."""
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].ndim:
-        return batch[0].shape[0]  # the common (inputs, targets) case, without flattening
-    for leaf in optree.tree_leaves(batch):
-        if isinstance(leaf, Tensor) and leaf.ndim > 0:
-            return leaf.shape[0]
-    raise TypeError("with_grad_accum: cannot infer the batch size (no tensor with a leading dimension); pass batch_size_fn")
+        return batch[0].shape[0]  # the common (inputs, targets) case, without a walk
+    return leading_size(batch, "with_grad_accum")
 
 
 def _split(batch: Any, k: int) -> list[Any]:
