@@ -35,6 +35,11 @@ def cross_entropy(model: nn.Module, batch: Any) -> Tensor:
 def classification(model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy loss plus an ``accuracy`` metric (fraction of correct argmax predictions).
 
+    Takes what ``F.cross_entropy`` takes: logits ``[N, C]``, ``[N, C, d1, ...]`` (classes
+    in dimension 1, e.g. a sequence model's ``[batch, vocab, length]``) or ``[C]``, and
+    class indices (targets equal to ``-100``, cross-entropy's ``ignore_index``, are left
+    out of the accuracy as of the loss) or class probabilities (their argmax is the class).
+
     >>> import torch
     >>> loss, aux = classification(torch.nn.Linear(3, 2), (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)))
     >>> sorted(aux)
@@ -42,7 +47,13 @@ def classification(model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tens
     """
     x, y = _pair(batch, "classification")
     logits = model(x)
-    accuracy = (logits.detach().argmax(-1) == y).float().mean()
+    classes = 1 if logits.ndim > 1 else 0
+    predicted = logits.detach().argmax(classes)
+    if y.is_floating_point():  # class probabilities
+        accuracy = (predicted == y.argmax(classes)).float().mean()
+    else:  # no host sync: the ignored targets are masked out of both counts
+        counted = y != -100
+        accuracy = ((predicted == y) & counted).sum().float() / counted.sum().float()
     return F.cross_entropy(logits, y), {"accuracy": accuracy}
 
 

@@ -346,3 +346,29 @@ def test_nonfinite_options_are_validated():
         fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2), nonfinite="warn")
     with pytest.raises(TypeError, match="check_grads must be a bool, got 1"):
         fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, adamw(1e-2), check_grads=1)
+
+
+@pytest.mark.parametrize("layout", ["N,C", "N,C,L", "C"])
+def test_classification_accuracy_takes_the_class_dimension_cross_entropy_takes(layout):
+    g = torch.Generator().manual_seed(3)
+    shape = {"N,C": (12, 5), "N,C,L": (4, 5, 7), "C": (5,)}[layout]
+    logits = torch.randn(*shape, generator=g)
+    classes = 1 if logits.ndim > 1 else 0
+    y = logits.argmax(classes)
+    if logits.ndim > 1:
+        y = y.clone()
+        y.view(-1)[:3] = (y.view(-1)[:3] + 1) % 5  # three wrong
+    model = nn.Identity()
+    loss, aux = fl.losses.classification(model, (logits, y))
+    assert torch.equal(loss, F.cross_entropy(logits, y))
+    wrong = 3 if logits.ndim > 1 else 0
+    assert float(aux["accuracy"]) == pytest.approx(1 - wrong / y.numel())
+    probabilities = F.one_hot(y, 5).movedim(-1, classes).float()  # class probabilities: their argmax is the class
+    assert float(fl.losses.classification(model, (logits, probabilities))[1]["accuracy"]) == pytest.approx(1 - wrong / y.numel())
+
+
+def test_classification_accuracy_leaves_out_ignored_targets_as_the_loss_does():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0, -100, -100])  # one right, one wrong, two padding
+    loss, aux = fl.losses.classification(nn.Identity(), (logits, y))
+    assert torch.equal(loss, F.cross_entropy(logits, y)) and float(aux["accuracy"]) == 0.5
