@@ -48,6 +48,21 @@ def test_a_failing_tracker_is_reported_once_by_the_child_and_the_others_go_on(tm
     assert read_scalars(tmp_path / "ok" / f"{run_id}.jsonl") == {"loss": [(1, 1.0), (2, 2.0)]}
 
 
+def test_a_run_whose_open_failed_everywhere_still_closes_so_the_next_run_opens(tmp_path, capfd):
+    target = tmp_path / "runs"
+    target.write_text("a file where the directory goes")  # open() fails: a transient problem
+    trackers = ProcessTrackers(JSONLTracker(target))
+    assert trackers.open() == ""
+    trackers.log_scalars(1, {"loss": 1.0})
+    trackers.close()
+    target.unlink()  # fixed
+    run_id = trackers.open()
+    trackers.log_scalars(1, {"loss": 2.0})
+    trackers.shutdown()
+    assert run_id and read_scalars(target / f"{run_id}.jsonl") == {"loss": [(1, 2.0)]}
+    assert "already has run" not in capfd.readouterr().err
+
+
 def test_misuse_is_named(tmp_path):
     trackers = ProcessTrackers(JSONLTracker(tmp_path))
     with pytest.raises(RuntimeError, match="log_scalars: call open\\(\\) first"):

@@ -158,7 +158,13 @@ def test_the_lr_is_looked_up_again_when_the_optimizer_state_changes():
     [
         ({"trackers": [object()]}, TypeError, "each tracker needs open\\(\\), log_scalars\\(\\) and close\\(\\); got object"),
         ({"trackers": [], "every": 0}, ValueError, "every must be an int >= 1, got 0"),
-        ({"trackers": [], "hparams": [1]}, TypeError, "hparams must be a mapping, got list"),
+        ({"trackers": [], "hparams": [1]}, TypeError, r"with_tracking: hparams must be a mapping of str -> value, got list"),
+        (
+            {"trackers": [], "hparams": {"dtype": torch.float32}},
+            TypeError,
+            r"with_tracking: hparams\['dtype'\] is a dtype \(torch.float32\): hyperparameters must be None, bool",
+        ),
+        ({"trackers": [], "hparams": {"lr": float("nan")}}, ValueError, r"hparams\['lr'\] is nan: .* must be finite"),
     ],
 )
 def test_options_are_validated(kwargs, error, match):
@@ -171,3 +177,66 @@ def test_current_lr_finds_the_optimizer_lr():
     state = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, opt).init()
     assert fl.current_lr(state.opt_state) == 0.25
     assert fl.current_lr(()) is None
+
+
+def test_under_streaming_accumulation_a_window_averages_its_updates_not_its_micro_batches():
+    tracker = Recorder()
+    step = build(tracker, every=2, accum=2)
+    batches = make_batches(8)
+    per_update, state = [], step.init()
+    for b in batches:  # the loss an update reports is its accumulation window's mean
+        state, m = step.inner(state, b)
+        if int(state.slots["grad_accum"].count) == 0:
+            per_update.append(float(m["loss"]))
+    fl.fold(step, step.init(), batches, progress=False)
+    assert [s for s, _ in tracker.events] == [2, 4]
+    for (_, scalars), pair in zip(tracker.events, (per_update[:2], per_update[2:]), strict=True):
+        assert scalars["loss"] == pytest.approx(sum(pair) / 2, rel=1e-6)
+        assert scalars["throughput/samples_per_s"] > 0
+
+
+def test_an_epoch_end_evaluation_is_logged_at_the_update_it_follows():
+    tracker = Recorder()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    core = fl.make_train_step(model, fl.losses.classification, adamw(1e-2))
+    evaluated = fl.with_eval(core, data=make_batches(2, seed=5), loss_fn=fl.losses.classification, at_epoch_end=True)
+    step = fl.with_tracking(evaluated, trackers=[tracker], every=3)
+    state = fl.fold(step, step.init(), make_batches(4), epochs=2, progress=False)
+    val = [(s, scalars["val/loss"]) for s, scalars in tracker.events if "val/loss" in scalars]
+    assert [s for s, _ in val] == [4, 8]
+    expected = fl.evaluate(fl.make_eval_step(fl.losses.classification), state, make_batches(2, seed=5))["loss"]
+    assert val[-1][1] == pytest.approx(expected)
+    assert [s for s, scalars in tracker.events if "loss" in scalars] == [3, 6, 8]
+
+
+def test_throughput_counts_the_folds_time_not_the_time_before_it_and_the_last_window_keeps_its_epoch(monkeypatch):
+    import fnlight.transforms._tracking as tracking
+
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: clock[0])
+    tracker = Recorder()
+    step = build(tracker, every=4)
+
+    class Ticking:  # one second per step
+        def __init__(self, data):
+            self.data = data
+
+        def __iter__(self):
+            for b in self.data:
+                clock[0] += 1.0
+                yield b
+
+        def __len__(self):
+            return len(self.data)
+
+    state = step.init()
+    clock[0] = 1000.0  # a long pause (a restore, an evaluation, a notebook) before the fold
+    state = fl.fold(step, state, Ticking(make_batches(6)), progress=False)
+    clock[0] += 500.0  # and between folds
+    fl.fold(step, state, Ticking(make_batches(6)), epochs=2, progress=False)
+    first, partial, second = tracker.events[0][1], tracker.events[1][1], tracker.events[2][1]
+    assert first["throughput/steps_per_s"] == pytest.approx(4 / 3)  # started at the first step: 3 ticks later, 4 updates
+    assert second["throughput/steps_per_s"] == pytest.approx(2 / 1)
+    assert [s for s, _ in tracker.events] == [4, 6, 8, 12]
+    assert partial["epoch"] == 0.0  # updates 5 and 6 were epoch 0's, though the fold has moved to epoch 1

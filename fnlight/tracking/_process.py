@@ -113,6 +113,7 @@ class ProcessTrackers:
         self._events: Any = None
         self._replies: Any = None
         self._run_id = ""
+        self._opened = False  # the child's trackers were asked to open (even if every one of them failed to)
         self._lock = threading.Lock()
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._last_sent = 0.0
@@ -191,6 +192,7 @@ class ProcessTrackers:
         hparams = None if hparams is None else check_hparams(hparams)
         if self._process is None or not self._process.is_alive():
             self._start()
+        self._opened = True
         self._run_id = self._ask("open", (run_id, hparams)) or run_id
         return self._run_id
 
@@ -220,9 +222,9 @@ class ProcessTrackers:
 
     def close(self) -> None:
         """Deliver everything queued and close the trackers' run; the process stays for the next :meth:`open`."""
-        if self._process is not None and self._process.is_alive() and self._run_id:
+        if self._process is not None and self._process.is_alive() and self._opened:
             self._ask("close", ())
-        self._run_id = ""
+        self._run_id, self._opened = "", False
 
     def shutdown(self) -> None:
         """Close the run and end the tracking process (also done when the interpreter exits)."""

@@ -11,8 +11,10 @@ from torch import Tensor
 
 from .._ranks import all_sum, rank, world_size
 from .._state import TrainState
+from ..tracking._base import check_hparams
+from ._accum import GradAccum
 from ._accum import batch_size as default_batch_size
-from ._base import Metrics, Transform
+from ._base import Metrics, Transform, layers
 
 __all__ = ["TrackingState", "current_lr", "with_tracking"]
 
@@ -79,13 +81,17 @@ class _Window:
         self.sums: list[Tensor] = []
         self.calls = 0  # calls that added ``keys`` (all of them while ``counts`` is None)
         self.counts: dict[str, int] | None = None  # per-key counts, once the keys varied in the window
-        self.restart()
+        self.restart(clock=False)
 
-    def restart(self) -> None:
-        """Start the next window's samples, updates and clock (the metrics restart at each read)."""
+    def restart(self, clock: bool = True) -> None:
+        """Start the next window's samples, updates and clock (the metrics restart at each read).
+
+        ``clock=False`` leaves the clock unset until the next step starts (:meth:`Tracking.__call__`),
+        so the time between folds, or before the first, is not counted as training time.
+        """
         self.samples = 0
         self.updates = 0
-        self.started = time.perf_counter()
+        self.started: float | None = time.perf_counter() if clock else None
 
     def add(self, metrics: Metrics, samples: int, *, last: bool = False) -> None:
         """Add one call's metrics; ``last``: the window is read before the next step runs."""
@@ -158,6 +164,9 @@ class Tracking(Transform):
         self.close_on_finish = close_on_finish
         self._window = _Window()
         self._open: list[bool] = [False] * len(trackers)
+        # streaming accumulation: a call that ends no window returns a micro-batch's metrics, and the call that
+        # ends it the window's (its loss the window's mean): only the latter go into the logged means
+        self._windowed = any(isinstance(t, GradAccum) and t.every is not None for t in layers(inner))
         self._lr_kind: Any = None
         self._lr_at: tuple[int, ...] | None = None
 
@@ -166,6 +175,8 @@ class Tracking(Transform):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         before = int(state.step)
+        if self._window.started is None:  # the first step since the trackers last logged at a fold's end
+            self._window.started = time.perf_counter()
         new_state, metrics = self.inner(state, batch)
         try:
             samples = self.batch_size_fn(batch)
@@ -178,12 +189,15 @@ class Tracking(Transform):
         new_state, metrics = self.inner.flush(state)
         if int(new_state.step) != before:
             new_state = self._observe(new_state, metrics, before, 0)
+        elif metrics:  # epoch-end work without an update (an evaluation): logged now, at the update it describes
+            new_state = self._send(new_state, int(new_state.step), {k: float(v) for k, v in metrics.items()})
         return new_state, metrics
 
     def finish(self, state: TrainState) -> None:
         """Log what is left of the window and close the trackers (a later call reopens the same runs)."""
         if self._window.updates:
-            self._emit(state)
+            self._emit(state, at_end=True)
+        self._window.restart(clock=False)
         if self.close_on_finish:
             self.close()
         self.inner.finish(state)
@@ -197,6 +211,9 @@ class Tracking(Transform):
 
     def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int) -> TrainState:
         step = int(state.step)
+        if self._windowed and state.slots["grad_accum"].count:  # a micro-batch inside an accumulation window
+            self._window.samples += samples
+            return state
         self._window.add(metrics, samples, last=step != before and step % self.every == 0)
         if step == before:
             return state
@@ -205,21 +222,28 @@ class Tracking(Transform):
             return state
         return self._emit(state, step)
 
-    def _emit(self, state: TrainState, step: int | None = None) -> TrainState:
+    def _emit(self, state: TrainState, step: int | None = None, *, at_end: bool = False) -> TrainState:
         window = self._window
-        elapsed = max(time.perf_counter() - window.started, 1e-9)
         scalars = window.read()
-        scalars["throughput/steps_per_s"] = window.updates / elapsed
-        if window.samples:
-            scalars["throughput/samples_per_s"] = window.samples / elapsed
+        if window.started is not None and window.updates:
+            elapsed = max(time.perf_counter() - window.started, 1e-9)
+            scalars["throughput/steps_per_s"] = window.updates / elapsed
+            if window.samples:
+                scalars["throughput/samples_per_s"] = window.samples / elapsed
         lr = self._lr(state.opt_state)
         if lr is not None:
             scalars["lr"] = lr
-        scalars["epoch"] = float(state.data.epoch)
+        epoch = int(state.data.epoch)
+        if at_end and epoch and not int(state.data.batch):  # the fold has moved past the epoch of these updates
+            epoch -= 1
+        scalars["epoch"] = float(epoch)
         window.restart()
-        if rank() != 0:  # rank 0 writes for everyone (the means above are over all ranks)
+        return self._send(state, int(state.step) if step is None else step, scalars)
+
+    def _send(self, state: TrainState, step: int, scalars: dict[str, float]) -> TrainState:
+        """Log ``scalars`` at ``step`` to every tracker, opening their runs first if needed."""
+        if rank() != 0:  # rank 0 writes for everyone (the means are over all ranks)
             return state
-        step = int(state.step) if step is None else step
         if all(self._open):
             for tracker in self.trackers:
                 tracker.log_scalars(step, scalars)
@@ -264,8 +288,11 @@ def with_tracking(
     tracker, with ``lr`` (from the optimizer state), ``epoch``, and throughput
     (``throughput/steps_per_s``, ``throughput/samples_per_s``). The step recorded is the
     optimizer-update count. Metrics that appear only on some steps (``val/...`` from
-    :func:`with_eval`) are averaged over the steps that had them. At the end of a fold the
-    rest of the window is logged and the trackers are closed.
+    :func:`with_eval`) are averaged over the steps that had them; an epoch-end evaluation
+    is logged at once, at the update it follows. Under streaming accumulation a window
+    averages the metrics of its updates (the calls that end an accumulation window), not
+    of its micro-batches. Throughput is timed from a fold's first step. At the end of a
+    fold the rest of the window is logged and the trackers are closed.
 
     Each tracker's run id is kept in ``state.slots["tracking"]``: a run resumed from a
     checkpoint reopens the same tracker runs. Trackers: see :mod:`fnlight.tracking`
@@ -277,7 +304,8 @@ def with_tracking(
         trackers: objects with ``open(run_id, *, hparams) -> run_id``, ``log_scalars(step,
             scalars)``, ``log_hparams(hparams)`` and ``close()``.
         every: log every N optimizer updates.
-        hparams: hyperparameters recorded when each run opens.
+        hparams: hyperparameters recorded when each run opens (checked now: dicts with
+            str keys, lists, and None/bool/int/float/str values).
         batch_size_fn: samples in a batch, for ``throughput/samples_per_s``.
         close_on_finish: close the tracker runs when a fold ends (``False`` keeps them open
             across folds — several folds of one run — until ``step.close()``).
@@ -295,13 +323,13 @@ def with_tracking(
             raise TypeError(f"{where}: each tracker needs open(), log_scalars() and close(); got {type(t).__name__}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
-    if hparams is not None and not isinstance(hparams, Mapping):
-        raise TypeError(f"{where}: hparams must be a mapping, got {type(hparams).__name__}")
+    if hparams is not None:
+        hparams = check_hparams(hparams, f"{where}: hparams")  # what every tracker can record, checked now
     return Tracking(
         step,
         trackers=trackers,
         every=every,
-        hparams=dict(hparams) if hparams else None,
+        hparams=hparams or None,
         batch_size_fn=batch_size_fn,
         close_on_finish=bool(close_on_finish),
     )
