@@ -197,6 +197,13 @@ class TrainStep:
         """
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"TrainStep.init: seed must be an int, got {seed!r}")
+        trainable = tuple(n for n, p in self._model.named_parameters() if p.requires_grad)
+        if trainable != self._trainable:
+            gone, new = sorted(set(self._trainable) - set(trainable)), sorted(set(trainable) - set(self._trainable))
+            raise ValueError(
+                "TrainStep.init: the model's trainable parameters changed after make_train_step, which fixed them "
+                f"(no longer trainable or gone: {gone}; new: {new}); freeze or replace modules first, then build the step"
+            )
         params = {n: p.detach() for n, p in self._model.named_parameters()}
         buffers = {n: b.detach() for n, b in self._model.named_buffers()}
         return TrainState(
@@ -223,7 +230,14 @@ class TrainStep:
         """
         _check_state(state, "train step")
         params = state.params
-        leaves = {n: params[n].detach().requires_grad_() for n in self._trainable}
+        try:
+            leaves = {n: params[n].detach().requires_grad_() for n in self._trainable}
+        except KeyError:
+            missing = [n for n in self._trainable if n not in params]
+            raise ValueError(
+                f"train step: the state has no parameter {missing[0]!r} (of {len(missing)} missing) that this step trains; "
+                f"the state's parameters are {sorted(params)[:8]}: was it built by another step's init()?"
+            ) from None
         buffers = state.buffers if is_donating() else {k: b.clone() for k, b in state.buffers.items()}
         skeleton = state.skeleton
         _set_mode(skeleton, True)
@@ -373,7 +387,9 @@ def make_train_step(
 
     Args:
         model: the ``nn.Module`` whose parameters are trained. Parameters with
-            ``requires_grad=False`` are carried in the state but never updated.
+            ``requires_grad=False`` are carried in the state but never updated. Which
+            parameters train is fixed here: freeze or replace modules before building the
+            step (``init()`` refuses a model whose trainable parameters changed since).
         loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux_metrics)``; see
             :mod:`fnlight.losses` for ready-made ones.
         optimizer: an :class:`fnlight.optim.Optimizer` (``adamw(...)``, ``chain(...)``...).

@@ -372,3 +372,22 @@ def test_classification_accuracy_leaves_out_ignored_targets_as_the_loss_does():
     y = torch.tensor([0, 0, -100, -100])  # one right, one wrong, two padding
     loss, aux = fl.losses.classification(nn.Identity(), (logits, y))
     assert torch.equal(loss, F.cross_entropy(logits, y)) and float(aux["accuracy"]) == 0.5
+
+
+def test_init_refuses_a_model_whose_trainable_parameters_changed_after_the_step_was_built():
+    model = nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 1))
+    step = fl.make_train_step(model, fl.losses.mse, fl.optim.sgd(0.1))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"changed after make_train_step, .*gone: \['0.weight'\]; new: \[\]"):
+        step.init()
+    model[0].weight.requires_grad_(True)
+    model[1] = nn.Sequential(nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"gone: \['1.bias', '1.weight'\]; new: \['1.1.bias', '1.1.weight'\]"):
+        step.init()
+
+
+def test_a_state_of_another_model_is_refused_by_name():
+    step = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    other = fl.make_train_step(nn.Sequential(nn.Linear(2, 1)), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    with pytest.raises(ValueError, match=r"the state has no parameter 'weight' \(of 2 missing\) .*\['0.bias', '0.weight'\]"):
+        step(other, (torch.ones(3, 2), torch.zeros(3, 1)))
