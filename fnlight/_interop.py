@@ -45,9 +45,9 @@ def apply(state: TrainState, *args: Any, training: bool = False, **kwargs: Any) 
     The module skeleton is called with the state's tensors bound in place of its own, in eval
     mode (``training=False``, the default) or train mode. Gradients flow as usual: through the
     inputs (e.g. a GAN generator's loss through a discriminator held in another state) and to
-    the state's tensors only if they require grad (a state's tensors do not). Pure: in train
-    mode the buffers are cloned first, so BatchNorm statistics updated by the call are
-    discarded and ``state`` is never modified. Dropout in train mode draws from torch's global
+    the state's tensors only if they require grad (a state's tensors do not). Pure: the
+    buffers are cloned first, so BatchNorm statistics (or any buffer a forward writes)
+    updated by the call are discarded and ``state`` is never modified. Dropout in train mode draws from torch's global
     generator (inside a step, fnlight seeds it per call; here you choose).
 
     Args:
@@ -67,7 +67,7 @@ def apply(state: TrainState, *args: Any, training: bool = False, **kwargs: Any) 
     if not isinstance(training, bool):
         raise TypeError(f"apply: training must be a bool, got {training!r}")
     skeleton = _require_skeleton(state, "apply")
-    buffers = {k: b.clone() for k, b in state.buffers.items()} if training else state.buffers
+    buffers = {k: b.clone() for k, b in state.buffers.items()}  # a forward may write buffers, in eval mode too
     if skeleton.training != training:
         skeleton.train(training)
     with bound(skeleton, {**full_tensors(state.params), **buffers}):

@@ -375,7 +375,8 @@ class EvalStep:
         _check_state(state, "eval step")
         skeleton = state.skeleton
         _set_mode(skeleton, False)
-        with torch.no_grad(), bound(skeleton, {**full_tensors(state.params), **state.buffers}):
+        buffers = {k: b.clone() for k, b in state.buffers.items()}  # a module may write a buffer in eval mode too
+        with torch.no_grad(), bound(skeleton, {**full_tensors(state.params), **buffers}):
             out = _call_loss(self.loss_fn, skeleton, batch, "eval", state)
         return _split_output(out, self.loss_fn)[1]
 

@@ -391,3 +391,20 @@ def test_a_state_of_another_model_is_refused_by_name():
     other = fl.make_train_step(nn.Sequential(nn.Linear(2, 1)), fl.losses.mse, fl.optim.sgd(0.1)).init()
     with pytest.raises(ValueError, match=r"the state has no parameter 'weight' \(of 2 missing\) .*\['0.bias', '0.weight'\]"):
         step(other, (torch.ones(3, 2), torch.zeros(3, 1)))
+
+
+def test_evaluation_and_apply_leave_a_buffer_the_forward_writes_in_eval_mode_alone():
+    class Counting(nn.Linear):
+        def __init__(self):
+            super().__init__(2, 1)
+            self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+
+        def forward(self, x):
+            self.seen += len(x)  # whatever the mode
+            return super().forward(x)
+
+    state = fl.make_train_step(Counting(), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    batch = (torch.ones(3, 2), torch.zeros(3, 1))
+    fl.evaluate(fl.make_eval_step(fl.losses.mse), state, [batch, batch])
+    fl.apply(state, batch[0])
+    assert int(state.buffers["seen"]) == 0
