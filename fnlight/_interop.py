@@ -12,16 +12,19 @@ from torch import Tensor, nn
 from ._bind import bound, full_tensors, materialize, state_dict_names
 from ._donation import check_live
 from ._state import TrainState
+from ._step import check_single
 
 __all__ = ["apply", "copy_into_module_", "load_state_dict", "state_dict", "to_module"]
 
 
-def _require_skeleton(state: TrainState, where: str) -> nn.Module:
+def _require_skeleton(state: TrainState, where: str, *, stacked: bool = False) -> nn.Module:
     if not isinstance(state, TrainState):
         raise TypeError(f"{where}: expected a fnlight.TrainState, got {type(state).__name__}")
     check_live(state, where)
     if state.skeleton is None:
         raise ValueError(f"{where}: this TrainState has no module skeleton; build it with step.init()")
+    if not stacked:
+        check_single(state, where)
     return state.skeleton
 
 

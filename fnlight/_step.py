@@ -151,12 +151,23 @@ def _call_loss(loss_fn: Callable[..., Any], model: nn.Module, batch: Any, phase:
         raise
 
 
-def _check_state(state: Any, where: str) -> None:
+def _check_state(state: Any, where: str, *, stacked: bool = False) -> None:
     if not isinstance(state, TrainState):
         raise TypeError(f"{where}: expected a fnlight.TrainState as first argument, got {type(state).__name__}")
     check_live(state, where)
     if state.skeleton is None:
         raise ValueError(f"{where}: this TrainState has no module skeleton; build it with step.init()")
+    if not stacked:
+        check_single(state, where)
+
+
+def check_single(state: TrainState, where: str) -> None:
+    """Refuse a stacked ensemble state where one model's state is expected."""
+    if isinstance(state.key, Tensor) and state.key.ndim:
+        raise TypeError(
+            f"{where}: this is a stacked ensemble state of {state.key.shape[0]} replicas, not one model's state; take one "
+            "with fnlight.ensemble.replica_state(state, i) (or unstack_states), or use the ensemble step"
+        )
 
 
 def _set_mode(skeleton: nn.Module, training: bool) -> None:

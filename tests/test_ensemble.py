@@ -430,3 +430,21 @@ def test_unstacking_errors():
         replica_state(stacked, 2)
     with pytest.raises(TypeError, match="index must be an int, got 1.0"):
         replica_state(stacked, 1.0)
+
+
+def test_single_model_functions_refuse_a_stacked_state_by_name():
+    step = make_ensemble_step(build(), fl.losses.cross_entropy, k=K, lr=LRS)
+    state = step.init(seeds=SEEDS)
+    x, y = batches(n=1)[0]
+    single = fl.make_train_step(build(), fl.losses.cross_entropy, fl.optim.adamw(1e-3))
+    calls = {
+        "eval step": lambda: fl.evaluate(fl.make_eval_step(fl.losses.cross_entropy), state, [(x, y)]),
+        "apply": lambda: fl.apply(state, x),
+        "to_module": lambda: fl.to_module(state),
+        "state_dict": lambda: fl.state_dict(state),
+        "train step": lambda: single(state, (x, y)),
+    }
+    for where, call in calls.items():
+        with pytest.raises(TypeError, match=rf"{where}: this is a stacked ensemble state of {K} replicas.*replica_state"):
+            call()
+    assert fl.to_module(replica_state(state, 1))(x).shape == (len(x), 3)  # one replica is one model's state

@@ -24,7 +24,7 @@ def _path(field: str, path: tuple[Any, ...]) -> str:
 
 
 def _check(state: Any, where: str) -> TrainState:
-    _require_skeleton(state, where)  # a live TrainState with a skeleton
+    _require_skeleton(state, where, stacked=True)  # a live TrainState with a skeleton
     return state
 
 

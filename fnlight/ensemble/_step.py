@@ -157,7 +157,7 @@ class EnsembleStep:
             NonFiniteError: a replica's loss is not finite (``nonfinite="raise"``).
         """
         where = "ensemble step"
-        _check_state(state, where)
+        _check_state(state, where, stacked=True)
         k = _size(state, where)
         if k != self.k:
             raise ValueError(f"{where}: the step was built for k={self.k} replicas, got a state of {k} (key shape [{k}])")
