@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._bind import full_tensors
 from ._donation import check_live, donating, mark_donated
 from ._progress import Progress
 from ._ranks import all_sum, rank, union_of_keys, world_size
@@ -338,6 +339,10 @@ def evaluate(
     ['loss']
     """
     check_live(state, "evaluate")
+    if world_size() > 1:  # sharded parameters (with_fsdp) gathered once: ranks may have different batch counts
+        full = full_tensors(state.params)
+        if full is not state.params:
+            state = state.replace(params=dict(full))
     sums: dict[str, Tensor] = {}
     count = 0
     for batch in data:

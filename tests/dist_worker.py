@@ -203,8 +203,23 @@ def metrics(out: Path, rank: int) -> None:
     )
     everyone = [None, None]
     torch.distributed.all_gather_object(everyone, local_losses)
+    # under with_fsdp too: the sharded parameters are gathered once, though the ranks' batch counts differ
+    sharded = build("fsdp", rank).init()
+    result_fsdp = fl.evaluate(fl.make_eval_step(fl.losses.classification), sharded, eval_batches()[rank])
+    # BatchNorm statistics: rank 0's on every rank after each update (DistributedDataParallel's broadcast_buffers)
+    buffers = {}
+    for mode in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        bn = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        core = fl.make_train_step(bn, fl.losses.cross_entropy, optimizer())
+        step = fl.with_ddp(core) if mode == "ddp" else fl.with_fsdp(core)
+        state = fl.fold(step, step.init(), local_batches(rank, 1)[:6], progress=False)
+        gathered = [None, None]
+        torch.distributed.all_gather_object(gathered, {k: v.tolist() for k, v in state.buffers.items()})
+        buffers[mode] = gathered
     if rank == 0:
-        (out / "metrics.json").write_text(json.dumps({"eval": result, "losses": everyone}))
+        saved = {"eval": result, "eval_fsdp": result_fsdp, "losses": everyone, "buffers": buffers}
+        (out / "metrics.json").write_text(json.dumps(saved))
 
 
 def resume(out: Path, rank: int) -> None:

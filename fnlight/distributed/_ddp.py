@@ -9,13 +9,14 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .._donation import is_donating
 from .._ranks import collective
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from ..transforms._base import Metrics, Transform, layers
 from ._group import dist_info
 
-__all__ = ["broadcast_tensors", "reached_flags", "with_ddp"]
+__all__ = ["broadcast_tensors", "reached_flags", "sync_buffers", "with_ddp"]
 
 
 def _buckets(tensors: list[Tensor], limit: int) -> list[list[int]]:
@@ -63,6 +64,22 @@ def broadcast_tensors(tensors: list[Tensor], limit: int = 25 * 2**20) -> list[Te
         for i, t in zip(bucket, _unflatten_dense_tensors(flat, [synced[i] for i in bucket])):
             synced[i] = t
     return synced
+
+
+def sync_buffers(state: TrainState, where: str, limit: int = 25 * 2**20) -> TrainState:
+    """Rank 0's buffers on every rank, after an update (as ``DistributedDataParallel``'s
+    ``broadcast_buffers``): BatchNorm statistics would otherwise drift apart, each rank's moved
+    by its own batches, and a checkpoint (rank 0's) or an evaluation would depend on the rank.
+    """
+    if not state.buffers:
+        return state
+    with collective(where):
+        synced = broadcast_tensors(list(state.buffers.values()), limit)
+    if is_donating():  # the fold owns these tensors: keep them, with rank 0's values
+        for own, value in zip(state.buffers.values(), synced):
+            own.copy_(value)
+        return state
+    return state.replace(buffers=dict(zip(state.buffers, synced)))
 
 
 class DDP(Transform):
@@ -118,6 +135,8 @@ class DDP(Transform):
             else:  # parameters no rank reached get no update
                 averaged = {n: t for n, t, had in zip(names, reduced[:-2], reduced[-1].tolist()) if had > 0}
             g = g._replace(grads=averaged, loss=reduced[-2].reshape(()).to(g.loss.dtype))
+            new_state, metrics = self.inner.update(state, g)
+            return sync_buffers(new_state, f"with_ddp at update {int(state.step)} (rank 0's buffers)", self.bucket_bytes), metrics
         return self.inner.update(state, g)
 
 

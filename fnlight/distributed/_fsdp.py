@@ -21,7 +21,7 @@ from .._ranks import collective
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from ..transforms._base import Metrics, Transform, layers
-from ._ddp import broadcast_tensors, reached_flags
+from ._ddp import broadcast_tensors, reached_flags, sync_buffers
 from ._group import dist_info
 
 __all__ = ["local_bytes", "with_fsdp"]
@@ -130,6 +130,8 @@ class FSDP(Transform):
             if bool(((reached > 0) & (reached < info.world_size)).any()):
                 raise _uneven_reach(state, names, reached.tolist(), info.world_size)
             g = g._replace(loss=packed[0].div(info.world_size).to(g.loss.dtype))
+            new_state, metrics = self.inner.update(state, g)
+            return sync_buffers(new_state, f"with_fsdp at update {int(state.step)} (rank 0's buffers)"), metrics
         return self.inner.update(state, g)
 
 

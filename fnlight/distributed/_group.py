@@ -7,7 +7,7 @@ import datetime
 import gc
 import os
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -77,7 +77,23 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
     delta = datetime.timedelta(seconds=timeout)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=delta, store=_attempt_store(world_size, delta))
     atexit.register(_destroy)  # tear the group down before interpreter exit (gloo aborts otherwise)
+    _watch_uncaught()
     return DistInfo(rank, world_size, local_rank)
+
+
+_failing = False  # an uncaught exception is ending this process
+
+
+def _watch_uncaught() -> None:
+    """Note an uncaught exception (Python calls ``sys.excepthook`` before the ``atexit`` hooks)."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        global _failing
+        _failing = True
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
@@ -97,10 +113,11 @@ def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store |
 def _destroy() -> None:
     if not dist.is_initialized():
         return
-    try:  # leave together: a rank tearing gloo down while its peer still uses it can abort the process
-        dist.barrier()
-    except RuntimeError:  # a peer already failed or left: nothing to wait for
-        pass
+    if not _failing:  # a failing rank leaves at once: closing its connections fails its peers now, not at the timeout
+        try:  # leave together: a rank tearing gloo down while its peer still uses it can abort the process
+            dist.barrier()
+        except RuntimeError:  # a peer already failed or left: nothing to wait for
+            pass
     dist.destroy_process_group()
     # Free the groups now, while the interpreter runs: a group still referenced (fnlight's device
     # meshes for with_fsdp, DTensors in a cycle) was otherwise destroyed among C++'s static
