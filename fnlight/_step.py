@@ -208,6 +208,8 @@ class TrainStep:
         """
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"TrainStep.init: seed must be an int, got {seed!r}")
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"TrainStep.init: seed must fit in int64 (the state's key), in [-2**63, 2**63), got {seed!r}")
         trainable = tuple(n for n, p in self._model.named_parameters() if p.requires_grad)
         if trainable != self._trainable:
             gone, new = sorted(set(self._trainable) - set(trainable)), sorted(set(trainable) - set(self._trainable))

@@ -357,12 +357,22 @@ def test_config_errors_reach_the_user_with_status_2(config, tmp_path, capsys):
     assert err.startswith("fnlight: error: validate: no checkpoint (step-*.ckpt) in") and "Traceback" not in err
     assert main(["fit", "--config", str(config), "--recipe.grad_accum", "0"]) == 2
     assert "recipe.grad_accum must be an int >= 1, got 0" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["fit", "--config", str(config), "--recipe.run_dir", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"fit: recipe.run_dir {str(blocker)!r} cannot hold the run's files" in err and "Traceback" not in err
+    assert main(["fit", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--config", str(config), "--output", str(blocker / "p.pt")]) == 2
+    assert f"predict: --output {str(blocker / 'p.pt')!r} cannot be written" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     ("options", "match"),
     [
         ({"seed": -1}, r"recipe\.seed must be an int >= 0, got -1"),
+        ({"seed": 2**63}, r"recipe\.seed must be an int in \[0, 2\*\*63\) \(the state's int64 key\), got 9223372036854775808"),
         ({"run_dir": ""}, r"recipe\.run_dir must be a non-empty path, got ''"),
         ({"loss": 3}, r"recipe\.loss must be a function loss_fn\(model, batch\), got 3"),
         ({"optimizer": "lion"}, r"recipe\.optimizer must be one of \['adamw', 'adam', 'sgd', 'rmsprop', 'adagrad'\], got 'lion'"),

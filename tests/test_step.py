@@ -408,3 +408,10 @@ def test_evaluation_and_apply_leave_a_buffer_the_forward_writes_in_eval_mode_alo
     fl.evaluate(fl.make_eval_step(fl.losses.mse), state, [batch, batch])
     fl.apply(state, batch[0])
     assert int(state.buffers["seen"]) == 0
+
+
+def test_init_refuses_a_seed_outside_int64():
+    step = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    assert int(step.init(seed=2**63 - 1).key) == 2**63 - 1 and int(step.init(seed=-(2**63)).key) == -(2**63)
+    with pytest.raises(ValueError, match=r"TrainStep.init: seed must fit in int64 .*, got 18446744073709551616"):
+        step.init(seed=2**64)

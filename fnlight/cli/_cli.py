@@ -236,7 +236,10 @@ class FnlightCLI:
                 f"fit: the checkpoints in {self.checkpoint_dir} do not fit this config's model, optimizer and "
                 f"transforms, so the run cannot continue from them; choose another --recipe.run_dir. {e}"
             ) from e
-        write_saved_config(self.checkpoint_dir, self.resolved)  # after the resume check: a refused run changes nothing
+        try:  # after the resume check: a refused run changes nothing
+            write_saved_config(self.checkpoint_dir, self.resolved)
+        except OSError as e:
+            raise ConfigError(f"fit: recipe.run_dir {str(self.run_dir)!r} cannot hold the run's files: {e}") from e
         resumed = state.slots["checkpointing"].resumed_from
         position = f"update {int(state.step)}, {int(state.data.batch)} batches into epoch {int(state.data.epoch) + 1}"
         where = f"resumed from {resumed} at {position}" if resumed else "new run"
@@ -353,7 +356,10 @@ class FnlightCLI:
                 f"predict: --output {str(output)!r} (.npy) holds one array, but the model returns "
                 f"{type(predictions).__name__}; use a .pt file"
             )
-        output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"predict: --output {str(output)!r} cannot be written: {e}") from e
         tmp = output.with_name(f".{output.name}.tmp")
         with open(tmp, "wb") as f:
             if output.suffix == ".npy":

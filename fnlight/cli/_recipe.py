@@ -160,6 +160,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         _int("recipe.seed", self.seed, 0)
+        if self.seed >= 2**63:
+            raise ConfigError(f"recipe.seed must be an int in [0, 2**63) (the state's int64 key), got {self.seed!r}")
         if not isinstance(self.run_dir, (str, os.PathLike)) or not os.fspath(self.run_dir):
             raise ConfigError(f"recipe.run_dir must be a non-empty path, got {self.run_dir!r}")
         if not callable(self.loss):
