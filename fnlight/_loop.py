@@ -185,6 +185,7 @@ def fold(
             "fold: data is a one-shot iterator (e.g. a generator) but more than one epoch may be needed; "
             "pass a re-iterable (list, DataLoader) or a function epoch -> iterable"
         )
+    _check_even_shards(data)
     if donate:
         original = state
         state = state.replace()
@@ -254,6 +255,21 @@ def fold(
     finally:
         bar.close()
     return state
+
+
+def _check_even_shards(data: Any) -> None:
+    """Ranks training on a :class:`fnlight.Loader` must take as many steps each (their collectives pair up)."""
+    world = getattr(data, "world_size", 1)
+    if world == 1 or not hasattr(data, "iter_epoch") or data.drop_last:
+        return
+    n, b = data.num_samples, data.batch_size
+    counts = {-(-len(range(r, n, world)) // b) for r in range(world)}
+    if len(counts) > 1:
+        raise ValueError(
+            f"fold: the Loader's {n} samples give the {world} ranks {min(counts)} to {max(counts)} batches per epoch "
+            "(drop_last=False), but training ranks must take the same number of steps; use drop_last=True for "
+            "training (evaluation with fnlight.evaluate handles uneven shares)"
+        )
 
 
 def _describe(data: Any) -> str:

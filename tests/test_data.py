@@ -162,3 +162,14 @@ def test_drop_last_gives_every_rank_the_same_number_of_steps():
 def test_bad_rank_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fl.Loader(tensors(), batch_size=2, **kwargs)
+
+
+def test_fold_refuses_a_loader_whose_ranks_would_take_different_numbers_of_steps():
+    x, y = torch.randn(9, 10), torch.zeros(9, dtype=torch.int64)
+    step = fl.make_train_step(nn.Linear(10, 3), fl.losses.cross_entropy, adamw(1e-2))
+    uneven = fl.Loader((x, y), batch_size=2, rank=0, world_size=2)  # 5 and 4 samples: 3 and 2 batches
+    with pytest.raises(ValueError, match=r"the Loader's 9 samples give the 2 ranks 2 to 3 batches per epoch .*drop_last=True"):
+        fl.fold(step, step.init(), uneven, progress=False)
+    dropped = fl.Loader((x, y), batch_size=2, rank=0, world_size=2, drop_last=True)
+    for fine in (dropped, fl.Loader((x, y), batch_size=8, world_size=2, rank=1)):  # one batch on every rank
+        assert int(fl.fold(step, step.init(), fine, progress=False).step) == len(fine)
