@@ -240,3 +240,22 @@ def test_throughput_counts_the_folds_time_not_the_time_before_it_and_the_last_wi
     assert second["throughput/steps_per_s"] == pytest.approx(2 / 1)
     assert [s for s, _ in tracker.events] == [4, 6, 8, 12]
     assert partial["epoch"] == 0.0  # updates 5 and 6 were epoch 0's, though the fold has moved to epoch 1
+
+
+def test_an_epoch_end_evaluation_after_a_short_accumulation_window_is_logged_at_that_update():
+    tracker = Recorder()
+    step = fl.with_grad_accum(build(Recorder()).inner, every=3)  # 5 batches: updates after 3 and, at the epoch's end, 5
+    step = fl.with_eval(step, data=make_batches(2, seed=5), loss_fn=fl.losses.classification, at_epoch_end=True)
+    step = fl.with_tracking(step, trackers=[tracker], every=4)
+    fl.fold(step, step.init(), make_batches(5), epochs=2, progress=False)
+    assert [s for s, scalars in tracker.events if "val/loss" in scalars] == [2, 4]
+    assert all("val/loss" not in scalars for s, scalars in tracker.events if "loss" in scalars)  # not averaged in
+
+
+def test_the_run_id_reaches_the_state_even_when_the_first_event_is_the_folds_last():
+    tracker = Recorder()
+    step = build(tracker, every=5)
+    state = fl.fold(step, step.init(), make_batches(3), progress=False)  # 3 updates: logged only at the end
+    assert state.slots["tracking"].run_ids == ("run-1",)
+    fl.fold(step, state, make_batches(3), epochs=2, progress=False)
+    assert tracker.opened == ["", "run-1"]  # the second fold continues the same run

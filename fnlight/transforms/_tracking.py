@@ -15,6 +15,7 @@ from ..tracking._base import check_hparams
 from ._accum import GradAccum
 from ._accum import batch_size as default_batch_size
 from ._base import Metrics, Transform, layers
+from ._eval import Eval
 
 __all__ = ["TrackingState", "current_lr", "with_tracking"]
 
@@ -164,9 +165,12 @@ class Tracking(Transform):
         self.close_on_finish = close_on_finish
         self._window = _Window()
         self._open: list[bool] = [False] * len(trackers)
+        self._all_open = not trackers
         # streaming accumulation: a call that ends no window returns a micro-batch's metrics, and the call that
         # ends it the window's (its loss the window's mean): only the latter go into the logged means
         self._windowed = any(isinstance(t, GradAccum) and t.every is not None for t in layers(inner))
+        # an evaluation the fold's epoch-end flush runs is logged at once, at the update it follows
+        self._eval_prefixes = tuple({t.prefix for t in layers(inner) if isinstance(t, Eval)})
         self._lr_kind: Any = None
         self._lr_at: tuple[int, ...] | None = None
 
@@ -178,6 +182,8 @@ class Tracking(Transform):
         if self._window.started is None:  # the first step since the trackers last logged at a fold's end
             self._window.started = time.perf_counter()
         new_state, metrics = self.inner(state, batch)
+        if not self._all_open:  # the runs open with the first step, so their ids are in every later state
+            new_state = self._open_runs(new_state)
         try:
             samples = self.batch_size_fn(batch)
         except TypeError:
@@ -187,10 +193,14 @@ class Tracking(Transform):
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         before = int(state.step)
         new_state, metrics = self.inner.flush(state)
-        if int(new_state.step) != before:
-            new_state = self._observe(new_state, metrics, before, 0)
-        elif metrics:  # epoch-end work without an update (an evaluation): logged now, at the update it describes
-            new_state = self._send(new_state, int(new_state.step), {k: float(v) for k, v in metrics.items()})
+        evaluated = {k: v for k, v in metrics.items() if k.startswith(self._eval_prefixes)} if self._eval_prefixes else {}
+        if int(new_state.step) != before:  # the epoch's short accumulation window was applied
+            rest = {k: v for k, v in metrics.items() if k not in evaluated} if evaluated else metrics
+            new_state = self._observe(new_state, rest, before, 0)
+        else:
+            evaluated = metrics  # epoch-end work without an update is an evaluation's
+        if evaluated:  # logged now, at the update it describes
+            new_state = self._send(new_state, int(new_state.step), {k: float(v) for k, v in evaluated.items()})
         return new_state, metrics
 
     def finish(self, state: TrainState) -> None:
@@ -208,6 +218,7 @@ class Tracking(Transform):
             if self._open[i]:
                 tracker.close()
                 self._open[i] = False
+        self._all_open = not self.trackers
 
     def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int) -> TrainState:
         step = int(state.step)
@@ -244,16 +255,23 @@ class Tracking(Transform):
         """Log ``scalars`` at ``step`` to every tracker, opening their runs first if needed."""
         if rank() != 0:  # rank 0 writes for everyone (the means are over all ranks)
             return state
-        if all(self._open):
-            for tracker in self.trackers:
-                tracker.log_scalars(step, scalars)
+        if not self._all_open:
+            state = self._open_runs(state)
+        for tracker in self.trackers:
+            tracker.log_scalars(step, scalars)
+        return state
+
+    def _open_runs(self, state: TrainState) -> TrainState:
+        """Open the trackers' runs (rank 0 only) with the state's run ids; record the ids they give in the state."""
+        if rank() != 0:  # rank 0 writes for everyone
+            self._all_open = True
             return state
         run_ids = list(state.slots[self.slot].run_ids)
         for i, tracker in enumerate(self.trackers):
             if not self._open[i]:
                 run_ids[i] = tracker.open(run_ids[i], hparams=self.hparams)
                 self._open[i] = True
-            tracker.log_scalars(step, scalars)
+        self._all_open = True
         if tuple(run_ids) != state.slots[self.slot].run_ids:
             state = state.with_slot(self.slot, TrackingState(tuple(run_ids)))
         return state
