@@ -214,9 +214,7 @@ def fold(
                     batches = iter(source)
                     if skip:
                         batches = itertools.islice(batches, skip, None)
-                taken = 0
                 for batch in batches:
-                    taken += 1
                     state.data.batch.add_(1)  # consumed: a checkpoint written inside the step records it
                     previous = state
                     state, metrics = step(state, batch)
@@ -233,7 +231,7 @@ def fold(
                     if _done(state, max_steps):
                         break
                 else:
-                    if not taken and not skip:
+                    if not int(state.data.batch):  # the epoch started at its first batch and took none
                         raise ValueError(
                             f"fold: the data yielded no batches in epoch {epoch} ({_describe(source)}); "
                             "a Loader with drop_last=True and more samples per batch than the dataset has yields none"
@@ -262,12 +260,11 @@ def _check_even_shards(data: Any) -> None:
     world = getattr(data, "world_size", 1)
     if world == 1 or not hasattr(data, "iter_epoch") or data.drop_last:
         return
-    n, b = data.num_samples, data.batch_size
-    counts = {-(-len(range(r, n, world)) // b) for r in range(world)}
+    counts = {data.batches_on(r) for r in range(world)}
     if len(counts) > 1:
         raise ValueError(
-            f"fold: the Loader's {n} samples give the {world} ranks {min(counts)} to {max(counts)} batches per epoch "
-            "(drop_last=False), but training ranks must take the same number of steps; use drop_last=True for "
+            f"fold: the Loader's {data.num_samples} samples give the {world} ranks {min(counts)} to {max(counts)} "
+            "batches per epoch (drop_last=False), but training ranks must take the same number of steps; use drop_last=True for "
             "training (evaluation with fnlight.evaluate handles uneven shares)"
         )
 

@@ -170,6 +170,9 @@ def test_fold_refuses_a_loader_whose_ranks_would_take_different_numbers_of_steps
     uneven = fl.Loader((x, y), batch_size=2, rank=0, world_size=2)  # 5 and 4 samples: 3 and 2 batches
     with pytest.raises(ValueError, match=r"the Loader's 9 samples give the 2 ranks 2 to 3 batches per epoch .*drop_last=True"):
         fl.fold(step, step.init(), uneven, progress=False)
+    assert [uneven.batches_on(r) for r in range(2)] == [3, 2] and len(uneven) == 3
+    with pytest.raises(ValueError, match=r"Loader.batches_on: rank must be an int in \[0, 2\), got 2"):
+        uneven.batches_on(2)
     dropped = fl.Loader((x, y), batch_size=2, rank=0, world_size=2, drop_last=True)
     for fine in (dropped, fl.Loader((x, y), batch_size=8, world_size=2, rank=1)):  # one batch on every rank
         assert int(fl.fold(step, step.init(), fine, progress=False).step) == len(fine)

@@ -109,12 +109,27 @@ class Loader:
     @property
     def shard_size(self) -> int:
         """Samples this rank serves per epoch (all of them in one process)."""
+        return self._shard_size(self.rank)
+
+    def _shard_size(self, rank: int) -> int:
         n, w = self.num_samples, self.world_size
-        return n // w if self.drop_last else len(range(self.rank, n, w))
+        return n // w if self.drop_last else len(range(rank, n, w))
+
+    def batches_on(self, rank: int) -> int:
+        """Batches rank ``rank`` serves per epoch (``len(loader)`` for this process's rank).
+
+        >>> import torch, fnlight as fl
+        >>> loader = fl.Loader((torch.arange(9),), batch_size=2, rank=0, world_size=2)
+        >>> [loader.batches_on(r) for r in range(2)]  # 5 and 4 samples
+        [3, 2]
+        """
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ValueError(f"Loader.batches_on: rank must be an int in [0, {self.world_size}), got {rank!r}")
+        n, b = self._shard_size(rank), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
 
     def __len__(self) -> int:
-        n, b = self.shard_size, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        return self.batches_on(self.rank)
 
     def order(self, epoch: int) -> Tensor:
         """The sample indices this rank serves in ``epoch``, in order.

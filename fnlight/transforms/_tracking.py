@@ -193,12 +193,12 @@ class Tracking(Transform):
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         before = int(state.step)
         new_state, metrics = self.inner.flush(state)
-        evaluated = {k: v for k, v in metrics.items() if k.startswith(self._eval_prefixes)} if self._eval_prefixes else {}
-        if int(new_state.step) != before:  # the epoch's short accumulation window was applied
-            rest = {k: v for k, v in metrics.items() if k not in evaluated} if evaluated else metrics
-            new_state = self._observe(new_state, rest, before, 0)
-        else:
+        if int(new_state.step) == before:
             evaluated = metrics  # epoch-end work without an update is an evaluation's
+        else:  # the epoch's short accumulation window was applied: its metrics go into the window
+            prefixes = self._eval_prefixes
+            evaluated = {k: v for k, v in metrics.items() if k.startswith(prefixes)} if prefixes else {}
+            new_state = self._observe(new_state, {k: v for k, v in metrics.items() if k not in evaluated}, before, 0)
         if evaluated:  # logged now, at the update it describes
             new_state = self._send(new_state, int(new_state.step), {k: float(v) for k, v in evaluated.items()})
         return new_state, metrics
