@@ -5,8 +5,9 @@ Six ways to train the same model on the same batches, measured in this one run:
 - (a) hand-written loop, ``torch.optim.AdamW(foreach=True)``:
   ``opt.zero_grad(set_to_none=True); loss_fn(model, batch).backward(); opt.step()``
 - (b) the same loop with ``torch.optim.AdamW(fused=True)``: **the reference**,
-- (c) fnlight eager: ``fnlight.fold(step, state, batches, donate=True, progress=False)`` with
-  ``fnlight.optim.adamw`` (the same fused kernel),
+- (c) fnlight eager: ``fnlight.fold(step, state, batches, donate="model", progress=False)``
+  with ``fnlight.optim.adamw`` (the same fused kernel; ``donate="model"`` trains the model's
+  own tensors in place, as (a) and (b) do),
 - (d) fnlight compiled: (c) with the whole step compiled (``fnlight.with_compile`` or
   ``fold(..., compile=True)``, whichever this fnlight has; the row is left out, with a note,
   when it has neither),
@@ -201,7 +202,7 @@ class FoldPeer:
 
     def __call__(self, batches: Sequence[Batch]) -> None:
         epochs = int(self.state.data.epoch) + 1
-        self.state = fl.fold(self.step, self.state, batches, epochs=epochs, donate=True, progress=False, **self.kwargs)
+        self.state = fl.fold(self.step, self.state, batches, epochs=epochs, donate="model", progress=False, **self.kwargs)
 
     def params(self) -> dict[str, Tensor]:
         return dict(self.state.params)

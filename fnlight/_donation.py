@@ -5,19 +5,63 @@ intermediate state, so it marks the step call as *donating*: the step may then
 update tensors of its input state in place and must hand back a state that owns
 them. The input state is marked as donated afterwards, and any later use of it
 through fnlight raises :class:`DonatedStateError`.
+
+A state from ``TrainStep.init`` holds the model's own tensors (no copy). Those are lent, not
+given: the model, and every other state ``init`` made from it, still hold them. So a
+donating fold first replaces each tensor it shares with a lending model by a copy of its own
+(:func:`unshare_lent`); the state the fold returns owns everything, and folding it again
+copies nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["DonatedStateError", "check_live", "donating", "is_donating", "mark_donated"]
+import optree
+from torch import Tensor, nn
+
+__all__ = ["DonatedStateError", "check_live", "donating", "is_donating", "lend", "mark_donated", "unshare_lent"]
 
 _MARK = "_fnlight_donated"
 _local = threading.local()
+_lenders: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose tensors init() put into states
+T = TypeVar("T")
+
+
+def lend(module: nn.Module) -> None:
+    """Record that states hold ``module``'s parameter and buffer tensors (``TrainStep.init``)."""
+    _lenders.add(module)
+
+
+def _storage(t: Tensor) -> int:
+    """Where ``t``'s memory starts (0 for tensors without memory of their own: meta, empty, subclasses)."""
+    if type(t) not in (Tensor, nn.Parameter, nn.Buffer) or t.device.type == "meta":
+        return 0
+    return t.untyped_storage().data_ptr()
+
+
+def unshare_lent(tree: T, namespace: str) -> T:
+    """``tree`` with every tensor that shares memory with a lending module's tensors replaced by a copy.
+
+    What a donating fold does to its input before the first in-place update, so that the
+    update never writes into a user's ``nn.Module`` or into other states made from it.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> lend(model)
+    >>> state = {"w": model.weight.detach(), "other": torch.zeros(1)}
+    >>> own = unshare_lent(state, "")
+    >>> own["w"] is state["w"], torch.equal(own["w"], model.weight), own["other"] is state["other"]
+    (False, True, True)
+    """
+    lent = {ptr for m in list(_lenders) for t in (*m.parameters(), *m.buffers()) if (ptr := _storage(t))}
+    if not lent:
+        return tree
+    return optree.tree_map(lambda x: x.clone() if isinstance(x, Tensor) and _storage(x) in lent else x, tree, namespace=namespace)
 
 
 class DonatedStateError(RuntimeError):

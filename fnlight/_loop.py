@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 
 from ._bind import full_tensors
-from ._donation import check_live, donating, mark_donated
+from ._donation import check_live, donating, mark_donated, unshare_lent
 from ._progress import Progress
 from ._ranks import all_sum, rank, union_of_keys, world_size
 from ._rng import held_generators
 from ._signals import SignalWatch, preempt
-from ._state import TrainState
+from ._state import NAMESPACE, TrainState
 from ._step import EvalStep, Step
 from ._summary import print_summary
 from ._tree import leading_size, tree_clone
@@ -115,7 +115,7 @@ def fold(
     max_steps: int | None = None,
     observers: Sequence[Observer] = (),
     progress: bool | None = None,
-    donate: bool = False,
+    donate: bool | str = False,
     handle_signals: bool = True,
     summary: bool | None = None,
 ) -> TrainState:
@@ -125,6 +125,11 @@ def fold(
     step costs what a hand-written loop costs. The input ``state`` is left untouched
     (the fold works on a copy) unless ``donate=True``, which hands its tensors to the
     fold to save one copy of the state's memory; the donated state cannot be used again.
+    A state from ``step.init()`` shares the model's tensors: ``donate=True`` copies those
+    once, so the model and other states from ``init()`` stay as they were, while
+    ``donate="model"`` gives the model's tensors up as well. The fold then trains them in
+    place, as a hand-written torch loop trains ``model``, with no copy at all. The model,
+    and any other state made from it, change with the fold.
 
     Resuming is built in: the fold starts at ``state.data`` (epoch, batch offset) and
     counts ``epochs`` and ``max_steps`` from zero, so a resumed state runs only what is left.
@@ -143,7 +148,8 @@ def fold(
             evaluation at epoch end, say) runs and the position moves to the next epoch.
         observers: :class:`Observer` callbacks run every N updates or T seconds.
         progress: show a progress bar; ``None`` shows it when stderr is a terminal.
-        donate: let the fold update ``state``'s own tensors (see above).
+        donate: ``True`` lets the fold update ``state``'s own tensors; ``"model"`` also
+            the model's that ``state`` shares (see above); ``False`` (default) works on a copy.
         summary: print the model summary (:func:`fnlight.print_summary`) first; ``None``
             prints it when the progress bar is shown.
         handle_signals: on SIGTERM or SIGINT (main thread only), finish the current step,
@@ -154,7 +160,8 @@ def fold(
         The final state. The fold also stops early when ``state.stop`` becomes true.
 
     Raises:
-        ValueError: ``epochs``/``max_steps`` are not positive ints, ``data`` is a
+        ValueError: ``epochs``/``max_steps`` are not positive ints, ``donate`` is not
+            ``True``, ``False`` or ``"model"``, ``data`` is a
             one-shot iterator while more than one epoch is asked for, or an epoch yields
             no batches (raised when it ends; otherwise a fold bounded by ``max_steps``
             alone would never end).
@@ -186,9 +193,13 @@ def fold(
             "pass a re-iterable (list, DataLoader) or a function epoch -> iterable"
         )
     _check_even_shards(data)
+    if not isinstance(donate, bool) and donate != "model":
+        raise ValueError(f"fold: donate must be True, False or 'model', got {donate!r}")
     if donate:
         original = state
         state = state.replace()
+        if donate is True:  # tensors still shared with a model: copied once, here
+            state = unshare_lent(state, NAMESPACE)
         mark_donated(original)
     else:
         state = tree_clone(state)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._autograd import run_backward
 from ._bind import bind, bound, full_tensors, make_skeleton, unbind
-from ._donation import check_live, is_donating
+from ._donation import check_live, is_donating, lend
 from ._rng import restore_generators, seed_generators, step_seed
 from ._state import TrainState
 from .optim._base import Optimizer
@@ -219,6 +219,7 @@ class TrainStep:
             )
         params = {n: p.detach() for n, p in self._model.named_parameters()}
         buffers = {n: b.detach() for n, b in self._model.named_buffers()}
+        lend(self._model)  # the state holds the model's tensors: a donating fold copies them before writing
         return TrainState(
             step=torch.zeros((), dtype=torch.int64),
             params=params,

@@ -47,6 +47,41 @@ def test_donate_true_consumes_input(batches):
         step(state, batches[0])
 
 
+def test_donating_an_init_state_never_writes_into_the_model_or_other_states(batches):
+    step = make_step()
+    model = step.core._model
+    before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    other = step.init()  # shares the model's tensors too
+    out = fl.fold(step, step.init(), batches, progress=False, donate=True)
+    assert int(out.step) == 8 and not fl.tree_equal(out.params, other.params)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert torch.equal(t.detach(), before[name]), name
+    assert fl.tree_equal(other.params, {n: before[n] for n in other.params})
+    assert fl.tree_equal(step.init().buffers, {n: before[n] for n in other.buffers})
+    # the returned state owns its tensors: a second donating fold updates them in place, copying nothing
+    weights = {n: p.data_ptr() for n, p in out.params.items()}
+    again = fl.fold(step, out, batches, epochs=2, progress=False, donate=True)
+    assert {n: p.data_ptr() for n, p in again.params.items()} == weights
+    # and the donating fold equals the pure one
+    pure = fl.fold(step, step.init(), batches, epochs=2, progress=False)
+    assert fl.tree_equal(again.params, pure.params) and fl.tree_equal(again.buffers, pure.buffers)
+
+
+def test_donate_model_trains_the_model_in_place_with_no_copy(batches):
+    step = make_step()
+    model = step.core._model
+    state = step.init()
+    weights = {n: p.data_ptr() for n, p in state.params.items()}
+    out = fl.fold(step, state, batches, progress=False, donate="model")
+    assert {n: p.data_ptr() for n, p in out.params.items()} == weights  # the model's own tensors, trained in place
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), out.params[name]), name
+    pure = fl.fold(make_step(), make_step().init(), batches, progress=False)
+    assert fl.tree_equal(out.params, pure.params)
+    with pytest.raises(ValueError, match=r"fold: donate must be True, False or 'model', got 'yes'"):
+        fl.fold(step, step.init(), batches, progress=False, donate="yes")
+
+
 def test_reusing_an_intermediate_state_raises(batches):
     kept = []
     step = make_step()
