@@ -56,13 +56,24 @@ def test_fp16_mixed_matches_grad_scaler_loop():
     assert float(state.slots["amp"].scale) == scaler.get_scale() == 8192.0
 
 
-def test_fp16_infinite_batch_is_skipped_and_halves_the_scale():
-    batches = make_batches(3)
-    step = fl.with_amp(fl.make_train_step(mlp(), fl.losses.cross_entropy, adamw(linear(1e-2, 0.0, 100))), dtype="fp16")
+def overflow_loss(model, batch):
+    """Cross-entropy plus ``k`` times the logits' sum: with a large ``k``, a finite loss whose scaled gradient overflows fp16."""
+    x, y, k = batch
+    out = model(x)
+    return F.cross_entropy(out.float(), y) + k * out.float().sum()
+
+
+def with_k(batches, k=0.0):
+    return [(x, y, k) for x, y in batches]
+
+
+def test_fp16_overflowing_gradients_are_skipped_and_halve_the_scale():
+    batches = with_k(make_batches(3))
+    step = fl.with_amp(fl.make_train_step(mlp(), overflow_loss, adamw(linear(1e-2, 0.0, 100))), dtype="fp16")
     state, _ = step(step.init(), batches[0])
-    x, y = batches[1]
-    inf_batch = (x * 1e30, y)
-    after, metrics = step(state, inf_batch)
+    x, y, _ = batches[1]
+    after, metrics = step(state, (x, y, 1e5))  # loss finite, gradients inf in fp16 once scaled: an overflow
+    assert torch.isfinite(metrics["loss"])
     assert float(metrics["skipped"]) == 1.0
     assert float(metrics["loss_scale"]) == float(state.slots["amp"].scale) / 2
     assert fl.tree_equal(after.params, state.params)
@@ -75,18 +86,59 @@ def test_fp16_infinite_batch_is_skipped_and_halves_the_scale():
 
 def test_fp16_scale_grows_after_interval_and_respects_floor():
     step = fl.with_amp(
-        fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.01)),
+        fl.make_train_step(mlp(), overflow_loss, sgd(0.01)),
         dtype="fp16",
         init_scale=4.0,
         growth_interval=3,
         min_scale=2.0,
     )
-    state = fl.fold(step, step.init(), make_batches(6), progress=False)
+    state = fl.fold(step, step.init(), with_k(make_batches(6)), progress=False)
     assert float(state.slots["amp"].scale) == 16.0
     x, y = make_batches(1)[0]
     for _ in range(4):
-        state, metrics = step(state, (x * 1e30, y))
+        state, metrics = step(state, (x, y, 1e6))
+        assert float(metrics["skipped"]) == 1.0
     assert float(metrics["loss_scale"]) == 2.0
+
+
+def nan_batch(batch):
+    x, y = batch
+    return (x.clone().fill_(float("nan")), y)
+
+
+def test_fp16_nonfinite_loss_goes_to_the_nonfinite_policy_and_keeps_the_scale():
+    batches = make_batches(2)
+
+    def build(nonfinite):
+        core = fl.make_train_step(mlp(), fl.losses.cross_entropy, adamw(1e-2), nonfinite=nonfinite)
+        return fl.with_amp(core, dtype="fp16", init_scale=1024.0, growth_interval=2)
+
+    step = build("raise")
+    state, _ = step(step.init(), batches[0])
+    with pytest.raises(fl.NonFiniteError, match="non-finite values at update 1 .*loss = nan"):
+        step(state, nan_batch(batches[1]))
+    for policy in ("skip", "stop"):
+        step = build(policy)
+        state, _ = step(step.init(), batches[0])  # one finite update: the growth count is 1 of 2
+        after, metrics = step(state, nan_batch(batches[1]))
+        assert float(metrics["skipped"]) == 1.0 and int(after.step) == 1
+        assert bool(after.stop) == (policy == "stop")
+        assert fl.tree_equal(after.params, state.params) and fl.tree_equal(after.opt_state, state.opt_state)
+        assert fl.tree_equal(after.slots["amp"], state.slots["amp"])  # no back-off, and the growth count kept
+        assert float(metrics["loss_scale"]) == 1024.0
+    # under "ignore" a non-finite loss is skipped as an overflow
+    step = build("ignore")
+    state, _ = step(step.init(), batches[0])
+    after, metrics = step(state, nan_batch(batches[1]))
+    assert float(metrics["skipped"]) == 1.0 and float(metrics["loss_scale"]) == 512.0 and int(after.step) == 1
+
+
+def test_fp16_nonfinite_loss_under_accumulation_reaches_the_policy():
+    core = fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1), nonfinite="stop")
+    step = fl.with_grad_accum(fl.with_amp(core, dtype="fp16"), every=2)
+    batches = make_batches(4)
+    state = fl.fold(step, step.init(), [batches[0], batches[1], nan_batch(batches[2]), batches[3]], progress=False)
+    assert int(state.step) == 1 and bool(state.stop)
 
 
 def test_true_bf16_mode_casts_params_and_optimizer_state():
@@ -137,8 +189,13 @@ def test_bf16_and_fp16_track_fp32_on_digits():
         ({"dtype": "fp8"}, "dtype must be 'bf16' or 'fp16' .* got 'fp8'"),
         ({"dtype": torch.float32}, "dtype must be 'bf16' or 'fp16'"),
         ({"mode": "pure"}, "mode must be 'mixed' or 'true', got 'pure'"),
-        ({"init_scale": 0}, "init_scale must be a number > 0.0, got 0"),
-        ({"growth_factor": 1.0}, "growth_factor must be a number > 1.0, got 1.0"),
+        ({"dtype": ["fp16"]}, r"dtype must be 'bf16' or 'fp16' .* got \['fp16'\]"),
+        ({"init_scale": 0}, "init_scale must be a finite number > 0.0 .*, got 0"),
+        ({"init_scale": float("inf")}, "init_scale must be a finite number > 0.0 .*, got inf"),
+        ({"init_scale": 1e40}, r"init_scale must be a finite number > 0.0 \(a float32: at most 3.403e\+38\), got 1e\+40"),
+        ({"growth_factor": 1.0}, "growth_factor must be a finite number > 1.0 .*, got 1.0"),
+        ({"growth_factor": float("inf")}, "growth_factor must be a finite number > 1.0 .*, got inf"),
+        ({"min_scale": float("nan")}, "min_scale must be a finite number > 0.0 .*, got nan"),
         ({"backoff_factor": 1.5}, r"backoff_factor must be in \(0, 1\), got 1.5"),
         ({"growth_interval": 0}, "growth_interval must be an int >= 1, got 0"),
         ({"min_scale": 1e9}, r"min_scale \(1000000000.0\) must not exceed init_scale \(65536.0\)"),

@@ -414,6 +414,30 @@ def test_composes_and_equals_the_eager_composition(name, wrap, expected_graphs):
     assert inner.graphs == expected_graphs
 
 
+@pytest.mark.parametrize("opt", ["adamw", "adam amsgrad", "sgd nesterov", "adagrad"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_true_half_precision_optimizer_math_computes_in_float32(opt, dtype):
+    """The traced update upcasts half tensors as torch's fused kernels do: in fp16 Adam's eps is 0 and g*g underflows.
+
+    Eagerly, SGD and Adagrad on half CPU tensors take the same float32 math instead of torch's
+    fused kernels (broken for them in torch 2.13), so eager and compiled agree exactly.
+    """
+    make_opt = {"adamw": lambda: adamw(1e-2, weight_decay=0.1), **OPTIMIZERS}[opt]
+    data = make_batches(3, batch=8)
+
+    def run(compiled: bool):
+        core = fl.make_train_step(mlp(), fl.losses.classification, make_opt())
+        inner = with_compile(core, backend="aot_eager") if compiled else core
+        step = fl.with_amp(inner, dtype=dtype, mode="true", **({"init_scale": 16.0} if dtype == "fp16" else {}))
+        return fl.fold(step, step.init(), data, progress=False)
+
+    eager, got = run(False), run(True)
+    assert int(got.step) == int(eager.step) == 3
+    for name, p in got.params.items():
+        assert p.dtype == eager.params[name].dtype and bool(p.isfinite().all()), name
+        torch.testing.assert_close(p, eager.params[name], rtol=0, atol=0)  # eager computes in float32 too
+
+
 def test_pure_accumulation_equals_the_eager_composition():
     data = make_batches(4, batch=8)
     eager = fl.with_grad_accum(fl.make_train_step(mlp(), fl.losses.classification, schedule_opt()), every=2)

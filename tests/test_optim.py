@@ -512,3 +512,41 @@ def test_public_names_are_exported_and_documented():
     for name in optim.__all__:
         assert getattr(optim, name).__doc__, name
         assert f"`{name}`" in doc or f"`{name}(" in doc, f"{name} is not documented in docs/optim.md"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sgd_and_adagrad_on_cpu_compute_in_float32(dtype):
+    """Not torch's CPU fused kernels, which skip vectorised fp16/bf16 SGD updates (pytorch#191763) and
+    divide Adagrad's update in fp16 (eps rounds to 0: NaN where gradient and sum are 0)."""
+    w = torch.linspace(-1, 1, 1000).to(dtype)
+    grads = []
+    for i in range(3):
+        g = torch.linspace(-2, 3, 1000).to(dtype) * (i + 1)
+        g[::7] = 0
+        grads.append(g)
+    lr, mom, wd, decay, eps = 0.05, 0.9, 0.01, 0.01, 1e-10
+    # hand-written float32 arithmetic, rounded to the dtype after each update
+    p, buf = w.clone(), None
+    for g in grads:
+        d = g.float() + wd * p.float()
+        b32 = d if buf is None else buf.float() * mom + d
+        buf = b32.to(dtype)
+        p = (p.float() - lr * (d + mom * b32)).to(dtype)
+    expected_sgd = p
+    p, s = w.clone(), torch.zeros_like(w)
+    for count, g in enumerate(grads):
+        g32 = g.float()
+        s32 = s.float() + g32 * g32
+        s = s32.to(dtype)
+        p = (p.float() - lr / (1 + count * decay) * g32 / (s32.sqrt() + eps)).to(dtype)
+    expected_adagrad = p
+    for opt, expected in (
+        (optim.sgd(lr, momentum=mom, nesterov=True, weight_decay=wd), expected_sgd),
+        (optim.adagrad(lr, lr_decay=decay, eps=eps), expected_adagrad),
+    ):
+        params = {"w": w.clone()}
+        state = opt.init(params)
+        for g in grads:
+            params, state = opt.apply(params, {"w": g.clone()}, state, inplace=False)
+        assert params["w"].dtype == dtype and bool(params["w"].isfinite().all())
+        torch.testing.assert_close(params["w"], expected, rtol=0, atol=0)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
-from ._kernels import check_mask, clone_all, initial_lr, merge, shard_local, weight_decay_groups
+from ._kernels import check_mask, clone_all, half_on_cpu, initial_lr, merge, shard_local, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import adagrad_math, copy_back, decayed_flags, resolve_lr_tensor
 
@@ -108,7 +108,16 @@ def adagrad(
         step_value = float(count)
         opts = dict(lr=lr, lr_decay=float(hp["lr_decay"]), eps=float(hp["eps"]), maximize=False)
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
-            for (device, _), idx in groups.items():
+            for (device, dtype), idx in groups.items():
+                if half_on_cpu(device, dtype):
+                    hparams = {**hp, "weight_decay": torch.tensor(group_wd, dtype=torch.float64)}
+                    sub, sub_sums = [ps[i] for i in idx], [sums[i] for i in idx]
+                    new_ps, new_sums = adagrad_math(
+                        sub, [gs[i] for i in idx], sub_sums, [True] * len(idx), count=state.count,
+                        lr=torch.tensor(lr, dtype=torch.float64), hparams=hparams,
+                    )  # fmt: skip
+                    copy_back(sub, new_ps), copy_back(sub_sums, new_sums)
+                    continue
                 steps = [torch.scalar_tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
                 torch._fused_adagrad_(
                     shard_local([ps[i] for i in idx]),

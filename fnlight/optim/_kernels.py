@@ -106,6 +106,22 @@ def weight_decay_groups(
     return [(wd, group_indices(tensors, subset)) for wd, subset in ((weight_decay, decay), (0.0, no_decay)) if subset]
 
 
+def half_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SGD and Adagrad replace torch's fused kernel by their float32 tensor math for this group.
+
+    torch 2.12-2.13's CPU ``_fused_sgd_`` skips the vectorised part of fp16/bf16 updates and
+    writes garbage into their momentum buffers (pytorch/pytorch#191763, fixed by #192545), and
+    its CPU ``_fused_adagrad_`` divides in fp16, where ``eps`` (1e-10) is 0, so a zero gradient
+    on a zero sum gives NaN. Half-precision CPU parameters ("true" fp16/bf16 mode) therefore
+    take the math of :mod:`fnlight.optim._traced`, computed in float32 as the fixed kernels do.
+
+    >>> import torch
+    >>> half_on_cpu(torch.device("cpu"), torch.bfloat16), half_on_cpu(torch.device("cpu"), torch.float32)
+    (True, False)
+    """
+    return device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+
+
 def initial_lr(learning_rate: Any) -> Tensor:
     """The ``hparams["lr"]`` an optimizer state starts with: the float, or the schedule at count 0.
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
-from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, shard_local, weight_decay_groups
+from ._kernels import check_bool, check_mask, clone_all, half_on_cpu, initial_lr, merge, shard_local, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import copy_back, decayed_flags, resolve_lr_tensor, sgd_math
 
@@ -124,7 +124,10 @@ def sgd(
             is_first_step=use_momentum and int(state.count) == 0,
         )
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
-            for idx in groups.values():
+            for (device, dtype), idx in groups.items():
+                if half_on_cpu(device, dtype):
+                    _sgd_in_float32(idx, ps, gs, bufs, group_wd, hp, state.count, lr, nesterov)
+                    continue
                 torch._fused_sgd_(
                     shard_local([ps[i] for i in idx]),
                     shard_local([gs[i] for i in idx]),
@@ -136,3 +139,32 @@ def sgd(
         return dict(zip(names, ps, strict=True)), SgdState(state.count + 1, new_bufs, hp)
 
     return Optimizer(init, apply)
+
+
+def _sgd_in_float32(
+    idx: list[int],
+    ps: list[Tensor],
+    gs: list[Tensor],
+    bufs: list[Tensor],
+    weight_decay: float,
+    hp: dict[str, Tensor],
+    count: Tensor,
+    lr: float,
+    nesterov: bool,
+) -> None:
+    """SGD on the half-precision CPU tensors ``idx``, in place, computed in float32 (see :func:`half_on_cpu`)."""
+    sub = [ps[i] for i in idx]
+    hparams = {**hp, "weight_decay": torch.tensor(weight_decay, dtype=torch.float64)}
+    new_ps, new_bufs = sgd_math(
+        sub,
+        [gs[i] for i in idx],
+        [bufs[i] for i in idx] if bufs else [],
+        [True] * len(idx),
+        count=count,
+        lr=torch.tensor(lr, dtype=torch.float64),
+        hparams=hparams,
+        nesterov=nesterov,
+    )
+    copy_back(sub, new_ps)
+    if bufs:
+        copy_back([bufs[i] for i in idx], new_bufs)

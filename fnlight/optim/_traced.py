@@ -27,6 +27,7 @@ __all__ = [
     "coefficients",
     "copy_back",
     "decayed_flags",
+    "opmath",
     "resolve_lr_tensor",
     "rmsprop_math",
     "sgd_math",
@@ -55,13 +56,27 @@ def coefficients(values: Sequence[Tensor]) -> Callable[[Tensor], list[Tensor]]:
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
 
     def cast_for(like: Tensor) -> list[Tensor]:
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32  # half types compute in float32
+        dtype = like.dtype if like.dtype in _OPMATH else torch.float32
         key = (like.device, dtype)
         if key not in groups:
             groups[key] = list(torch.stack([v.to(dtype) for v in values]).to(like.device).unbind())
         return groups[key]
 
     return cast_for
+
+
+_OPMATH = (torch.float32, torch.float64)
+
+
+def opmath(t: Tensor) -> Tensor:
+    """``t`` in the dtype torch's fused kernels compute in: float64 stays, every other float type is float32.
+
+    A no-op for float32 and float64 tensors. Half types must be cast explicitly: a 0-d float32
+    coefficient does not promote an fp16 tensor, and in fp16 Adam's ``eps`` (1e-8) rounds to
+    zero and ``g * g`` underflows. Inductor upcasts half types in its kernels anyway; the
+    ``eager`` and ``aot_eager`` backends run these expressions as written.
+    """
+    return t if t.dtype in _OPMATH else t.float()
 
 
 def decayed_flags(names: Sequence[str], tensors: Sequence[Tensor], mask: MaskFn | None) -> list[bool]:
@@ -93,17 +108,24 @@ def adam_math(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """Adam (``decoupled=False``) or AdamW after ``count`` updates: the math of ``torch._fused_adam(w)_``.
 
+    One difference: the second moment's bias correction multiplies by ``1 / sqrt(1 - b2**t)``
+    where torch's kernel divides by its square root. The results differ by about an ulp, and
+    the compiled loop has one vector division per element instead of two: on the CPU that
+    measured about 20% less time for the update of a 0.7M-parameter MLP, and faster than
+    torch's fused kernel.
+
     Returns new parameters, first moments, second moments and (``amsgrad``) their maxima.
     """
     step = (count + 1).to(torch.float64)
     b1, b2, eps, wd = hparams["b1"], hparams["b2"], hparams["eps"], hparams["weight_decay"]
     step_size = lr / (1 - b1**step)
-    bc2_sqrt = torch.sqrt(1 - b2**step)
+    inv_bc2_sqrt = 1 / torch.sqrt(1 - b2**step)
     decay = 1 - lr * wd if decoupled else wd
-    coefs = coefficients((step_size, bc2_sqrt, 1 - b1, b2, 1 - b2, eps, decay))
+    coefs = coefficients((step_size, inv_bc2_sqrt, 1 - b1, b2, 1 - b2, eps, decay))
     new_p, new_m, new_v, new_vmax = [], [], [], []
-    for i, (p, g, m, v) in enumerate(zip(ps, gs, mu, nu, strict=True)):
-        c_step, c_bc2, c_b1, c_b2, c_1mb2, c_eps, c_decay = coefs(p)
+    for i, (p0, g, m0, v0) in enumerate(zip(ps, gs, mu, nu, strict=True)):
+        p, g, m, v = opmath(p0), opmath(g), opmath(m0), opmath(v0)
+        c_step, c_inv_bc2, c_b1, c_b2, c_1mb2, c_eps, c_decay = coefs(p)
         if decayed[i]:
             if decoupled:
                 p = p * c_decay
@@ -112,14 +134,14 @@ def adam_math(
         m = m + c_b1 * (g - m)  # lerp's formula for weights below 0.5 (1 - b1), as an fma, without lerp's per-element branch
         v = v * c_b2 + c_1mb2 * g * g
         if amsgrad:
-            top = torch.maximum(vmax[i], v)
-            new_vmax.append(top)
-            denom = torch.sqrt(top) / c_bc2 + c_eps
+            top = torch.maximum(opmath(vmax[i]), v)
+            new_vmax.append(top.to(vmax[i].dtype))
+            denom = torch.sqrt(top) * c_inv_bc2 + c_eps
         else:
-            denom = torch.sqrt(v) / c_bc2 + c_eps
-        new_p.append(p - c_step * m / denom)
-        new_m.append(m)
-        new_v.append(v)
+            denom = torch.sqrt(v) * c_inv_bc2 + c_eps
+        new_p.append((p - c_step * m / denom).to(p0.dtype))
+        new_m.append(m.to(m0.dtype))
+        new_v.append(v.to(v0.dtype))
     return new_p, new_m, new_v, new_vmax
 
 
@@ -138,15 +160,16 @@ def sgd_math(
     first = count == 0
     coefs = coefficients((lr, hparams["weight_decay"], hparams["momentum"], 1 - hparams["dampening"]))
     new_p, new_b = [], []
-    for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+    for i, (p0, g) in enumerate(zip(ps, gs, strict=True)):
+        p, g = opmath(p0), opmath(g)
         c_lr, c_wd, c_mom, c_damp = coefs(p)
         if decayed[i]:
             g = g + p * c_wd
         if bufs:
-            b = torch.where(first.to(p.device), g, bufs[i] * c_mom + c_damp * g)
-            new_b.append(b)
+            b = torch.where(first.to(p.device), g, opmath(bufs[i]) * c_mom + c_damp * g)
+            new_b.append(b.to(bufs[i].dtype))
             g = g + b * c_mom if nesterov else b
-        new_p.append(p - c_lr * g)
+        new_p.append((p - c_lr * g).to(p0.dtype))
     return new_p, new_b
 
 
@@ -164,13 +187,14 @@ def adagrad_math(
     clr = lr / (1 + count.to(torch.float64) * hparams["lr_decay"])
     coefs = coefficients((clr, hparams["weight_decay"], hparams["eps"]))
     new_p, new_s = [], []
-    for i, (p, g, s) in enumerate(zip(ps, gs, sums, strict=True)):
+    for i, (p0, g, s0) in enumerate(zip(ps, gs, sums, strict=True)):
+        p, g, s = opmath(p0), opmath(g), opmath(s0)
         c_clr, c_wd, c_eps = coefs(p)
         if decayed[i]:
             g = g + p * c_wd
         s = s + g * g
-        new_p.append(p - c_clr * g / (torch.sqrt(s) + c_eps))
-        new_s.append(s)
+        new_p.append((p - c_clr * g / (torch.sqrt(s) + c_eps)).to(p0.dtype))
+        new_s.append(s.to(s0.dtype))
     return new_p, new_s
 
 
@@ -185,7 +209,10 @@ def rmsprop_math(
     lr: Tensor,
     hparams: dict[str, Tensor],
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """RMSprop: the math of torch's multi-tensor RMSprop. Returns new parameters, ``sq``, ``ga``, ``mb``."""
+    """RMSprop: the math of torch's multi-tensor RMSprop. Returns new parameters, ``sq``, ``ga``, ``mb``.
+
+    As that implementation does, it computes in the parameters' dtype (fp16 parameters in fp16).
+    """
     alpha = hparams["alpha"]
     coefs = coefficients((lr, alpha, 1 - alpha, hparams["eps"], hparams["weight_decay"], hparams["momentum"]))
     new_p, new_sq, new_ga, new_mb = [], [], [], []

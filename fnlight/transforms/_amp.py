@@ -15,6 +15,7 @@ from ._base import Metrics, Transform
 
 __all__ = ["AmpState", "with_amp"]
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # the scale is a float32 tensor
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -104,15 +105,24 @@ class Amp(Transform):
             found = torch.zeros(1, dtype=torch.float32, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(device))
             found_inf += found.to(found_inf.device)
-        skipped = bool(found_inf)
-        if skipped:
-            new_state, metrics = state.replace(buffers=dict(g.buffers)), {}
-        else:
+        bad_loss = (~torch.isfinite(g.loss.detach())).to(found_inf)
+        overflow, nonfinite_loss = (bool(x) for x in torch.cat([found_inf, bad_loss.reshape(1)]).tolist())  # one read
+        if nonfinite_loss and self.core.nonfinite != "ignore":
+            # the loss itself is inf/NaN (the data, the model, an overflow in the forward pass): no loss scale
+            # causes or cures that, so make_train_step's nonfinite policy decides (raise, skip or stop) and
+            # the scale and its growth count stay as they were
             new_state, metrics = self.inner.update(state, g)
-        torch._amp_update_scale_(scale, tracker, found_inf, self.growth_factor, self.backoff_factor, self.growth_interval)
-        scale.clamp_(min=self.min_scale)
+            skipped = metrics.get("skipped", torch.scalar_tensor(1.0))
+        else:
+            if overflow:  # an fp16 overflow in backward: skip the update, back off
+                new_state, metrics = state.replace(buffers=dict(g.buffers)), {}
+            else:
+                new_state, metrics = self.inner.update(state, g)
+            torch._amp_update_scale_(scale, tracker, found_inf, self.growth_factor, self.backoff_factor, self.growth_interval)
+            scale.clamp_(min=self.min_scale)
+            skipped = torch.scalar_tensor(float(overflow))
         new_state = new_state.replace(slots={**new_state.slots, "amp": AmpState(scale, tracker)})
-        return new_state, {**metrics, "loss_scale": scale.detach(), "skipped": torch.scalar_tensor(float(skipped))}
+        return new_state, {**metrics, "loss_scale": scale.detach(), "skipped": skipped}
 
 
 def with_amp(
@@ -134,10 +144,14 @@ def with_amp(
 
     With fp16 the loss is multiplied by a dynamic scale held in ``state.slots["amp"]``;
     gradients are unscaled before the update (so clipping and checks see true values). An
-    update whose gradients hold inf/NaN is skipped — parameters, optimizer moments, step
-    count and schedule unchanged — and the scale is multiplied by ``backoff_factor``; after
-    ``growth_interval`` finite updates in a row it is multiplied by ``growth_factor``.
-    The metrics carry ``loss_scale`` and ``skipped`` (0.0 or 1.0). bf16 needs no scaling.
+    update whose gradients hold inf/NaN behind a finite loss (an fp16 overflow in backward)
+    is skipped — parameters, optimizer moments, step count and schedule unchanged — and the
+    scale is multiplied by ``backoff_factor``; after ``growth_interval`` finite updates in a
+    row it is multiplied by ``growth_factor``. A non-finite *loss* is not an overflow that
+    the scale could cure: ``make_train_step``'s ``nonfinite`` policy handles it (``"raise"``
+    by default; ``"skip"``, ``"stop"``) and the scale stays as it was (under ``"ignore"`` it
+    is skipped as an overflow). The metrics carry ``loss_scale`` and ``skipped`` (0.0 or
+    1.0). bf16 needs no scaling.
 
     Args:
         step: the step to wrap (see docs/transforms.md for the order).
@@ -160,7 +174,7 @@ def with_amp(
     >>> float(metrics["loss_scale"]), float(metrics["skipped"])
     (1024.0, 0.0)
     """
-    resolved = _DTYPES.get(dtype)  # type: ignore[call-overload]
+    resolved = _DTYPES.get(dtype) if isinstance(dtype, (str, torch.dtype)) else None  # type: ignore[call-overload]
     if resolved is None:
         raise ValueError(f"with_amp: dtype must be 'bf16' or 'fp16' (or torch.bfloat16/torch.float16), got {dtype!r}")
     if mode not in ("mixed", "true"):
@@ -170,8 +184,10 @@ def with_amp(
         ("min_scale", min_scale, 0.0),
         ("growth_factor", growth_factor, 1.0),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-            raise ValueError(f"with_amp: {name} must be a number > {low}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= _FLOAT32_MAX:
+            raise ValueError(
+                f"with_amp: {name} must be a finite number > {low} (a float32: at most {_FLOAT32_MAX:.4g}), got {value!r}"
+            )
     if isinstance(backoff_factor, bool) or not isinstance(backoff_factor, (int, float)) or not 0 < backoff_factor < 1:
         raise ValueError(f"with_amp: backoff_factor must be in (0, 1), got {backoff_factor!r}")
     if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
