@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ._interop import _require_skeleton, to_module
 from ._state import TrainState
-from .checkpoint._io import _fsync_directory
+from .checkpoint._io import _fsync_directory, temporary_stem
 
 __all__ = ["to_onnx", "to_pt2", "to_torchscript"]
 
@@ -359,7 +359,7 @@ def _staged(target: pathlib.Path) -> Iterator[pathlib.Path]:
     Side files (ONNX external data) are moved first and ``target`` last, each fsynced and renamed
     atomically, then the directory is fsynced; the staging directory is removed whatever happens.
     """
-    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{temporary_stem(target.name)}.", suffix=".tmp", dir=target.parent))
     try:
         staged = stage / target.name
         yield staged

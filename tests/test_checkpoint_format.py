@@ -328,6 +328,11 @@ def quantized() -> torch.Tensor:
         ),
         (lambda: {True: torch.ones(1)}, TypeError, r"the key True under <root> is a bool"),
         (
+            lambda: {"layers": {2**64: torch.ones(1)}},
+            ValueError,
+            r"the int key 18446744073709551616 under layers does not fit in 64 bits",
+        ),
+        (
             lambda: {"q": torch.ones(2).to_sparse()},
             TypeError,
             r"the tensor at q has layout torch\.sparse_coo; only dense strided",
@@ -454,6 +459,14 @@ def test_empty_file(tmp_path):
         restore(tmp_path / "e.ckpt", SMALL_TREE)
     with raises(tmp_path / "e.ckpt", "the file is empty"):
         read_metadata(tmp_path / "e.ckpt")
+
+
+def test_a_name_of_255_bytes_saves(tmp_path):
+    """The temporary file beside the target is named after it: cut so that it still fits in a file name."""
+    target = tmp_path / ("é" + "x" * 253)  # 255 bytes in UTF-8
+    fl.checkpoint.save(target, {"w": torch.ones(2)})
+    assert torch.equal(fl.checkpoint.restore(target, {"w": torch.zeros(2)})["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 def test_a_torch_save_file_is_not_a_checkpoint(tmp_path):

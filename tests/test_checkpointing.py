@@ -61,27 +61,44 @@ def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path):
     assert names(tmp_path) == ["latest", "step-000000002.ckpt", "step-000000006.ckpt"]
 
 
-def test_keep_best_by_monitored_metric_nan_worst(tmp_path):
-    values = iter([5.0, 1.0, float("nan"), 3.0, 0.5, 4.0])
+def kept_by_score(directory, values, *, mode="min", keep_best=1):
+    """Fold one update per value, each logging it as ``score``, keeping the last and ``keep_best`` best; the files left."""
+    scores = iter(values)
 
     def loss_fn(model, batch):
-        loss = fl.losses.cross_entropy(model, batch)
-        return loss, {"score": torch.tensor(next(values))}
+        return fl.losses.cross_entropy(model, batch), {"score": torch.tensor(next(scores))}
 
-    step = build(tmp_path, every=1, keep_last=1, keep_best=2, monitor="score", loss_fn=loss_fn)
-    fl.fold(step, step.init(), make_batches(6), progress=False)
-    assert names(tmp_path) == ["latest", "step-000000002.ckpt", "step-000000005.ckpt", "step-000000006.ckpt"]
-    maxed = build(
-        tmp_path / "max",
-        every=1,
-        keep_last=1,
-        keep_best=1,
-        monitor="score",
-        mode="max",
-        loss_fn=lambda m, b: (fl.losses.cross_entropy(m, b), {"score": torch.tensor(float("nan"))}),
-    )
-    fl.fold(maxed, maxed.init(), make_batches(3), progress=False)
-    assert names(tmp_path / "max") == ["latest", "step-000000003.ckpt"]  # all NaN: ties go to the newest
+    step = build(directory, every=1, keep_last=1, keep_best=keep_best, monitor="score", mode=mode, loss_fn=loss_fn)
+    fl.fold(step, step.init(), make_batches(len(values)), progress=False)
+    return names(directory)
+
+
+def test_keep_best_by_monitored_metric_nan_worst(tmp_path):
+    got = kept_by_score(tmp_path, [5.0, 1.0, float("nan"), 3.0, 0.5, 4.0], keep_best=2)
+    assert got == ["latest", "step-000000002.ckpt", "step-000000005.ckpt", "step-000000006.ckpt"]
+    nan = float("nan")
+    assert kept_by_score(tmp_path / "max", [nan] * 3, mode="max") == ["latest", "step-000000003.ckpt"]  # ties: the newest
+
+
+def test_keep_best_ranks_an_infinity_by_its_sign(tmp_path):
+    for mode, first in (("max", float("inf")), ("min", float("-inf"))):
+        values = [first, 1.0, 2.0, 0.5] if mode == "max" else [first, 1.0, 0.5, 2.0]
+        assert kept_by_score(tmp_path / mode, values, mode=mode) == ["latest", "step-000000001.ckpt", "step-000000004.ckpt"]
+        assert fl.checkpoint.read_metadata(tmp_path / mode / "step-000000001.ckpt")["metadata"]["value"] == first
+    # an infinity the wrong way ranks worst, with NaN
+    got = kept_by_score(tmp_path / "worst", [float("-inf"), 1.0, float("nan")], mode="max")
+    assert got == ["latest", "step-000000002.ckpt", "step-000000003.ckpt"]
+
+
+def test_partial_files_of_a_killed_save_are_removed_at_the_next_commit(tmp_path):
+    step = build(tmp_path, every=2, keep_last=1)
+    state = fl.fold(step, step.init(), make_batches(2), progress=False)
+    # what SIGKILL during a save leaves: save()'s temporary file and the pointer's
+    (tmp_path / ".step-000000004.ckpt.0123456789ab.tmp").write_bytes(b"partial")
+    (tmp_path / ".latest.tmp").write_text("step-000000004.ckpt")
+    (tmp_path / ".notes.txt.tmp").write_text("not ours")  # other names are left alone
+    fl.fold(step, state, make_batches(2), epochs=2, progress=False)
+    assert names(tmp_path) == [".notes.txt.tmp", "latest", "step-000000004.ckpt"]
 
 
 def test_damaged_newest_checkpoint_is_skipped(tmp_path):
@@ -208,6 +225,9 @@ def test_sigint_without_checkpointing_says_nothing_was_saved():
         ({"directory": "d", "every": 1, "keep_best": 2}, ValueError, "keep_best=2 needs monitor"),
         ({"directory": "d", "every": 1, "monitor": 3}, TypeError, "monitor must be a metric name"),
         ({"directory": "d", "every": 1, "mode": "up"}, ValueError, "mode must be 'min' or 'max', got 'up'"),
+        ({"directory": "d", "every": 1, "resume": "no"}, TypeError, "resume must be a bool, got 'no'"),
+        ({"directory": "d", "every": 1, "async_write": 1}, TypeError, "async_write must be a bool, got 1"),
+        ({"directory": __file__, "every": 1}, ValueError, "directory '.*test_checkpointing.py' exists and is not a directory"),
     ],
 )
 def test_options_are_validated(kwargs, error, match):

@@ -222,10 +222,20 @@ def _write_atomically(target: str, write: Callable[[Writer], None]) -> None:
     _fsync_directory(directory)
 
 
+def temporary_stem(name: str) -> str:
+    """``name`` cut so that ``.<stem>.<12 hex digits>.tmp`` still fits in 255 bytes (a file name's limit).
+
+    >>> len(temporary_stem("x" * 255)), temporary_stem("step-000000002.ckpt")
+    (237, 'step-000000002.ckpt')
+    """
+    raw = name.encode("utf-8", "surrogateescape")[: 255 - len(".") - len(".000000000000.tmp")]
+    return raw.decode("utf-8", "ignore")  # a multi-byte character cut in two is dropped
+
+
 def _open_temporary(directory: str, name: str) -> tuple[str, BinaryIO]:
     """Create a fresh ``.<name>.<random>.tmp`` beside the target (permissions follow the umask)."""
     while True:
-        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(directory, f".{temporary_stem(name)}.{secrets.token_hex(6)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:

@@ -38,6 +38,8 @@ def _key(entry: optree.PyTreeEntry, at: KeyPath) -> str | int:
         )
     if isinstance(key, str):
         _check_utf8(key, f"the key {key!r} under {path_str(at)}")
+    elif not _INT_MIN <= key <= _INT_MAX:
+        raise ValueError(f"checkpoint: the int key {key} under {path_str(at)} does not fit in 64 bits (msgpack's integers)")
     return key
 
 

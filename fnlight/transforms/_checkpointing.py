@@ -23,6 +23,8 @@ from ._base import Metrics, Transform
 __all__ = ["CheckpointingState", "find_latest", "with_checkpointing"]
 
 _NAME = re.compile(r"^step-(\d{9,})\.ckpt$")
+# what a save killed before its rename leaves behind: fnlight.checkpoint.save's temporary file, the pointer's
+_TEMPORARY = re.compile(r"^\.(step-\d{9,}\.ckpt\.[0-9a-f]{12}|latest)\.tmp$")
 LATEST = "latest"
 
 
@@ -203,7 +205,7 @@ class Checkpointing(Transform):
         value = None
         if self.monitor is not None and self.monitor in metrics:
             value = float(metrics[self.monitor])
-            value = value if math.isfinite(value) else None  # NaN/inf rank worst
+            value = None if math.isnan(value) else value  # NaN ranks worst; an infinity ranks by its sign
         metadata = {"step": step, "epoch": int(state.data.epoch), "monitor": self.monitor, "value": value}
         path = self.directory / f"step-{step:09d}.ckpt"
         self._last_save = time.monotonic()
@@ -259,6 +261,11 @@ class Checkpointing(Transform):
         for _, p in found:
             if p not in kept and p not in keep:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        # partial files of saves that a hard kill (SIGKILL, OOM, power loss) stopped before their rename;
+        # this run writes one checkpoint at a time and has just committed it, so none of these is in flight
+        for name in os.listdir(self.directory):
+            if _TEMPORARY.match(name):
+                (self.directory / name).unlink(missing_ok=True)
 
 
 def with_checkpointing(
@@ -285,8 +292,9 @@ def with_checkpointing(
     (see :func:`fnlight.fold`).
 
     Retention keeps the ``keep_last`` newest, plus the ``keep_best`` best by the ``monitor``
-    metric of the saving step (``mode`` ``"min"`` or ``"max"``; NaN counts as worst), and
-    never deletes the checkpoint the run resumed from.
+    metric of the saving step (``mode`` ``"min"`` or ``"max"``; NaN counts as worst, an
+    infinity by its sign), and never deletes the checkpoint the run resumed from. After each
+    save it also removes the partial files that a save stopped by a hard kill left behind.
 
     Args:
         step: the step to wrap (outermost; see docs/transforms.md).
@@ -320,6 +328,11 @@ def with_checkpointing(
     where = "with_checkpointing"
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"{where}: directory must be a path, got {directory!r}")
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"{where}: directory {os.fspath(directory)!r} exists and is not a directory")
+    for flag, value in (("async_write", async_write), ("resume", resume)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{where}: {flag} must be a bool, got {value!r}")
     if every is None and seconds is None:
         raise ValueError(f"{where}: give every=N (optimizer updates) and/or seconds=T")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -344,6 +357,6 @@ def with_checkpointing(
         keep_best=keep_best,
         monitor=monitor,
         mode=mode,
-        async_write=bool(async_write),
-        resume=bool(resume),
+        async_write=async_write,
+        resume=resume,
     )
