@@ -108,6 +108,35 @@ def test_each_update_uses_the_swept_learning_rate():
     assert result.losses == losses and float(state.opt_state.hparams["lr"]) == result.lrs[-1]
 
 
+def test_under_accumulation_each_update_is_one_point_at_one_learning_rate():
+    data, _ = regression()
+    step = fl.with_grad_accum(linear_step(), every=2)
+    result = lr_find(step, step.init(), data[:4], start=1e-3, end=1e-1, num=4, diverge=None)
+    assert len(result.lrs) == 4
+    core = linear_step()
+    state = core.init()
+    for i, lr in enumerate(result.lrs):  # by hand: the K micro-batches of an update at its learning rate
+        hparams = {**state.opt_state.hparams, "lr": torch.tensor(lr, dtype=torch.float64)}
+        state = state.replace(opt_state=state.opt_state._replace(hparams=hparams))
+        window = [data[(2 * i) % 4], data[(2 * i + 1) % 4]]
+        losses = [float(core(state, b)[1]["loss"]) for b in window]
+        x, y = torch.cat([b[0] for b in window]), torch.cat([b[1] for b in window])
+        state, _ = core(state, (x, y))  # equal micro-batches: the update of their mean loss
+        assert result.losses[i] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match=r"data ended before the first update \(1 batches; with_grad_accum"):
+        lr_find(step, step.init(), iter(data[:1]), num=4)
+
+
+def test_a_negative_loss_does_not_read_as_diverging():
+    data, _ = regression()
+    step = linear_step()
+    shifted = fl.make_train_step(step.core._model, lambda m, b: fl.losses.mse(m, b) - 100.0, fl.optim.sgd(0.1))
+    plain = lr_find(step, step.init(), data, start=1e-4, end=100.0, num=100)
+    moved = lr_find(shifted, shifted.init(), data, start=1e-4, end=100.0, num=100)
+    assert plain.diverged and moved.diverged and 10 < len(moved.lrs) == len(plain.lrs)
+    assert moved.suggestion == plain.suggestion
+
+
 def test_plot_writes_a_png(tmp_path):
     data, _ = regression()
     step = linear_step()
@@ -287,3 +316,17 @@ def test_find_errors():
         batch_size_find(step, state, make_batch, memory_budget=-1)
     with pytest.raises(ValueError, match=r"the first batch size, 4, does not fit \(over budget: \d+ > 10 bytes\)"):
         batch_size_find(step, state, make_batch, start=4, memory_budget=10)
+
+
+def test_a_trial_makes_its_updates_under_accumulation():
+    step = fl.with_grad_accum(mlp_step(), every=3)
+    updates = []
+
+    def counted(state, batch):
+        state, metrics = step(state, batch)
+        updates.append(int(state.step))
+        return state, metrics
+
+    result = batch_size_find(counted, step.init(), make_batch, max_size=4, steps=2)
+    assert result.batch_size == 4 and [t.size for t in result.trials] == [1, 2, 4]
+    assert updates == [0, 0, 1, 1, 1, 2] * 3  # per trial: two updates of three calls each

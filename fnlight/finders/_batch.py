@@ -14,6 +14,7 @@ from .._donation import check_live, donating
 from .._state import TrainState
 from .._step import Step
 from .._tree import tree_clone
+from ..transforms._accum import window_open
 
 __all__ = ["BatchSizeResult", "BatchSizeTrial", "batch_size_find", "batch_size_search", "is_out_of_memory"]
 
@@ -156,7 +157,7 @@ def batch_size_find(
         state: the state to try it on; left untouched.
         make_batch: ``batch_size -> batch``.
         start, max_size: the range searched.
-        steps: updates per trial.
+        steps: updates per trial (under streaming ``with_grad_accum(every=K)``, K calls each).
         memory_budget: bytes, or ``None`` to stop on out-of-memory errors only.
 
     Returns:
@@ -209,10 +210,13 @@ def batch_size_find(
             peak = 0
             with donating():
                 for _ in range(steps):
-                    saved.clear()
-                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                        work, _ = step(work, batch)
-                    peak = max(peak, sum(saved.values()))
+                    while True:  # under streaming with_grad_accum(every=K), K calls make one update
+                        saved.clear()
+                        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                            work, _ = step(work, batch)
+                        peak = max(peak, sum(saved.values()))
+                        if not window_open(work):
+                            break
             measured = torch.cuda.max_memory_allocated(device) if cuda else peak
         except Exception as e:
             if not is_out_of_memory(e):

@@ -16,6 +16,7 @@ from .._donation import check_live, donating
 from .._state import TrainState
 from .._step import NonFiniteError, Step
 from .._tree import tree_clone
+from ..transforms._accum import window_open
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -144,11 +145,14 @@ def lr_find(
 
     Runs up to ``num`` updates of ``step`` on a copy of ``state`` (the state passed in is
     never modified), the ``i``-th with learning rate ``start * (end / start) ** (i / (num - 1))``,
-    and records each update's loss. The learning rate is set the way fnlight optimizers
-    read it: every ``hparams["lr"]`` in ``state.opt_state`` (the state is data) is replaced
-    before each update. The loss is smoothed with an exponential moving average
-    (bias-corrected, factor ``smooth``); the sweep stops early when the smoothed loss exceeds
-    ``diverge`` times the best seen so far, or when the loss is not finite. The suggestion
+    and records each update's loss. Under streaming ``with_grad_accum(every=K)`` an update
+    takes K batches, all at its learning rate, and its loss is the window's mean loss. The learning rate
+    is set the way fnlight optimizers read it: every ``hparams["lr"]`` in ``state.opt_state``
+    (the state is data) is replaced before each call. The loss is smoothed with an
+    exponential moving average (bias-corrected, factor ``smooth``); the sweep stops early
+    when the smoothed loss exceeds the best seen so far by more than ``diverge - 1`` times
+    the best's magnitude (``diverge`` times the best, for a positive loss: Lightning's rule,
+    which reads any negative loss as diverging), or when the loss is not finite. The suggestion
     is the learning rate where the smoothed loss falls fastest (the minimum of its gradient
     over the sweep's steps), ignoring the first ``skip_start`` and last ``skip_end`` updates
     — the rule of PyTorch Lightning's ``lr_find().suggestion()``.
@@ -163,7 +167,8 @@ def lr_find(
         num: the number of updates (learning rates) in the sweep.
         smooth: the smoothing factor of the moving average, in [0, 1).
         diverge: stop when the smoothed loss exceeds this multiple (> 1) of the best smoothed
-            loss; ``None`` runs the whole sweep (a non-finite loss still stops it).
+            loss (for a negative best, the best plus ``diverge - 1`` times its magnitude);
+            ``None`` runs the whole sweep (a non-finite loss still stops it).
         skip_start, skip_end: updates left out at each end when suggesting.
 
     Returns:
@@ -173,7 +178,7 @@ def lr_find(
         TypeError: ``state`` is not a ``TrainState`` or ``step`` is not callable.
         ValueError: an option is out of range; the optimizer state holds no ``hparams["lr"]``;
             the optimizer's learning rate is a schedule (it would overwrite the sweep's);
-            ``data`` is empty; the step's loss is not a scalar.
+            ``data`` is empty or ends before the first update; the step's loss is not a scalar.
 
     >>> import torch, fnlight as fl
     >>> from fnlight.finders import lr_find
@@ -215,35 +220,52 @@ def lr_find(
     with donating():
         for i in range(num):
             lr = start * (end / start) ** (i / (num - 1))
-            batch = next(batches, None)
-            if batch is None:
-                if i == 0:
-                    raise ValueError("lr_find: data gave no batch")
-                break
-            opt_state, _ = _set_lr(work.opt_state, lr)
-            try:
-                work, metrics = step(work.replace(opt_state=opt_state), batch)
-            except NonFiniteError:
+            window: list[float] | None = []  # the losses of the calls making this update (one without accumulation)
+            batch = None
+            while window is not None:
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                opt_state, _ = _set_lr(work.opt_state, lr)
+                try:
+                    work, metrics = step(work.replace(opt_state=opt_state), batch)
+                except NonFiniteError:
+                    window = None
+                    break
+                loss_t = metrics["loss"]
+                if loss_t.ndim != 0:
+                    raise ValueError(f"lr_find: the step's loss must be a scalar, got shape {list(loss_t.shape)} (an ensemble?)")
+                window.append(float(loss_t))
+                if not window_open(work):  # the update was made (or skipped): this learning rate is done
+                    break
+            if window is None:
                 lrs.append(lr)
                 losses.append(math.nan)
                 smoothed.append(math.nan)
                 diverged = True
                 break
-            loss_t = metrics["loss"]
-            if loss_t.ndim != 0:
-                raise ValueError(f"lr_find: the step's loss must be a scalar, got shape {list(loss_t.shape)} (an ensemble?)")
+            if batch is None:  # the data ended before this learning rate's update
+                if i == 0:
+                    raise ValueError(
+                        "lr_find: data gave no batch" if not window else
+                        f"lr_find: data ended before the first update ({len(window)} batches; with_grad_accum(every=K) "
+                        "takes K batches per update)"
+                    )  # fmt: skip
+                break
             if any(bool((t != lr).any()) for t in _lrs_in(work.opt_state)):
                 raise ValueError(
                     "lr_find: the optimizer's learning rate is a schedule, which sets hparams['lr'] at every update and "
                     "would overwrite the sweep's; build the step with a constant learning rate (a float) for the search"
                 )
-            loss = float(loss_t)
+            loss = window[-1]  # the update's metrics: with_grad_accum reports the window's mean loss there
             avg = smooth * avg + (1 - smooth) * loss
             value = avg / (1 - smooth ** (i + 1))
             lrs.append(lr)
             losses.append(loss)
             smoothed.append(value)
-            if not math.isfinite(value) or (diverge is not None and i > 0 and value > diverge * best):
+            # diverge * best for a positive best; measured from the best by its magnitude, so that a negative
+            # loss (a log-likelihood) does not read as diverging at once
+            if not math.isfinite(value) or (diverge is not None and i > 0 and value - best > (diverge - 1) * abs(best)):
                 diverged = True
                 break
             best = min(best, value)

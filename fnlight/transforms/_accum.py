@@ -49,6 +49,19 @@ class AccumState(NamedTuple):
     complete: bool
 
 
+def window_open(state: Any) -> bool:
+    """Whether ``state`` is inside a streaming ``with_grad_accum`` window: its last call made no update.
+
+    >>> import torch, fnlight as fl
+    >>> step = fl.with_grad_accum(fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)), every=2)
+    >>> state, _ = step(step.init(), (torch.ones(4, 2), torch.zeros(4, 1)))
+    >>> window_open(state), window_open(step(state, (torch.ones(4, 2), torch.zeros(4, 1)))[0])
+    (True, False)
+    """
+    slot = state.slots.get("grad_accum")
+    return isinstance(slot, AccumState) and int(slot.count) > 0
+
+
 def batch_size(batch: Any) -> int:
     """The leading dimension of the first tensor in ``batch`` (the default sample count)."""
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].ndim:
