@@ -52,7 +52,8 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
 
     For a ``TrainState`` the counts and sizes are those of the state's tensors (e.g. their
     dtypes after ``with_amp(mode="true")``); trainable means ``requires_grad`` was set on the
-    model's parameter (the step updates it).
+    model's parameter (the step updates it). For a stacked ensemble state the counts and
+    sizes cover all K replicas, and each row's type says so (``Linear x4 replicas``).
 
     Raises:
         TypeError: ``model`` is neither an ``nn.Module`` nor a ``TrainState``.
@@ -79,6 +80,8 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
         buffers = dict(model.named_buffers())
     else:
         raise TypeError(f"summary: expected an nn.Module or a TrainState, got {type(model).__name__}")
+    key = model.key if isinstance(model, TrainState) else None
+    replicas = f" x{key.shape[0]} replicas" if isinstance(key, Tensor) and key.ndim == 1 else ""
     canonical = {id(p): n for n, p in module.named_parameters()}  # a tied weight counts under its first name
     rows = []
     for name, sub in module.named_modules():
@@ -90,8 +93,8 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
                 ids.add(id(p))
                 pname = canonical.get(id(p), pname)
                 tensors.append((values.get(pname, p), pname in trainable))
-        rows.append(SummaryRow(name, type(sub).__name__, *_count(tensors)))
-    total = SummaryRow("total", type(module).__name__, *_count([(t, n in trainable) for n, t in values.items()]))
+        rows.append(SummaryRow(name, type(sub).__name__ + replicas, *_count(tensors)))
+    total = SummaryRow("total", type(module).__name__ + replicas, *_count([(t, n in trainable) for n, t in values.items()]))
     buffers_mib = sum(b.numel() * b.element_size() for b in buffers.values()) / 2**20
     return ModelSummary(tuple(rows), total, buffers_mib)
 

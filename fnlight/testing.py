@@ -16,6 +16,7 @@ failing test says what to fix. They work under pytest, unittest or a plain scrip
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -81,6 +82,51 @@ def _differences(a: Any, b: Any, root: str) -> list[str]:
     return [p.codify(root) for p, x, y in zip(paths_a, leaves_a, leaves_b) if not _same(x, y)]
 
 
+_ATOMS = (str, bytes, bool, int, float, complex, type(None), torch.dtype, torch.device)
+
+
+def _inner_tensors(obj: Any, path: str, seen: set[int], out: dict[str, Tensor]) -> None:
+    """The tensors reachable inside an object optree sees as one leaf (a dataclass, a dict subclass, an object)."""
+    if isinstance(obj, Tensor):
+        out[path] = obj
+        return
+    if isinstance(obj, _ATOMS) or id(obj) in seen or len(seen) > 10_000:
+        return
+    seen.add(id(obj))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items: Iterable[tuple[str, Any]] = ((f".{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    elif isinstance(obj, Mapping):
+        items = ((f"[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(obj))
+    elif hasattr(obj, "__dict__") and not callable(obj):
+        items = ((f".{k}", v) for k, v in vars(obj).items())
+    else:
+        return
+    for suffix, value in items:
+        _inner_tensors(value, path + suffix, seen, out)
+
+
+def _opaque_tensors(tree: Any, root: str) -> dict[str, Tensor]:
+    """Path -> tensor for every tensor held inside the non-tensor leaves of ``tree``.
+
+    optree stops at objects it has no rule for (a dataclass batch, a ``dict`` subclass, a
+    ``UserDict`` such as a tokenizer's output): ``tree_clone`` shares them, so comparing
+    leaves would compare such an object with itself. Their tensors are compared one by one.
+    """
+    paths, leaves, _ = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
+    out: dict[str, Tensor] = {}
+    for accessor, leaf in zip(paths, leaves):
+        if not isinstance(leaf, Tensor):
+            _inner_tensors(leaf, accessor.codify(root), set(), out)
+    return out
+
+
+def _opaque_differences(before: dict[str, Tensor], after: dict[str, Tensor]) -> list[str]:
+    """The paths whose tensors differ (or appeared, or went) between two :func:`_opaque_tensors` readings."""
+    return sorted(p for p in before.keys() | after.keys() if p not in before or p not in after or not _same(after[p], before[p]))
+
+
 def _nonfinite(tree: Any, root: str) -> list[str]:
     paths, leaves, _ = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
     return [
@@ -105,7 +151,9 @@ def assert_pure(step: Step, state: TrainState, batch: Any) -> None:
     A fnlight step is a pure function: it returns a new state and leaves its input as
     it was (in-place updates happen only inside :func:`fnlight.fold`, which owns its
     states). This calls the step once and compares every leaf of ``state`` and
-    ``batch`` bitwise with a copy taken before (NaN equals NaN).
+    ``batch`` bitwise with a copy taken before (NaN equals NaN), including the tensors
+    inside objects that are not pytree containers (a dataclass batch, a ``dict``
+    subclass, a ``UserDict``).
 
     Args:
         step: the step under test.
@@ -124,8 +172,10 @@ def assert_pure(step: Step, state: TrainState, batch: Any) -> None:
     where = "assert_pure"
     _check_args(where, step, state)
     state_before, batch_before = tree_clone(state), tree_clone(batch)
+    inner_before = {p: t.clone() for p, t in {**_opaque_tensors(state, "state"), **_opaque_tensors(batch, "batch")}.items()}
     _run(where, step, state, batch)
     changed = _differences(state, state_before, "state") + _differences(batch, batch_before, "batch")
+    changed += _opaque_differences(inner_before, {**_opaque_tensors(state, "state"), **_opaque_tensors(batch, "batch")})
     if changed:
         raise AssertionError(
             f"{where}: the step modified its input in place: {_listing(changed)} changed. A step must return new "
@@ -307,7 +357,8 @@ def assert_can_overfit(
         TypeError: ``step`` is not callable, ``state`` is not a :class:`fnlight.TrainState`,
             or ``factor``/``target_loss`` is not a number.
         ValueError: ``steps < 1``, ``factor`` outside (0, 1), a non-finite
-            ``target_loss``, or ``metric`` is not among the step's metrics.
+            ``target_loss``, ``metric`` is not among the step's metrics or not a scalar, or
+            its first value is not positive while no ``target_loss`` is given.
 
     >>> import torch, fnlight as fl
     >>> step = fl.make_train_step(torch.nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1))
@@ -327,8 +378,19 @@ def assert_can_overfit(
             current, metrics = _run(where, step, current, batch)
             if metric not in metrics:
                 raise ValueError(f"{where}: metric {metric!r} is not among the step's metrics {sorted(metrics)}")
+            if metrics[metric].ndim != 0:
+                raise ValueError(
+                    f"{where}: {metric} must be a scalar, got shape {list(metrics[metric].shape)} (an ensemble step "
+                    "gives one per replica: test replica_step(i) on replica_state(state, i))"
+                )
             value = float(metrics[metric])
             values.append(value)
+            if target_loss is None and len(values) == 1 and math.isfinite(value) and value <= 0:
+                raise ValueError(
+                    f"{where}: the first {metric} is {value:.6g}; a goal relative to it (factor x the first value) "
+                    "needs a positive metric. Pass target_loss=<the value to reach> for a loss that can be 0 or negative "
+                    "(a negative log-likelihood, an ELBO)"
+                )
             goal = target_loss if target_loss is not None else factor * values[0]
             if not math.isfinite(value):
                 raise AssertionError(f"{where}: {metric} became {value} at call {len(values)} (first value {values[0]:.6g})")

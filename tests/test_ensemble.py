@@ -285,6 +285,7 @@ def test_nonfinite_ignore_trains_on():
         ({"k": 2, "options": {"beta1": 0.9}}, TypeError, r"unknown option\(s\) \['beta1'\] for optimizer 'adamw'"),
         ({"k": 2, "options": [("b1", 0.9)]}, TypeError, r"options must be a mapping"),
         ({"k": 2, "lr": fl.optim.cosine(0.1, 10)}, TypeError, r"lr must be a float or 2 floats .* got the schedule"),
+        ({"k": 2, "lr": [0.1, fl.optim.linear(0.0, 0.1, 5)]}, TypeError, r"lr must be a float or 2 floats .* got the schedule"),
         (
             {"k": 2, "options": {"amsgrad": [True, False]}},
             TypeError,
@@ -448,3 +449,14 @@ def test_single_model_functions_refuse_a_stacked_state_by_name():
         with pytest.raises(TypeError, match=rf"{where}: this is a stacked ensemble state of {K} replicas.*replica_state"):
             call()
     assert fl.to_module(replica_state(state, 1))(x).shape == (len(x), 3)  # one replica is one model's state
+
+
+@pytest.mark.parametrize(
+    ("value", "got"), [(0.05, "got 0.05"), (torch.tensor(0.05), r"got a tensor of shape \[\]"), (torch.ones(2), r"shape \[2\]")]
+)
+def test_an_edited_hyperparameter_must_keep_one_value_per_replica(value, got):
+    step = make_ensemble_step(nn.Linear(4, 1), fl.losses.mse, k=3, lr=0.1)
+    state = step.init(seeds=0)
+    edited = state.replace(opt_state=state.opt_state._replace(hparams={**state.opt_state.hparams, "lr": value}))
+    with pytest.raises(ValueError, match=rf"opt_state.hparams\['lr'\] must be a tensor of shape \[3\] .*{got}"):
+        step(edited, (torch.randn(8, 4), torch.randn(8, 1)))

@@ -76,3 +76,14 @@ def test_bad_inputs():
         fl.summary(3)
     with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
         fl.summary(model(), depth=0)
+
+
+def test_a_stacked_ensemble_state_says_its_counts_cover_every_replica():
+    from fnlight.ensemble import make_ensemble_step
+
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    step = make_ensemble_step(model, fl.losses.cross_entropy, k=4, lr=0.1)
+    s = fl.summary(step.init(seeds=0))
+    single = fl.summary(model)
+    assert s.total.kind == "Sequential x4 replicas" and s.rows[0].kind == "Linear x4 replicas"
+    assert s.total.params == 4 * single.total.params and s.rows[0].params == 4 * single.rows[0].params

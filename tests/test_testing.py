@@ -65,6 +65,38 @@ def test_assert_pure_names_the_batch_paths_changed_in_place():
         assert_pure(step, step.init(), batch)
 
 
+@pytest.mark.parametrize("kind", ["dataclass", "dict subclass", "UserDict"])
+def test_assert_pure_looks_inside_batches_that_are_not_pytree_containers(kind):
+    import collections
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    class DictBatch(dict):
+        pass
+
+    x, y = (t.clone() for t in BATCH)
+    batch = {"dataclass": lambda: Batch(x, y), "dict subclass": lambda: DictBatch(x=x, y=y)}.get(
+        kind, lambda: collections.UserDict(x=x, y=y)
+    )()
+    get = (lambda b: b.x) if kind == "dataclass" else (lambda b: b["x"])
+    fields = (lambda b: (get(b), b.y)) if kind == "dataclass" else (lambda b: (get(b), b["y"]))
+    sound = fl.make_train_step(make_bn_mlp(), lambda m, b: fl.losses.cross_entropy(m, fields(b)), adamw(1e-2))
+    assert_pure(sound, sound.init(), batch)
+
+    def scaling_loss(model, b):
+        get(b).mul_(2.0)
+        return fl.losses.cross_entropy(model, fields(b))
+
+    step = fl.make_train_step(make_bn_mlp(), scaling_loss, adamw(1e-2))
+    where = "batch.x" if kind == "dataclass" else r"batch\['x'\]"
+    with pytest.raises(AssertionError, match=rf"modified its input in place: {where} changed"):
+        assert_pure(step, step.init(), batch)
+
+
 def test_a_step_must_return_a_state_and_metrics():
     step = good()
     with pytest.raises(AssertionError, match=r"assert_pure: a step must return \(TrainState, dict of metrics\), got TrainState"):
@@ -171,6 +203,14 @@ def test_assert_can_overfit_reaches_an_absolute_target_and_watches_any_metric():
     assert_can_overfit(step, step.init(), BATCH, steps=100, target_loss=0.1, metric="twice")
     with pytest.raises(AssertionError, match=r"twice did not reach 0.001 within 2 calls on one batch"):
         assert_can_overfit(step, step.init(), BATCH, steps=2, target_loss=1e-3, metric="twice")
+
+
+def test_assert_can_overfit_needs_an_absolute_goal_for_a_loss_that_is_not_positive():
+    step = fl.make_train_step(make_bn_mlp(), lambda m, b: fl.losses.cross_entropy(m, b) - 10.0, sgd(0.0))
+    with pytest.raises(ValueError, match=r"the first loss is -\d.*needs a positive metric\. Pass target_loss="):
+        assert_can_overfit(step, step.init(), BATCH)
+    with pytest.raises(AssertionError, match=r"loss did not reach -11 within 5 calls"):  # lr 0 still fails
+        assert_can_overfit(step, step.init(), BATCH, steps=5, target_loss=-11.0)
 
 
 def test_assert_can_overfit_fails_on_a_nonfinite_loss():

@@ -68,9 +68,10 @@ class EnsembleOptimizer:
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise TypeError(f"{where}: unknown option(s) {unknown} for optimizer {kind!r}; expected some of {sorted(known)}")
-        if callable(lr):
+        schedules = [lr] if callable(lr) else [v for v in lr if callable(v)] if isinstance(lr, (list, tuple)) else []
+        if schedules:
             raise TypeError(
-                f"{where}: lr must be a float or {k} floats (one per replica), got the schedule {lr!r}; "
+                f"{where}: lr must be a float or {k} floats (one per replica), got the schedule {schedules[0]!r}; "
                 "ensembles keep per-replica learning rates in opt_state.hparams['lr'] (shape [K]): replace it between steps"
             )
         for name in _SHARED[family]:
@@ -112,6 +113,13 @@ class EnsembleOptimizer:
                 f"{where}: the ensemble step uses optimizer {self.kind!r} and needs an opt_state of type {expected.__name__}, "
                 f"got {type(opt_state).__name__}; stack states built with fnlight.optim.{self.kind} (no chain)"
             )
+        for name, value in opt_state.hparams.items():
+            if not isinstance(value, Tensor) or value.shape != (self.k,):
+                got = f"a tensor of shape {list(value.shape)}" if isinstance(value, Tensor) else repr(value)
+                raise ValueError(
+                    f"{where}: opt_state.hparams[{name!r}] must be a tensor of shape [{self.k}] (one value per replica), "
+                    f"got {got}; to change it, put e.g. torch.full(({self.k},), value, dtype=torch.float64) there"
+                )
         has = bool(opt_state.nu_max) if expected is AdamState else bool(opt_state.momentum_buffer)
         wants = self.amsgrad if expected is AdamState else self.use_momentum
         if has != wants:
