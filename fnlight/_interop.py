@@ -133,6 +133,8 @@ def load_state_dict(state: TrainState, source: Mapping[str, Tensor], *, strict: 
     torch.Size([1, 2])
     """
     skeleton = _require_skeleton(state, "load_state_dict")
+    if not isinstance(strict, bool):
+        raise TypeError(f"load_state_dict: strict must be a bool, got {strict!r}")
     if not isinstance(source, Mapping):
         raise TypeError(f"load_state_dict: source must be a mapping name -> tensor, got {type(source).__name__}")
     targets = {**state.params, **state.buffers}

@@ -50,6 +50,8 @@ class Observer:
             raise ValueError(f"Observer: steps must be a positive int, got {steps!r}")
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
             raise ValueError(f"Observer: seconds must be a positive number, got {seconds!r}")
+        if not isinstance(at_end, bool):
+            raise TypeError(f"Observer: at_end must be a bool, got {at_end!r}")
         self.fn, self.steps, self.seconds, self.at_end = fn, steps, seconds, at_end
         self._last_step = -1
         self._last_time = 0.0
@@ -129,7 +131,11 @@ def fold(
     once, so the model and other states from ``init()`` stay as they were, while
     ``donate="model"`` gives the model's tensors up as well. The fold then trains them in
     place, as a hand-written torch loop trains ``model``, with no copy at all. The model,
-    and any other state made from it, change with the fold.
+    and any other state made from it, change with the fold. A state returned by a direct
+    step call shares with that call's input the tensors the call left as they were: the
+    parameters and optimizer state when it made no update (inside an accumulation window,
+    a skipped update). Donating it hands those over too, so copy it first
+    (``fl.tree_clone``) if you keep the input.
 
     Resuming is built in: the fold starts at ``state.data`` (epoch, batch offset) and
     counts ``epochs`` and ``max_steps`` from zero, so a resumed state runs only what is left.
@@ -181,6 +187,21 @@ def fold(
         raise TypeError(f"fold: step must be callable (state, batch) -> (state, metrics), got {step!r}")
     _positive("epochs", epochs)
     _positive("max_steps", max_steps)
+    for flag, value, allowed in (
+        ("progress", progress, (bool, None)),
+        ("summary", summary, (bool, None)),
+        ("handle_signals", handle_signals, (bool,)),
+    ):
+        if not (isinstance(value, bool) or (value is None and None in allowed)):
+            expected = "a bool or None" if None in allowed else "a bool"
+            raise TypeError(f"fold: {flag} must be {expected}, got {value!r}")
+    if isinstance(observers, Observer) or not isinstance(observers, (list, tuple)):
+        raise TypeError(f"fold: observers must be a list of fnlight.Observer, got {observers!r}")
+    if data is None:
+        raise TypeError(
+            "fold: data must be an iterable of batches (a list, a DataLoader, a fnlight.Loader) or a function "
+            "epoch -> iterable, got None"
+        )
     for o in observers:
         if not isinstance(o, Observer):
             raise TypeError(f"fold: observers must be fnlight.Observer (see fnlight.every), got {type(o).__name__}")
@@ -197,7 +218,9 @@ def fold(
         raise ValueError(f"fold: donate must be True, False or 'model', got {donate!r}")
     if donate:
         original = state
-        state = state.replace()
+        # the data position is shared with the input of the step call that made this state, if any (a step never
+        # replaces it): the fold counts batches in it in place, so it takes its own copy of these two scalars
+        state = state.replace(data=tree_clone(state.data))
         if donate is True:  # tensors still shared with a model: copied once, here
             state = unshare_lent(state, NAMESPACE)
         mark_donated(original)

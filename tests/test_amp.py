@@ -197,7 +197,12 @@ def test_bf16_and_fp16_track_fp32_on_digits():
         ({"growth_factor": float("inf")}, "growth_factor must be a finite number > 1.0 .*, got inf"),
         ({"min_scale": float("nan")}, "min_scale must be a finite number > 0.0 .*, got nan"),
         ({"backoff_factor": 1.5}, r"backoff_factor must be in \(0, 1\), got 1.5"),
-        ({"growth_interval": 0}, "growth_interval must be an int >= 1, got 0"),
+        ({"growth_interval": 0}, r"growth_interval must be an int in \[1, 2\*\*31\) \(an int32 count\), got 0"),
+        ({"growth_interval": 2**63}, r"growth_interval must be an int in \[1, 2\*\*31\) .*, got 9223372036854775808"),
+        (
+            {"init_scale": 1e-46, "min_scale": 1e-46},
+            r"init_scale must be at least 1.175e-38 \(float32's smallest normal\), got 1e-46",
+        ),
         ({"min_scale": 1e9}, r"min_scale \(1000000000.0\) must not exceed init_scale \(65536.0\)"),
     ],
 )
@@ -212,3 +217,13 @@ def test_amp_twice_or_on_a_non_step_is_rejected():
         fl.with_amp(amp)
     with pytest.raises(TypeError, match="with_amp: expected a train step"):
         fl.with_amp(fl.make_eval_step(fl.losses.cross_entropy))
+
+
+def test_an_observer_keeps_each_updates_loss_scale():
+    kept = []
+    step = fl.with_amp(
+        fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1)), dtype="fp16", init_scale=512.0, growth_interval=1
+    )
+    observer = fl.Observer(lambda s, m: kept.append(m["loss_scale"]), steps=1)
+    fl.fold(step, step.init(), make_batches(4), observers=[observer], progress=False)
+    assert [float(v) for v in kept] == [1024.0, 2048.0, 4096.0, 8192.0]

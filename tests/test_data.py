@@ -112,6 +112,9 @@ def test_fold_resumes_mid_epoch_bitwise_with_shuffle_and_dropout():
     [
         ((tensors(),), {"batch_size": 0}, ValueError, "batch_size must be an int >= 1, got 0"),
         ((tensors(),), {"batch_size": 2, "seed": "a"}, TypeError, "seed must be an int, got 'a'"),
+        ((tensors(),), {"batch_size": 2, "seed": 2**64}, ValueError, r"seed must fit in int64, .* got 18446744073709551616"),
+        ((tensors(),), {"batch_size": 2, "shuffle": "False"}, TypeError, "shuffle must be a bool, got 'False'"),
+        ((tensors(),), {"batch_size": 2, "drop_last": "no"}, TypeError, "drop_last must be a bool, got 'no'"),
         ((tensors(),), {"batch_size": 2, "num_workers": -1}, ValueError, "num_workers must be an int >= 0, got -1"),
         (
             ((torch.zeros(3), torch.zeros(4)),),

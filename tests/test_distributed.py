@@ -232,8 +232,10 @@ def test_single_process_is_a_no_op():
 
 def test_options_and_order_are_validated():
     core = fl.make_train_step(nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1))
-    with pytest.raises(ValueError, match="bucket_mb must be a positive number, got 0"):
+    with pytest.raises(ValueError, match="bucket_mb must be a positive finite number, got 0"):
         fl.with_ddp(core, bucket_mb=0)
+    with pytest.raises(ValueError, match="bucket_mb must be a positive finite number, got inf"):
+        fl.with_ddp(core, bucket_mb=float("inf"))
     with pytest.raises(ValueError, match="with_ddp cannot wrap a step already wrapped by with_grad_accum"):
         fl.with_ddp(fl.with_grad_accum(core, every=2))
     with pytest.raises(ValueError, match="with_fsdp cannot wrap a step already wrapped by with_grad_accum"):

@@ -274,6 +274,7 @@ BAD = [
     (dict(min_delta=-0.1), ValueError, "min_delta must be >= 0"),
     (dict(min_delta="0.1"), TypeError, "min_delta must be a number"),
     (dict(min_delta=NAN), ValueError, "min_delta must be finite"),
+    (dict(min_delta=10**400), ValueError, "min_delta must be finite, got 1000"),
     (dict(stopping_threshold="low"), TypeError, "stopping_threshold must be a number or None"),
     (dict(stopping_threshold=-INF), ValueError, "stopping_threshold must be finite"),
     (dict(divergence_threshold=NAN), ValueError, "divergence_threshold must be finite"),

@@ -72,6 +72,8 @@ def test_load_state_dict_lists_every_mismatch(trained):
     assert torch.equal(fl.load_state_dict(trained, partial, strict=False).params["0.bias"], trained.params["0.bias"])
     with pytest.raises(TypeError, match="source must be a mapping"):
         fl.load_state_dict(trained, [1])
+    with pytest.raises(TypeError, match="load_state_dict: strict must be a bool, got 'no'"):
+        fl.load_state_dict(trained, partial, strict="no")
 
 
 class Tied(nn.Module):

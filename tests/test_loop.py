@@ -241,12 +241,16 @@ def test_observer_by_seconds(batches, monkeypatch):
         ({"epochs": 0}, ValueError, "fold: epochs must be a positive int or None, got 0"),
         ({"max_steps": 2.5}, ValueError, "fold: max_steps must be a positive int or None, got 2.5"),
         ({"observers": [print]}, TypeError, "observers must be fnlight.Observer"),
+        ({"observers": None}, TypeError, "fold: observers must be a list of fnlight.Observer, got None"),
+        ({"progress": "no"}, TypeError, "fold: progress must be a bool or None, got 'no'"),
+        ({"summary": 1}, TypeError, "fold: summary must be a bool or None, got 1"),
+        ({"handle_signals": None}, TypeError, "fold: handle_signals must be a bool, got None"),
     ],
 )
 def test_fold_validates_options(batches, kwargs, error, match):
     step = make_step()
     with pytest.raises(error, match=match):
-        fl.fold(step, step.init(), batches, progress=False, **kwargs)
+        fl.fold(step, step.init(), batches, **{"progress": False, **kwargs})
 
 
 def test_fold_rejects_non_state_and_non_callable(batches):
@@ -255,6 +259,8 @@ def test_fold_rejects_non_state_and_non_callable(batches):
         fl.fold(step, {}, batches)
     with pytest.raises(TypeError, match="fold: step must be callable"):
         fl.fold(None, step.init(), batches)
+    with pytest.raises(TypeError, match=r"fold: data must be an iterable of batches .*, got None"):
+        fl.fold(step, step.init(), None)
 
 
 @pytest.mark.parametrize(
@@ -270,6 +276,8 @@ def test_observer_validates_options(kwargs, match):
         fl.Observer(print, **kwargs)
     with pytest.raises(TypeError, match="fn must be callable"):
         fl.Observer(None, steps=1)
+    with pytest.raises(TypeError, match="Observer: at_end must be a bool, got 'no'"):
+        fl.Observer(print, steps=1, at_end="no")
 
 
 def test_progress_bar_draws_on_a_terminal(batches, monkeypatch):
@@ -331,3 +339,12 @@ def test_evaluate_needs_a_batch_size():
     assert fl.evaluate(
         lambda s, b: {"loss": torch.tensor(float(b["n"]))}, step.init(), [{"n": 3}, {"n": 1}], batch_size_fn=lambda b: b["n"]
     ) == {"loss": pytest.approx(2.5)}
+
+
+def test_donating_a_direct_calls_result_leaves_the_calls_input_where_it_was(batches):
+    step = make_step()
+    s0 = step.init()
+    s1, _ = step(s0, batches[0])  # shares its data position with s0
+    fl.fold(step, s1, batches, epochs=2, progress=False, donate=True)
+    assert (int(s0.data.epoch), int(s0.data.batch)) == (0, 0)
+    assert int(fl.fold(step, s0, batches, epochs=2, progress=False).step) == 16

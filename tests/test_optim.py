@@ -550,3 +550,20 @@ def test_half_precision_sgd_and_adagrad_on_cpu_compute_in_float32(dtype):
             params, state = opt.apply(params, {"w": g.clone()}, state, inplace=False)
         assert params["w"].dtype == dtype and bool(params["w"].isfinite().all())
         torch.testing.assert_close(params["w"], expected, rtol=0, atol=0)
+
+
+def test_a_schedule_giving_a_negative_or_nonfinite_learning_rate_raises_before_the_update():
+    cases = ((optim.constant(-0.1), 0, "-0.1"), (optim.linear(1e-3, -1e-3, 2), 2, "-0.001"), (lambda c: c * math.nan, 3, "nan"))
+    for schedule, count, got in cases:
+        opt = optim.sgd(schedule)
+        params = make_params()
+        state = opt.init(params)._replace(count=torch.tensor(count))
+        before = {n: p.clone() for n, p in params.items()}
+        with pytest.raises(ValueError, match=rf"learning-rate schedule .* gave {got} for the update after {count} updates"):
+            opt.apply(params, params, state, inplace=True)
+        assert fl.tree_equal(params, before)
+
+
+def test_an_int_too_large_for_a_float_is_refused_with_the_option_named():
+    with pytest.raises(ValueError, match=r"fnlight.optim.adamw: weight_decay must be in \[0.0, inf\), got 1000"):
+        optim.adamw(1e-3, weight_decay=10**400)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import fnlight as fl
 from fnlight.optim import _schedules as sch
 
 
@@ -129,4 +130,19 @@ def test_schedules_return_float64_scalars_and_are_pure():
 )
 def test_bad_options_raise_at_build_time(build, error, match):
     with pytest.raises(error, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: fl.optim.step_decay(1.0, 10, gamma=0.0), r"fnlight.optim.step_decay: gamma must be in \(0.0, inf\), got 0.0"),
+        (lambda: fl.optim.step_decay(1.0, step_size=0), "fnlight.optim.step_decay: step_size must be a positive int, got 0"),
+        (lambda: fl.optim.warmup_cosine(1.0, 0, 100), "fnlight.optim.warmup_cosine: warmup_steps must be a positive int, got 0"),
+        (lambda: fl.optim.piecewise_constant([1.0, "x"], [3]), r"piecewise_constant: values\[1\] must be a float, got 'x'"),
+        (lambda: fl.optim.join([fl.optim.constant(1.0)] * 3, [4, 0]), r"join: boundaries\[1\] must be a positive int, got 0"),
+    ],
+)
+def test_errors_name_the_function_and_option_the_user_called(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
         build()

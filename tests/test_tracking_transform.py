@@ -165,6 +165,10 @@ def test_the_lr_is_looked_up_again_when_the_optimizer_state_changes():
             r"with_tracking: hparams\['dtype'\] is a dtype \(torch.float32\): hyperparameters must be None, bool",
         ),
         ({"trackers": [], "hparams": {"lr": float("nan")}}, ValueError, r"hparams\['lr'\] is nan: .* must be finite"),
+        ({"trackers": None}, TypeError, r"with_tracking: trackers must be a list of trackers .*, got None"),
+        ({"trackers": Recorder()}, TypeError, r"with_tracking: trackers must be a list of trackers .*, got <"),
+        ({"trackers": [], "batch_size_fn": 3}, TypeError, r"batch_size_fn must be callable batch -> number of samples, got 3"),
+        ({"trackers": [], "close_on_finish": "never"}, TypeError, r"close_on_finish must be a bool, got 'never'"),
     ],
 )
 def test_options_are_validated(kwargs, error, match):
@@ -259,3 +263,26 @@ def test_the_run_id_reaches_the_state_even_when_the_first_event_is_the_folds_las
     assert state.slots["tracking"].run_ids == ("run-1",)
     fl.fold(step, state, make_batches(3), epochs=2, progress=False)
     assert tracker.opened == ["", "run-1"]  # the second fold continues the same run
+
+
+def test_a_state_from_before_the_runs_opened_gets_their_ids_and_calls_stay_deterministic():
+    tracker = Recorder()
+    step = build(tracker, every=1)
+    state = step.init()
+    a, _ = step(state, make_batches(1)[0])
+    b, _ = step(state, make_batches(1)[0])  # the runs are open now; the input state has no id
+    assert a.slots["tracking"].run_ids == b.slots["tracking"].run_ids == ("run-1",)
+    assert fl.tree_equal(a, b)
+    later = fl.fold(step, state, make_batches(2), progress=False)
+    assert later.slots["tracking"].run_ids == ("run-1",)
+
+
+def test_a_failing_batch_size_fn_of_the_users_is_not_hidden():
+    def broken(batch):
+        raise TypeError("my bug")
+
+    step = fl.with_tracking(
+        fl.make_train_step(nn.Linear(10, 3), fl.losses.classification, adamw(1e-2)), trackers=[Recorder()], batch_size_fn=broken
+    )
+    with pytest.raises(TypeError, match="my bug"):
+        step(step.init(), make_batches(1)[0])

@@ -73,6 +73,11 @@ class Loader:
             raise ValueError(f"Loader: batch_size must be an int >= 1, got {batch_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Loader: seed must be an int, got {seed!r}")
+        if not -(2**63) <= seed < 2**63:  # as TrainStep.init: wider seeds would wrap onto others' orders
+            raise ValueError(f"Loader: seed must fit in int64, in [-2**63, 2**63), got {seed!r}")
+        for flag, value in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Loader: {flag} must be a bool, got {value!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"Loader: num_workers must be an int >= 0, got {num_workers!r}")
         self.tensors: tuple[Tensor, ...] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -168,6 +169,6 @@ def with_ddp(step: Any, *, bucket_mb: float = 25.0) -> DDP:
     >>> int(step(step.init(), (torch.ones(4, 2), torch.zeros(4, 1)))[0].step)  # one process: a plain step
     1
     """
-    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
-        raise ValueError(f"with_ddp: bucket_mb must be a positive number, got {bucket_mb!r}")
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not 0 < bucket_mb < math.inf:
+        raise ValueError(f"with_ddp: bucket_mb must be a positive finite number, got {bucket_mb!r}")
     return DDP(step, bucket_bytes=int(bucket_mb * 2**20))

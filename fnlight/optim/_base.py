@@ -75,7 +75,10 @@ def check_hparam(
     """Validate a float hyperparameter at build time and return it as ``float``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {name} must be a float, got {value!r} of type {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond any float
+        v = math.inf
     ok_low = v >= low if low_inclusive else v > low
     ok_high = True if high is None else (v <= high if high_inclusive else v < high)
     if not (math.isfinite(v) and ok_low and ok_high):
@@ -96,7 +99,13 @@ def resolve_lr(learning_rate: ScalarOrSchedule, count: Tensor, hparams: Mapping[
     """The learning rate for the update after ``count`` updates, and the hparams to store."""
     if callable(learning_rate):
         lr_t = learning_rate(count).to(torch.float64)
-        return float(lr_t), {**hparams, "lr": lr_t}
+        lr = float(lr_t)
+        if not (math.isfinite(lr) and lr >= 0.0):  # checked before the update: the state is left as it was
+            raise ValueError(
+                f"learning-rate schedule {getattr(learning_rate, '__qualname__', learning_rate)!r} gave {lr!r} "
+                f"for the update after {int(count)} updates; a learning rate must be finite and >= 0"
+            )
+        return lr, {**hparams, "lr": lr_t}
     return float(hparams["lr"]), dict(hparams)
 
 

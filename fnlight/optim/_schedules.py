@@ -148,7 +148,7 @@ def piecewise_constant(values: Sequence[float], boundaries: Sequence[int]) -> Sc
     >>> [float(s(torch.tensor(c))) for c in (0, 2, 3, 5, 6, 100)]
     [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
     """
-    vals = [_value("values[i]", v, "piecewise_constant") for v in values]
+    vals = [_value(f"values[{i}]", v, "piecewise_constant") for i, v in enumerate(values)]
     bounds = _boundaries(boundaries, "piecewise_constant")
     if len(vals) != len(bounds) + 1:
         raise ValueError(
@@ -172,11 +172,15 @@ def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedul
     >>> [float(s(torch.tensor(c))) for c in (0, 1, 2, 4)]
     [1.0, 1.0, 0.5, 0.25]
     """
+    where = "step_decay"  # checked under this function's own names before exponential checks them again
+    _value("init_value", init_value, where)
+    _steps("step_size", step_size, where)
+    check_hparam("gamma", gamma, where=f"fnlight.optim.{where}", low=0.0, low_inclusive=False)
     return exponential(init_value, gamma, step_size, staircase=True)
 
 
 def _boundaries(boundaries: Sequence[int], where: str) -> list[int]:
-    bounds = [_steps("boundaries[i]", b, where) for b in boundaries]
+    bounds = [_steps(f"boundaries[{i}]", b, where) for i, b in enumerate(boundaries)]
     if any(b2 <= b1 for b1, b2 in itertools.pairwise(bounds)):
         raise ValueError(f"fnlight.optim.{where}: boundaries must be strictly increasing, got {list(boundaries)!r}")
     return bounds
@@ -236,4 +240,9 @@ def warmup_cosine(
     >>> [round(float(s(torch.tensor(c))), 6) for c in (0, 1, 2, 4, 6)]
     [0.0, 0.5, 1.0, 0.5, 0.0]
     """
+    where = "warmup_cosine"  # checked under this function's own names before warmup and cosine check them again
+    for name, value in (("peak_value", peak_value), ("init_value", init_value), ("end_value", end_value)):
+        _value(name, value, where)
+    _steps("warmup_steps", warmup_steps, where)
+    _steps("decay_steps", decay_steps, where)
     return warmup(cosine(peak_value, decay_steps, end_value=end_value), warmup_steps, init_value=init_value)

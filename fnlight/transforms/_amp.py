@@ -16,6 +16,7 @@ from ._base import Metrics, Transform
 __all__ = ["AmpState", "with_amp"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max  # the scale is a float32 tensor
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -122,7 +123,8 @@ class Amp(Transform):
             scale.clamp_(min=self.min_scale)
             skipped = torch.scalar_tensor(float(overflow))
         new_state = new_state.replace(slots={**new_state.slots, "amp": AmpState(scale, tracker)})
-        return new_state, {**metrics, "loss_scale": scale.detach(), "skipped": skipped}
+        # a copy: inside a fold the slot's tensor is updated in place by later steps (an observer keeps metrics)
+        return new_state, {**metrics, "loss_scale": scale.detach().clone(), "skipped": skipped}
 
 
 def with_amp(
@@ -188,10 +190,12 @@ def with_amp(
             raise ValueError(
                 f"with_amp: {name} must be a finite number > {low} (a float32: at most {_FLOAT32_MAX:.4g}), got {value!r}"
             )
+        if value < _FLOAT32_TINY:
+            raise ValueError(f"with_amp: {name} must be at least {_FLOAT32_TINY:.4g} (float32's smallest normal), got {value!r}")
     if isinstance(backoff_factor, bool) or not isinstance(backoff_factor, (int, float)) or not 0 < backoff_factor < 1:
         raise ValueError(f"with_amp: backoff_factor must be in (0, 1), got {backoff_factor!r}")
-    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-        raise ValueError(f"with_amp: growth_interval must be an int >= 1, got {growth_interval!r}")
+    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or not 1 <= growth_interval < 2**31:
+        raise ValueError(f"with_amp: growth_interval must be an int in [1, 2**31) (an int32 count), got {growth_interval!r}")
     if min_scale > init_scale:
         raise ValueError(f"with_amp: min_scale ({min_scale!r}) must not exceed init_scale ({init_scale!r})")
     return Amp(

@@ -315,7 +315,8 @@ class Compiled(Transform):
                 kept = state.replace(buffers=dict(buffers))  # as eager: the forward moved the buffers
                 return (kept.replace(stop=torch.tensor(True)) if core.nonfinite == "stop" else kept), {**metrics, **extra}
         new_state = state.replace(step=step, params=new_params, buffers=dict(buffers), opt_state=opt_state)
-        extra.update(update_metrics(opt_state))
+        # in place, the graph writes the next update's values into these tensors: the metrics keep copies
+        extra.update({k: v.clone() for k, v in update_metrics(opt_state).items()} if inplace else update_metrics(opt_state))
         return new_state, {**metrics, **extra} if extra else metrics
 
 

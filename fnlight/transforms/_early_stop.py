@@ -169,7 +169,7 @@ def _number(where: str, name: str, value: Any, *, optional: bool = False) -> Non
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {name} must be a number{' or None' if optional else ''}, got {value!r}")
-    if not math.isfinite(value):
+    if (isinstance(value, int) and not -(2**1023) < value < 2**1023) or not math.isfinite(value):  # an int beyond any float
         raise ValueError(f"{where}: {name} must be finite, got {value!r}")
 
 

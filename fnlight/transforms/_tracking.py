@@ -166,6 +166,7 @@ class Tracking(Transform):
         self._window = _Window()
         self._open: list[bool] = [False] * len(trackers)
         self._all_open = not trackers
+        self._run_ids: tuple[str, ...] | None = None  # the ids of the open runs (rank 0), written into every state
         # streaming accumulation: a call that ends no window returns a micro-batch's metrics, and the call that
         # ends it the window's (its loss the window's mean): only the latter go into the logged means
         self._windowed = any(isinstance(t, GradAccum) and t.every is not None for t in layers(inner))
@@ -184,10 +185,14 @@ class Tracking(Transform):
         new_state, metrics = self.inner(state, batch)
         if not self._all_open:  # the runs open with the first step, so their ids are in every later state
             new_state = self._open_runs(new_state)
+        elif self._run_ids is not None and new_state.slots[self.slot].run_ids != self._run_ids:
+            new_state = new_state.with_slot(self.slot, TrackingState(self._run_ids))  # a state from before they opened
         try:
             samples = self.batch_size_fn(batch)
         except TypeError:
-            samples = 0
+            if self.batch_size_fn is not default_batch_size:  # the user's function failed: theirs to see
+                raise
+            samples = 0  # a batch whose size the default cannot tell: no samples/s
         return self._observe(new_state, metrics, before, samples), metrics
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -272,8 +277,9 @@ class Tracking(Transform):
                 run_ids[i] = tracker.open(run_ids[i], hparams=self.hparams)
                 self._open[i] = True
         self._all_open = True
-        if tuple(run_ids) != state.slots[self.slot].run_ids:
-            state = state.with_slot(self.slot, TrackingState(tuple(run_ids)))
+        self._run_ids = tuple(run_ids)
+        if self._run_ids != state.slots[self.slot].run_ids:
+            state = state.with_slot(self.slot, TrackingState(self._run_ids))
         return state
 
     def _lr(self, opt_state: Any) -> float | None:
@@ -335,6 +341,8 @@ def with_tracking(
         ValueError, TypeError: bad options or a wrong composition order.
     """
     where = "with_tracking"
+    if isinstance(trackers, (str, bytes)) or not isinstance(trackers, Sequence):
+        raise TypeError(f"{where}: trackers must be a list of trackers (e.g. [AimTracker(...)]), got {trackers!r}")
     trackers = tuple(trackers)
     for t in trackers:
         if not all(callable(getattr(t, m, None)) for m in ("open", "log_scalars", "close")):
@@ -343,11 +351,15 @@ def with_tracking(
         raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
     if hparams is not None:
         hparams = check_hparams(hparams, f"{where}: hparams")  # what every tracker can record, checked now
+    if not callable(batch_size_fn):
+        raise TypeError(f"{where}: batch_size_fn must be callable batch -> number of samples, got {batch_size_fn!r}")
+    if not isinstance(close_on_finish, bool):
+        raise TypeError(f"{where}: close_on_finish must be a bool, got {close_on_finish!r}")
     return Tracking(
         step,
         trackers=trackers,
         every=every,
         hparams=hparams or None,
         batch_size_fn=batch_size_fn,
-        close_on_finish=bool(close_on_finish),
+        close_on_finish=close_on_finish,
     )
