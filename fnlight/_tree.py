@@ -29,10 +29,15 @@ def tree_clone(tree: T) -> T:
 
 
 def tree_equal(a: Any, b: Any) -> bool:
-    """Whether two trees have the same structure and bitwise-equal leaves (``torch.equal``).
+    """Whether two trees have the same structure and equal leaves: ``torch.equal``, with NaN equal to NaN.
+
+    So a state holding a NaN (a skipped fp16 update's statistics, a NaN metric) equals its
+    own copy, as "bit for bit" means.
 
     >>> import torch
     >>> tree_equal({"w": torch.ones(2)}, {"w": torch.ones(2)})
+    True
+    >>> tree_equal({"w": torch.tensor([float("nan"), 1.0])}, {"w": torch.tensor([float("nan"), 1.0])})
     True
     """
     la, ta = optree.tree_flatten(a, namespace=NAMESPACE)
@@ -41,11 +46,19 @@ def tree_equal(a: Any, b: Any) -> bool:
         return False
     for x, y in zip(la, lb):
         if isinstance(x, Tensor) and isinstance(y, Tensor):
-            if x.dtype != y.dtype or x.shape != y.shape or not x.detach().cpu().equal(y.detach().cpu()):
+            if x.dtype != y.dtype or x.shape != y.shape or not _tensor_equal(x.detach().cpu(), y.detach().cpu()):
                 return False
-        elif isinstance(x, Tensor) or isinstance(y, Tensor) or x != y:
+        elif isinstance(x, Tensor) or isinstance(y, Tensor) or (x != y and not (x != x and y != y)):
             return False
     return True
+
+
+def _tensor_equal(x: Tensor, y: Tensor) -> bool:
+    if x.equal(y):
+        return True
+    if not (x.is_floating_point() or x.is_complex()):
+        return False
+    return bool(((x == y) | (x.isnan() & y.isnan())).all())
 
 
 def leading_size(batch: Any, where: str) -> int:

@@ -66,6 +66,10 @@ def test_tree_equal_detects_differences(state):
     other.params["0.weight"][0, 0] += 1
     assert not fl.tree_equal(state, other)
     assert not fl.tree_equal({"a": torch.zeros(2)}, {"a": torch.zeros(2, dtype=torch.float64)})
+    nan = torch.tensor([float("nan"), 1.0])
+    assert fl.tree_equal({"a": nan, "b": float("nan")}, {"a": nan.clone(), "b": float("nan")})  # NaN equals NaN
+    assert not fl.tree_equal({"a": nan}, {"a": torch.tensor([float("nan"), 2.0])})
+    assert not fl.tree_equal({"a": nan}, {"a": torch.tensor([0.0, 1.0])})
     assert not fl.tree_equal({"a": torch.zeros(2)}, {"b": torch.zeros(2)})
     assert not fl.tree_equal({"a": 1}, {"a": torch.ones(())})
 
