@@ -18,30 +18,41 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import optree
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["DonatedStateError", "check_live", "donating", "is_donating", "lend", "mark_donated", "unshare_lent"]
 
 _MARK = "_fnlight_donated"
 _local = threading.local()
-_lenders: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose tensors init() put into states
+_lent: dict[int, weakref.ref[Tensor]] = {}  # id -> the tensors init() put into states that a model also holds
 T = TypeVar("T")
 
 
-def lend(module: nn.Module) -> None:
-    """Record that states hold ``module``'s parameter and buffer tensors (``TrainStep.init``)."""
-    _lenders.add(module)
+def lend(tensors: Iterable[Tensor]) -> None:
+    """Record ``tensors``, which ``TrainStep.init`` put into a state and its model still holds.
+
+    The tensors themselves are recorded (weakly), not the model: a model that later gets new
+    tensors (``load_state_dict(assign=True)``, ``.double()``) still lent the old ones to every
+    state made before.
+    """
+    for t in tensors:
+        key = id(t)
+        _lent[key] = weakref.ref(t, lambda _, key=key: _lent.pop(key, None))
 
 
 def _storage(t: Tensor) -> int:
-    """Where ``t``'s memory starts (0 for tensors without memory of their own: meta, empty, subclasses)."""
-    if type(t) not in (Tensor, nn.Parameter, nn.Buffer) or t.device.type == "meta":
+    """Where ``t``'s memory starts (0 for tensors without memory of their own: meta, empty, fake)."""
+    local = getattr(t, "_local_tensor", t)  # a DTensor's shard on this rank
+    if local.device.type == "meta":
         return 0
-    return t.untyped_storage().data_ptr()
+    try:
+        return local.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # a subclass without storage
+        return 0
 
 
 def unshare_lent(tree: T, namespace: str) -> T:
@@ -52,13 +63,13 @@ def unshare_lent(tree: T, namespace: str) -> T:
 
     >>> import torch
     >>> model = torch.nn.Linear(2, 1)
-    >>> lend(model)
     >>> state = {"w": model.weight.detach(), "other": torch.zeros(1)}
+    >>> lend(state.values())
     >>> own = unshare_lent(state, "")
     >>> own["w"] is state["w"], torch.equal(own["w"], model.weight), own["other"] is state["other"]
     (False, True, True)
     """
-    lent = {ptr for m in list(_lenders) for t in (*m.parameters(), *m.buffers()) if (ptr := _storage(t))}
+    lent = {ptr for ref in list(_lent.values()) if (t := ref()) is not None and (ptr := _storage(t))}
     if not lent:
         return tree
     return optree.tree_map(lambda x: x.clone() if isinstance(x, Tensor) and _storage(x) in lent else x, tree, namespace=namespace)

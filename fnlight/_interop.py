@@ -113,7 +113,9 @@ def load_state_dict(state: TrainState, source: Mapping[str, Tensor], *, strict: 
     """A new state whose parameters and buffers are copied from ``source`` (e.g. pretrained weights).
 
     Values are cast to each leaf's dtype and device. The optimizer state, step and
-    everything else are kept from ``state``.
+    everything else are kept from ``state``: the result shares those tensors with it, so
+    ``fl.tree_clone`` it before handing it to ``fold(..., donate=True)`` if ``state`` is
+    used again.
 
     Args:
         state: the state to start from (not modified).

@@ -131,11 +131,14 @@ def fold(
     once, so the model and other states from ``init()`` stay as they were, while
     ``donate="model"`` gives the model's tensors up as well. The fold then trains them in
     place, as a hand-written torch loop trains ``model``, with no copy at all. The model,
-    and any other state made from it, change with the fold. A state returned by a direct
-    step call shares with that call's input the tensors the call left as they were: the
-    parameters and optimizer state when it made no update (inside an accumulation window,
-    a skipped update). Donating it hands those over too, so copy it first
-    (``fl.tree_clone``) if you keep the input.
+    and any other state made from it, change with the fold (where the state holds the
+    model's tensors: ``with_ddp``, ``with_fsdp``, ensembles and ``with_amp(mode="true")``
+    make their own copies in ``init``). A state made from another without a fold shares
+    with it every tensor it did not change: a direct step call's result (the parameters and
+    optimizer state when the call made no update: inside an accumulation window, a skipped
+    update), ``fl.load_state_dict``'s (the optimizer state), ``update_bn``'s, ``replace``'s.
+    Donating such a state hands those over too, so copy it first (``fl.tree_clone``) if you
+    keep the other.
 
     Resuming is built in: the fold starts at ``state.data`` (epoch, batch offset) and
     counts ``epochs`` and ``max_steps`` from zero, so a resumed state runs only what is left.

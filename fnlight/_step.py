@@ -219,7 +219,7 @@ class TrainStep:
             )
         params = {n: p.detach() for n, p in self._model.named_parameters()}
         buffers = {n: b.detach() for n, b in self._model.named_buffers()}
-        lend(self._model)  # the state holds the model's tensors: a donating fold copies them before writing
+        lend([*params.values(), *buffers.values()])  # the model's tensors: a donating fold copies them before writing
         return TrainState(
             step=torch.zeros((), dtype=torch.int64),
             params=params,

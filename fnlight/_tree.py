@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import optree
 from torch import Tensor
 
+from ._donation import check_live
 from ._state import NAMESPACE
 
 __all__ = ["tree_clone", "tree_equal"]
@@ -25,6 +26,7 @@ def tree_clone(tree: T) -> T:
     >>> float(a["w"][0]), float(b["w"][0])
     (1.0, 2.0)
     """
+    check_live(tree, "tree_clone")  # a donated state's tensors hold a later step's values: no copy of that
     return optree.tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, tree, namespace=NAMESPACE)
 
 

@@ -112,6 +112,18 @@ def local_model(rank, width=32):
     return local
 
 
+class Scaled(nn.Module):
+    """A linear layer times a 0-d parameter (CLIP's logit scale), different on every rank before init."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.tensor(1.0 + rank))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
 def save_params(path, state):
     """Rank 0 writes the whole parameters (gathered from the shards); every rank must call it."""
     params = fl.state_dict(state)
@@ -159,6 +171,19 @@ def train(out: Path, rank: int) -> None:
         message = str(e)
     if rank == 0:
         (out / "fsdp-uneven.txt").write_text(message)
+
+    # A 0-d parameter is replicated under FSDP: init and a donating fold must leave the model's own tensor
+    # (rank 1's differs from rank 0's) and another init() state alone.
+    scaled = Scaled(rank)
+    before = float(scaled.scale)
+    step = fl.with_fsdp(fl.make_train_step(scaled, fl.losses.mse, fl.optim.sgd(0.1)))
+    state, kept = step.init(), step.init()
+    fl.fold(step, state, [(torch.ones(4, 3), torch.zeros(4, 2))] * 3, donate=True, progress=False)
+    untouched = [float(scaled.scale) == before, float(kept.params["scale"].full_tensor()) == 1.0]
+    everyone = [None, None]
+    torch.distributed.all_gather_object(everyone, untouched)
+    if rank == 0:
+        (out / "fsdp-scalar.json").write_text(json.dumps(everyone))
 
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}

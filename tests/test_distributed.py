@@ -113,6 +113,12 @@ def test_fsdp_skips_a_parameter_no_rank_reaches_and_refuses_one_some_ranks_reach
     assert "a.weight (1 of 2 ranks)" in message and "b.bias (1 of 2 ranks)" in message and "use with_ddp" in message
 
 
+def test_fsdp_leaves_a_models_0d_parameter_alone_under_a_donating_fold(run):
+    out, _ = run
+    # per rank: the model's scale as it was, and another init() state's scale still rank 0's 1.0
+    assert json.loads((out / "fsdp-scalar.json").read_text()) == [[True, True], [True, True]]
+
+
 def test_fsdp_trap_of_gathering_without_grad_placements_is_caught(run):
     """Gathering without grad_placements=[Partial()] skips the reduction: the comparison above would fail."""
     out, expected = run

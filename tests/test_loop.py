@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fnlight as fl
 from fnlight.optim import adamw
@@ -348,3 +349,33 @@ def test_donating_a_direct_calls_result_leaves_the_calls_input_where_it_was(batc
     fl.fold(step, s1, batches, epochs=2, progress=False, donate=True)
     assert (int(s0.data.epoch), int(s0.data.batch)) == (0, 0)
     assert int(fl.fold(step, s0, batches, epochs=2, progress=False).step) == 16
+
+
+def test_donation_protects_what_init_lent_even_after_the_model_changes_and_for_parameter_subclasses(batches):
+    class Tagged(nn.Parameter):
+        pass
+
+    step = make_step()
+    model = step.core._model
+    model[0].weight = Tagged(model[0].weight.detach().clone())
+    step = fl.make_train_step(model, fl.losses.cross_entropy, adamw(1e-2))
+    a, b = step.init(), step.init()
+    kept = fl.tree_clone(b)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # the model lets go
+    fl.fold(step, a, batches, progress=False, donate=True)
+    assert fl.tree_equal(b, kept)
+
+
+def test_a_donated_state_cannot_be_copied_or_saved(batches, tmp_path):
+    step = make_step()
+    state = step.init()
+    fl.fold(step, state, batches, progress=False, donate=True)
+    with pytest.raises(fl.DonatedStateError, match="tree_clone: this TrainState was donated"):
+        fl.tree_clone(state)
+    with pytest.raises(fl.DonatedStateError, match="checkpoint.save: this TrainState was donated"):
+        fl.checkpoint.save(tmp_path / "x.ckpt", state)
+    accum = fl.with_grad_accum(make_step(), every=2)
+    start = accum.init()
+    fl.fold(accum, start, batches[:3], progress=False, donate=True)
+    with pytest.raises(fl.DonatedStateError, match="with_grad_accum flush: this TrainState was donated"):
+        accum.flush(start)

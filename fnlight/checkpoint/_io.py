@@ -14,6 +14,7 @@ import optree
 import torch
 from torch import Tensor
 
+from .._donation import check_live
 from ._errors import CheckpointError, CheckpointMismatchError
 from ._format import (
     DTYPE_NAMES,
@@ -70,6 +71,7 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
     ...     print(read_metadata(f"{d}/a.ckpt")["metadata"])
     {'epoch': 3}
     """
+    check_live(tree, "checkpoint.save")  # a donated state's tensors hold a later step's values
     metadata = {} if metadata is None else metadata
     check_metadata(metadata)
     plan, end = _plan(tree)

@@ -46,8 +46,12 @@ def release_meshes() -> None:
 def _shard(t: Tensor, mesh: Any) -> Tensor:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    # Rank 0's values are scattered: every rank starts from the same parameters whatever its seed.
-    return distribute_tensor(t.detach(), mesh, [Shard(0)] if t.ndim else [Replicate()], src_data_rank=0)
+    # Rank 0's values are scattered: every rank starts from the same parameters whatever its seed. A 0-d
+    # tensor is replicated, and distribute_tensor would broadcast into it in place and keep its storage:
+    # it is the model's own tensor (init borrows them), so it gets a copy first.
+    if not t.ndim:
+        return distribute_tensor(t.detach().clone(), mesh, [Replicate()], src_data_rank=0)
+    return distribute_tensor(t.detach(), mesh, [Shard(0)], src_data_rank=0)
 
 
 def _gather(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

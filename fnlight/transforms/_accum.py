@@ -9,7 +9,7 @@ import optree
 import torch
 from torch import Tensor
 
-from .._donation import is_donating
+from .._donation import check_live, is_donating
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from .._tree import leading_size
@@ -231,6 +231,7 @@ class GradAccum(Transform):
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """Apply a partial window (fewer than ``every`` micro-batches) weighted by what it holds."""
+        check_live(state, "with_grad_accum flush")
         state, metrics = self.inner.flush(state)
         if self.every is None or state.slots["grad_accum"].count == 0:
             return state, metrics
