@@ -132,8 +132,8 @@ def fold(
     ``donate="model"`` gives the model's tensors up as well. The fold then trains them in
     place, as a hand-written torch loop trains ``model``, with no copy at all. The model,
     and any other state made from it, change with the fold (where the state holds the
-    model's tensors: ``with_ddp``, ``with_fsdp``, ensembles and ``with_amp(mode="true")``
-    make their own copies in ``init``). A state made from another without a fold shares
+    model's tensors: ensembles, ``with_amp(mode="true")``, and ``with_ddp``/``with_fsdp`` on
+    more than one rank make their own copies in ``init``). A state made from another without a fold shares
     with it every tensor it did not change: a direct step call's result (the parameters and
     optimizer state when the call made no update: inside an accumulation window, a skipped
     update), ``fl.load_state_dict``'s (the optimizer state), ``update_bn``'s, ``replace``'s.

@@ -85,26 +85,33 @@ def _differences(a: Any, b: Any, root: str) -> list[str]:
 _ATOMS = (str, bytes, bool, int, float, complex, type(None), torch.dtype, torch.device)
 
 
-def _inner_tensors(obj: Any, path: str, seen: set[int], out: dict[str, Tensor]) -> None:
-    """The tensors reachable inside an object optree sees as one leaf (a dataclass, a dict subclass, an object)."""
-    if isinstance(obj, Tensor):
-        out[path] = obj
-        return
-    if isinstance(obj, _ATOMS) or id(obj) in seen or len(seen) > 10_000:
-        return
-    seen.add(id(obj))
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        items: Iterable[tuple[str, Any]] = ((f".{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    elif isinstance(obj, Mapping):
-        items = ((f"[{k!r}]", v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = ((f"[{i}]", v) for i, v in enumerate(obj))
-    elif hasattr(obj, "__dict__") and not callable(obj):
-        items = ((f".{k}", v) for k, v in vars(obj).items())
-    else:
-        return
-    for suffix, value in items:
-        _inner_tensors(value, path + suffix, seen, out)
+def _inner_tensors(obj: Any, path: str, out: dict[str, Tensor], limit: int = 10_000) -> None:
+    """The tensors reachable inside an object optree sees as one leaf (a dataclass, a dict subclass, an object).
+
+    Walked without recursion (a long linked chain is fine), each object once (cycles are fine),
+    at most ``limit`` objects.
+    """
+    seen: set[int] = set()
+    stack = [(path, obj)]
+    while stack and len(seen) < limit:
+        path, obj = stack.pop()
+        if isinstance(obj, Tensor):
+            out[path] = obj
+            continue
+        if isinstance(obj, _ATOMS) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            items: Iterable[tuple[str, Any]] = [(f".{f.name}", getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        elif isinstance(obj, Mapping):
+            items = [(f"[{k!r}]", v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            items = [(f"[{i}]", v) for i, v in enumerate(obj)]
+        elif hasattr(obj, "__dict__") and not callable(obj):
+            items = [(f".{k}", v) for k, v in vars(obj).items()]
+        else:
+            continue
+        stack.extend((path + suffix, value) for suffix, value in reversed(items))
 
 
 def _opaque_tensors(tree: Any, root: str) -> dict[str, Tensor]:
@@ -118,13 +125,17 @@ def _opaque_tensors(tree: Any, root: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for accessor, leaf in zip(paths, leaves):
         if not isinstance(leaf, Tensor):
-            _inner_tensors(leaf, accessor.codify(root), set(), out)
+            _inner_tensors(leaf, accessor.codify(root), out)
     return out
 
 
 def _opaque_differences(before: dict[str, Tensor], after: dict[str, Tensor]) -> list[str]:
-    """The paths whose tensors differ (or appeared, or went) between two :func:`_opaque_tensors` readings."""
-    return sorted(p for p in before.keys() | after.keys() if p not in before or p not in after or not _same(after[p], before[p]))
+    """The paths whose tensors changed or went between two :func:`_opaque_tensors` readings.
+
+    A tensor that appeared is not a change: an object may cache what it computes
+    (``functools.cached_property``) without altering what it held.
+    """
+    return sorted(p for p in before if p not in after or not _same(after[p], before[p]))
 
 
 def _nonfinite(tree: Any, root: str) -> list[str]:

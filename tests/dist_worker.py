@@ -185,6 +185,17 @@ def train(out: Path, rank: int) -> None:
     if rank == 0:
         (out / "fsdp-scalar.json").write_text(json.dumps(everyone))
 
+    # A direct call's loss metric is the mean over the ranks (each rank holds half of the global batch).
+    losses = {}
+    for mode in ("ddp", "fsdp"):
+        step = build(mode, rank)
+        _, step_metrics = step(step.init(), local_batches(rank, 1)[0])
+        losses[mode] = float(step_metrics["loss"])
+    everyone = [None, None]
+    torch.distributed.all_gather_object(everyone, losses)
+    if rank == 0:
+        (out / "losses.json").write_text(json.dumps(everyone))
+
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}
     for mode in ("ddp", "fsdp"):

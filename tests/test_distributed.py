@@ -113,6 +113,16 @@ def test_fsdp_skips_a_parameter_no_rank_reaches_and_refuses_one_some_ranks_reach
     assert "a.weight (1 of 2 ranks)" in message and "b.bias (1 of 2 ranks)" in message and "use with_ddp" in message
 
 
+def test_a_direct_calls_loss_metric_is_the_mean_over_the_ranks(run):
+    out, _ = run
+    x, y = global_batches()[0]
+    with torch.no_grad():
+        expected = float(fl.losses.cross_entropy(model(), (x, y)))
+    for rank_losses in json.loads((out / "losses.json").read_text()):
+        for mode in ("ddp", "fsdp"):
+            assert rank_losses[mode] == pytest.approx(expected, rel=1e-6), (mode, rank_losses)
+
+
 def test_fsdp_leaves_a_models_0d_parameter_alone_under_a_donating_fold(run):
     out, _ = run
     # per rank: the model's scale as it was, and another init() state's scale still rank 0's 1.0

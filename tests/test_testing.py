@@ -246,3 +246,22 @@ def test_argument_errors(check):
         TypeError, match=rf"{check.__name__}: state must be a fnlight.TrainState \(from step.init\(\)\), got dict"
     ):
         check(step, {}, BATCH)
+
+
+def test_assert_pure_ignores_what_a_batch_object_caches_and_walks_long_chains():
+    import functools
+
+    class Batch:
+        def __init__(self, x, y, depth=0):
+            self.x, self.y = x, y
+            self.history = None
+            for _ in range(depth):  # a long linked chain: no recursion limit
+                self.history = {"previous": self.history, "note": torch.zeros(1)}
+
+        @functools.cached_property
+        def scaled(self):
+            return self.x * 2.0
+
+    step = fl.make_train_step(make_bn_mlp(), lambda m, b: fl.losses.cross_entropy(m, (b.scaled / 2.0, b.y)), adamw(1e-2))
+    x, y = (t.clone() for t in BATCH)
+    assert_pure(step, step.init(), Batch(x, y, depth=3000))  # the cached tensor is new, nothing changed

@@ -137,7 +137,8 @@ class DDP(Transform):
                 averaged = {n: t for n, t, had in zip(names, reduced[:-2], reduced[-1].tolist()) if had > 0}
             g = g._replace(grads=averaged, loss=reduced[-2].reshape(()).to(g.loss.dtype))
             new_state, metrics = self.inner.update(state, g)
-            return sync_buffers(new_state, f"with_ddp at update {int(state.step)} (rank 0's buffers)", self.bucket_bytes), metrics
+            new_state = sync_buffers(new_state, f"with_ddp at update {int(state.step)} (rank 0's buffers)", self.bucket_bytes)
+            return new_state, {**metrics, "loss": g.loss}  # the mean over the ranks, not this rank's own
         return self.inner.update(state, g)
 
 

@@ -135,7 +135,8 @@ class FSDP(Transform):
                 raise _uneven_reach(state, names, reached.tolist(), info.world_size)
             g = g._replace(loss=packed[0].div(info.world_size).to(g.loss.dtype))
             new_state, metrics = self.inner.update(state, g)
-            return sync_buffers(new_state, f"with_fsdp at update {int(state.step)} (rank 0's buffers)"), metrics
+            new_state = sync_buffers(new_state, f"with_fsdp at update {int(state.step)} (rank 0's buffers)")
+            return new_state, {**metrics, "loss": g.loss}  # the mean over the ranks, not this rank's own
         return self.inner.update(state, g)
 
 
