@@ -64,7 +64,7 @@ def unshare_lent(tree: T, namespace: str) -> T:
     >>> import torch
     >>> model = torch.nn.Linear(2, 1)
     >>> state = {"w": model.weight.detach(), "other": torch.zeros(1)}
-    >>> lend(state.values())
+    >>> lend([state["w"]])  # what init() does with the tensors it took from the model
     >>> own = unshare_lent(state, "")
     >>> own["w"] is state["w"], torch.equal(own["w"], model.weight), own["other"] is state["other"]
     (False, True, True)
