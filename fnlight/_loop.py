@@ -190,14 +190,10 @@ def fold(
         raise TypeError(f"fold: step must be callable (state, batch) -> (state, metrics), got {step!r}")
     _positive("epochs", epochs)
     _positive("max_steps", max_steps)
-    for flag, value, allowed in (
-        ("progress", progress, (bool, None)),
-        ("summary", summary, (bool, None)),
-        ("handle_signals", handle_signals, (bool,)),
-    ):
-        if not (isinstance(value, bool) or (value is None and None in allowed)):
-            expected = "a bool or None" if None in allowed else "a bool"
-            raise TypeError(f"fold: {flag} must be {expected}, got {value!r}")
+    flags = (("progress", progress, True), ("summary", summary, True), ("handle_signals", handle_signals, False))
+    for flag, value, optional in flags:
+        if not isinstance(value, bool) and not (optional and value is None):
+            raise TypeError(f"fold: {flag} must be a bool{' or None' if optional else ''}, got {value!r}")
     if isinstance(observers, Observer) or not isinstance(observers, (list, tuple)):
         raise TypeError(f"fold: observers must be a list of fnlight.Observer, got {observers!r}")
     if data is None:

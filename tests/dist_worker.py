@@ -124,6 +124,14 @@ class Scaled(nn.Module):
         return self.lin(x) * self.scale
 
 
+def write_every_ranks(path, value):
+    """Gather ``value`` from every rank; rank 0 writes the list (by rank) as JSON. Every rank must call it."""
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, value)
+    if torch.distributed.get_rank() == 0:
+        path.write_text(json.dumps(everyone))
+
+
 def save_params(path, state):
     """Rank 0 writes the whole parameters (gathered from the shards); every rank must call it."""
     params = fl.state_dict(state)
@@ -180,10 +188,7 @@ def train(out: Path, rank: int) -> None:
     state, kept = step.init(), step.init()
     fl.fold(step, state, [(torch.ones(4, 3), torch.zeros(4, 2))] * 3, donate=True, progress=False)
     untouched = [float(scaled.scale) == before, float(kept.params["scale"].full_tensor()) == 1.0]
-    everyone = [None, None]
-    torch.distributed.all_gather_object(everyone, untouched)
-    if rank == 0:
-        (out / "fsdp-scalar.json").write_text(json.dumps(everyone))
+    write_every_ranks(out / "fsdp-scalar.json", untouched)
 
     # A direct call's loss metric is the mean over the ranks (each rank holds half of the global batch).
     losses = {}
@@ -191,20 +196,14 @@ def train(out: Path, rank: int) -> None:
         step = build(mode, rank)
         _, step_metrics = step(step.init(), local_batches(rank, 1)[0])
         losses[mode] = float(step_metrics["loss"])
-    everyone = [None, None]
-    torch.distributed.all_gather_object(everyone, losses)
-    if rank == 0:
-        (out / "losses.json").write_text(json.dumps(everyone))
+    write_every_ranks(out / "losses.json", losses)
 
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}
     for mode in ("ddp", "fsdp"):
         state = build(mode, rank, width=512).init()
         sizes[mode] = fl.distributed.local_bytes((state.params, state.opt_state))
-    everyone = [None, None]
-    torch.distributed.all_gather_object(everyone, sizes)
-    if rank == 0:
-        (out / "bytes.json").write_text(json.dumps(everyone))
+    write_every_ranks(out / "bytes.json", sizes)
 
     # Sharded checkpoints at updates 10 and 20 of an uninterrupted FSDP run.
     step = fl.with_checkpointing(build("fsdp", rank), directory=out / "sharded", every=10, keep_last=2)

@@ -110,13 +110,7 @@ def adagrad(
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
             for (device, dtype), idx in groups.items():
                 if half_on_cpu(device, dtype):
-                    hparams = {**hp, "weight_decay": torch.tensor(group_wd, dtype=torch.float64)}
-                    sub, sub_sums = [ps[i] for i in idx], [sums[i] for i in idx]
-                    new_ps, new_sums = adagrad_math(
-                        sub, [gs[i] for i in idx], sub_sums, [True] * len(idx), count=state.count,
-                        lr=torch.tensor(lr, dtype=torch.float64), hparams=hparams,
-                    )  # fmt: skip
-                    copy_back(sub, new_ps), copy_back(sub_sums, new_sums)
+                    _adagrad_in_float32(idx, ps, gs, sums, group_wd, hp, state.count, lr)
                     continue
                 steps = [torch.scalar_tensor(step_value, dtype=torch.float32, device=device)] * len(idx)
                 torch._fused_adagrad_(
@@ -130,3 +124,22 @@ def adagrad(
         return dict(zip(names, ps, strict=True)), AdagradState(count, merge(state.sum_of_squares, names, sums), hp)
 
     return Optimizer(init, apply)
+
+
+def _adagrad_in_float32(
+    idx: list[int],
+    ps: list[Tensor],
+    gs: list[Tensor],
+    sums: list[Tensor],
+    weight_decay: float,
+    hp: dict[str, Tensor],
+    count: Tensor,
+    lr: float,
+) -> None:
+    """Adagrad on the half-precision CPU tensors ``idx``, in place, computed in float32 (see :func:`half_on_cpu`)."""
+    sub, sub_sums = [ps[i] for i in idx], [sums[i] for i in idx]
+    hparams = {**hp, "weight_decay": torch.tensor(weight_decay, dtype=torch.float64)}
+    lr_t = torch.tensor(lr, dtype=torch.float64)
+    new_ps, new_sums = adagrad_math(sub, [gs[i] for i in idx], sub_sums, [True] * len(idx), count=count, lr=lr_t, hparams=hparams)
+    copy_back(sub, new_ps)
+    copy_back(sub_sums, new_sums)
