@@ -7,10 +7,10 @@ them. The input state is marked as donated afterwards, and any later use of it
 through fnlight raises :class:`DonatedStateError`.
 
 A state from ``TrainStep.init`` holds the model's own tensors (no copy). Those are lent, not
-given: the model, and every other state ``init`` made from it, still hold them. So a
-donating fold first replaces each tensor it shares with a lending model by a copy of its own
-(:func:`unshare_lent`); the state the fold returns owns everything, and folding it again
-copies nothing.
+given: the model, and every other state ``init`` made from it, still hold them. ``init``
+records them (:func:`lend`), and a donating fold first replaces each tensor that shares
+memory with a recorded one by a copy of its own (:func:`unshare_lent`); the state the fold
+returns owns everything, and folding it again copies nothing.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _storage(t: Tensor) -> int:
 
 
 def unshare_lent(tree: T, namespace: str) -> T:
-    """``tree`` with every tensor that shares memory with a lending module's tensors replaced by a copy.
+    """``tree`` with every tensor that shares memory with a tensor :func:`lend` recorded replaced by a copy.
 
     What a donating fold does to its input before the first in-place update, so that the
     update never writes into a user's ``nn.Module`` or into other states made from it.
