@@ -52,10 +52,14 @@ def _slots(skeleton: nn.Module) -> dict[str, list[tuple[dict, str]]]:
     for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()):
         canonical.setdefault(id(t), name)
     slots: dict[str, list[tuple[dict, str]]] = {}
+    seen: set[tuple[int, str]] = set()
+    # remove_duplicate=False finds a weight shared between modules under each owner; a module
+    # used twice (a siamese encoder) is the same dicts twice, and is recorded once
     for _, mod in skeleton.named_modules(remove_duplicate=False):
         for store in (mod._parameters, mod._buffers):
             for attr, t in store.items():
-                if t is not None and id(t) in canonical:
+                if t is not None and id(t) in canonical and (id(store), attr) not in seen:
+                    seen.add((id(store), attr))
                     slots.setdefault(canonical[id(t)], []).append((store, attr))
     skeleton.__dict__[_SLOTS] = slots
     return slots
@@ -96,9 +100,41 @@ def bind(skeleton: nn.Module, tensors: Mapping[str, Tensor]) -> list[tuple[dict,
 
 
 def unbind(saved: list[tuple[dict, str, Tensor]]) -> None:
-    """Undo :func:`bind`."""
-    for store, attr, old in saved:
+    """Undo :func:`bind` (last binding first, so a slot bound twice gets its first saved value)."""
+    for store, attr, old in reversed(saved):
         store[attr] = old
+
+
+def reassigned(skeleton: nn.Module, bound: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of ``bound`` that the forward replaced in their slots, detached, by name.
+
+    A forward that writes ``self.count = self.count + 1`` (instead of ``self.count.add_(1)``)
+    puts a new tensor into the module's ``_buffers``, the slot :func:`bind` filled: that is
+    the buffer's new value, as in a torch loop. Call it while the tensors are still bound.
+
+    >>> import torch
+    >>> class Counter(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.register_buffer("calls", torch.zeros(()))
+    ...     def forward(self, x):
+    ...         self.calls = self.calls + 1
+    ...         return x
+    >>> skeleton, tensors = make_skeleton(Counter()), {"calls": torch.zeros(())}
+    >>> with bound(skeleton, tensors):
+    ...     _ = skeleton(torch.ones(1))
+    ...     reassigned(skeleton, tensors)
+    {'calls': tensor(1.)}
+    """
+    slots = _slots(skeleton)
+    out: dict[str, Tensor] = {}
+    for name, value in bound.items():
+        for store, attr in slots[name]:
+            now = store.get(attr)
+            if now is not value and isinstance(now, Tensor):
+                out[name] = now.detach()
+                break
+    return out
 
 
 @contextlib.contextmanager

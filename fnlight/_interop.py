@@ -50,8 +50,11 @@ def apply(state: TrainState, *args: Any, training: bool = False, **kwargs: Any) 
     inputs (e.g. a GAN generator's loss through a discriminator held in another state) and to
     the state's tensors only if they require grad (a state's tensors do not). Pure: the
     buffers are cloned first, so BatchNorm statistics (or any buffer a forward writes)
-    updated by the call are discarded and ``state`` is never modified. Dropout in train mode draws from torch's global
-    generator (inside a step, fnlight seeds it per call; here you choose).
+    updated by the call are discarded and ``state`` is never modified. Every module's train/eval
+    mode is put back afterwards: a teacher that shares the student's skeleton
+    (``fl.averaged(state)``, ``fl.tree_clone(state)``) can be applied inside the student's
+    loss. Dropout in train mode draws from torch's global generator (inside a step, fnlight
+    seeds it per call; here you choose).
 
     Args:
         state: a state with a module skeleton (from ``step.init()``).
@@ -71,10 +74,18 @@ def apply(state: TrainState, *args: Any, training: bool = False, **kwargs: Any) 
         raise TypeError(f"apply: training must be a bool, got {training!r}")
     skeleton = _require_skeleton(state, "apply")
     buffers = {k: b.clone() for k, b in state.buffers.items()}  # a forward may write buffers, in eval mode too
-    if skeleton.training != training:
+    # The skeleton may be the one a train step is running right now (a teacher from averaged(state) or
+    # tree_clone(state) called inside the loss): every module's mode is put back afterwards.
+    modes = [(m, m.training) for m in skeleton.modules()]
+    if any(was != training for _, was in modes):
         skeleton.train(training)
-    with bound(skeleton, {**full_tensors(state.params), **buffers}):
-        return skeleton(*args, **kwargs)
+    try:
+        with bound(skeleton, {**full_tensors(state.params), **buffers}):
+            return skeleton(*args, **kwargs)
+    finally:
+        for m, was in modes:
+            if m.training != was:
+                m.training = was
 
 
 def state_dict(state: TrainState) -> dict[str, Tensor]:

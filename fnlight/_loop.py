@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import reprlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -349,6 +350,11 @@ def _done(state: TrainState, max_steps: int | None) -> bool:
     return bool(state.stop) or (max_steps is not None and int(state.step) >= max_steps)
 
 
+def _short(x: Any) -> str:
+    """``x`` for an error message: a state or tensor by its type, anything else by a shortened repr."""
+    return f"a {type(x).__name__}" if isinstance(x, (TrainState, Tensor, dict)) else reprlib.repr(x)
+
+
 def _batch_size(batch: Any) -> int:
     return leading_size(batch, "evaluate")
 
@@ -384,6 +390,18 @@ def evaluate(
     >>> sorted(fl.evaluate(fl.make_eval_step(fl.losses.mse), state, data))
     ['loss']
     """
+    if isinstance(eval_step, TrainState) or not callable(eval_step):
+        raise TypeError(
+            "evaluate(eval_step, state, data): eval_step must be make_eval_step(loss_fn) or a (state, batch) -> "
+            f"{{name: 0-d tensor}} callable, got {_short(eval_step)}"
+        )
+    if hasattr(eval_step, "updates_per"):  # a train step (or a transform of one): calling it would train
+        raise TypeError(
+            f"evaluate: eval_step is a train step ({eval_step!r}), which would train on the evaluation data; "
+            "pass make_eval_step(loss_fn) with the same loss_fn"
+        )
+    if not isinstance(state, TrainState):
+        raise TypeError(f"evaluate(eval_step, state, data): state must be a TrainState, got {_short(state)}")
     check_live(state, "evaluate")
     if world_size() > 1:  # sharded parameters (with_fsdp) gathered once: ranks may have different batch counts
         full = full_tensors(state.params)
@@ -393,7 +411,17 @@ def evaluate(
     count = 0
     for batch in data:
         n = batch_size_fn(batch)
-        metrics = eval_step(state, batch)
+        try:
+            metrics = eval_step(state, batch)
+        except Exception as e:
+            if not isinstance(eval_step, EvalStep):
+                e.add_note(
+                    f"fnlight: evaluate calls eval_step(state, batch) with eval_step={eval_step!r}; to evaluate a "
+                    "loss_fn(model, batch), pass fnlight.make_eval_step(loss_fn)"
+                )
+            raise
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"evaluate: eval_step must return a dict of 0-d tensors, got {_short(metrics)} from {eval_step!r}")
         for k, v in metrics.items():
             term = v.detach().to(torch.float64) * n
             sums[k] = sums[k] + term if k in sums else term

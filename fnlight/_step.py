@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import run_backward
-from ._bind import bind, bound, full_tensors, make_skeleton, unbind
+from ._bind import bind, bound, full_tensors, make_skeleton, reassigned, unbind
 from ._donation import check_live, is_donating, lend
 from ._rng import restore_generators, seed_generators, step_seed
 from ._state import TrainState
@@ -131,6 +131,11 @@ def _split_output(out: Any, loss_fn: Any) -> tuple[Tensor, dict[str, Tensor]]:
         got = describe_batch(out) if isinstance(out, (Tensor, tuple, list)) else repr(out)
         raise TypeError(
             f"loss_fn {_name(loss_fn)!r} must return a 0-d floating-point loss tensor or (loss, dict of 0-d tensors); got {got}"
+        )
+    if "loss" in aux:
+        raise ValueError(
+            f"loss_fn {_name(loss_fn)!r}: auxiliary metric 'loss' clashes with the step's own 'loss' (the returned "
+            "loss, which the nonfinite policy, loss scaling and early stopping read); rename it, e.g. 'recon_loss'"
         )
     metrics = {"loss": out.detach()}
     for k, v in aux.items():
@@ -287,10 +292,13 @@ class TrainStep:
                     leaf.grad = ctx.accumulate[name]
                 run_backward(target, tuple(leaves.values()), weight=weight, accumulate=True)
                 grads = [leaf.grad for leaf in leaves.values()]
+            moved = reassigned(skeleton, buffers) if buffers else None  # `self.count = self.count + 1` in forward
         finally:
             restore_generators(saved_rng)
             unbind(saved_slots)
             _set_grad_enabled(grad_was_enabled)
+        if moved:
+            buffers = {**buffers, **moved}
         return Gradients(metrics["loss"], {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:

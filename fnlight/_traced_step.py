@@ -24,7 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ._bind import bind, unbind
+from ._bind import bind, reassigned, unbind
 from ._step import TrainStep, _name, _split_output
 
 __all__ = ["make_apply_fn", "make_grads_fn", "make_step_fn", "set_leaves", "writable", "written_in_place"]
@@ -109,6 +109,8 @@ def make_grads_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callab
             if loss_scale is not None:
                 target = target.float() * loss_scale
             grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
+            if bufs:  # `self.count = self.count + 1` in forward: the new tensor is the buffer's value
+                bufs.update(reassigned(skeleton, bufs))
         finally:
             unbind(saved)
         fresh = {n: g for n, g in zip(leaves, grads) if g is not None}

@@ -11,7 +11,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from .._bind import bind, make_skeleton, unbind
+from .._bind import bind, make_skeleton, reassigned, unbind
 from .._donation import is_donating
 from .._rng import derive_seed, restore_generators, seed_generators
 from .._state import TrainState
@@ -178,7 +178,7 @@ class EnsembleStep:
         torch.set_grad_enabled(True)
         saved_rng = seed_generators(derive_seed(self._keys_seed, int(state.step)), self._devices)
         try:
-            loss, metrics = self._forward(skeleton)(leaves, rest, batch)
+            loss, metrics, moved = self._forward(skeleton)(leaves, rest, batch)
         except Exception as e:
             e.add_note(
                 f"fnlight: {where} {int(state.step)}: loss_fn {_name(self.loss_fn)!r} ran under torch.func.vmap over {k} "
@@ -216,6 +216,8 @@ class EnsembleStep:
             opt_state = optree.tree_map(keep, opt_state, state.opt_state, namespace="fnlight")
         if self.nonfinite == "skip":
             metrics["skipped"] = torch.zeros(k) if bad is None else bad.float()
+        if moved:  # buffers the forward reassigned (`self.count = self.count + 1`)
+            buffers = {**buffers, **moved}
         new_state = state.replace(step=state.step + 1, params={**params, **new_params}, buffers=buffers, opt_state=opt_state)
         return new_state, metrics
 
@@ -228,11 +230,15 @@ class EnsembleStep:
         if self._cached is not None and self._cached[0] is skeleton:
             return self._cached[1]
         loss_fn = self.loss_fn
+        buffer_names = tuple(name for name, _ in skeleton.named_buffers())
 
-        def replica_loss(leaves: dict[str, Tensor], rest: dict[str, Tensor], batch: Any) -> tuple[Tensor, Metrics]:
+        def replica_loss(
+            leaves: dict[str, Tensor], rest: dict[str, Tensor], batch: Any
+        ) -> tuple[Tensor, Metrics, dict[str, Tensor]]:
             saved = bind(skeleton, {**rest, **leaves})
             try:
-                return _split_output(loss_fn(skeleton, batch), loss_fn)
+                loss, metrics = _split_output(loss_fn(skeleton, batch), loss_fn)
+                return loss, metrics, reassigned(skeleton, {n: rest[n] for n in buffer_names if n in rest})
             finally:
                 unbind(saved)
 
