@@ -238,13 +238,20 @@ def fold(
     counting = bool(observers) or bar.enabled or max_steps is not None
     try:
         with donating(), held_generators(), SignalWatch(handle_signals) as signals:
-            while (epochs is None or epoch < epochs) and not _done(state, max_steps):
+            while epochs is None or epoch < epochs:
+                if _done(state, max_steps):
+                    # Resumed from a checkpoint written by the update that reached max_steps with the epoch's last
+                    # batch: the uninterrupted fold ended that epoch before returning, so this one does too.
+                    if not state.stop and int(state.data.batch) and _consumed(state, _source(data, epoch)):
+                        state, metrics, epoch = _end_epoch(step, state, metrics, observers, bar, epoch)
+                        if signals.received is not None:
+                            raise preempt(step, state, signals.received)
+                    break
+                source: Any = _source(data, epoch)
                 skip = int(state.data.batch)
-                if hasattr(data, "iter_epoch"):
-                    source: Any = data
+                if source is data and hasattr(data, "iter_epoch"):
                     batches = iter(data.iter_epoch(epoch, skip))  # type: ignore[union-attr]
                 else:
-                    source = _epoch_iterable(data, epoch)
                     batches = iter(source)
                     if skip:
                         batches = itertools.islice(batches, skip, None)
@@ -276,6 +283,8 @@ def fold(
                     continue
                 if not state.stop and _consumed(state, source):  # max_steps reached with the epoch's last batch
                     state, metrics, epoch = _end_epoch(step, state, metrics, observers, bar, epoch)
+                    if signals.received is not None:
+                        raise preempt(step, state, signals.received)
                 break
         n = int(state.step)
         for o in observers:
@@ -308,6 +317,11 @@ def _describe(data: Any) -> str:
     return f"{type(data).__name__}{size}"
 
 
+def _source(data: Any, epoch: int) -> Any:
+    """What the fold iterates in ``epoch``: a Loader itself (it resumes by position), else the epoch's iterable."""
+    return data if hasattr(data, "iter_epoch") else _epoch_iterable(data, epoch)
+
+
 def _consumed(state: TrainState, source: Any) -> bool:
     """Whether the fold has taken every batch of the epoch (known only for data with a length)."""
     return hasattr(source, "__len__") and int(state.data.batch) >= len(source)
@@ -337,12 +351,14 @@ def _flush(
     if state is not previous:
         mark_donated(previous)
     n = int(state.step)
-    if flushed:  # e.g. an epoch-end evaluation: the last metrics of the epoch carry it
-        metrics = {**metrics, **flushed}
-    if n != before:
+    if n != before:  # the flush updated (a short accumulation window): its metrics are that update's own,
+        # without the last call's (which a fold resumed at the epoch's end never saw)
+        metrics = dict(flushed)
         for o in observers:
             o._maybe(state, metrics, n)
         bar.update(n, epoch, metrics)
+    elif flushed:  # e.g. an epoch-end evaluation without an update: the epoch's last metrics carry it
+        metrics = {**metrics, **flushed}
     return state, metrics
 
 

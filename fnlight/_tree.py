@@ -9,7 +9,7 @@ import optree
 from torch import Tensor
 
 from ._donation import check_live
-from ._state import NAMESPACE
+from ._state import NAMESPACE, TrainState
 
 __all__ = ["tree_clone", "tree_equal"]
 
@@ -41,7 +41,15 @@ def tree_equal(a: Any, b: Any) -> bool:
     True
     >>> tree_equal({"w": torch.tensor([float("nan"), 1.0])}, {"w": torch.tensor([float("nan"), 1.0])})
     True
+
+    Two states compare their module skeletons by structure (class, layers, tensor names, shapes
+    and dtypes), not by identity: a run resumed in a fresh ``step.init()`` (or another
+    process) equals the uninterrupted one.
     """
+    if isinstance(a, TrainState) and isinstance(b, TrainState) and a.skeleton is not b.skeleton:
+        if not _same_module(a.skeleton, b.skeleton):
+            return False
+        b = b.replace(skeleton=a.skeleton)
     la, ta = optree.tree_flatten(a, namespace=NAMESPACE)
     lb, tb = optree.tree_flatten(b, namespace=NAMESPACE)
     if ta != tb:
@@ -53,6 +61,14 @@ def tree_equal(a: Any, b: Any) -> bool:
         elif isinstance(x, Tensor) or isinstance(y, Tensor) or (x != y and not (x != x and y != y)):
             return False
     return True
+
+
+def _same_module(a: Any, b: Any) -> bool:
+    """Whether two skeletons have the same structure: class, printed layers, tensor names, shapes and dtypes."""
+    if a is None or b is None or type(a) is not type(b) or repr(a) != repr(b):
+        return a is b
+    tensors = lambda m: [(n, t.shape, t.dtype) for n, t in (*m.named_parameters(), *m.named_buffers())]
+    return tensors(a) == tensors(b)
 
 
 def _tensor_equal(x: Tensor, y: Tensor) -> bool:

@@ -1,6 +1,8 @@
 """fold (donation, epochs, max_steps, stop, resume position, observers, progress) and evaluate."""
 
 import io
+import os
+import signal
 
 import pytest
 import torch
@@ -379,3 +381,108 @@ def test_a_donated_state_cannot_be_copied_or_saved(batches, tmp_path):
     fl.fold(accum, start, batches[:3], progress=False, donate=True)
     with pytest.raises(fl.DonatedStateError, match="with_grad_accum flush: this TrainState was donated"):
         accum.flush(start)
+
+
+# ---------------------------------------------------------------- resume at an epoch's end under max_steps
+
+
+def _four_batches() -> list:
+    return [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.randint(0, 2, (8,))) for i in range(4)]
+
+
+def _eval_stack(directory, val):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    step = fl.make_train_step(model, fl.losses.classification, fl.optim.sgd(0.1))
+    step = fl.with_eval(step, data=val, loss_fn=fl.losses.classification, at_epoch_end=True)
+    step = fl.with_early_stop(step, monitor="val/loss", patience=3)  # its record shows whether the epoch end ran
+    return fl.with_checkpointing(step, directory=directory, every=4)
+
+
+def test_a_fold_resumed_where_max_steps_met_the_epochs_last_batch_ends_that_epoch(tmp_path):
+    data, val = _four_batches(), [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    step = _eval_stack(tmp_path / "a", val)
+    uninterrupted = fl.fold(step, step.init(seed=0), data, epochs=3, max_steps=4, progress=False)
+
+    class Killed(BaseException):  # stands in for a SIGKILL during the epoch-end evaluation
+        pass
+
+    def killer(state, batch):
+        raise Killed
+
+    step = _eval_stack(tmp_path / "b", val)
+    step.inner.inner.eval_step = killer
+    with pytest.raises(Killed):  # the checkpoint of update 4 is written inside the step, before the epoch end
+        fl.fold(step, step.init(seed=0), data, epochs=3, max_steps=4, progress=False)
+    step = _eval_stack(tmp_path / "b", val)  # the same script again
+    resumed = step.init(seed=0)
+    assert (int(resumed.step), int(resumed.data.epoch), int(resumed.data.batch)) == (4, 0, 4)
+    resumed = fl.fold(step, resumed, data, epochs=3, max_steps=4, progress=False)
+    assert (int(resumed.data.epoch), int(resumed.data.batch)) == (1, 0)
+    assert float(resumed.slots["early_stop"].best) == float(uninterrupted.slots["early_stop"].best) < float("inf")
+    drop = lambda s: s.replace(slots={k: v for k, v in s.slots.items() if k != "checkpointing"})  # paths differ
+    assert fl.tree_equal(drop(resumed), drop(uninterrupted))
+
+
+def test_a_signal_during_the_epoch_end_that_max_steps_runs_preempts_and_saves(tmp_path):
+    class Val:  # validation data whose iteration receives the SIGTERM (from SLURM, say)
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            yield torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    step = _eval_stack(tmp_path, Val())
+    with pytest.raises(fl.Preempted) as info:
+        fl.fold(step, step.init(seed=0), _four_batches(), epochs=2, max_steps=4, progress=False)
+    assert int(info.value.state.step) == 4 and int(info.value.state.data.epoch) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000000004.ckpt"]
+
+
+def test_a_flush_update_reports_its_own_metrics_resumed_or_not(tmp_path):
+    class Data:
+        def __init__(self, sigint_at=None):
+            self.sigint_at = sigint_at
+
+        def __len__(self):
+            return 5
+
+        def __iter__(self):
+            for i in range(5):
+                if i + 1 == self.sigint_at:
+                    os.kill(os.getpid(), signal.SIGINT)
+                g = torch.Generator().manual_seed(i)
+                yield torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        return fl.with_grad_accum(fl.make_train_step(model, fl.losses.classification, fl.optim.sgd(0.1)), every=3)
+
+    def observer(log):
+        return fl.every(1, at_end=False)(lambda s, m: log.append((int(s.step), sorted(m))))
+
+    full: list = []
+    step = build()
+    fl.fold(step, step.init(seed=0), Data(), epochs=1, observers=[observer(full)], progress=False)
+    step = build()
+    with pytest.raises(fl.Preempted) as info:
+        fl.fold(step, step.init(seed=0), Data(sigint_at=5), epochs=1, progress=False)
+    fl.checkpoint.save(tmp_path / "p.ckpt", info.value.state)
+    step = build()
+    resumed: list = []
+    restored = fl.checkpoint.restore(tmp_path / "p.ckpt", step.init(seed=0))
+    fl.fold(step, restored, Data(), epochs=1, observers=[observer(resumed)], progress=False)
+    assert full == [(1, ["accuracy", "loss"]), (2, ["loss"])]  # the epoch-end window's update: the flush's metrics
+    assert resumed == full[1:]
+
+
+def test_tree_equal_compares_skeletons_by_structure():
+    step = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    a, b = step.init(), step.init()
+    assert a.skeleton is not b.skeleton and fl.tree_equal(a, b)
+    other = fl.make_train_step(nn.Sequential(nn.Linear(2, 1)), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    assert not fl.tree_equal(a, other)
+    wider = fl.make_train_step(nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    assert not fl.tree_equal(a, wider)
