@@ -2,6 +2,7 @@
 
 import math
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -258,6 +259,17 @@ def test_warns_when_the_monitor_never_appears():
     step = with_early_stop(fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1)), monitor="val/loss")
     with pytest.warns(RuntimeWarning, match=r"monitor='val/loss' never appeared.*\['loss'\]"):
         fl.fold(step, step.init(), train_batches(3), progress=False)
+
+
+def test_a_resumed_fold_too_short_to_evaluate_does_not_warn():
+    core_step, train, val = classifier_run()
+    step = with_early_stop(with_eval(core_step, data=val, loss_fn=fl.losses.classification, every=4), monitor="val/loss")
+    state = fl.fold(step, step.init(), train, max_steps=4, progress=False)  # one check, at update 4
+    assert state.slots["early_stop"].best_step == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = fl.fold(step, state, train, max_steps=6, progress=False)  # updates 5-6: no evaluation in this fold
+    assert int(state.step) == 6
 
 
 def core():

@@ -286,3 +286,27 @@ def test_a_failing_batch_size_fn_of_the_users_is_not_hidden():
     )
     with pytest.raises(TypeError, match="my bug"):
         step(step.init(), make_batches(1)[0])
+
+
+def test_a_preempted_fold_without_checkpointing_still_logs_the_last_window():
+    import os
+    import signal
+
+    class Data:  # SIGINT while the fourth batch is fetched
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __iter__(self):
+            for i, b in enumerate(self.batches):
+                if i == 3:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield b
+
+    tracker = Recorder()
+    step = build(tracker, every=3)
+    with pytest.raises(fl.Preempted):
+        fl.fold(step, step.init(), Data(make_batches(6)), progress=False)
+    assert [s for s, _ in tracker.events] == [3, 4] and tracker.closed == 1

@@ -83,7 +83,8 @@ class EarlyStop(Transform):
     def finish(self, state: TrainState) -> None:
         """Warn when a whole fold ran without ``monitor`` ever appearing in the metrics (a misspelt name?)."""
         seen, self._seen = self._seen, set()
-        if seen and self.monitor not in seen:
+        checked = state.slots["early_stop"].best_step >= 0 if "early_stop" in state.slots else False
+        if seen and self.monitor not in seen and not checked:  # a resumed fold too short to evaluate is fine
             warnings.warn(
                 f"with_early_stop: monitor={self.monitor!r} never appeared in the step's metrics during this fold, "
                 f"so early stopping never checked; the metrics were {sorted(seen)}",
