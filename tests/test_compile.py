@@ -81,6 +81,31 @@ def test_one_graph_and_no_recompilation_as_step_and_lr_change():
     assert step.eager_reason is None
 
 
+SCHEDULES = {
+    "constant": lambda: fl.optim.constant(1e-2),
+    "linear": lambda: fl.optim.linear(1e-2, 1e-3, 5),
+    "cosine": lambda: fl.optim.cosine(1e-2, 6),
+    "exponential": lambda: fl.optim.exponential(1e-2, 0.7, end_value=1e-3),
+    "piecewise_constant": lambda: fl.optim.piecewise_constant([1e-2, 5e-3, 1e-3], [2, 4]),
+    "step_decay": lambda: fl.optim.step_decay(1e-2, 2),
+    "join": lambda: fl.optim.join([fl.optim.constant(1e-2), fl.optim.linear(1e-2, 0.0, 4)], [3]),
+    "warmup": lambda: fl.optim.warmup(fl.optim.cosine(1e-2, 4), 2),
+    "warmup_cosine": lambda: warmup_cosine(1e-2, 2, 4),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_stays_in_one_graph_and_moves_the_lr(name):
+    data = make_batches(6, batch=8)
+    core, step = build(lambda: adamw(SCHEDULES[name]()), backend="eager", fallback="raise")
+    lrs: list[float] = []
+    observe = fl.every(1)(lambda s, m: lrs.append(float(s.opt_state.hparams["lr"])))
+    got = fl.fold(step, step.init(seed=0), data, observers=[observe], progress=False)
+    assert step.graphs == {"step": 1, "grads": 0, "update": 0} and step.eager_reason is None
+    assert len(set(lrs)) > 1 or name == "constant"
+    close(got, fl.fold(core, core.init(seed=0), data, progress=False))
+
+
 @pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_fold_equals_the_eager_step(opt):
     data = make_batches(5, batch=8)

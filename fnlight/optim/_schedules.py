@@ -160,7 +160,8 @@ def piecewise_constant(values: Sequence[float], boundaries: Sequence[int]) -> Sc
 
     def schedule(count: Tensor) -> Tensor:
         index = torch.bucketize(count.to(torch.int64).cpu(), edges, right=True)
-        return table[index].to(count.device)
+        # gather, not table[index]: indexing by a 0-d tensor is data-dependent for torch.compile (a graph break)
+        return table.gather(0, index.reshape(1)).reshape(()).to(count.device)
 
     return schedule
 
