@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["run_backward"]
+__all__ = ["run_backward", "writable_grads"]
 
 _engine_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
 _has_torch_function = torch._C._has_torch_function
@@ -48,3 +48,23 @@ def run_backward(
         return torch.autograd.grad(loss, leaves, grad_outputs=seed, allow_unused=True)
     out = _engine_run_backward((loss,), (seed,), False, False, leaves, allow_unreachable=True, accumulate_grad=accumulate)
     return () if accumulate else out
+
+
+def writable_grads(grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``grads`` with every gradient that cannot be written in place replaced by a dense copy.
+
+    Autograd may return a gradient as an expanded view (stride 0: the gradient of
+    ``p.sum()``), which an in-place update refuses ("more than one element of the written-to
+    tensor refers to a single memory location"). Transforms that accumulate into gradients
+    or unscale them in place take them through this first, as ``AccumulateGrad`` makes
+    ``.grad`` dense. The same dict comes back when nothing needs copying.
+
+    >>> g = {"w": torch.ones(1).expand(3), "b": torch.ones(2)}
+    >>> out = writable_grads(g)
+    >>> out["w"].stride(), out["b"] is g["b"]
+    ((1,), True)
+    """
+    expanded = [n for n, g in grads.items() if 0 in g.stride() and g.numel() > 1]
+    if not expanded:
+        return grads
+    return {**grads, **{n: grads[n].contiguous() for n in expanded}}

@@ -81,18 +81,46 @@ class DonatedStateError(RuntimeError):
 
 def is_donating() -> bool:
     """Whether the current step call may update its input state's tensors in place."""
-    return getattr(_local, "donating", False)
+    return bool(getattr(_local, "donating", False))
+
+
+def donating_model() -> bool:
+    """Whether the state's tensors are the model's own (``fold(donate="model")``): a tensor a step
+    would replace is written into the old one instead, so the model sees every update."""
+    return getattr(_local, "donating", False) == "model"
 
 
 @contextlib.contextmanager
-def donating(enabled: bool = True) -> Iterator[None]:
-    """Let step calls inside this block update their input state in place."""
-    previous = is_donating()
+def donating(enabled: bool | str = True) -> Iterator[None]:
+    """Let step calls inside this block update their input state in place (``"model"``: see :func:`donating_model`)."""
+    previous = getattr(_local, "donating", False)
     _local.donating = enabled
     try:
         yield
     finally:
         _local.donating = previous
+
+
+def write_back(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``old`` updated by ``new``: each tensor written into the old one where it fits (same shape, dtype and
+    device), else put in its place. For states whose tensors others hold (``donate="model"``)."""
+    out = dict(old)
+    for name, value in new.items():
+        target = old.get(name)
+        if (
+            target is not None
+            and target is not value
+            and (target.shape, target.dtype, target.device)
+            == (
+                value.shape,
+                value.dtype,
+                value.device,
+            )
+        ):
+            target.copy_(value)
+        else:
+            out[name] = value
+    return out
 
 
 def mark_donated(state: Any) -> None:

@@ -237,7 +237,7 @@ def fold(
     epoch = int(state.data.epoch)
     counting = bool(observers) or bar.enabled or max_steps is not None
     try:
-        with donating(), held_generators(), SignalWatch(handle_signals) as signals:
+        with donating(donate if donate == "model" else True), held_generators(), SignalWatch(handle_signals) as signals:
             while epochs is None or epoch < epochs:
                 if _done(state, max_steps):
                     # Resumed from a checkpoint written by the update that reached max_steps with the epoch's last

@@ -87,7 +87,7 @@ def make_grads_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callab
         batch: Any,
         autocast: torch.dtype | None,
         loss_scale: Tensor | None,
-        loss_weight: float | None,
+        loss_weight: Tensor | None,
         accumulate: dict[str, Tensor] | None,
     ) -> GradsOut:
         leaves = {n: params[n].detach().requires_grad_() for n in core._trainable}
@@ -105,7 +105,7 @@ def make_grads_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callab
                     f"loss_fn {_name(core.loss_fn)!r} returned a loss that does not depend on any trainable parameter "
                     "(no gradient can flow); did it call the model it was given?"
                 )
-            target = loss if loss_weight is None else loss * loss_weight
+            target = loss if loss_weight is None else _weighted(loss, loss_weight)
             if loss_scale is not None:
                 target = target.float() * loss_scale
             grads = torch.autograd.grad(target, list(leaves.values()), allow_unused=True)
@@ -221,6 +221,17 @@ def set_leaves(tree: Any, paths: tuple[tuple[Any, ...], ...], leaves: tuple[Any,
     if isinstance(tree, list):
         return items
     return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+
+
+def _weighted(loss: Tensor, weight: Tensor) -> Tensor:
+    """``loss * weight`` for a 0-d float64 ``weight``, rounded as the eager step's ``loss * float(weight)``.
+
+    A Python float meets a float32 (or float64) loss in the loss's dtype, and a half-precision
+    loss in float32 with the product rounded back.
+    """
+    if loss.dtype in (torch.float16, torch.bfloat16):
+        return (loss.float() * weight.float()).to(loss.dtype)
+    return loss * weight.to(loss.dtype)
 
 
 def make_step_fn(core: TrainStep, *, inplace: bool, device_type: str) -> Callable[..., tuple[Any, ...]]:

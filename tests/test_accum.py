@@ -243,3 +243,52 @@ def test_split_pieces_that_reach_different_parameters_match_torch_optim():
     step = fl.with_grad_accum(fl.make_train_step(Heads(), flagged_loss, sgd(0.1, momentum=0.9)), micro_batches=2)
     state = fl.fold(step, step.init(), batches, donate=True, progress=False)
     assert max_diff(state.params, {n: p.detach() for n, p in reference.named_parameters()}) < 1e-6
+
+
+class _Penalised(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 1)
+        self.extra = nn.Parameter(torch.zeros(4, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _expanded(model, batch):  # the penalty's gradient comes from autograd as an expanded, stride-0 tensor
+    x, y = batch
+    return F.mse_loss(model(x), y) + 0.01 * model.extra.sum()
+
+
+def _dense(model, batch):  # the same values, as a dense gradient
+    x, y = batch
+    return F.mse_loss(model(x), y) + (model.extra * 0.01).sum()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: fl.with_grad_accum(s, every=2),
+        lambda s: fl.with_grad_accum(s, micro_batches=2),
+        lambda s: fl.with_amp(s, dtype="fp16"),
+        lambda s: fl.with_grad_accum(fl.with_amp(s, dtype="fp16"), every=2),
+    ],
+    ids=["every", "micro_batches", "amp", "amp+every"],
+)
+@pytest.mark.parametrize("direct", [False, True])
+def test_an_expanded_gradient_trains_as_its_dense_equal(wrap, direct):
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(4)]
+    out = []
+    for loss_fn in (_expanded, _dense):
+        step = wrap(fl.make_train_step(_Penalised(), loss_fn, fl.optim.adamw(1e-2)))
+        state = step.init()
+        if direct:
+            for batch in data:
+                state, _ = step(state, batch)
+        else:
+            state = fl.fold(step, state, data, progress=False)
+        out.append(state.params)
+    for name in out[1]:
+        assert torch.equal(out[0][name], out[1][name]), name

@@ -476,6 +476,20 @@ def test_pure_accumulation_equals_the_eager_composition():
     close(b, a)
 
 
+def test_uneven_micro_batches_compile_once_per_shape_not_per_weight():
+    g = torch.Generator().manual_seed(0)
+    sizes = [6, 6, 4, 6, 8, 6, 6, 6, 6, 6, 8, 4, 8, 4, 6, 4, 4, 8, 6, 8, 8, 8, 4, 6]  # three shapes, many weights
+    data = [(torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
+    eager = fl.with_grad_accum(fl.make_train_step(mlp(), fl.losses.classification, schedule_opt()), every=3)
+    inner = with_compile(fl.make_train_step(mlp(), fl.losses.classification, schedule_opt()), backend="eager", fallback="raise")
+    compiled = fl.with_grad_accum(inner, every=3)
+    got = fl.fold(compiled, compiled.init(), data, epochs=2, progress=False)
+    assert inner.eager_reason is None and inner.graphs["grads"] == 6  # 3 shapes x (first micro-batch, accumulating)
+    expected = fl.fold(eager, eager.init(), data, epochs=2, progress=False)
+    assert int(got.step) == int(expected.step) == 16
+    close(got.params, expected.params)  # (the window's running loss, a float, differs in the last digits)
+
+
 def test_sharded_parameters_are_refused_in_the_gradient_phase():
     _, step = build(backend="eager")
     gather = fl.GradContext(gather=lambda params: params)
@@ -567,6 +581,12 @@ def test_graph_breaks_are_reported_once_with_fullgraph_false():
         ({"dynamic": "yes"}, TypeError, "dynamic must be a bool or None, got 'yes'"),
         ({"fallback": "ignore"}, ValueError, r"fallback must be one of \('warn', 'raise', 'eager'\), got 'ignore'"),
         ({"options": {"guard_filter_fn": "all"}}, TypeError, "options' guard_filter_fn must be callable"),
+        (
+            {"options": {"fallback_randomm": True}},
+            ValueError,
+            r"unknown inductor option 'fallback_randomm' \(did you mean 'fallback_random'\?\)",
+        ),
+        ({"options": {"fallback_random": "yes"}}, TypeError, "inductor option 'fallback_random' must be a bool, got 'yes'"),
     ],
 )
 def test_options_are_validated_when_built(options, error, match):
@@ -575,6 +595,49 @@ def test_options_are_validated_when_built(options, error, match):
         with_compile(core, **options)
 
 
+def test_the_recompile_limit_is_named_with_its_remedies():
+    data = [(torch.randn(n, 10), torch.randint(0, 3, (n,))) for n in range(2, 12)]  # ten batch shapes
+    step = with_compile(fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1)), backend="eager", fallback="raise")
+    with pytest.raises(CompileError, match=r"recompile limit was reached: the step was compiled for 8 .*dynamic=None"):
+        fl.fold(step, step.init(), data, progress=False)
+
+
 def test_not_a_train_step():
     with pytest.raises(TypeError, match="with_compile: expected a train step"):
         with_compile(lambda state, batch: (state, {}), backend="eager")
+
+
+class Scaled(nn.Module):
+    """0-d float64 parameter, a 0-d int64 buffer written in place, a buffer reassigned in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 1)
+        self.scale = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("mean", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls.add_(1)
+            self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
+        return self.fc(x - self.mean) * self.scale.float()
+
+
+@pytest.mark.parametrize("accum", [None, 2])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_donate_model_trains_every_tensor_of_the_model(compiled, accum):
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)) for _ in range(4)]
+    model = Scaled()
+    core = fl.make_train_step(model, fl.losses.mse, sgd(0.1))
+    step = with_compile(core, backend="aot_eager", fallback="raise") if compiled else core
+    if accum:
+        step = fl.with_grad_accum(step, every=accum)
+    state = fl.fold(step, step.init(), data, donate="model", progress=False)
+    assert int(model.calls) == int(state.buffers["calls"]) == 4
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        held = state.params.get(name, state.buffers.get(name))
+        assert torch.equal(t.detach(), held), name
+    assert float(model.scale.detach()) != 1.0 and bool(model.mean.abs().sum() > 0)

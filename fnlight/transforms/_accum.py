@@ -9,6 +9,7 @@ import optree
 import torch
 from torch import Tensor
 
+from .._autograd import writable_grads
 from .._donation import check_live, is_donating
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
@@ -183,7 +184,7 @@ class GradAccum(Transform):
             into = acc if acc is not None and len(acc) == complete else None  # this call's own tensors
             g = self.inner.grads(current, piece, GradContext(micro=i, loss_weight=n / total, accumulate=into))
             current = current.replace(buffers=g.buffers)
-            acc = g.grads if into is not None else _add(acc, g.grads, inplace=True)
+            acc = g.grads if into is not None else _add(acc, writable_grads(g.grads), inplace=True)
             for k, v in g.metrics.items():  # on the CPU Python floats (a scalar read costs less than a tensor op)
                 if v.is_cpu:
                     sums[k] = sums.get(k, 0.0) + float(v) * n
@@ -209,11 +210,11 @@ class GradAccum(Transform):
         complete = full and (count == 0 or window.complete)
         if into is not None:
             acc = g.grads
-        elif count == 0:
-            acc = {**window.grads, **g.grads}
+        elif count == 0:  # the window takes these tensors over and later adds into them
+            acc = {**window.grads, **writable_grads(g.grads)}
         else:  # buffers of parameters no micro-batch of this window reached yet are stale: replaced, not added to
             valid = None if window.complete else {name for name, s in zip(names, window.seen.tolist()) if s}
-            acc = _add(window.grads, g.grads, inplace=inplace, valid=valid)
+            acc = _add(window.grads, writable_grads(g.grads), inplace=inplace, valid=valid)
         seen = window.seen if complete else _seen(window, names, g.grads, count, inplace=inplace)
         if type(window.loss) is float:  # CPU: a scalar read is cheaper than a tensor op
             loss: Tensor | float = (window.loss if count else 0.0) + float(g.loss) * n

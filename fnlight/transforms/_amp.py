@@ -8,6 +8,7 @@ import optree
 import torch
 from torch import Tensor
 
+from .._autograd import writable_grads
 from .._donation import is_donating
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
@@ -99,6 +100,9 @@ class Amp(Transform):
         scale, tracker = (amp.scale, amp.growth_tracker) if is_donating() else (amp.scale.clone(), amp.growth_tracker.clone())
         found_inf = torch.zeros(1, dtype=torch.float32, device=scale.device)
         inv_scale = scale.double().reciprocal().float()
+        grads = writable_grads(g.grads)
+        if grads is not g.grads:
+            g = g._replace(grads=grads)
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for grad in g.grads.values():  # fresh tensors from the gradient phase: unscaled in place
             groups.setdefault((grad.device, grad.dtype), []).append(grad)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 import types
+import typing
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -13,7 +15,7 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
-from .._donation import is_donating
+from .._donation import donating_model, is_donating, write_back
 from .._rng import restore_generators, seed_generators, step_seed
 from .._state import TrainState
 from .._step import (
@@ -111,6 +113,11 @@ def _combined(ours: Callable[[list[Any]], list[bool]], theirs: Any) -> Callable[
     if theirs is None:
         return ours
     return lambda entries: [a and bool(b) for a, b in zip(ours(entries), theirs(entries), strict=True)]
+
+
+def _recompile_limit(error: BaseException) -> bool:
+    """Whether ``error`` is dynamo giving up after ``recompile_limit`` graphs of one step."""
+    return isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit) or "recompile limit" in str(error).lower()
 
 
 def _reason(error: BaseException) -> str:
@@ -215,12 +222,24 @@ class Compiled(Transform):
 
     def _fall_back(self, error: BaseException, eager: Callable[[], T]) -> T:
         """The step could not be compiled: raise, or run it eagerly (now and from now on)."""
-        reason = _reason(error)
+        if _recompile_limit(error):
+            limit = torch._dynamo.config.recompile_limit
+            reason = (
+                f"dynamo's recompile limit was reached: the step was compiled for {limit} different kinds of input "
+                f"(batch shapes, dtypes), the most torch keeps per step (torch._dynamo.config.recompile_limit = {limit})"
+            )
+            fixes = (
+                "Give the step few batch shapes (pad or bucket variable-length batches; drop_last=True), pass "
+                "dynamic=None to compile shape-generic graphs from the second shape on, or raise "
+                "torch._dynamo.config.recompile_limit"
+            )
+        else:
+            reason, fixes = _reason(error), _FIXES
         where = f"with_compile: could not compile the step of {self._model_name()}"
         if self.fallback == "raise":
             raise CompileError(
                 f"{where} with backend={self.backend!r}, fullgraph={self.fullgraph}: {reason}. "
-                f"{_FIXES}, or fallback='warn' to run it eagerly."
+                f"{fixes}, or fallback='warn' to run it eagerly."
             ) from error
         try:
             result = eager()
@@ -231,7 +250,7 @@ class Compiled(Transform):
         if self.fallback == "warn":
             warnings.warn(
                 f"{where}; running it eagerly from now on (fallback='warn'). Reason: {reason}. "
-                f"{_FIXES}, or fallback='eager' to silence this.",
+                f"{fixes}, or fallback='eager' to silence this.",
                 CompileFallbackWarning,
                 stacklevel=3,
             )
@@ -255,12 +274,16 @@ class Compiled(Transform):
         _check_state(state, "train step")
         _set_mode(state.skeleton, True)
         inplace = is_donating()
-        weight = None if ctx.loss_weight == 1.0 else ctx.loss_weight
+        # a tensor, not a float: dynamo would guard on the float's value and compile a graph per micro-batch weight
+        weight = None if ctx.loss_weight == 1.0 else torch.tensor(ctx.loss_weight, dtype=torch.float64)
         args = (state.skeleton, state.params, state.buffers, batch, ctx.autocast, ctx.loss_scale, weight, ctx.accumulate)
         try:
             loss, grads, buffers, metrics = self._call("grads", inplace, args, self._seed(state, ctx))
         except _COMPILE_ERRORS as e:
             return self._fall_back(e, lambda: self.inner.grads(state, batch, ctx))
+        if inplace and donating_model():  # 0-d scalars came back as new tensors: the model's are the old ones
+            old = state.buffers
+            buffers = write_back(old, {k: b for k, b in buffers.items() if b is not old[k]})
         return Gradients(loss, grads, buffers, metrics)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:
@@ -301,8 +324,12 @@ class Compiled(Transform):
         if inplace:  # the graph wrote into the state's tensors and returned only the rest (see make_step_fn)
             paths, leaves = opt_state
             opt_state = leaves if paths is None else set_leaves(state.opt_state, paths, leaves)
-            buffers = {**state.buffers, **buffers} if buffers else state.buffers
-            new_params = {**state.params, **new_params} if new_params else state.params
+            if donating_model():  # the state's tensors are the model's: the new 0-d scalars go into them
+                buffers = write_back(state.buffers, buffers) if buffers else state.buffers
+                new_params = write_back(state.params, new_params) if new_params else state.params
+            else:
+                buffers = {**state.buffers, **buffers} if buffers else state.buffers
+                new_params = {**state.params, **new_params} if new_params else state.params
         else:
             new_params = {**state.params, **new_params}
         if ok is not None:
@@ -327,6 +354,24 @@ def _nonfinite_message(state: TrainState, loss: Tensor) -> str:
         "inside the graph, so run this batch without with_compile to see which are non-finite. "
         "Lower the learning rate, clip gradients, check the data; or pass nonfinite='skip' or 'stop' to make_train_step."
     )
+
+
+def _check_inductor_options(options: Mapping[str, Any], where: str) -> None:
+    """Refuse unknown inductor options and values of the wrong type now, as ``torch.compile`` would at the first call."""
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    for key, value in options.items():
+        if key == "guard_filter_fn":  # torch.compile's own option, checked above
+            continue
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name not in known:
+            near = difflib.get_close_matches(str(name), list(known), n=3)
+            hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+            raise ValueError(f"{where}: unknown inductor option {key!r}{hint}; torch._inductor.list_options() lists them")
+        kind = config.get_type(name)
+        if isinstance(kind, type) and typing.get_origin(kind) is None and not isinstance(value, kind):
+            raise TypeError(f"{where}: inductor option {key!r} must be a {kind.__name__}, got {value!r}")
 
 
 def _inductor_options(mode: str | None, options: Mapping[str, Any] | None, eager_random: bool, step: Any) -> dict[str, Any]:
@@ -439,6 +484,8 @@ def with_compile(
         raise ValueError(
             f"{where}: mode and options are inductor settings; got mode={mode!r}, options={options!r} with backend={backend!r}"
         )
+    if options:
+        _check_inductor_options(options, where)
     for flag, value in (("fullgraph", fullgraph), ("eager_random", eager_random)):
         if not isinstance(value, bool):
             raise TypeError(f"{where}: {flag} must be a bool, got {value!r}")
