@@ -55,16 +55,26 @@ def writable_grads(grads: dict[str, Tensor]) -> dict[str, Tensor]:
 
     Autograd may return a gradient as an expanded view (stride 0: the gradient of
     ``p.sum()``), which an in-place update refuses ("more than one element of the written-to
-    tensor refers to a single memory location"). Transforms that accumulate into gradients
-    or unscale them in place take them through this first, as ``AccumulateGrad`` makes
-    ``.grad`` dense. The same dict comes back when nothing needs copying.
+    tensor refers to a single memory location"), or one tensor as the gradient of two
+    parameters (``x * (a + b)``), which an in-place update would change twice. Transforms
+    that accumulate into gradients or unscale them in place take them through this first, as
+    ``AccumulateGrad`` gives each ``.grad`` its own dense tensor. The same dict comes back
+    when nothing needs copying.
 
     >>> g = {"w": torch.ones(1).expand(3), "b": torch.ones(2)}
     >>> out = writable_grads(g)
     >>> out["w"].stride(), out["b"] is g["b"]
     ((1,), True)
     """
-    expanded = [n for n, g in grads.items() if 0 in g.stride() and g.numel() > 1]
-    if not expanded:
+    seen: set[int] = set()
+    copy = []
+    for n, g in grads.items():
+        # autograd hands the same tensor to two leaves (the gradient of `x * (a + b)`): written in place,
+        # the second would take the first's additions too
+        ptr = g.untyped_storage().data_ptr()
+        if (0 in g.stride() and g.numel() > 1) or ptr in seen:
+            copy.append(n)
+        seen.add(ptr)
+    if not copy:
         return grads
-    return {**grads, **{n: grads[n].contiguous() for n in expanded}}
+    return {**grads, **{n: grads[n].clone(memory_format=torch.contiguous_format) for n in copy}}

@@ -103,20 +103,17 @@ def donating(enabled: bool | str = True) -> Iterator[None]:
 
 def write_back(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
     """``old`` updated by ``new``: each tensor written into the old one where it fits (same shape, dtype and
-    device), else put in its place. For states whose tensors others hold (``donate="model"``)."""
+    device), else put in its place. For states whose tensors others hold (``donate="model"``).
+
+    A new value that shares memory with one of the old tensors (``self.prev = self.cur``, a
+    transpose of a buffer) is copied first, so writing one buffer never changes another's new value.
+    """
+    owned = {t.untyped_storage().data_ptr() for t in old.values()}
+    staged = {n: v.clone() if v.untyped_storage().data_ptr() in owned else v for n, v in new.items()}
     out = dict(old)
-    for name, value in new.items():
+    for name, value in staged.items():
         target = old.get(name)
-        if (
-            target is not None
-            and target is not value
-            and (target.shape, target.dtype, target.device)
-            == (
-                value.shape,
-                value.dtype,
-                value.device,
-            )
-        ):
+        if target is not None and (target.shape, target.dtype, target.device) == (value.shape, value.dtype, value.device):
             target.copy_(value)
         else:
             out[name] = value

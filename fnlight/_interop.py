@@ -77,7 +77,7 @@ def apply(state: TrainState, *args: Any, training: bool = False, **kwargs: Any) 
     # The skeleton may be the one a train step is running right now (a teacher from averaged(state) or
     # tree_clone(state) called inside the loss): every module's mode is put back afterwards.
     modes = [(m, m.training) for m in skeleton.modules()]
-    if any(was != training for _, was in modes):
+    if skeleton.training != training:  # as the steps do: a submodule the user set apart (a frozen BatchNorm) stays so
         skeleton.train(training)
     try:
         with bound(skeleton, {**full_tensors(state.params), **buffers}):

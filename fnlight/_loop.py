@@ -324,7 +324,11 @@ def _source(data: Any, epoch: int) -> Any:
 
 def _consumed(state: TrainState, source: Any) -> bool:
     """Whether the fold has taken every batch of the epoch (known only for data with a length)."""
-    return hasattr(source, "__len__") and int(state.data.batch) >= len(source)
+    try:
+        size = len(source)
+    except TypeError:  # no length, or one that raises (a DataLoader over an IterableDataset without __len__)
+        return False
+    return int(state.data.batch) >= size
 
 
 def _end_epoch(
@@ -351,14 +355,12 @@ def _flush(
     if state is not previous:
         mark_donated(previous)
     n = int(state.step)
-    if n != before:  # the flush updated (a short accumulation window): its metrics are that update's own,
-        # without the last call's (which a fold resumed at the epoch's end never saw)
-        metrics = dict(flushed)
+    if flushed:  # e.g. an epoch-end evaluation, a short window's update: the epoch's last metrics carry it
+        metrics = {**metrics, **flushed}
+    if n != before:
         for o in observers:
             o._maybe(state, metrics, n)
         bar.update(n, epoch, metrics)
-    elif flushed:  # e.g. an epoch-end evaluation without an update: the epoch's last metrics carry it
-        metrics = {**metrics, **flushed}
     return state, metrics
 
 

@@ -56,13 +56,25 @@ class SignalWatch:
         self._previous.clear()
 
 
+_local = threading.local()
+
+
+def preempting() -> bool:
+    """Whether the transforms are being finished because the fold was preempted (not at its end)."""
+    return getattr(_local, "preempting", False)
+
+
 def preempt(step: Any, state: Any, signum: int) -> Preempted:
     """Save through the step's checkpointing (if any) and build the exception that ends the fold."""
-    save_now = getattr(step, "save_now", None)
-    path = save_now(state) if save_now is not None else None  # with_checkpointing finishes its chain first
-    finish = getattr(step, "finish", None)
-    if path is None and finish is not None:  # as at a fold's normal end: trackers log what is left of their window
-        finish(state)
+    _local.preempting = True  # a fold cut short: checks about the whole fold (with_early_stop's) stay quiet
+    try:
+        save_now = getattr(step, "save_now", None)
+        path = save_now(state) if save_now is not None else None  # with_checkpointing finishes its chain first
+        finish = getattr(step, "finish", None)
+        if path is None and finish is not None:  # as at a fold's normal end: trackers log what is left of their window
+            finish(state)
+    finally:
+        _local.preempting = False
     name = signal.Signals(signum).name
     where = f"update {int(state.step)} (epoch {int(state.data.epoch)}, {int(state.data.batch)} batches into it)"
     if path is not None:

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import optree
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ._donation import check_live
 from ._state import NAMESPACE, TrainState
@@ -46,10 +47,17 @@ def tree_equal(a: Any, b: Any) -> bool:
     and dtypes), not by identity: a run resumed in a fresh ``step.init()`` (or another
     process) equals the uninterrupted one.
     """
-    if isinstance(a, TrainState) and isinstance(b, TrainState) and a.skeleton is not b.skeleton:
-        if not _same_module(a.skeleton, b.skeleton):
-            return False
-        b = b.replace(skeleton=a.skeleton)
+    sa, sb = _skeletons(a), _skeletons(b)
+    if len(sa) != len(sb) or not all(x is y or _same_module(x, y) for x, y in zip(sa, sb)):
+        return False
+    if sa:  # the same structure: b's states take a's skeletons, so the comparison below sees the tensors
+        shared = iter(sa)
+        b = optree.tree_map(
+            lambda x: x.replace(skeleton=next(shared)) if isinstance(x, TrainState) else x,
+            b,
+            is_leaf=lambda x: isinstance(x, TrainState),
+            namespace=NAMESPACE,
+        )
     la, ta = optree.tree_flatten(a, namespace=NAMESPACE)
     lb, tb = optree.tree_flatten(b, namespace=NAMESPACE)
     if ta != tb:
@@ -63,12 +71,42 @@ def tree_equal(a: Any, b: Any) -> bool:
     return True
 
 
+def _skeletons(tree: Any) -> list[Any]:
+    """The skeletons of the states in ``tree``, in order."""
+    if isinstance(tree, TrainState):
+        return [tree.skeleton]
+    found = optree.tree_leaves(tree, is_leaf=lambda x: isinstance(x, TrainState), namespace=NAMESPACE)
+    return [x.skeleton for x in found if isinstance(x, TrainState)]
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
 def _same_module(a: Any, b: Any) -> bool:
-    """Whether two skeletons have the same structure: class, printed layers, tensor names, shapes and dtypes."""
-    if a is None or b is None or type(a) is not type(b) or repr(a) != repr(b):
+    """Whether two skeletons have the same structure: per module its class and settings (plain attributes),
+    and every tensor's name, shape and dtype."""
+    if not isinstance(a, nn.Module) or not isinstance(b, nn.Module):
         return a is b
+    ma, mb = list(a.named_modules(remove_duplicate=False)), list(b.named_modules(remove_duplicate=False))
+    if len(ma) != len(mb):
+        return False
+    for (na, x), (nb, y) in zip(ma, mb):
+        if na != nb or type(x) is not type(y) or _settings(x) != _settings(y):
+            return False
     tensors = lambda m: [(n, t.shape, t.dtype) for n, t in (*m.named_parameters(), *m.named_buffers())]
     return tensors(a) == tensors(b)
+
+
+def _settings(module: Any) -> dict[str, Any]:
+    """A module's own attributes that are plain values (``in_features``, ``eps``, ``scale = 2.0``), by name;
+    other objects by their type."""
+    out = {}
+    for key, value in vars(module).items():
+        if key in ("_parameters", "_buffers", "_modules", "training") or "hook" in key or key.startswith("_fnlight"):
+            continue
+        plain = isinstance(value, _PLAIN) or (isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value))
+        out[key] = value if plain else type(value)
+    return out
 
 
 def _tensor_equal(x: Tensor, y: Tensor) -> bool:

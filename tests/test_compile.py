@@ -595,6 +595,11 @@ def test_options_are_validated_when_built(options, error, match):
         with_compile(core, **options)
 
 
+def test_torch_compiles_own_options_pass_the_check():
+    core = fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1))
+    with_compile(core, options={"use_aoti": False, "cpp.simdlen": None, "trace.enabled": False})
+
+
 def test_the_recompile_limit_is_named_with_its_remedies():
     data = [(torch.randn(n, 10), torch.randint(0, 3, (n,))) for n in range(2, 12)]  # ten batch shapes
     step = with_compile(fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1)), backend="eager", fallback="raise")

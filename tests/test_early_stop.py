@@ -315,3 +315,29 @@ def test_not_a_step_and_wrong_order_are_rejected():
             with_early_stop(fl.with_checkpointing(core(), directory=d, every=1), monitor="loss")
     with pytest.raises(ValueError, match="already wrapped by with_early_stop"):
         with_early_stop(with_early_stop(core(), monitor="loss"), monitor="loss")
+
+
+def test_a_preempted_fold_does_not_warn_about_its_monitor():
+    import os
+    import signal
+
+    class Data:  # SIGTERM while the third batch is fetched, before any evaluation
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __iter__(self):
+            for i, b in enumerate(self.batches):
+                if i == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield b
+
+    core_step, train, val = classifier_run()
+    evaluated = with_eval(core_step, data=val, loss_fn=fl.losses.classification, at_epoch_end=True)
+    step = with_early_stop(evaluated, monitor="val/loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(fl.Preempted):
+            fl.fold(step, step.init(), Data(train), progress=False)

@@ -173,3 +173,97 @@ def test_evaluate_names_a_wrong_first_argument():
     with pytest.raises(TypeError) as info:
         fl.evaluate(fl.losses.mse, state, data)  # a loss_fn(model, batch) where an eval step belongs
     assert any("pass fnlight.make_eval_step(loss_fn)" in note for note in info.value.__notes__)
+
+
+class Shifting(nn.Module):
+    """Buffers that trade places in forward: `prev` takes `cur`'s tensor, `cur` a new one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.register_buffer("cur", torch.zeros(2))
+        self.register_buffer("prev", torch.zeros(2))
+        self.register_buffer("rot", torch.arange(4.0).reshape(2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.prev = self.cur
+        self.cur = x.mean(0).detach()
+        self.rot = self.rot.t()  # a view of the old buffer
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("how", ["direct", "fold", "model", "compiled-model"])
+def test_buffers_that_trade_places_end_as_in_torch(how):
+    data = [(torch.full((4, 2), 1.0), torch.zeros(4, 1)), (torch.full((4, 2), 2.0), torch.zeros(4, 1))]
+    reference = _torch_reference(Shifting(), data)
+    model = Shifting()
+    step = fl.make_train_step(model, fl.losses.mse, fl.optim.sgd(0.1))
+    if how == "compiled-model":
+        step = with_compile(step, backend="aot_eager", fallback="raise")
+    if how == "direct":
+        state = step.init()
+        for batch in data:
+            state, _ = step(state, batch)
+    else:
+        state = fl.fold(step, step.init(), data, donate="model" if "model" in how else False, progress=False)
+    for name in ("cur", "prev", "rot"):
+        assert torch.equal(state.buffers[name], getattr(reference, name)), name
+        if "model" in how:
+            assert torch.equal(getattr(model, name), getattr(reference, name)), name
+
+
+def test_apply_in_train_mode_keeps_a_submodule_the_user_set_to_eval():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm
+    state = fl.make_train_step(model, fl.losses.mse, fl.optim.sgd(0.1)).init()
+    x = torch.randn(5, 3)
+    assert torch.equal(fl.apply(state, x, training=True), model(x))
+    assert not state.skeleton[1].training
+
+
+def test_tree_equal_sees_module_settings_and_nested_states():
+    class Scaled(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.lin, self.scale = nn.Linear(2, 1), scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.scale
+
+    def state(scale: float) -> fl.TrainState:
+        torch.manual_seed(0)
+        return fl.make_train_step(Scaled(scale), fl.losses.mse, fl.optim.sgd(0.1)).init()
+
+    assert fl.tree_equal(state(1.0), state(1.0)) and fl.tree_equal({"s": [state(1.0)]}, {"s": [state(1.0)]})
+    assert not fl.tree_equal(state(1.0), state(100.0))
+    assert not fl.tree_equal({"s": state(1.0)}, {"s": state(100.0)})
+
+
+class _Summed(nn.Module):
+    def __init__(self, aliased: bool) -> None:
+        super().__init__()
+        self.aliased = aliased
+        self.a, self.b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # aliased: autograd gives a and b one gradient tensor
+        return x * (self.a + self.b) if self.aliased else x * self.a + x * self.b
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: fl.with_grad_accum(s, every=2),
+        lambda s: fl.with_grad_accum(s, micro_batches=2),
+        lambda s: fl.with_amp(s, dtype="fp16"),
+    ],
+    ids=["every", "micro_batches", "amp"],
+)
+def test_one_gradient_tensor_for_two_parameters_is_not_counted_twice(wrap):
+    data = [torch.ones(4, 3), torch.full((4, 3), 2.0)]
+    out = []
+    for aliased in (True, False):
+        step = wrap(fl.make_train_step(_Summed(aliased), lambda m, x: m(x).mean(), fl.optim.sgd(1.0)))
+        out.append(fl.fold(step, step.init(), data, progress=False).params)
+    for name in ("a", "b"):
+        assert torch.equal(out[0][name], out[1][name]), name

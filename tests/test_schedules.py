@@ -146,3 +146,8 @@ def test_bad_options_raise_at_build_time(build, error, match):
 def test_errors_name_the_function_and_option_the_user_called(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build()
+
+
+def test_piecewise_constant_takes_a_vector_of_counts():
+    s = fl.optim.piecewise_constant([1.0, 0.1, 0.01], [3, 6])
+    assert s(torch.arange(8)).tolist() == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.01, 0.01])

@@ -161,7 +161,7 @@ def piecewise_constant(values: Sequence[float], boundaries: Sequence[int]) -> Sc
     def schedule(count: Tensor) -> Tensor:
         index = torch.bucketize(count.to(torch.int64).cpu(), edges, right=True)
         # gather, not table[index]: indexing by a 0-d tensor is data-dependent for torch.compile (a graph break)
-        return table.gather(0, index.reshape(1)).reshape(()).to(count.device)
+        return table.gather(0, index.reshape(-1)).reshape(index.shape).to(count.device)
 
     return schedule
 

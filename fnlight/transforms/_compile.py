@@ -362,7 +362,7 @@ def _check_inductor_options(options: Mapping[str, Any], where: str) -> None:
 
     known = config.get_config_copy()
     for key, value in options.items():
-        if key == "guard_filter_fn":  # torch.compile's own option, checked above
+        if key in ("guard_filter_fn", "use_aoti"):  # torch.compile's own options, not inductor's
             continue
         name = key.replace("-", "_") if isinstance(key, str) else key
         if name not in known:

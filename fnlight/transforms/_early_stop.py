@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._donation import is_donating
 from .._ranks import all_sum, world_size
+from .._signals import preempting
 from .._state import TrainState
 from ._base import Metrics, Transform
 
@@ -84,7 +85,8 @@ class EarlyStop(Transform):
         """Warn when a whole fold ran without ``monitor`` ever appearing in the metrics (a misspelt name?)."""
         seen, self._seen = self._seen, set()
         checked = state.slots["early_stop"].best_step >= 0 if "early_stop" in state.slots else False
-        if seen and self.monitor not in seen and not checked:  # a resumed fold too short to evaluate is fine
+        # a resumed fold too short to evaluate, or one cut short by a signal, is fine
+        if seen and self.monitor not in seen and not checked and not preempting():
             warnings.warn(
                 f"with_early_stop: monitor={self.monitor!r} never appeared in the step's metrics during this fold, "
                 f"so early stopping never checked; the metrics were {sorted(seen)}",
