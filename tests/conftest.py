@@ -1,5 +1,7 @@
 """Shared fixtures: small models and data the tests train on."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -22,3 +24,19 @@ def make_batches(n: int = 8, batch: int = 16, seed: int = 1) -> list[tuple[torch
 @pytest.fixture
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return make_batches()
+
+
+class SignalledData:
+    """``batches`` (with a length) that send this process ``signum`` while batch ``at`` is fetched."""
+
+    def __init__(self, batches: list, *, at: int, signum: int) -> None:
+        self.batches, self.at, self.signum = batches, at, signum
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == self.at:
+                os.kill(os.getpid(), self.signum)
+            yield batch

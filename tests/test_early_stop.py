@@ -1,6 +1,7 @@
 """with_early_stop: each check case of REFERENCE.md, restore_best, resume mid-patience, with_eval, purity, errors."""
 
 import math
+import signal
 import tempfile
 import warnings
 
@@ -12,6 +13,7 @@ import fnlight as fl
 from fnlight.optim import sgd
 from fnlight.transforms._early_stop import EarlyStopState, with_early_stop
 from fnlight.transforms._eval import with_eval
+from tests.conftest import SignalledData
 
 NAN, INF = math.nan, math.inf
 ONE = [(torch.zeros(1, 2), torch.zeros(1, 1))]  # a validation set of one sample: means are the values themselves
@@ -318,26 +320,10 @@ def test_not_a_step_and_wrong_order_are_rejected():
 
 
 def test_a_preempted_fold_does_not_warn_about_its_monitor():
-    import os
-    import signal
-
-    class Data:  # SIGTERM while the third batch is fetched, before any evaluation
-        def __init__(self, batches):
-            self.batches = batches
-
-        def __len__(self):
-            return len(self.batches)
-
-        def __iter__(self):
-            for i, b in enumerate(self.batches):
-                if i == 2:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield b
-
     core_step, train, val = classifier_run()
     evaluated = with_eval(core_step, data=val, loss_fn=fl.losses.classification, at_epoch_end=True)
     step = with_early_stop(evaluated, monitor="val/loss")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(fl.Preempted):
-            fl.fold(step, step.init(), Data(train), progress=False)
+        with pytest.raises(fl.Preempted):  # SIGTERM while the third batch is fetched, before any evaluation
+            fl.fold(step, step.init(), SignalledData(train, at=2, signum=signal.SIGTERM), progress=False)

@@ -1,12 +1,14 @@
 """with_tracking: windowed means, lr and throughput, one event per N updates, run ids in the state."""
 
+import signal
+
 import pytest
 import torch
 from torch import nn
 
 import fnlight as fl
 from fnlight.optim import adamw, linear
-from tests.conftest import make_batches
+from tests.conftest import SignalledData, make_batches
 
 
 class Recorder:
@@ -289,24 +291,8 @@ def test_a_failing_batch_size_fn_of_the_users_is_not_hidden():
 
 
 def test_a_preempted_fold_without_checkpointing_still_logs_the_last_window():
-    import os
-    import signal
-
-    class Data:  # SIGINT while the fourth batch is fetched
-        def __init__(self, batches):
-            self.batches = batches
-
-        def __len__(self):
-            return len(self.batches)
-
-        def __iter__(self):
-            for i, b in enumerate(self.batches):
-                if i == 3:
-                    os.kill(os.getpid(), signal.SIGINT)
-                yield b
-
     tracker = Recorder()
     step = build(tracker, every=3)
-    with pytest.raises(fl.Preempted):
-        fl.fold(step, step.init(), Data(make_batches(6)), progress=False)
+    with pytest.raises(fl.Preempted):  # SIGINT while the fourth batch is fetched
+        fl.fold(step, step.init(), SignalledData(make_batches(6), at=3, signum=signal.SIGINT), progress=False)
     assert [s for s, _ in tracker.events] == [3, 4] and tracker.closed == 1
