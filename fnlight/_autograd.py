@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._donation import storage_ptr
+
 __all__ = ["run_backward", "writable_grads"]
 
 _engine_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
@@ -71,8 +73,8 @@ def writable_grads(grads: dict[str, Tensor]) -> dict[str, Tensor]:
     for n, g in grads.items():
         # autograd hands the same tensor to two leaves (the gradient of `x * (a + b)`): written in place,
         # the second would take the first's additions too
-        ptr = g.untyped_storage().data_ptr()
-        if (0 in g.stride() and g.numel() > 1) or ptr in seen:
+        ptr = storage_ptr(g)  # (a DTensor's local shard)
+        if (0 in g.stride() and g.numel() > 1) or (ptr and ptr in seen):
             copy.append(n)
         seen.add(ptr)
     if not copy:

@@ -44,7 +44,7 @@ def lend(tensors: Iterable[Tensor]) -> None:
         _lent[key] = weakref.ref(t, lambda _, key=key: _lent.pop(key, None))
 
 
-def _storage(t: Tensor) -> int:
+def storage_ptr(t: Tensor) -> int:
     """Where ``t``'s memory starts (0 for tensors without memory of their own: meta, empty, fake)."""
     local = getattr(t, "_local_tensor", t)  # a DTensor's shard on this rank
     if local.device.type == "meta":
@@ -69,10 +69,11 @@ def unshare_lent(tree: T, namespace: str) -> T:
     >>> own["w"] is state["w"], torch.equal(own["w"], model.weight), own["other"] is state["other"]
     (False, True, True)
     """
-    lent = {ptr for ref in list(_lent.values()) if (t := ref()) is not None and (ptr := _storage(t))}
+    lent = {ptr for ref in list(_lent.values()) if (t := ref()) is not None and (ptr := storage_ptr(t))}
     if not lent:
         return tree
-    return optree.tree_map(lambda x: x.clone() if isinstance(x, Tensor) and _storage(x) in lent else x, tree, namespace=namespace)
+    copy = lambda x: x.clone() if isinstance(x, Tensor) and storage_ptr(x) in lent else x
+    return optree.tree_map(copy, tree, namespace=namespace)
 
 
 class DonatedStateError(RuntimeError):
@@ -108,8 +109,8 @@ def write_back(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tens
     A new value that shares memory with one of the old tensors (``self.prev = self.cur``, a
     transpose of a buffer) is copied first, so writing one buffer never changes another's new value.
     """
-    owned = {t.untyped_storage().data_ptr() for t in old.values()}
-    staged = {n: v.clone() if v.untyped_storage().data_ptr() in owned else v for n, v in new.items()}
+    owned = {storage_ptr(t) for t in old.values()} - {0}
+    staged = {n: v.clone() if storage_ptr(v) in owned else v for n, v in new.items()}
     out = dict(old)
     for name, value in staged.items():
         target = old.get(name)

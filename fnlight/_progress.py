@@ -8,7 +8,8 @@ from typing import Any
 
 __all__ = ["Progress"]
 
-# The rich console the bar draws on; None is rich's default (stderr). Tests point it at a buffer.
+# The rich console the bar draws on; None draws on stderr (whose being a terminal enables the bar by default),
+# keeping stdout for the program's own output. Tests point it at a buffer.
 CONSOLE: Any = None
 
 
@@ -27,6 +28,7 @@ class Progress:
         self.console: Any = CONSOLE
         if not enabled:
             return
+        from rich.console import Console
         from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
@@ -37,7 +39,7 @@ class Progress:
             TimeRemainingColumn(),
             transient=False,
             auto_refresh=False,
-            console=CONSOLE,
+            console=CONSOLE if CONSOLE is not None else Console(stderr=True),
         )
         self.console = self._bar.console
         self._task = self._bar.add_task("fold", total=total, completed=start_step, epoch=0, loss="-", rate="")

@@ -12,9 +12,25 @@ from torch import Tensor, nn
 from ._donation import check_live
 from ._state import NAMESPACE, TrainState
 
-__all__ = ["tree_clone", "tree_equal"]
+__all__ = ["copy_tensors_", "tree_clone", "tree_equal"]
 
 T = TypeVar("T")
+
+
+def copy_tensors_(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``targets[i].copy_(sources[i])`` for every i: one ``_foreach_copy_`` for plain tensors; one copy each
+    for tensor subclasses (``with_fsdp``'s DTensors: torch 2.13 has no sharding rule for ``_foreach_copy_``).
+
+    >>> a, b = [torch.zeros(2)], [torch.ones(2)]
+    >>> copy_tensors_(a, b)
+    >>> a[0].tolist()
+    [1.0, 1.0]
+    """
+    if all(type(t) is Tensor for t in targets):
+        torch._foreach_copy_(targets, sources)
+        return
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)
 
 
 def tree_clone(tree: T) -> T:

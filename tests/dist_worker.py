@@ -300,9 +300,32 @@ def fault(out: Path, rank: int) -> None:
     fl.fold(step, step.init(), local_batches(rank, 1) * 50, progress=False, observers=[die])
 
 
+def bn_model(rank):
+    torch.manual_seed(rank)  # rank 0's weights win (scattered by with_fsdp, broadcast by with_ddp)
+    return nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def bn_stack(mode, rank, directory):
+    """BatchNorm statistics and accumulation flags (replicated, not 0-d), EMA (copies into shards)."""
+    step = fl.make_train_step(bn_model(rank), fl.losses.cross_entropy, optimizer())
+    step = fl.with_ddp(step) if mode == "ddp" else fl.with_fsdp(step)
+    step = fl.with_ema(fl.with_grad_accum(step, every=2), decay=0.9)
+    return fl.with_checkpointing(step, directory=directory, every=2, keep_last=2)
+
+
+def checkpoints(out: Path, rank: int) -> None:
+    """Train a BatchNorm stack 4 updates with a checkpoint every 2 (a resumed run starts where the last valid one is)."""
+    mode = os.environ["MODE"]
+    step = bn_stack(mode, rank, out / f"bn-{mode}")
+    state = step.init()
+    write_every_ranks(out / f"bn-{mode}-resumed-from.json", state.slots["checkpointing"].resumed_from)
+    state = fl.fold(step, state, local_batches(rank, 1)[:8], max_steps=4, progress=False)
+    write_every_ranks(out / f"bn-{mode}-ended.json", int(state.step))
+
+
 def main(out, phase):
     info = fl.init_distributed(timeout=float(os.environ.get("FNLIGHT_TEST_TIMEOUT", 60)))
-    {"train": train, "resume": resume, "fault": fault}[phase](Path(out), info.rank)
+    {"train": train, "resume": resume, "fault": fault, "checkpoints": checkpoints}[phase](Path(out), info.rank)
     torch.distributed.barrier()  # every rank is done before any exits
 
 

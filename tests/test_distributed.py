@@ -20,6 +20,7 @@ from tests.dist_worker import (
     OTHER_OPTIMIZERS,
     UPDATES,
     Heads,
+    bn_model,
     eval_batches,
     global_batches,
     heads_batches,
@@ -234,6 +235,46 @@ def test_torchrun_restart_resumes_from_the_last_sharded_checkpoint(run):
     like = reference_step().init().params
     restarted, uninterrupted = params_of(out / "restarted.ckpt", like), params_of(out / "uninterrupted.ckpt", like)
     assert all(torch.equal(restarted[n], uninterrupted[n]) for n in like)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_batchnorm_accumulation_ema_stack_resumes_on_two_ranks_and_on_one_past_a_damaged_checkpoint(tmp_path, mode):
+    env = {**os.environ, "MODE": mode}
+    run = lambda: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["tests/dist_worker.py", str(tmp_path), "checkpoints"],
+        cwd=ROOT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    proc = run()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    directory = tmp_path / f"bn-{mode}"
+    assert sorted(p.name for p in directory.iterdir()) == ["latest", "step-000000002.ckpt", "step-000000004.ckpt"]
+    newest = directory / "step-000000004.ckpt"
+    damaged = next(newest.iterdir()) if newest.is_dir() else newest  # one rank's file of a sharded checkpoint
+    data = bytearray(damaged.read_bytes())
+    for at in range(len(data) * 2 // 5, len(data) * 3 // 5, 16):  # inside the tensors: only checksums find it
+        data[at] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    proc = run()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = json.loads((tmp_path / f"bn-{mode}-resumed-from.json").read_text())
+    assert [Path(p).name for p in resumed] == ["step-000000002.ckpt"] * 2  # every rank skipped the damaged one
+    assert json.loads((tmp_path / f"bn-{mode}-ended.json").read_text()) == [4, 4]
+    # and one process continues the 2-rank run from its (rewritten) newest checkpoint
+    step = fl.with_checkpointing(
+        fl.with_ema(
+            fl.with_grad_accum(fl.make_train_step(bn_model(0), fl.losses.cross_entropy, optimizer()), every=2), decay=0.9
+        ),
+        directory=directory,
+        every=2,
+    )
+    state = step.init()
+    assert int(state.step) == 4 and state.slots["checkpointing"].resumed_from.endswith("step-000000004.ckpt")
+    assert state.buffers["1.running_mean"].shape == (8,) and int(state.buffers["1.num_batches_tracked"]) == 8
 
 
 def test_single_process_is_a_no_op():

@@ -501,3 +501,10 @@ def test_max_steps_mid_epoch_over_data_without_a_length():
     step = fl.make_train_step(nn.Linear(4, 1), fl.losses.mse, fl.optim.sgd(0.1))
     state = fl.fold(step, step.init(), data, max_steps=3, progress=False)
     assert int(state.step) == 3 and int(state.data.batch) == 3
+
+
+def test_the_progress_bar_draws_on_stderr_and_leaves_stdout_to_the_program(capsys):
+    step = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    fl.fold(step, step.init(), [(torch.zeros(3, 2), torch.zeros(3, 1))] * 5, progress=True, summary=False)
+    out, err = capsys.readouterr()
+    assert out == "" and "step 5/5" in err

@@ -242,16 +242,19 @@ def _assemble(sources: list[_Source], name: str, start: int, stop: int, whole: t
     if not whole:  # a 0-d tensor: every file holds it whole
         return sources[0].read(name)
     out = torch.empty((stop - start, *whole[1:]), dtype=dtype)
+    # Rows [start, stop) from the files in order of their first row: a sharded tensor's pieces are
+    # disjoint, a replicated one (a BatchNorm statistic, an accumulation flag) is whole in every
+    # file and is read once.
     filled = start
-    for source in sources:
-        lo, hi, _ = source.span(name)
-        lo, hi = max(lo, start), min(hi, stop)
+    for first_row, source in sorted(((source.span(name)[0], source) for source in sources), key=lambda p: p[0]):
+        lo, hi = max(first_row, filled), min(source.span(name)[1], stop)
+        if lo > filled:  # a gap: no file holds row `filled`
+            break
         if lo >= hi:
             continue
         piece = source.read(name)
-        first_row = source.span(name)[0]
         out[lo - start : hi - start].copy_(piece[lo - first_row : hi - first_row])
-        filled += hi - lo
+        filled = hi
     if filled != stop:
         raise CheckpointError(f"checkpoint {sources[0].file.parent}: rows [{start}, {stop}) of {name} are not all in the files")
     return out

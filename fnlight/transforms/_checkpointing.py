@@ -25,6 +25,8 @@ __all__ = ["CheckpointingState", "find_latest", "with_checkpointing"]
 _NAME = re.compile(r"^step-(\d{9,})\.ckpt$")
 # what a save killed before its rename leaves behind: fnlight.checkpoint.save's temporary file, the pointer's
 _TEMPORARY = re.compile(r"^\.(step-\d{9,}\.ckpt\.[0-9a-f]{12}|latest)\.tmp$")
+# a sharded save's directory before its rename, and the one it replaces (fnlight.distributed.save_sharded)
+_TEMPORARY_DIR = re.compile(r"^step-\d{9,}\.ckpt\.(partial|old)$")
 LATEST = "latest"
 
 
@@ -143,15 +145,37 @@ class Checkpointing(Transform):
         info = dist_info()
         if info.world_size == 1:
             path = find_latest(self.directory, state)
-        else:  # rank 0 chooses, so that every rank resumes from the same checkpoint
-            import torch.distributed as dist
+            if path is None:
+                return state
+            return _restore(path, state).with_slot(self.slot, CheckpointingState(str(path)))
+        return self._resume_on_every_rank(state, info.rank, info.world_size)
 
-            chosen = [str(find_latest(self.directory) or "") if info.rank == 0 else None]
-            dist.broadcast_object_list(chosen, src=0)
-            path = Path(chosen[0]) if chosen[0] else None
-        if path is None:
-            return state
-        return _restore(path, state).with_slot(self.slot, CheckpointingState(str(path)))
+    def _resume_on_every_rank(self, state: TrainState, rank: int, world: int) -> TrainState:
+        """The newest checkpoint that every rank restores whole (checksums included): rank 0 lists the
+        candidates, each rank tries the next one, and all move on together when any rank finds it damaged."""
+        import torch
+        import torch.distributed as dist
+
+        from .._ranks import all_sum, collective
+
+        listed = [[str(p) for _, p in reversed(_checkpoints(self.directory))] if rank == 0 else None]
+        with collective("with_checkpointing resume"):
+            dist.broadcast_object_list(listed, src=0)
+        for candidate in listed[0] or []:
+            restored, mismatch = None, None
+            try:
+                restored = _restore(Path(candidate), state)
+            except CheckpointMismatchError as e:
+                mismatch = e
+            except (CheckpointError, OSError):
+                pass
+            with collective("with_checkpointing resume"):
+                ok, bad = all_sum(torch.tensor([float(restored is not None), float(mismatch is not None)], dtype=torch.float64))
+            if bad:  # of another model or transform chain on some rank: every rank stops, none starts over
+                raise mismatch or CheckpointMismatchError(f"{candidate}: another rank found it does not fit this step's state")
+            if int(ok) == world:
+                return restored.with_slot(self.slot, CheckpointingState(candidate))  # type: ignore[union-attr]
+        return state
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         before = int(state.step)
@@ -266,6 +290,8 @@ class Checkpointing(Transform):
         for name in os.listdir(self.directory):
             if _TEMPORARY.match(name):
                 (self.directory / name).unlink(missing_ok=True)
+            elif _TEMPORARY_DIR.match(name):
+                shutil.rmtree(self.directory / name, ignore_errors=True)
 
 
 def with_checkpointing(

@@ -13,6 +13,7 @@ from .._donation import is_donating
 from .._ranks import all_sum, world_size
 from .._signals import preempting
 from .._state import TrainState
+from .._tree import copy_tensors_
 from ._base import Metrics, Transform
 
 __all__ = ["EarlyStopState", "with_early_stop"]
@@ -140,7 +141,7 @@ class EarlyStop(Transform):
             if self.restore_best:
                 current = {n: state.params[n] for n in best_params}
                 if inplace:
-                    torch._foreach_copy_(list(best_params.values()), list(current.values()))
+                    copy_tensors_(list(best_params.values()), list(current.values()))
                 else:
                     best_params = {n: p.detach().clone() for n, p in current.items()}
             rec = EarlyStopState(best_t, step, 0, rec.reason, best_params)
@@ -159,7 +160,7 @@ class EarlyStop(Transform):
     def _restored(params: dict[str, Tensor], best: dict[str, Tensor], *, inplace: bool) -> dict[str, Tensor]:
         # Copies, never aliases: later in-place updates of the parameters must not reach the record.
         if inplace:
-            torch._foreach_copy_([params[n] for n in best], list(best.values()))
+            copy_tensors_([params[n] for n in best], list(best.values()))
             return params
         return {**params, **{n: b.clone() for n, b in best.items()}}
 

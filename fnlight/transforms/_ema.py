@@ -15,6 +15,7 @@ from torch import Tensor
 from .._donation import is_donating
 from .._state import TrainState
 from .._step import Gradients, _check_state
+from .._tree import copy_tensors_
 from ..optim._base import check_hparam
 from ._base import Metrics, Transform
 
@@ -101,15 +102,19 @@ class Averaging(Transform):
         inplace = is_donating()
         if count == 0:
             if inplace:
-                torch._foreach_copy_(shadow, current)
+                copy_tensors_(shadow, current)
             else:
                 shadow = [t.detach().clone() for t in current]
         else:
             w = self.weight(count)
+            k = len(slot.params)  # parameters and buffers apart: under with_fsdp the first are DTensors, the second not
             if inplace:
-                torch._foreach_lerp_(shadow, current, w)
+                for lo, hi in ((0, k), (k, len(shadow))):
+                    if hi > lo:
+                        torch._foreach_lerp_(shadow[lo:hi], current[lo:hi], w)
             else:
-                shadow = list(torch._foreach_lerp(shadow, current, w))
+                parts = [(lo, hi) for lo, hi in ((0, k), (k, len(shadow))) if hi > lo]
+                shadow = [t for lo, hi in parts for t in torch._foreach_lerp(shadow[lo:hi], current[lo:hi], w)]
         k = len(slot.params)
         params = slot.params if inplace else dict(zip(slot.params, shadow[:k]))
         buffers = slot.buffers if inplace else dict(zip(slot.buffers, shadow[k:]))
