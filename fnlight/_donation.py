@@ -102,6 +102,15 @@ def donating(enabled: bool | str = True) -> Iterator[None]:
         _local.donating = previous
 
 
+def updated(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``old`` with ``new``'s tensors in place of its own: as new entries, or, under
+    ``fold(donate="model")`` (whose state's tensors are the model's), written into the old
+    tensors so the model sees them (see :func:`write_back`)."""
+    if not new:
+        return old
+    return write_back(old, new) if donating_model() else {**old, **new}
+
+
 def write_back(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
     """``old`` updated by ``new``: each tensor written into the old one where it fits (same shape, dtype and
     device), else put in its place. For states whose tensors others hold (``donate="model"``).

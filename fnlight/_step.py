@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._autograd import run_backward
 from ._bind import bind, bound, full_tensors, make_skeleton, reassigned, unbind
-from ._donation import check_live, donating_model, is_donating, lend, write_back
+from ._donation import check_live, is_donating, lend, updated
 from ._rng import restore_generators, seed_generators, step_seed
 from ._state import TrainState
 from .optim._base import Optimizer
@@ -298,7 +298,7 @@ class TrainStep:
             unbind(saved_slots)
             _set_grad_enabled(grad_was_enabled)
         if moved:  # under donate="model" written into the model's own tensors, as a torch loop's reassignment lands there
-            buffers = write_back(buffers, moved) if donating_model() else {**buffers, **moved}
+            buffers = updated(buffers, moved)
         return Gradients(metrics["loss"], {n: g for n, g in zip(leaves, grads) if g is not None}, buffers, metrics)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._bind import bind, make_skeleton, reassigned, unbind
-from .._donation import donating_model, is_donating, write_back
+from .._donation import is_donating, updated
 from .._rng import derive_seed, restore_generators, seed_generators
 from .._state import TrainState
 from .._step import (
@@ -217,7 +217,7 @@ class EnsembleStep:
         if self.nonfinite == "skip":
             metrics["skipped"] = torch.zeros(k) if bad is None else bad.float()
         if moved:  # buffers the forward reassigned (`self.count = self.count + 1`)
-            buffers = write_back(buffers, moved) if donating_model() else {**buffers, **moved}
+            buffers = updated(buffers, moved)
         new_state = state.replace(step=state.step + 1, params={**params, **new_params}, buffers=buffers, opt_state=opt_state)
         return new_state, metrics
 

@@ -15,7 +15,7 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
-from .._donation import donating_model, is_donating, write_back
+from .._donation import donating_model, is_donating, updated
 from .._rng import restore_generators, seed_generators, step_seed
 from .._state import TrainState
 from .._step import (
@@ -283,7 +283,7 @@ class Compiled(Transform):
             return self._fall_back(e, lambda: self.inner.grads(state, batch, ctx))
         if inplace and donating_model():  # 0-d scalars came back as new tensors: the model's are the old ones
             old = state.buffers
-            buffers = write_back(old, {k: b for k, b in buffers.items() if b is not old[k]})
+            buffers = updated(old, {k: b for k, b in buffers.items() if b is not old[k]})
         return Gradients(loss, grads, buffers, metrics)
 
     def update(self, state: TrainState, g: Gradients) -> tuple[TrainState, Metrics]:
@@ -324,12 +324,8 @@ class Compiled(Transform):
         if inplace:  # the graph wrote into the state's tensors and returned only the rest (see make_step_fn)
             paths, leaves = opt_state
             opt_state = leaves if paths is None else set_leaves(state.opt_state, paths, leaves)
-            if donating_model():  # the state's tensors are the model's: the new 0-d scalars go into them
-                buffers = write_back(state.buffers, buffers) if buffers else state.buffers
-                new_params = write_back(state.params, new_params) if new_params else state.params
-            else:
-                buffers = {**state.buffers, **buffers} if buffers else state.buffers
-                new_params = {**state.params, **new_params} if new_params else state.params
+            buffers = updated(state.buffers, buffers)  # (under donate="model" into the model's own tensors)
+            new_params = updated(state.params, new_params)
         else:
             new_params = {**state.params, **new_params}
         if ok is not None:

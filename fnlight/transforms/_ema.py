@@ -100,6 +100,7 @@ class Averaging(Transform):
         shadow = [*slot.params.values(), *slot.buffers.values()]
         current = [*(state.params[n] for n in slot.params), *(state.buffers[n] for n in slot.buffers)]
         inplace = is_donating()
+        k = len(slot.params)
         if count == 0:
             if inplace:
                 copy_tensors_(shadow, current)
@@ -107,15 +108,13 @@ class Averaging(Transform):
                 shadow = [t.detach().clone() for t in current]
         else:
             w = self.weight(count)
-            k = len(slot.params)  # parameters and buffers apart: under with_fsdp the first are DTensors, the second not
+            # parameters and buffers in separate calls: under with_fsdp the first are DTensors, the second not
+            parts = [(lo, hi) for lo, hi in ((0, k), (k, len(shadow))) if hi > lo]
             if inplace:
-                for lo, hi in ((0, k), (k, len(shadow))):
-                    if hi > lo:
-                        torch._foreach_lerp_(shadow[lo:hi], current[lo:hi], w)
+                for lo, hi in parts:
+                    torch._foreach_lerp_(shadow[lo:hi], current[lo:hi], w)
             else:
-                parts = [(lo, hi) for lo, hi in ((0, k), (k, len(shadow))) if hi > lo]
                 shadow = [t for lo, hi in parts for t in torch._foreach_lerp(shadow[lo:hi], current[lo:hi], w)]
-        k = len(slot.params)
         params = slot.params if inplace else dict(zip(slot.params, shadow[:k]))
         buffers = slot.buffers if inplace else dict(zip(slot.buffers, shadow[k:]))
         return self.state_type(params, buffers, slot.count.add_(1) if inplace else slot.count + 1)
