@@ -16,7 +16,7 @@ from ._donation import check_live, donating, mark_donated, unshare_lent
 from ._progress import Progress
 from ._ranks import all_sum, rank, union_of_keys, world_size
 from ._rng import held_generators
-from ._signals import SignalWatch, preempt
+from ._signals import Preempted, SignalWatch, preempt
 from ._state import NAMESPACE, TrainState
 from ._step import EvalStep, Step
 from ._summary import print_summary
@@ -165,6 +165,9 @@ def fold(
         handle_signals: on SIGTERM or SIGINT (main thread only), finish the current step,
             save through ``with_checkpointing`` if the step has it, and raise
             :class:`fnlight.Preempted` (a ``SystemExit``); a second Ctrl-C aborts at once.
+            Under ``with_ddp``/``with_fsdp`` on several ranks, every rank stops after the
+            same update when any of them is signalled: the next update's all-reduce
+            carries the news (on GPUs it is read one update later, so no update waits).
 
     Returns:
         The final state. The fold also stops early when ``state.stop`` becomes true.
@@ -237,15 +240,16 @@ def fold(
     epoch = int(state.data.epoch)
     counting = bool(observers) or bar.enabled or max_steps is not None
     try:
-        with donating(donate if donate == "model" else True), held_generators(), SignalWatch(handle_signals) as signals:
+        watch = SignalWatch(handle_signals, agree=_data_parallel(step))
+        with donating(donate if donate == "model" else True), held_generators(), watch as signals:
             while epochs is None or epoch < epochs:
                 if _done(state, max_steps):
                     # Resumed from a checkpoint written by the update that reached max_steps with the epoch's last
                     # batch: the uninterrupted fold ended that epoch before returning, so this one does too.
                     if not state.stop and int(state.data.batch) and _consumed(state, _source(data, epoch)):
                         state, metrics, epoch = _end_epoch(step, state, metrics, observers, bar, epoch)
-                        if signals.received is not None:
-                            raise preempt(step, state, signals.received)
+                        if signals.stop is not None:
+                            raise _preempt(step, state, signals)
                     break
                 source: Any = _source(data, epoch)
                 skip = int(state.data.batch)
@@ -267,8 +271,8 @@ def fold(
                             o._maybe(state, metrics, n)
                         if bar.enabled:
                             bar.update(n, epoch, metrics)
-                    if signals.received is not None:
-                        raise preempt(step, state, signals.received)
+                    if signals.stop is not None:
+                        raise _preempt(step, state, signals)
                     if _done(state, max_steps):
                         break
                 else:
@@ -278,13 +282,13 @@ def fold(
                             "a Loader with drop_last=True and more samples per batch than the dataset has yields none"
                         )
                     state, metrics, epoch = _end_epoch(step, state, metrics, observers, bar, epoch)
-                    if signals.received is not None:
-                        raise preempt(step, state, signals.received)
+                    if signals.stop is not None:
+                        raise _preempt(step, state, signals)
                     continue
                 if not state.stop and _consumed(state, source):  # max_steps reached with the epoch's last batch
                     state, metrics, epoch = _end_epoch(step, state, metrics, observers, bar, epoch)
-                    if signals.received is not None:
-                        raise preempt(step, state, signals.received)
+                    if signals.stop is not None:
+                        raise _preempt(step, state, signals)
                 break
         n = int(state.step)
         for o in observers:
@@ -362,6 +366,22 @@ def _flush(
             o._maybe(state, metrics, n)
         bar.update(n, epoch, metrics)
     return state, metrics
+
+
+def _data_parallel(step: Any) -> bool:
+    """Whether ``step`` averages its gradients over several ranks: then its ranks agree on when to stop on a signal."""
+    layer = step
+    while layer is not None and world_size() > 1:
+        if getattr(layer, "name", None) in ("with_ddp", "with_fsdp"):
+            return True
+        layer = getattr(layer, "inner", None)
+    return False
+
+
+def _preempt(step: Any, state: TrainState, signals: SignalWatch) -> Preempted:
+    signum = signals.stop
+    assert signum is not None
+    return preempt(step, state, signum, here=signals.received is not None)
 
 
 def _done(state: TrainState, max_steps: int | None) -> bool:

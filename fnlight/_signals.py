@@ -1,4 +1,12 @@
-"""Preemption: SIGTERM/SIGINT during a fold finish the current step, save, and exit cleanly."""
+"""Preemption: SIGTERM/SIGINT during a fold finish the current step, save, and exit cleanly.
+
+Under data parallelism (``with_ddp``/``with_fsdp`` on several ranks) the ranks agree on when to
+stop: each update's all-reduce carries one more number, whether this rank has received a
+signal, and every rank stops after the update whose sum says one has (on CPU tensors) or after
+the update that follows it (on accelerators, where the sum is read one update late so that no
+update waits for the device). A signal to one rank, or to all of them a few steps apart, ends
+every rank at the same update, with one checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,10 @@ import threading
 from types import FrameType
 from typing import Any
 
-__all__ = ["Preempted", "SignalWatch", "preempt"]
+import torch
+from torch import Tensor
+
+__all__ = ["Preempted", "SignalWatch", "agree", "preempt", "signal_flag"]
 
 
 class Preempted(SystemExit):
@@ -32,12 +43,27 @@ class SignalWatch:
     """Within the block, SIGTERM and SIGINT are recorded instead of interrupting (main thread only).
 
     A second SIGINT raises ``KeyboardInterrupt`` at once (press Ctrl-C twice to abort).
+    ``agree=True`` (a data-parallel fold): :attr:`stop` is the signal every rank knows of
+    (see :func:`agree`), not the one this rank received.
     """
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, *, agree: bool = False) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.received: int | None = None
+        self.agreeing = agree and self.enabled
+        self.received: int | None = None  # the signal this process received
+        self.agreed = False  # some rank had received one before an update's all-reduce
+        self._late: tuple[Tensor, Any] | None = None  # an accelerator's sum, read at the next update
         self._previous: dict[int, Any] = {}
+        self._outer: SignalWatch | None = None
+
+    @property
+    def stop(self) -> int | None:
+        """The signal to stop on now, or ``None``: this process's, or in agreement every rank's."""
+        if not self.agreeing:
+            return self.received
+        if not self.agreed:
+            return None
+        return self.received if self.received is not None else signal.SIGTERM
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum == signal.SIGINT:
@@ -48,15 +74,50 @@ class SignalWatch:
         if self.enabled:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._outer, _local.watch = getattr(_local, "watch", None), self
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._previous:
+            _local.watch = self._outer
         self._previous.clear()
 
 
 _local = threading.local()
+
+
+def signal_flag(device: torch.device) -> Tensor:
+    """A 1-element float32 tensor to add to an update's all-reduce: 1 if this rank has received a signal.
+
+    Every rank adds it to the same all-reduce, whether or not a fold watches for signals, so
+    the collectives keep their shapes; :func:`agree` reads the sum.
+    """
+    watch = getattr(_local, "watch", None)
+    return torch.full((1,), float(watch is not None and watch.received is not None), device=device)
+
+
+def agree(total: Tensor) -> None:
+    """Note the all-reduced :func:`signal_flag`: above 0, every rank stops after this update (see the module).
+
+    On an accelerator the sum is copied to the host without waiting and read at the next
+    update, one update late on every rank alike.
+    """
+    watch = getattr(_local, "watch", None)
+    if watch is None or not watch.agreeing:
+        return
+    if total.device.type == "cpu":
+        watch.agreed = watch.agreed or float(total) > 0
+        return
+    if watch._late is not None:
+        host, done = watch._late
+        done.synchronize()
+        watch.agreed = watch.agreed or float(host) > 0
+    host = total.detach().to("cpu", non_blocking=True)
+    done = torch.Event(total.device)
+    done.record()
+    watch._late = (host, done)
 
 
 def preempting() -> bool:
@@ -64,8 +125,11 @@ def preempting() -> bool:
     return getattr(_local, "preempting", False)
 
 
-def preempt(step: Any, state: Any, signum: int) -> Preempted:
-    """Save through the step's checkpointing (if any) and build the exception that ends the fold."""
+def preempt(step: Any, state: Any, signum: int, *, here: bool = True) -> Preempted:
+    """Save through the step's checkpointing (if any) and build the exception that ends the fold.
+
+    ``here=False``: another rank received the signal (the ranks agreed to stop, see the module).
+    """
     _local.preempting = True  # a fold cut short: checks about the whole fold (with_early_stop's) stay quiet
     try:
         save_now = getattr(step, "save_now", None)
@@ -75,16 +139,16 @@ def preempt(step: Any, state: Any, signum: int) -> Preempted:
             finish(state)
     finally:
         _local.preempting = False
-    name = signal.Signals(signum).name
+    name = f"{signal.Signals(signum).name} received" if here else "another rank received SIGTERM or SIGINT"
     where = f"update {int(state.step)} (epoch {int(state.data.epoch)}, {int(state.data.batch)} batches into it)"
     if path is not None:
         message = (
-            f"fnlight: {name} received; stopped after {where} and saved {path}. "
+            f"fnlight: {name}; stopped after {where} and saved {path}. "
             "To resume, run the same script again: with_checkpointing(resume=True) restores it in step.init()."
         )
     else:
         message = (
-            f"fnlight: {name} received; stopped after {where}. Nothing was saved: wrap the step with "
+            f"fnlight: {name}; stopped after {where}. Nothing was saved: wrap the step with "
             "fnlight.with_checkpointing(...) to save on preemption, or catch fnlight.Preempted and use .state."
         )
     print(message, file=sys.stderr, flush=True)

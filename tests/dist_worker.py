@@ -11,12 +11,14 @@ Phases:
   (gathering without ``grad_placements``); per-rank state bytes; an FSDP run that saves
   sharded checkpoints at updates 10 and 20; and the 1 -> 2 reshard of a single-process
   checkpoint (``OUT_DIR/single.ckpt``, written by the test first).
+- ``preempt``: SIGTERM to one rank, or to both at different micro-batches (see :func:`preempt`).
 - ``resume``: restore ``OUT_DIR/back.ckpt`` (the 2 -> 1 reshard of update 10, written by the
   test) on 2 FSDP ranks and train the last 10 updates.
 """
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -274,7 +276,6 @@ def fault(out: Path, rank: int) -> None:
     restart resumes from update 10.
     """
     import os
-    import signal
     import time
 
     kind = os.environ["FAULT"]
@@ -323,9 +324,40 @@ def checkpoints(out: Path, rank: int) -> None:
     write_every_ranks(out / f"bn-{mode}-ended.json", int(state.step))
 
 
+def preempt(out: Path, rank: int) -> None:
+    """SIGTERM to some ranks only, at micro-batch ``SIGNAL_AT`` (``"a,b"``: rank 0's, rank 1's; -1: none).
+
+    Accumulation over 2 micro-batches, checkpoints on preemption only (every=100 is past the run). The first launch trains
+    uninterrupted (``full.ckpt``), then is preempted (every rank's update, checkpoint and exit
+    code go to ``preempted.json``); a second launch (``RESUME=1``) resumes and finishes
+    (``resumed.ckpt``).
+    """
+    mode = os.environ["MODE"]
+    directory = out / f"preempt-{mode}"
+    if os.environ.get("RESUME"):
+        step = fl.with_checkpointing(build(mode, rank, accum=2), directory=directory, every=100)
+        state = step.init()
+        write_every_ranks(out / "resumed-from.json", [state.slots["checkpointing"].resumed_from, int(state.step)])
+        save_params(out / "resumed.ckpt", fl.fold(step, state, local_batches(rank, 2), progress=False))
+        return
+    step = build(mode, rank, accum=2)
+    save_params(out / "full.ckpt", fl.fold(step, step.init(), local_batches(rank, 2), progress=False))
+    step = fl.with_checkpointing(build(mode, rank, accum=2), directory=directory, every=100)
+    from conftest import SignalledData  # tests/ is this script's directory
+
+    at = int(os.environ["SIGNAL_AT"].split(",")[rank])  # -1: never
+    try:
+        fl.fold(step, step.init(), SignalledData(local_batches(rank, 2), at=at, signum=signal.SIGTERM), progress=False)
+        outcome = None
+    except fl.Preempted as e:
+        outcome = [int(e.state.step), str(e.path), e.code, str(e)]
+    write_every_ranks(out / "preempted.json", outcome)
+
+
 def main(out, phase):
     info = fl.init_distributed(timeout=float(os.environ.get("FNLIGHT_TEST_TIMEOUT", 60)))
-    {"train": train, "resume": resume, "fault": fault, "checkpoints": checkpoints}[phase](Path(out), info.rank)
+    phases = {"train": train, "resume": resume, "fault": fault, "checkpoints": checkpoints, "preempt": preempt}
+    phases[phase](Path(out), info.rank)
     torch.distributed.barrier()  # every rank is done before any exits
 
 

@@ -277,6 +277,45 @@ def test_a_batchnorm_accumulation_ema_stack_resumes_on_two_ranks_and_on_one_past
     assert state.buffers["1.running_mean"].shape == (8,) and int(state.buffers["1.num_batches_tracked"]) == 8
 
 
+@pytest.mark.parametrize(
+    ("mode", "signal_at", "stopped_at"),
+    [("ddp", "-1,4", 3), ("fsdp", "-1,4", 3), ("ddp", "2,7", 2)],
+    ids=["ddp-one-rank", "fsdp-one-rank", "ddp-two-ranks-apart"],
+)
+def test_a_signal_to_some_ranks_stops_every_rank_after_the_same_update_and_resumes_bit_exactly(
+    tmp_path, mode, signal_at, stopped_at
+):
+    """Rank 1 alone is signalled mid-window (micro-batch 4 of windows of 2), or the ranks 5 micro-batches apart."""
+
+    def launch(**extra):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MODE": mode, "SIGNAL_AT": signal_at, **extra}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        return subprocess.run(
+            [*cmd, "tests/dist_worker.py", str(tmp_path), "preempt"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    proc = launch()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    outcomes = json.loads((tmp_path / "preempted.json").read_text())
+    assert [o[:3] for o in outcomes] == [[stopped_at, outcomes[0][1], 143]] * 2  # one update, one checkpoint
+    assert Path(outcomes[0][1]).name == f"step-{stopped_at:09d}.ckpt"
+    signalled = [0 <= int(at) < 2 * stopped_at for at in signal_at.split(",")]  # fetched before the stop
+    for (*_, message), here in zip(outcomes, signalled):
+        assert ("SIGTERM received;" if here else "another rank received SIGTERM or SIGINT;") in message
+    proc = launch(RESUME="1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed_from = json.loads((tmp_path / "resumed-from.json").read_text())
+    assert resumed_from == [[outcomes[0][1], stopped_at]] * 2
+    like = reference_step().init().params
+    full, resumed = params_of(tmp_path / "full.ckpt", like), params_of(tmp_path / "resumed.ckpt", like)
+    assert all(torch.equal(full[n], resumed[n]) for n in like)
+
+
 def test_single_process_is_a_no_op():
     assert fl.init_distributed() == fl.DistInfo(0, 1, 0) == fl.dist_info()
     batch = (torch.ones(2, 3), torch.zeros(2, 1))
@@ -305,6 +344,24 @@ def test_options_and_order_are_validated():
         fl.init_distributed(timeout=-1)
     with pytest.raises(ValueError, match="backend must be 'nccl', 'gloo' or None, got 'mpi'"):
         fl.init_distributed(backend="mpi")
+
+
+@pytest.mark.parametrize(("backend", "expected"), [("nccl", "cpu:gloo,cuda:nccl"), ("gloo", "gloo")])
+def test_nccl_groups_carry_cpu_tensors_over_gloo(monkeypatch, backend, expected):
+    """fnlight's own collectives on CPU tensors (metric sums, checkpoint agreement) need a CPU backend beside NCCL."""
+    from fnlight.distributed import _group
+
+    seen = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda devices, **kw: seen.update(devices=devices))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(_group, "_attempt_store", lambda *a: None)
+    monkeypatch.setattr(_group, "_watch_uncaught", lambda: None)
+    monkeypatch.setattr(_group.atexit, "register", lambda f: f)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fl.init_distributed(backend=backend) == fl.distributed.DistInfo(0, 2, 0)
+    assert seen == {"devices": expected}
 
 
 def test_the_exit_hook_frees_the_groups_and_fnlights_device_meshes():

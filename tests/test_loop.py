@@ -508,3 +508,40 @@ def test_the_progress_bar_draws_on_stderr_and_leaves_stdout_to_the_program(capsy
     fl.fold(step, step.init(), [(torch.zeros(3, 2), torch.zeros(3, 1))] * 5, progress=True, summary=False)
     out, err = capsys.readouterr()
     assert out == "" and "step 5/5" in err
+
+
+def test_a_data_parallel_folds_ranks_stop_on_the_signal_they_agreed_on_not_their_own():
+    """The fold's signal watch under with_ddp/with_fsdp on several ranks (the 2-rank runs: test_distributed.py)."""
+    from fnlight import _signals
+
+    cpu = torch.device("cpu")
+    assert float(_signals.signal_flag(cpu)) == 0.0  # no fold watching: nothing to share
+    with _signals.SignalWatch(True, agree=True) as watch:
+        assert watch.stop is None and float(_signals.signal_flag(cpu)) == 0.0
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watch.received == signal.SIGINT and watch.stop is None  # not before the ranks agree
+        assert float(_signals.signal_flag(cpu)) == 1.0
+        _signals.agree(torch.zeros(1))
+        assert watch.stop is None
+        _signals.agree(torch.full((1,), 0.5))  # the all-reduced mean of the ranks' flags
+        assert watch.stop == signal.SIGINT
+    with _signals.SignalWatch(True, agree=True) as watch:
+        _signals.agree(torch.full((1,), 0.5))  # another rank's signal
+        assert watch.received is None and watch.stop == signal.SIGTERM
+    with _signals.SignalWatch(True) as watch:  # one process: its own signal, at once
+        _signals.agree(torch.ones(1))
+        assert watch.stop is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.stop == signal.SIGTERM
+    assert float(_signals.signal_flag(cpu)) == 0.0  # the watch is gone with its block
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the late read is for accelerators")
+def test_ranks_read_an_accelerators_agreed_signal_one_update_late():
+    from fnlight import _signals
+
+    with _signals.SignalWatch(True, agree=True) as watch:
+        _signals.agree(torch.ones(1, device="cuda"))
+        assert watch.stop is None  # copied to the host without waiting; read at the next update
+        _signals.agree(torch.zeros(1, device="cuda"))
+        assert watch.stop == signal.SIGTERM

@@ -12,6 +12,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .._donation import is_donating
 from .._ranks import collective
+from .._signals import agree, signal_flag
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from ..transforms._base import Metrics, Transform, layers
@@ -120,7 +121,8 @@ class DDP(Transform):
         with zeros, as in ``DistributedDataParallel(find_unused_parameters=True)``; one that no
         rank reached is left out of the update (as ``torch.optim`` skips a ``None`` gradient).
         A per-parameter flag of who had a gradient travels in the last bucket; only a rank
-        that lacked some gradient reads it.
+        that lacked some gradient reads it. So does whether any rank has received SIGTERM or
+        SIGINT, on which a fold stops every rank after the same update.
         """
         info = dist_info()
         if info.world_size > 1:
@@ -129,13 +131,16 @@ class DDP(Transform):
             flags = reached_flags(names, g.grads, g.loss.device)
             with collective(f"with_ddp at update {int(state.step)}"):
                 reduced = _all_reduce_mean(
-                    [*grads, g.loss.detach().float().reshape(1), flags], self.bucket_bytes, info.world_size
+                    [*grads, g.loss.detach().float().reshape(1), flags, signal_flag(g.loss.device)],
+                    self.bucket_bytes,
+                    info.world_size,
                 )
+            agree(reduced[-1])
             if len(g.grads) == len(names):
-                averaged = dict(zip(names, reduced[:-2]))
+                averaged = dict(zip(names, reduced[:-3]))
             else:  # parameters no rank reached get no update
-                averaged = {n: t for n, t, had in zip(names, reduced[:-2], reduced[-1].tolist()) if had > 0}
-            g = g._replace(grads=averaged, loss=reduced[-2].reshape(()).to(g.loss.dtype))
+                averaged = {n: t for n, t, had in zip(names, reduced[:-3], reduced[-2].tolist()) if had > 0}
+            g = g._replace(grads=averaged, loss=reduced[-3].reshape(()).to(g.loss.dtype))
             new_state, metrics = self.inner.update(state, g)
             new_state = sync_buffers(new_state, f"with_ddp at update {int(state.step)} (rank 0's buffers)", self.bucket_bytes)
             return new_state, {**metrics, "loss": g.loss}  # the mean over the ranks, not this rank's own

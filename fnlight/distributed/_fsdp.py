@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._ranks import collective
+from .._signals import agree, signal_flag
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from ..transforms._base import Metrics, Transform, layers
@@ -122,15 +123,18 @@ class FSDP(Transform):
         reached it. Gradients are reduce-scattered during backward in the order each rank's
         graph gives, so a parameter that some ranks reach and others do not pairs the ranks'
         collectives wrongly — silently when the shapes happen to match. Such an update raises
-        (on every rank) instead of applying wrong gradients.
+        (on every rank) instead of applying wrong gradients. Whether any rank has received
+        SIGTERM or SIGINT travels too, so a fold stops every rank after the same update.
         """
         info = dist_info()
         if info.world_size > 1:
             names = self.core._trainable
-            packed = torch.cat([g.loss.detach().float().reshape(1), reached_flags(names, g.grads, g.loss.device)])
+            device = g.loss.device
+            packed = torch.cat([g.loss.detach().float().reshape(1), reached_flags(names, g.grads, device), signal_flag(device)])
             with collective(f"with_fsdp at update {int(state.step)}"):
                 dist.all_reduce(packed)
-            reached = packed[1:]
+            agree(packed[-1])
+            reached = packed[1:-1]
             if bool(((reached > 0) & (reached < info.world_size)).any()):
                 raise _uneven_reach(state, names, reached.tolist(), info.world_size)
             g = g._replace(loss=packed[0].div(info.world_size).to(g.loss.dtype))

@@ -45,7 +45,8 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
     torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; under
     SLURM (``srun``) ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` are used and ``MASTER_ADDR``/
     ``MASTER_PORT`` must be exported by the job script. The backend is NCCL when CUDA is available,
-    else gloo. ``timeout`` (seconds) bounds every collective: a rank that died makes the others fail
+    else gloo; under NCCL, gloo carries the collectives on CPU tensors (metrics' sums, checkpoint
+    agreement), which NCCL cannot. ``timeout`` (seconds) bounds every collective: a rank that died makes the others fail
     with an error after it instead of hanging.
 
     Args:
@@ -75,7 +76,8 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     delta = datetime.timedelta(seconds=timeout)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=delta, store=_attempt_store(world_size, delta))
+    devices = "cpu:gloo,cuda:nccl" if backend == "nccl" else backend  # NCCL takes CUDA tensors only
+    dist.init_process_group(devices, rank=rank, world_size=world_size, timeout=delta, store=_attempt_store(world_size, delta))
     atexit.register(_destroy)  # tear the group down before interpreter exit (gloo aborts otherwise)
     _watch_uncaught()
     return DistInfo(rank, world_size, local_rank)
