@@ -68,7 +68,10 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
         raise ValueError(f"summary: depth must be an int >= 1, got {depth!r}")
     if isinstance(model, TrainState):
         if model.skeleton is None:
-            raise TypeError("summary: this TrainState has no module skeleton")
+            raise TypeError(
+                "summary: expected an nn.Module or a TrainState with a module skeleton (a step's init() makes one), "
+                "got a TrainState without one"
+            )
         module = model.skeleton
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}  # the skeleton keeps the flags
         values = {**model.params}

@@ -710,3 +710,12 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "Unpickler", boom)
     monkeypatch.setattr(torch, "load", boom)
     assert fl.tree_equal(restore(tmp_path / "s.ckpt", state), state)
+
+
+def test_save_refuses_a_tensor_subclass(tmp_path):
+    class Tagged(torch.Tensor):
+        pass
+
+    with pytest.raises(TypeError, match=r"the leaf at w is a Tagged; save takes plain tensors \(gather a DTensor"):
+        fl.checkpoint.save(tmp_path / "t.ckpt", {"w": torch.zeros(2).as_subclass(Tagged)})
+    assert not (tmp_path / "t.ckpt").exists()

@@ -464,7 +464,7 @@ def test_make_recipe_step_assembles_the_canonical_order(tmp_path):
         layer = layer.inner
     assert names == ["with_checkpointing", "with_tracking", "with_early_stop", "with_eval", "with_grad_accum", "with_amp"]
     assert step.every == 2 and step.inner.inner.inner.every == 2  # 4 batches / 2 per update: 'epoch' is 2 updates
-    with pytest.raises(ValueError, match=r"empty"):
+    with pytest.raises(ValueError, match=r"make_recipe_step: the training data must not be empty, got list of length 0"):
         make_recipe_step(nn.Linear(4, 3), recipe, train=[])
     with pytest.raises(TypeError, match=r"make_recipe_step: model must be a torch\.nn\.Module, got str"):
         make_recipe_step("model", recipe, train=data.train())

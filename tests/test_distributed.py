@@ -382,3 +382,27 @@ print(dist.is_initialized(), len(_fsdp._MESHES))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "0"]
+
+
+def test_restore_sharded_names_a_missing_or_incomplete_checkpoint(tmp_path):
+    state = {"w": torch.arange(4.0), "n": 3}
+    with pytest.raises(FileNotFoundError, match=r"restore_sharded: no checkpoint at .*nowhere"):
+        fl.distributed.restore_sharded(tmp_path / "nowhere", state)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(fl.checkpoint.CheckpointError, match=r"empty: the directory holds no rank-\*-of-\*\.ckpt files"):
+        fl.distributed.restore_sharded(tmp_path / "empty", state)
+    fl.distributed.save_sharded(tmp_path / "one", state)
+    (name,) = [p.name for p in (tmp_path / "one").iterdir()]
+    (tmp_path / "one" / "rank-1-of-2.ckpt").write_bytes((tmp_path / "one" / name).read_bytes())  # a stray file
+    with pytest.raises(fl.checkpoint.CheckpointError, match=r"one: incomplete: 2 rank files for a world size of \['1'\]"):
+        fl.distributed.restore_sharded(tmp_path / "one", state)
+
+
+def test_restore_sharded_lists_what_does_not_fit_the_target(tmp_path):
+    fl.distributed.save_sharded(tmp_path / "ckpt", {"w": torch.arange(4.0), "n": 3})
+    with pytest.raises(
+        fl.checkpoint.CheckpointMismatchError,
+        match=r"(?s)ckpt does not match the target tree \(3 problems\):.*missing from the file \(1\):\s+m\n"
+        r".*unexpected in the file .*\(1\):\s+n\n.*w: expected tensor float32\[5\], found tensor float32\[4\]",
+    ):
+        fl.distributed.restore_sharded(tmp_path / "ckpt", {"w": torch.zeros(5), "m": 3})

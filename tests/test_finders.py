@@ -1,6 +1,7 @@
 """Finders: the learning-rate sweep and the batch-size search, on copies of the state."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 import fnlight as fl
 from fnlight.finders import (
     BatchSizeTrial,
+    LRFinderResult,
     batch_size_find,
     batch_size_search,
     is_out_of_memory,
@@ -330,3 +332,12 @@ def test_a_trial_makes_its_updates_under_accumulation():
     result = batch_size_find(counted, step.init(), make_batch, max_size=4, steps=2)
     assert result.batch_size == 4 and [t.size for t in result.trials] == [1, 2, 4]
     assert updates == [0, 0, 1, 1, 1, 2] * 3  # per trial: two updates of three calls each
+
+
+def test_plot_without_matplotlib_names_the_package(tmp_path, monkeypatch):
+    result = LRFinderResult(lrs=[1e-3, 1e-2], losses=[1.0, 0.5], smoothed=[1.0, 0.75], suggestion=None, diverged=False)
+    for name in ("matplotlib", "matplotlib.backends.backend_agg", "matplotlib.figure"):  # imported or not: ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"LRFinderResult\.plot needs matplotlib: pip install 'fnlight\[plot\]'"):
+        result.plot(tmp_path / "lr.png")
+    assert not (tmp_path / "lr.png").exists()

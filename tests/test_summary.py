@@ -87,3 +87,9 @@ def test_a_stacked_ensemble_state_says_its_counts_cover_every_replica():
     single = fl.summary(model)
     assert s.total.kind == "Sequential x4 replicas" and s.rows[0].kind == "Linear x4 replicas"
     assert s.total.params == 4 * single.total.params and s.rows[0].params == 4 * single.rows[0].params
+
+
+def test_a_state_without_a_skeleton_is_refused():
+    state = fl.make_train_step(model(), fl.losses.mse, fl.optim.sgd(0.1)).init()
+    with pytest.raises(TypeError, match=r"summary: expected an nn.Module or a TrainState with a module skeleton .* without one"):
+        fl.summary(state.replace(skeleton=None))

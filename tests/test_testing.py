@@ -265,3 +265,10 @@ def test_assert_pure_ignores_what_a_batch_object_caches_and_walks_long_chains():
     step = fl.make_train_step(make_bn_mlp(), lambda m, b: fl.losses.cross_entropy(m, (b.scaled / 2.0, b.y)), adamw(1e-2))
     x, y = (t.clone() for t in BATCH)
     assert_pure(step, step.init(), Batch(x, y, depth=3000))  # the cached tensor is new, nothing changed
+
+
+def test_assert_can_overfit_refuses_a_metric_with_one_value_per_replica():
+    step = fl.ensemble.make_ensemble_step(nn.Linear(4, 1), fl.losses.mse, k=2, lr=0.1)
+    batch = (torch.randn(8, 4), torch.randn(8, 1))
+    with pytest.raises(ValueError, match=r"assert_can_overfit: loss must be a scalar, got shape \[2\] \(an ensemble step"):
+        assert_can_overfit(step, step.init(seeds=0), batch, steps=2)

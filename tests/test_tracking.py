@@ -231,23 +231,29 @@ BAD_HPARAMS = [
 
 
 def _bad_input_cases(tracker, opened):
+    """Each bad input raises, naming the tracker and the method (``JSONLTracker.log_scalars: step must be ...``)."""
+    name = type(tracker).__name__
+
+    def raises(err, match, method):
+        return pytest.raises(err, match=rf"^{name}\.{method}: (hparams)?.*{match}")
+
     for run_id, err, match in BAD_RUN_IDS:
         if not opened:
-            with pytest.raises(err, match=match):
+            with raises(err, match, "open"):
                 tracker.open(run_id)
     for hparams, err, match in BAD_HPARAMS:
         if opened:
-            with pytest.raises(err, match=match):
+            with raises(err, match, "log_hparams"):
                 tracker.log_hparams(hparams)
         else:
-            with pytest.raises(err, match=match):
+            with raises(err, match, "open"):
                 tracker.open(hparams=hparams)
     if opened:
         for step, err, match in BAD_STEPS:
-            with pytest.raises(err, match=match):
+            with raises(err, match, "log_scalars"):
                 tracker.log_scalars(step, {"loss": 1.0})
         for scalars, err, match in BAD_SCALARS:
-            with pytest.raises(err, match=match):
+            with raises(err, match, "log_scalars"):
                 tracker.log_scalars(1, scalars)
 
 
@@ -332,7 +338,7 @@ def test_aim_reopen_continues_the_same_run(aim_repo):
 
 def test_aim_reopen_of_an_unknown_run_is_a_clear_error(aim_repo):
     tracker = AimTracker(aim_repo)
-    with pytest.raises(ValueError, match=r"there is no aim run 'ffffffffffffffffffffffff' in .*\.aim: AimTracker reopens"):
+    with pytest.raises(ValueError, match=r"AimTracker.open: there is no aim run 'f{24}' in .*\.aim: AimTracker reopens"):
         tracker.open("f" * 24)
     with pytest.raises(RuntimeError, match=r"has no open run: call open\(\) first"):
         tracker.log_scalars(1, {"loss": 1.0})
@@ -343,7 +349,7 @@ def test_aim_reopen_of_an_unknown_run_is_a_clear_error(aim_repo):
         tracker.log_scalars(-1, {"loss": 1.0})
     tracker.close()
     tracker.close()
-    with pytest.raises(TypeError, match="experiment must be a non-empty str or None"):
+    with pytest.raises(TypeError, match="AimTracker: experiment must be a non-empty str or None"):
         AimTracker(aim_repo, experiment="")
 
 
@@ -578,7 +584,7 @@ def test_trackers_are_flattened_and_work_as_a_context_manager(tmp_path):
 def test_trackers_construction_errors(tmp_path):
     with pytest.raises(TypeError, match=r"Trackers takes trackers \(objects with open, log_scalars, log_hparams and close"):
         Trackers(JSONLTracker(tmp_path), print)
-    with pytest.raises(ValueError, match="max_queue must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="Trackers: max_queue must be an int >= 1, got 0"):
         Trackers(JSONLTracker(tmp_path), max_queue=0)
     trackers = Trackers(Recorder())
     with pytest.raises(RuntimeError, match=r"has no open run: call open\(\) first"):

@@ -273,7 +273,10 @@ def _write_leaf(w: Writer, entry: TensorEntry | ValueEntry, leaf: Tensor | None,
     w.write(bytes(entry.offset - w.pos))
     checksums.write(w, leaf, entry.path)
     if w.pos != entry.offset + entry.length:
-        raise RuntimeError(f"checkpoint: the tensor at {path_str(entry.path)} changed size while it was being saved")
+        raise RuntimeError(
+            f"checkpoint: the tensor at {path_str(entry.path)} changed size while it was being saved "
+            f"(expected {entry.length} bytes, wrote {w.pos - entry.offset})"
+        )
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ class FnlightCLI:
         position = f"update {int(state.step)}, {int(state.data.batch)} batches into epoch {int(state.data.epoch) + 1}"
         where = f"resumed from {resumed} at {position}" if resumed else "new run"
         print(f"fit: {where} in {self.run_dir}")
-        per_epoch = _per_epoch(recipe, train)
+        per_epoch = _per_epoch(recipe, train, "fit")
 
         def record(state: TrainState, metrics: dict[str, Any]) -> None:
             self.metrics = _scalars(metrics)

@@ -191,12 +191,12 @@ class Recipe:
         _int("recipe.log_every", self.log_every, 1)
 
 
-def _per_epoch(recipe: Recipe, train: Any) -> int | None:
+def _per_epoch(recipe: Recipe, train: Any, where: str) -> int | None:
     """Optimizer updates per epoch (a short last accumulation window counts as one), if the data has a length."""
     if not hasattr(train, "__len__"):
         return None
     if len(train) == 0:
-        raise ConfigError(f"the training data must not be empty, got {type(train).__name__} of length 0")
+        raise ConfigError(f"{where}: the training data must not be empty, got {type(train).__name__} of length 0")
     return math.ceil(len(train) / recipe.grad_accum)
 
 
@@ -276,7 +276,7 @@ def _assemble(
         raise TypeError(f"make_recipe_step: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"make_recipe_step: recipe must be a fnlight.cli.Recipe, got {type(recipe).__name__}")
-    per_epoch = _per_epoch(recipe, train)
+    per_epoch = _per_epoch(recipe, train, "make_recipe_step")
     mask = None if recipe.decay_bias_and_norm else decay_mask_no_bias_norm
 
     def optimizer() -> Any:

@@ -52,14 +52,15 @@ def _rows(n: int, rank: int, world: int) -> tuple[int, int]:
     return min(rank * chunk, n), min((rank + 1) * chunk, n)
 
 
-def _is_row_sharded(t: Any, dtensor: Any) -> bool:
+def _is_row_sharded(t: Any, dtensor: Any, where: str) -> bool:
     if dtensor is None or not isinstance(t, dtensor):
         return False
     placements = t.placements
     p = placements[0] if len(placements) == 1 else None
     if p is None or not (p.is_replicate() or (p.is_shard() and p.dim == 0)):
         raise ValueError(
-            f"sharded checkpoints support DTensors on a 1-D mesh, sharded on dim 0 or replicated; got placements {placements}"
+            f"{where}: sharded checkpoints support DTensors on a 1-D mesh, sharded on dim 0 or replicated; "
+            f"got placements {placements}"
         )
     return p.is_shard()
 
@@ -109,7 +110,7 @@ def save_sharded(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None =
     pairs, spec = flatten(tree)
     local = []
     for key, leaf in pairs:
-        if _is_row_sharded(leaf, dtensor):
+        if _is_row_sharded(leaf, dtensor, f"save_sharded: {path_str(key)}"):
             start, stop = _rows(leaf.shape[0], info.rank, info.world_size)
             shard = leaf.to_local()
             if shard.shape[0] != stop - start:
@@ -179,12 +180,13 @@ def _sources(path: Path) -> list[_Source]:
         return [_Source(path)]
     files = sorted(n for n in os.listdir(path) if n.startswith("rank-") and n.endswith(".ckpt"))
     if not files:
-        raise CheckpointError(f"checkpoint {path}: the directory holds no rank-*-of-*.ckpt files")
+        raise CheckpointError(f"restore_sharded: checkpoint {path}: the directory holds no rank-*-of-*.ckpt files")
     sources = [_Source(path / n) for n in files]
     worlds = {s.index.metadata.get(SHARDS_KEY, {}).get("world_size") for s in sources}
     if len(worlds) != 1 or len(sources) != next(iter(worlds)):
         raise CheckpointError(
-            f"checkpoint {path}: incomplete: {len(sources)} rank files for a world size of {sorted(map(str, worlds))}"
+            f"restore_sharded: checkpoint {path}: incomplete: {len(sources)} rank files "
+            f"for a world size of {sorted(map(str, worlds))}"
         )
     return sources
 
@@ -223,7 +225,7 @@ def restore_sharded(path: PathLike, target: T) -> T:
             out.append(first.entries[name].value)  # type: ignore[union-attr]
             continue
         whole = tuple(leaf.shape)
-        if _is_row_sharded(leaf, dtensor):
+        if _is_row_sharded(leaf, dtensor, f"restore_sharded: {name}"):
             start, stop = _rows(whole[0], leaf.device_mesh.get_local_rank(), leaf.device_mesh.size())
         else:
             start, stop = 0, whole[0] if whole else 1
@@ -256,7 +258,9 @@ def _assemble(sources: list[_Source], name: str, start: int, stop: int, whole: t
         out[lo - start : hi - start].copy_(piece[lo - first_row : hi - first_row])
         filled = hi
     if filled != stop:
-        raise CheckpointError(f"checkpoint {sources[0].file.parent}: rows [{start}, {stop}) of {name} are not all in the files")
+        raise CheckpointError(
+            f"restore_sharded: checkpoint {sources[0].file.parent}: rows [{start}, {stop}) of {name} are not all in the files"
+        )
     return out
 
 

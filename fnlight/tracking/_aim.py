@@ -83,7 +83,7 @@ class AimTracker:
         force_resume: bool = False,
     ) -> None:
         if experiment is not None and (not isinstance(experiment, str) or not experiment):
-            raise TypeError(f"experiment must be a non-empty str or None, got {experiment!r}")
+            raise TypeError(f"AimTracker: experiment must be a non-empty str or None, got {experiment!r}")
         self._aim = import_aim()
         self.repo = Path(repo)
         self.experiment = experiment
@@ -118,8 +118,8 @@ class AimTracker:
         """
         if self._run is not None:
             raise RuntimeError(f"{self!r} already has run {self._run.hash!r} open: close() it before opening another")
-        run_id = check_run_id(run_id)
-        hparams = None if hparams is None else check_hparams(hparams)
+        run_id = check_run_id(run_id, "AimTracker.open")
+        hparams = None if hparams is None else check_hparams(hparams, "AimTracker.open: hparams")
         self.repo.mkdir(parents=True, exist_ok=True)
         options = {
             "repo": os.path.abspath(self.repo),
@@ -135,7 +135,8 @@ class AimTracker:
                 self._run = self._aim.Run(run_id, force_resume=self.force_resume, **options)
             except self._aim.sdk.errors.MissingRunError:
                 raise ValueError(
-                    f"there is no aim run {run_id!r} in {self.repo / '.aim'}: AimTracker reopens runs by their aim hash "
+                    f"AimTracker.open: there is no aim run {run_id!r} in {self.repo / '.aim'}: "
+                    "AimTracker reopens runs by their aim hash "
                     "(the id an earlier open() returned); pass run_id='' to start a new run"
                 ) from None
         else:
@@ -146,14 +147,14 @@ class AimTracker:
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Track each scalar as the aim metric of that name (empty context) at ``step``."""
-        step, scalars = check_step(step), check_scalars(scalars)
+        step, scalars = check_step(step, "AimTracker.log_scalars"), check_scalars(scalars, "AimTracker.log_scalars")
         run = self._require_open()
         if scalars:
             run.track(scalars, step=step)
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Merge ``hparams`` into the run's ``run["hparams"]`` (top-level keys replaced)."""
-        hparams = check_hparams(hparams)
+        hparams = check_hparams(hparams, "AimTracker.log_hparams: hparams")
         run = self._require_open()
         run["hparams"] = {**(run.get("hparams") or {}), **hparams}
 

@@ -76,23 +76,23 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def check_run_id(run_id: Any) -> str:
+def check_run_id(run_id: Any, where: str) -> str:
     if not isinstance(run_id, str):
-        raise TypeError(f"run_id must be a str ('' for a new run), got {type(run_id).__name__}: {run_id!r}")
+        raise TypeError(f"{where}: run_id must be a str ('' for a new run), got {type(run_id).__name__}: {run_id!r}")
     if run_id and not _RUN_ID.match(run_id):
         raise ValueError(
-            f"run_id must be '' (a new run) or letters, digits, '.', '_' and '-' (1-128, not starting with "
+            f"{where}: run_id must be '' (a new run) or letters, digits, '.', '_' and '-' (1-128, not starting with "
             f"'.', '_' or '-'), got {run_id!r}"
         )
     return run_id
 
 
-def check_step(step: Any) -> int:
+def check_step(step: Any, where: str) -> int:
     if isinstance(step, bool) or not hasattr(step, "__index__"):
-        raise TypeError(f"step must be an int (the optimizer-update count), got {type(step).__name__}: {step!r}")
+        raise TypeError(f"{where}: step must be an int (the optimizer-update count), got {type(step).__name__}: {step!r}")
     step = operator.index(step)
     if step < 0:
-        raise ValueError(f"step must be >= 0 (the optimizer-update count), got {step}")
+        raise ValueError(f"{where}: step must be >= 0 (the optimizer-update count), got {step}")
     return step
 
 
@@ -105,26 +105,26 @@ def check_flush_every(flush_every: Any, where: str) -> float:
     return float(flush_every)
 
 
-def check_scalars(scalars: Any) -> dict[str, float]:
+def check_scalars(scalars: Any, where: str) -> dict[str, float]:
     """A copy of ``scalars`` as ``{str: float}``; NaN and infinities pass through unchanged."""
     if not isinstance(scalars, Mapping):
-        raise TypeError(f"scalars must be a mapping of name -> number, got {type(scalars).__name__}: {scalars!r}")
+        raise TypeError(f"{where}: scalars must be a mapping of name -> number, got {type(scalars).__name__}: {scalars!r}")
     out: dict[str, float] = {}
     for name, value in scalars.items():
         if not isinstance(name, str) or not name:
-            raise TypeError(f"scalar names must be non-empty str, got {name!r}")
+            raise TypeError(f"{where}: scalar names must be non-empty str, got {name!r}")
         if type(value) is float:
             out[name] = value
             continue
         if isinstance(value, (str, bytes, bool)) or not hasattr(value, "__float__"):
             raise TypeError(
-                f"scalar {name!r} must be a real number (int, float, numpy scalar or 0-d tensor), "
+                f"{where}: scalar {name!r} must be a real number (int, float, numpy scalar or 0-d tensor), "
                 f"got {type(value).__name__}: {value!r}"
             )
         try:
             out[name] = float(value)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"scalar {name!r} cannot be converted to float ({e}); got {value!r}") from None
+            raise TypeError(f"{where}: scalar {name!r} cannot be converted to float ({e}); got {value!r}") from None
     return out
 
 

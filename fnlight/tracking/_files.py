@@ -46,8 +46,8 @@ class _FileTracker:
         """Start a new run (``run_id=""``: a fresh id) or append to ``run_id``'s file (created if missing)."""
         if self._file is not None:
             raise RuntimeError(f"{self!r} already has run {self._run_id!r} open: close() it before opening another")
-        run_id = check_run_id(run_id)
-        hparams = None if hparams is None else check_hparams(hparams)
+        run_id = check_run_id(run_id, f"{type(self).__name__}.open")
+        hparams = None if hparams is None else check_hparams(hparams, f"{type(self).__name__}.open: hparams")
         self.directory.mkdir(parents=True, exist_ok=True)
         if run_id:
             path = self.directory / f"{run_id}{self.suffix}"
@@ -63,7 +63,7 @@ class _FileTracker:
                 except FileExistsError:
                     continue
             else:  # pragma: no cover - 100 collisions of 24 random bits within one second
-                raise RuntimeError(f"could not create a new run file in {self.directory}")
+                raise RuntimeError(f"{type(self).__name__}.open: could not create a new run file in {self.directory}")
         try:
             self._start(file, path)
         except BaseException:
@@ -78,12 +78,13 @@ class _FileTracker:
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Append one event (``step`` and ``scalars``) to the run's file and flush it."""
-        step, scalars = check_step(step), check_scalars(scalars)
+        where = f"{type(self).__name__}.log_scalars"
+        step, scalars = check_step(step, where), check_scalars(scalars, where)
         self._write(self._require_open(), step, scalars, time.time())
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Merge ``hparams`` into ``<run_id>.hparams.json`` (top-level keys replaced), written atomically."""
-        hparams = check_hparams(hparams)
+        hparams = check_hparams(hparams, f"{type(self).__name__}.log_hparams: hparams")
         self._require_open()
         self._hparams.update(hparams)
         path = self._hparams_path()

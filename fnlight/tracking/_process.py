@@ -188,8 +188,8 @@ class ProcessTrackers:
 
     def open(self, run_id: str = "", *, hparams: Mapping[str, Any] | None = None) -> str:
         """Start the tracking process if needed and open a run in every tracker; return its id."""
-        run_id = check_run_id(run_id)
-        hparams = None if hparams is None else check_hparams(hparams)
+        run_id = check_run_id(run_id, "ProcessTrackers.open")
+        hparams = None if hparams is None else check_hparams(hparams, "ProcessTrackers.open: hparams")
         if self._process is None or not self._process.is_alive():
             self._start()
         self._opened = True
@@ -200,7 +200,7 @@ class ProcessTrackers:
         """Add one event to the next batch for the trackers (returns at once)."""
         if self._process is None:
             raise RuntimeError("ProcessTrackers.log_scalars: call open() first")
-        event = (check_step(step), check_scalars(scalars))
+        event = (check_step(step, "ProcessTrackers.log_scalars"), check_scalars(scalars, "ProcessTrackers.log_scalars"))
         with self._lock:
             self._pending.append(event)
             if time.monotonic() - self._last_sent >= self.flush_every:
@@ -210,7 +210,7 @@ class ProcessTrackers:
         """Queue hyperparameters for the trackers (after the events logged before)."""
         if self._process is None:
             raise RuntimeError("ProcessTrackers.log_hparams: call open() first")
-        self._send("hparams", (check_hparams(hparams),))
+        self._send("hparams", (check_hparams(hparams, "ProcessTrackers.log_hparams: hparams"),))
 
     def flush(self) -> None:
         """Send the waiting events and wait until the child has delivered everything logged so far.

@@ -108,7 +108,7 @@ class Trackers:
                     f"pass it first, e.g. Trackers(aim_tracker, JSONLTracker(dir)), and at most one such tracker"
                 )
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+            raise ValueError(f"Trackers: max_queue must be an int >= 1, got {max_queue!r}")
         self.flush_every = check_flush_every(flush_every, "Trackers")
         self.trackers: tuple[Tracker, ...] = tuple(flat)
         self.background = bool(background)
@@ -158,8 +158,8 @@ class Trackers:
         """
         if self._is_open:
             raise RuntimeError(f"{self!r} already has run {self._run_id!r} open: close() it before opening another")
-        run_id = check_run_id(run_id)
-        hparams = None if hparams is None else check_hparams(hparams)
+        run_id = check_run_id(run_id, "Trackers.open")
+        hparams = None if hparams is None else check_hparams(hparams, "Trackers.open: hparams")
         self._active = [True] * len(self.trackers)
         if self.background:
             self._queue = queue.Queue(self.max_queue)
@@ -174,7 +174,7 @@ class Trackers:
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Queue (or, without background, deliver) one event: ``scalars`` at ``step``."""
-        args = (check_step(step), check_scalars(scalars))
+        args = (check_step(step, "Trackers.log_scalars"), check_scalars(scalars, "Trackers.log_scalars"))
         self._require_open()
         if self._queue is None:
             self._call("log_scalars", args, wait=False)
@@ -188,7 +188,7 @@ class Trackers:
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Queue (or deliver) hyperparameters for every tracker."""
-        args = (check_hparams(hparams),)
+        args = (check_hparams(hparams, "Trackers.log_hparams: hparams"),)
         self._require_open()
         self._call("log_hparams", args, wait=False)
 
