@@ -719,3 +719,13 @@ def test_save_refuses_a_tensor_subclass(tmp_path):
     with pytest.raises(TypeError, match=r"the leaf at w is a Tagged; save takes plain tensors \(gather a DTensor"):
         fl.checkpoint.save(tmp_path / "t.ckpt", {"w": torch.zeros(2).as_subclass(Tagged)})
     assert not (tmp_path / "t.ckpt").exists()
+
+
+def test_a_dtype_outside_the_allow_list_is_refused_by_name():
+    """Every dtype torch 2.13 has is stored or refused earlier (quantized); a future one must not be written blind."""
+    from fnlight.checkpoint._format import DTYPE_NAMES
+    from fnlight.checkpoint._leaves import check_tensor
+
+    allowed = {d: n for d, n in DTYPE_NAMES.items() if d is not torch.float16}
+    with pytest.raises(TypeError, match=r"the tensor at w\.half has dtype torch\.float16, which checkpoints do not store"):
+        check_tensor(torch.zeros(2, dtype=torch.float16), ("w", "half"), allowed)
