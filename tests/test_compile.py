@@ -607,6 +607,25 @@ def test_the_recompile_limit_is_named_with_its_remedies():
         fl.fold(step, step.init(), data, progress=False)
 
 
+def test_a_step_with_graph_breaks_past_the_recompile_limit_says_it_runs_eagerly():
+    """Under fullgraph=False dynamo skips the step at its limit without raising: with_compile notices and says so."""
+    data = [(torch.randn(n, 10), torch.randint(0, 3, (n,))) for n in range(2, 12)]  # ten batch shapes
+    build = lambda fallback: with_compile(
+        fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1)), backend="eager", fullgraph=False, fallback=fallback
+    )
+    step = build("warn")
+    with pytest.warns(CompileFallbackWarning, match=r"runs eagerly from now on .*recompile limit was reached.*dynamic=None"):
+        state = fl.fold(step, step.init(), data, progress=False)
+    assert step.eager_reason.startswith("dynamo's recompile limit was reached") and step.graphs["step"] == 8
+    eager = fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1))
+    expected = fl.fold(eager, eager.init(), data, progress=False)
+    assert all(torch.allclose(state.params[n], expected.params[n], atol=1e-6) for n in expected.params)
+    torch._dynamo.reset()
+    step = build("raise")
+    with pytest.raises(CompileError, match=r"runs eagerly from now on \(fullgraph=False\): dynamo's recompile limit"):
+        fl.fold(step, step.init(), data, progress=False)
+
+
 def test_not_a_train_step():
     with pytest.raises(TypeError, match="with_compile: expected a train step"):
         with_compile(lambda state, batch: (state, {}), backend="eager")

@@ -115,6 +115,21 @@ def _combined(ours: Callable[[list[Any]], list[bool]], theirs: Any) -> Callable[
     return lambda entries: [a and bool(b) for a, b in zip(ours(entries), theirs(entries), strict=True)]
 
 
+_LIMIT = (
+    "dynamo's recompile limit was reached: the step was compiled for {limit} different kinds of input "
+    "(batch shapes, dtypes), the most torch keeps per step (torch._dynamo.config.recompile_limit = {limit})",
+    "Give the step few batch shapes (pad or bucket variable-length batches; drop_last=True), pass "
+    "dynamic=None to compile shape-generic graphs from the second shape on, or raise "
+    "torch._dynamo.config.recompile_limit",
+)
+
+
+def _limit_hits() -> int:
+    """How often dynamo has skipped a frame at its recompile limit (which ``fullgraph=False`` does without raising)."""
+    found = torch._dynamo.utils.counters["unimplemented"]
+    return sum(n for reason, n in found.items() if reason.startswith("Dynamo recompile limit")) if found else 0
+
+
 def _recompile_limit(error: BaseException) -> bool:
     """Whether ``error`` is dynamo giving up after ``recompile_limit`` graphs of one step."""
     return isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit) or "recompile limit" in str(error).lower()
@@ -183,6 +198,7 @@ class Compiled(Transform):
         stats = torch._dynamo.utils.counters["stats"]
         before = stats["unique_graphs"]
         breaks = None if self.fullgraph else sum(torch._dynamo.utils.counters["graph_break"].values())
+        hits = None if self.fullgraph else _limit_hits()
         saved_rng = None if seed is None else seed_generators(seed, self.core._devices)
         grad_was_enabled = torch.is_grad_enabled()
         config = torch._dynamo.config
@@ -201,6 +217,19 @@ class Compiled(Transform):
                 self.graphs[kind] += compiled
                 if breaks is not None:
                     self._report_breaks(breaks)
+            if hits is not None and _limit_hits() > hits:  # dynamo ran this call eagerly, and will from now on
+                self._limit_reached()
+
+    def _limit_reached(self) -> None:
+        """Under ``fullgraph=False`` dynamo skips a step past its recompile limit silently: say so, as a failed compile would."""
+        reason, fixes = _LIMIT
+        reason = reason.format(limit=torch._dynamo.config.recompile_limit)
+        where = f"with_compile: the step of {self._model_name()} runs eagerly from now on"
+        if self.fallback == "raise":
+            raise CompileError(f"{where} (fullgraph=False): {reason}. {fixes}, or fallback='warn' to run it eagerly.")
+        self.eager_reason = reason
+        if self.fallback == "warn":
+            warnings.warn(f"{where} (fallback='warn'). Reason: {reason}. {fixes}.", CompileFallbackWarning, stacklevel=4)
 
     def _report_breaks(self, before: int) -> None:
         counter = torch._dynamo.utils.counters["graph_break"]
@@ -222,19 +251,8 @@ class Compiled(Transform):
 
     def _fall_back(self, error: BaseException, eager: Callable[[], T]) -> T:
         """The step could not be compiled: raise, or run it eagerly (now and from now on)."""
-        if _recompile_limit(error):
-            limit = torch._dynamo.config.recompile_limit
-            reason = (
-                f"dynamo's recompile limit was reached: the step was compiled for {limit} different kinds of input "
-                f"(batch shapes, dtypes), the most torch keeps per step (torch._dynamo.config.recompile_limit = {limit})"
-            )
-            fixes = (
-                "Give the step few batch shapes (pad or bucket variable-length batches; drop_last=True), pass "
-                "dynamic=None to compile shape-generic graphs from the second shape on, or raise "
-                "torch._dynamo.config.recompile_limit"
-            )
-        else:
-            reason, fixes = _reason(error), _FIXES
+        reason, fixes = _LIMIT if _recompile_limit(error) else (_reason(error), _FIXES)
+        reason = reason.format(limit=torch._dynamo.config.recompile_limit)
         where = f"with_compile: could not compile the step of {self._model_name()}"
         if self.fallback == "raise":
             raise CompileError(
