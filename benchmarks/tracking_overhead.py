@@ -6,7 +6,8 @@ embedded repository, run in a separate process, events sent in batches every 0.5
 default ``flush_every``) — so every update is a logging event (one host read of the
 window's means plus a list append); (t10) the same every 10 updates; (j) every update into
 a JSONL file on a background thread (``Trackers``, which also hands its worker batches every
-0.5 s).
+0.5 s); (n2) a second untracked fold, identical to (n): the A/A control, whose ratio to (n)
+shows how far this machine's noise alone moves a ratio in the same run.
 
 Timing: blocks of N updates (default 600, ~2 s: several ``flush_every`` periods, so the
 tracking process works during the block as it would in a long run), interleaved, order
@@ -18,7 +19,7 @@ a long run it would overlap the next updates.
 
 Run (from the repository root)::
 
-    python benchmarks/tracking_overhead.py            # about 3 minutes on 2 vCPUs
+    python benchmarks/tracking_overhead.py            # about 4 minutes on 2 vCPUs
     python benchmarks/tracking_overhead.py --quick
 """
 
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         jsonl = Trackers(JSONLTracker(f"{tmp}/jsonl"))
         runners = {
             "n": Runner(copy.deepcopy(reference), None),
+            "n2": Runner(copy.deepcopy(reference), None),
             "t": Runner(copy.deepcopy(reference), aim),
             "t10": Runner(copy.deepcopy(reference), aim10, every=10),
             "j": Runner(copy.deepcopy(reference), jsonl),
@@ -113,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         drain = time.perf_counter() - t0
     labels = {
         "n": "(n) fold, no tracking",
+        "n2": "(n2) fold, no tracking, a second runner (A/A control: noise only)",
         "t": "(t) fold + aim every update (tracking process, batches every 0.5 s)",
         "t10": "(t10) fold + aim every 10 updates (tracking process, batches every 0.5 s)",
         "j": "(j) fold + JSONL every update (background thread, batches every 0.5 s)",
@@ -137,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     lines += [
         "",
+        "(n2) does exactly what (n) does: its distance from 1.000x is what noise alone gives a ratio in this run.",
         "Wall time is the target's measure; the thread CPU columns (the training thread's `time.thread_time`)",
         "leave out the time the VM gave to other work, so they move less between runs.",
         "",
