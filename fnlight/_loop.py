@@ -167,7 +167,10 @@ def fold(
             :class:`fnlight.Preempted` (a ``SystemExit``); a second Ctrl-C aborts at once.
             Under ``with_ddp``/``with_fsdp`` on several ranks, every rank stops after the
             same update when any of them is signalled: the next update's all-reduce
-            carries the news (on GPUs it is read one update later, so no update waits).
+            carries the news (on GPUs it is read one update later, so no update waits),
+            and a rank with ``handle_signals=False`` stops with the others. A fold run inside
+            another (by an observer, say) leaves signals to the outer fold, which stops after
+            its current step.
 
     Returns:
         The final state. The fold also stops early when ``state.stop`` becomes true.
@@ -290,6 +293,9 @@ def fold(
                     if signals.stop is not None:
                         raise _preempt(step, state, signals)
                 break
+            signals.settle()  # data-parallel ranks: a signal that came after the last update's all-reduce
+            if signals.stop is not None:
+                raise _preempt(step, state, signals)
         n = int(state.step)
         for o in observers:
             o._end(state, metrics, n)

@@ -44,17 +44,21 @@ class SignalWatch:
 
     A second SIGINT raises ``KeyboardInterrupt`` at once (press Ctrl-C twice to abort).
     ``agree=True`` (a data-parallel fold): :attr:`stop` is the signal every rank knows of
-    (see :func:`agree`), not the one this rank received.
+    (see :func:`agree`), not the one this rank received; such a watch follows the ranks'
+    agreement even when it handles no signals itself (``enabled=False``), so that every rank
+    stops together. A watch entered inside another one (a fold run by an observer or an
+    evaluation of a fold) does nothing: signals go to the outer fold, which stops after its
+    current step.
     """
 
     def __init__(self, enabled: bool, *, agree: bool = False) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.agreeing = agree and self.enabled
+        self.agreeing = agree
         self.received: int | None = None  # the signal this process received
         self.agreed = False  # some rank had received one before an update's all-reduce
         self._late: tuple[Tensor, Any] | None = None  # an accelerator's sum, read at the next update
         self._previous: dict[int, Any] = {}
-        self._outer: SignalWatch | None = None
+        self._entered = False  # this watch is the thread's (not inside another one)
 
     @property
     def stop(self) -> int | None:
@@ -65,24 +69,42 @@ class SignalWatch:
             return None
         return self.received if self.received is not None else signal.SIGTERM
 
+    def settle(self) -> None:
+        """At a data-parallel fold's end: agree once more (one all-reduce), on signals no update carried.
+
+        A signal that reached a rank after the last update's all-reduce (during the last
+        epoch-end evaluation, the last observer, a final checkpoint write) would otherwise
+        be lost on every rank. Every rank of a data-parallel fold ends its loop at the same
+        point, so this collective always pairs up.
+        """
+        if not (self.agreeing and self._entered):
+            return
+        from ._ranks import all_sum
+
+        total = all_sum(torch.tensor([float(self.received is not None)], dtype=torch.float64))
+        self.agreed = self.agreed or float(total[0]) > 0
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
 
     def __enter__(self) -> SignalWatch:
+        if getattr(_local, "watch", None) is not None:  # inside a watching fold: that one handles signals
+            self.enabled = self.agreeing = False
         if self.enabled:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            self._outer, _local.watch = getattr(_local, "watch", None), self
+        if self.enabled or self.agreeing:
+            _local.watch, self._entered = self, True
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        if self._previous:
-            _local.watch = self._outer
         self._previous.clear()
+        if self._entered:
+            _local.watch, self._entered = None, False
 
 
 _local = threading.local()

@@ -12,6 +12,8 @@ Phases:
   sharded checkpoints at updates 10 and 20; and the 1 -> 2 reshard of a single-process
   checkpoint (``OUT_DIR/single.ckpt``, written by the test first).
 - ``preempt``: SIGTERM to one rank, or to both at different micro-batches (see :func:`preempt`).
+- ``preempt_edges``: signals after the last update, inside nested folds, to a rank handling none
+  of its own; a resumed checkpoint that fits one rank only (see :func:`preempt_edges`).
 - ``resume``: restore ``OUT_DIR/back.ckpt`` (the 2 -> 1 reshard of update 10, written by the
   test) on 2 FSDP ranks and train the last 10 updates.
 """
@@ -354,9 +356,80 @@ def preempt(out: Path, rank: int) -> None:
     write_every_ranks(out / "preempted.json", outcome)
 
 
+def preempt_edges(out: Path, rank: int) -> None:
+    """Signals no update carries, nested folds, a rank that handles no signals, a checkpoint one rank cannot take.
+
+    Every scenario writes each rank's outcome (``[update, checkpoint name, exit code]`` of its
+    ``Preempted``, or the exception's type and message) to ``edges.json``.
+    """
+    from conftest import SignalledData
+
+    data = local_batches(rank, 1)[:4]
+    outcomes = {}
+
+    def run(name, fold):
+        try:
+            fold()
+            outcome = "returned"
+        except fl.Preempted as e:
+            outcome = [int(e.state.step), Path(e.path).name if e.path else None, e.code]
+        except Exception as e:  # reported to the test
+            outcome = [type(e).__name__, str(e)[:300]]
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, outcome)
+        outcomes[name] = everyone
+
+    def stack(name, **eval_options):
+        step = fl.make_train_step(local_model(rank), fl.losses.cross_entropy, optimizer())
+        step = fl.with_ddp(step)
+        if eval_options:
+            step = fl.with_eval(step, loss_fn=fl.losses.cross_entropy, at_epoch_end=True, **eval_options)
+        return fl.with_checkpointing(step, directory=out / f"edges-{name}", every=100, resume=False)
+
+    class Val:  # SIGTERM to rank 1 while the last epoch's epoch-end evaluation runs: after the last update
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield data[0]
+
+    step = stack("eval", data=Val())
+    run("after-the-last-update", lambda: fl.fold(step, step.init(), data, progress=False))
+
+    step = stack("unhandled")  # rank 0 handles no signals itself, but stops with rank 1
+    signalled = SignalledData(data, at=2 if rank == 1 else -1, signum=signal.SIGTERM)
+    run("handle-signals-on-one-rank", lambda: fl.fold(step, step.init(), signalled, handle_signals=rank == 1, progress=False))
+
+    probe = fl.make_train_step(model(), fl.losses.cross_entropy, fl.optim.sgd(0.1))
+    probe_data = SignalledData(data[:3], at=1 if rank == 1 else -1, signum=signal.SIGTERM)
+
+    @fl.every(2, at_end=False)
+    def fit_probe(state, metrics):  # an inner fold, signalled on rank 1: the outer fold stops, with its checkpoint
+        fl.fold(probe, probe.init(), probe_data, progress=False)
+
+    step = stack("nested")
+    run("inside-a-nested-fold", lambda: fl.fold(step, step.init(), data, observers=[fit_probe], progress=False))
+
+    width = 32 if rank == 0 else 16  # the checkpoint fits rank 0's state only (no with_ddp: its init would broadcast)
+    core = fl.make_train_step(local_model(rank, width), fl.losses.cross_entropy, optimizer())
+    resumed = fl.with_checkpointing(core, directory=out / "edges-nested", every=100)
+    run("fits-one-rank-only", resumed.init)
+    if rank == 0:
+        (out / "edges.json").write_text(json.dumps(outcomes))
+
+
 def main(out, phase):
     info = fl.init_distributed(timeout=float(os.environ.get("FNLIGHT_TEST_TIMEOUT", 60)))
-    phases = {"train": train, "resume": resume, "fault": fault, "checkpoints": checkpoints, "preempt": preempt}
+    phases = {
+        "train": train,
+        "resume": resume,
+        "fault": fault,
+        "checkpoints": checkpoints,
+        "preempt": preempt,
+        "preempt_edges": preempt_edges,
+    }
     phases[phase](Path(out), info.rank)
     torch.distributed.barrier()  # every rank is done before any exits
 

@@ -346,6 +346,23 @@ def test_options_and_order_are_validated():
         fl.init_distributed(backend="mpi")
 
 
+def test_signals_no_update_carries_nested_folds_and_ranks_without_handlers_still_stop_every_rank_together(tmp_path):
+    proc = torchrun("tests/dist_worker.py", str(tmp_path), "preempt_edges")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    outcomes = json.loads((tmp_path / "edges.json").read_text())
+    # during the last epoch-end evaluation, after the last update: one more agreement at the fold's end
+    assert outcomes["after-the-last-update"] == [[4, "step-000000004.ckpt", 143]] * 2
+    # rank 0 handles no signals itself (handle_signals=False) but follows the agreement
+    assert outcomes["handle-signals-on-one-rank"] == [[3, "step-000000003.ckpt", 143]] * 2
+    # a fold run by an observer leaves the signal to the outer fold, which stops after its next update
+    assert outcomes["inside-a-nested-fold"] == [[3, "step-000000003.ckpt", 143]] * 2
+    # a checkpoint that fits rank 0 but not rank 1: both raise the mismatch (rank 0 was a TypeError)
+    (kind0, message0), (kind1, message1) = outcomes["fits-one-rank-only"]
+    assert kind0 == kind1 == "CheckpointMismatchError"
+    assert "<another rank's state>: the checkpoint does not fit that rank's step" in message0
+    assert "params.0.bias: expected tensor float32[16], found tensor float32[32]" in message1
+
+
 @pytest.mark.parametrize(("backend", "expected"), [("nccl", "cpu:gloo,cuda:nccl"), ("gloo", "gloo")])
 def test_nccl_groups_carry_cpu_tensors_over_gloo(monkeypatch, backend, expected):
     """fnlight's own collectives on CPU tensors (metric sums, checkpoint agreement) need a CPU backend beside NCCL."""

@@ -11,7 +11,7 @@ from torch import nn
 
 import fnlight as fl
 from fnlight.optim import adamw
-from tests.conftest import make_batches, make_bn_mlp
+from tests.conftest import SignalledData, make_batches, make_bn_mlp
 
 
 def make_step(dropout=0.0):
@@ -534,6 +534,38 @@ def test_a_data_parallel_folds_ranks_stop_on_the_signal_they_agreed_on_not_their
         os.kill(os.getpid(), signal.SIGTERM)
         assert watch.stop == signal.SIGTERM
     assert float(_signals.signal_flag(cpu)) == 0.0  # the watch is gone with its block
+
+
+def test_a_data_parallel_watch_that_handles_no_signals_follows_the_agreement_and_inner_watches_do_nothing():
+    from fnlight import _signals
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with _signals.SignalWatch(False, agree=True) as watch:  # fold(handle_signals=False) on one rank
+        assert signal.getsignal(signal.SIGTERM) is previous  # no handler of its own
+        _signals.agree(torch.full((1,), 0.5))
+        assert watch.stop == signal.SIGTERM
+    with _signals.SignalWatch(True) as outer:
+        with _signals.SignalWatch(True) as inner:  # a fold inside a fold (an observer's probe, say)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert inner.stop is None and outer.received == signal.SIGTERM
+            inner.settle()  # inert: no collective
+        assert outer.stop == signal.SIGTERM
+
+
+def test_a_signal_inside_a_nested_fold_stops_the_outer_fold_with_its_checkpoint(tmp_path):
+    probe = fl.make_train_step(nn.Linear(10, 3), fl.losses.classification, fl.optim.sgd(0.1))
+    signalled = SignalledData(make_batches(3, 8), at=1, signum=signal.SIGTERM)
+
+    @fl.every(2, at_end=False)
+    def fit_probe(state, metrics):
+        inner = fl.fold(probe, probe.init(), signalled, progress=False)  # finishes: the signal is the outer fold's
+        assert int(inner.step) == 3
+
+    step = fl.with_checkpointing(
+        fl.make_train_step(nn.Linear(10, 3), fl.losses.classification, fl.optim.sgd(0.1)), directory=tmp_path, every=100
+    )
+    with pytest.raises(fl.Preempted, match=r"SIGTERM received; stopped after update 2 .* saved .*step-000000002\.ckpt"):
+        fl.fold(step, step.init(), make_batches(6, 8), observers=[fit_probe], progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the late read is for accelerators")

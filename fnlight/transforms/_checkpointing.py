@@ -172,7 +172,12 @@ class Checkpointing(Transform):
             with collective("with_checkpointing resume"):
                 ok, bad = all_sum(torch.tensor([float(restored is not None), float(mismatch is not None)], dtype=torch.float64))
             if bad:  # of another model or transform chain on some rank: every rank stops, none starts over
-                raise mismatch or CheckpointMismatchError(f"{candidate}: another rank found it does not fit this step's state")
+                raise mismatch or CheckpointMismatchError(
+                    candidate,
+                    missing=[],
+                    unexpected=[],
+                    mismatched=["<another rank's state>: the checkpoint does not fit that rank's step (see its error)"],
+                )
             if int(ok) == world:
                 return restored.with_slot(self.slot, CheckpointingState(candidate))  # type: ignore[union-attr]
         return state
