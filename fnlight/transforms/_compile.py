@@ -124,6 +124,12 @@ _LIMIT = (
 )
 
 
+def _limit_reason() -> tuple[str, str]:
+    """Why a step reached dynamo's recompile limit, and the remedies."""
+    reason, fixes = _LIMIT
+    return reason.format(limit=torch._dynamo.config.recompile_limit), fixes
+
+
 def _limit_hits() -> int:
     """How often dynamo has skipped a frame at its recompile limit (which ``fullgraph=False`` does without raising)."""
     found = torch._dynamo.utils.counters["unimplemented"]
@@ -222,8 +228,7 @@ class Compiled(Transform):
 
     def _limit_reached(self) -> None:
         """Under ``fullgraph=False`` dynamo skips a step past its recompile limit silently: say so, as a failed compile would."""
-        reason, fixes = _LIMIT
-        reason = reason.format(limit=torch._dynamo.config.recompile_limit)
+        reason, fixes = _limit_reason()
         where = f"with_compile: the step of {self._model_name()} runs eagerly from now on"
         if self.fallback == "raise":
             raise CompileError(f"{where} (fullgraph=False): {reason}. {fixes}, or fallback='warn' to run it eagerly.")
@@ -251,8 +256,7 @@ class Compiled(Transform):
 
     def _fall_back(self, error: BaseException, eager: Callable[[], T]) -> T:
         """The step could not be compiled: raise, or run it eagerly (now and from now on)."""
-        reason, fixes = _LIMIT if _recompile_limit(error) else (_reason(error), _FIXES)
-        reason = reason.format(limit=torch._dynamo.config.recompile_limit)
+        reason, fixes = _limit_reason() if _recompile_limit(error) else (_reason(error), _FIXES)
         where = f"with_compile: could not compile the step of {self._model_name()}"
         if self.fallback == "raise":
             raise CompileError(
