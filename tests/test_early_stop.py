@@ -13,7 +13,7 @@ import fnlight as fl
 from fnlight.optim import sgd
 from fnlight.transforms._early_stop import EarlyStopState, with_early_stop
 from fnlight.transforms._eval import with_eval
-from tests.conftest import SignalledData
+from tests.conftest import SignalledData, make_batches
 
 NAN, INF = math.nan, math.inf
 ONE = [(torch.zeros(1, 2), torch.zeros(1, 1))]  # a validation set of one sample: means are the values themselves
@@ -327,3 +327,14 @@ def test_a_preempted_fold_does_not_warn_about_its_monitor():
         warnings.simplefilter("error")
         with pytest.raises(fl.Preempted):  # SIGTERM while the third batch is fetched, before any evaluation
             fl.fold(step, step.init(), SignalledData(train, at=2, signum=signal.SIGTERM), progress=False)
+
+
+def test_under_streaming_accumulation_only_the_updates_are_checked():
+    """A micro-batch's loss inside a window is no check: patience counts updates, and no window is cut short."""
+    torch.manual_seed(0)
+    core = fl.make_train_step(nn.Linear(10, 3), fl.losses.classification, fl.optim.sgd(0.1))
+    step = fl.with_early_stop(fl.with_grad_accum(core, every=3), monitor="loss", patience=2, min_delta=100.0)
+    state = fl.fold(step, step.init(), make_batches(30, 8), progress=False)
+    record = state.slots["early_stop"]
+    assert (int(state.step), int(state.data.batch)) == (3, 9)  # checks at updates 1, 2, 3: whole windows
+    assert (record.reason, record.best_step, record.wait) == ("patience", 1, 2)

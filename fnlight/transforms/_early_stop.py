@@ -14,7 +14,8 @@ from .._ranks import all_sum, world_size
 from .._signals import preempting
 from .._state import TrainState
 from .._tree import copy_tensors_
-from ._base import Metrics, Transform
+from ._accum import GradAccum
+from ._base import Metrics, Transform, layers
 
 __all__ = ["EarlyStopState", "with_early_stop"]
 
@@ -66,6 +67,9 @@ class EarlyStop(Transform):
         self.divergence_threshold = None if divergence_threshold is None else float(divergence_threshold)
         self.check_finite, self.min_updates, self.restore_best = check_finite, min_updates, restore_best
         self._sign = 1.0 if mode == "min" else -1.0  # compare sign * value: smaller is better
+        # streaming accumulation: a call inside a window returns one micro-batch's metrics and makes no
+        # update; only the call that ends the window (its loss the window's mean) is checked
+        self._windowed = any(isinstance(t, GradAccum) and t.every is not None for t in layers(inner))
         self._seen: set[str] = set()  # metric names seen since the last fold ended (for the warning in finish)
 
     def init_slot(self, state: TrainState) -> EarlyStopState:
@@ -75,6 +79,8 @@ class EarlyStop(Transform):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         new_state, metrics = self.inner(state, batch)
+        if self._windowed and new_state.slots["grad_accum"].count:  # a micro-batch inside a window: no update
+            return new_state, metrics
         return self._maybe_check(new_state, metrics)
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -194,7 +200,9 @@ def with_early_stop(
 
     A *check* happens on every call (and epoch-end flush) whose metrics contain
     ``monitor`` — e.g. ``"val/loss"`` from an inner :func:`with_eval`, or the training
-    ``"loss"`` — so ``patience`` counts checks, not epochs. Each check, in this order:
+    ``"loss"`` — so ``patience`` counts checks, not epochs. Under a streaming
+    :func:`with_grad_accum` only the calls that end a window (an update) are checked, with
+    the window's mean loss. Each check, in this order:
 
     1. ``check_finite`` and the value is NaN/inf: stop, reason ``"non_finite"``;
     2. the value reached ``stopping_threshold`` (``<=`` for ``"min"``, ``>=`` for
