@@ -92,3 +92,42 @@ def test_order_and_target_are_checked():
     with pytest.raises(TypeError, match="with_activation_checkpointing: expected a train step, got function"):
         fl.with_activation_checkpointing(lambda s, b: s, modules=["1"])
     fl.with_amp(fl.with_activation_checkpointing(core, modules=["1"]))
+
+
+class Block(nn.Module):
+    """BatchNorm (in-place running statistics) and a buffer the forward reassigns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.seen = self.seen + x.shape[0]
+        return self.layers(x)
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head = Block(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_the_recompute_writes_no_buffer_so_running_statistics_equal_the_unchecked_run():
+    """Recomputed in backward, BatchNorm would count every batch twice and move its statistics twice."""
+
+    def run(checkpointed):
+        torch.manual_seed(0)
+        step = fl.make_train_step(Counting(), fl.losses.classification, adamw(1e-2))
+        if checkpointed:
+            step = fl.with_activation_checkpointing(step, modules=checkpointed)
+        return fl.fold(step, step.init(seed=0), make_batches(4, 8), progress=False)
+
+    expected = run(None)
+    assert int(expected.buffers["block.layers.1.num_batches_tracked"]) == 4 and int(expected.buffers["block.seen"]) == 32
+    for modules in (["block"], ["block", "head"]):
+        got = run(modules)  # (its skeleton has checkpointed forwards: compare the tensors)
+        assert fl.tree_equal((got.params, got.buffers, got.opt_state), (expected.params, expected.buffers, expected.opt_state))

@@ -439,6 +439,23 @@ def test_composes_and_equals_the_eager_composition(name, wrap, expected_graphs):
     assert inner.graphs == expected_graphs
 
 
+def test_activation_checkpointing_over_batchnorm_compiles_with_aot_eager():
+    """Its in-place num_batches_tracked breaks backend="eager"'s backward (documented in compile.md), not aot_eager."""
+
+    def make(compiled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU()), nn.Linear(8, 3))
+        step = fl.with_activation_checkpointing(fl.make_train_step(model, fl.losses.classification, sgd(0.05)), modules=["0"])
+        return with_compile(step, backend="aot_eager", fallback="raise") if compiled else step
+
+    data = make_batches(4, batch=8)
+    eager, compiled = make(False), make(True)
+    expected = fl.fold(eager, eager.init(seed=0), data, progress=False)
+    got = fl.fold(compiled, compiled.init(seed=0), data, progress=False)
+    close(got, expected, **TOL)
+    assert int(got.buffers["0.1.num_batches_tracked"]) == 4 and compiled.graphs["step"] == 1
+
+
 @pytest.mark.parametrize("opt", ["adamw", "adam amsgrad", "sgd nesterov", "adagrad"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_true_half_precision_optimizer_math_computes_in_float32(opt, dtype):

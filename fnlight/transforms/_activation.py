@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,14 +20,51 @@ ACTIVATION_CHECKPOINT_MARK = "_fnlight_activation_checkpoint"
 Selector = Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...] | Callable[[str, nn.Module], bool]
 
 
-def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``module``'s forward under non-reentrant checkpointing, its recompute writing no buffer.
+
+    The recompute in backward runs the forward again: BatchNorm would update its running
+    statistics and ``num_batches_tracked`` a second time, and a forward that reassigns a
+    buffer would reassign it again. During the recompute every buffer of the submodule is a
+    scratch copy, and the buffers as the first run left them are put back after it.
+    """
+
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if torch.compiler.is_compiling():  # traced (with_compile): the graph writes the buffers once itself
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        calls = 0
+
+        def once(*a: Any, **k: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return forward(*a, **k)
+            with _scratch_buffers(module):  # the recompute
+                return forward(*a, **k)
+
+        return torch.utils.checkpoint.checkpoint(once, *args, use_reentrant=False, **kwargs)
 
     setattr(run, ACTIVATION_CHECKPOINT_MARK, True)
     return run
+
+
+@contextlib.contextmanager
+def _scratch_buffers(module: nn.Module) -> Iterator[None]:
+    """Copies of ``module``'s buffers in their slots for the block; the slots as they were after it."""
+    stores = [m._buffers for m in module.modules() if m._buffers]
+    saved = [dict(store) for store in stores]
+    for store in stores:
+        for name, b in store.items():
+            if b is not None:
+                store[name] = b.clone()
+    try:
+        yield
+    finally:
+        for store, before in zip(stores, saved):
+            store.clear()
+            store.update(before)
 
 
 class ActivationCheckpointing(Transform):
@@ -44,7 +82,7 @@ class ActivationCheckpointing(Transform):
         for name in self.names:
             module = state.skeleton.get_submodule(name)
             if ACTIVATION_CHECKPOINT_MARK not in getattr(module.__dict__.get("forward"), "__dict__", {}):
-                module.forward = _checkpointed(module.forward)
+                module.forward = _checkpointed(module, module.forward)
         return state
 
 
@@ -77,7 +115,9 @@ def with_activation_checkpointing(step: Any, *, modules: Selector) -> Activation
     Each chosen submodule runs under non-reentrant ``torch.utils.checkpoint``: its
     intermediate activations are freed after the forward pass and recomputed in the
     backward pass, trading compute for memory. Gradients are unchanged (the recompute
-    replays the same random state, so dropout masks match). Submodules nested inside a
+    replays the same random state, so dropout masks match), and so are buffers: the
+    recompute writes into scratch copies, so BatchNorm's running statistics and
+    ``num_batches_tracked`` are updated once per step, as without checkpointing. Submodules nested inside a
     chosen one are covered by it.
 
     Args:
