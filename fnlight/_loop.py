@@ -376,8 +376,10 @@ def _flush(
 
 def _data_parallel(step: Any) -> bool:
     """Whether ``step`` averages its gradients over several ranks: then its ranks agree on when to stop on a signal."""
+    if world_size() == 1:
+        return False
     layer = step
-    while layer is not None and world_size() > 1:
+    while layer is not None:
         if getattr(layer, "name", None) in ("with_ddp", "with_fsdp"):
             return True
         layer = getattr(layer, "inner", None)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._ranks import all_sum
+
 __all__ = ["Preempted", "SignalWatch", "agree", "preempt", "signal_flag"]
 
 
@@ -79,8 +81,6 @@ class SignalWatch:
         """
         if not (self.agreeing and self._entered):
             return
-        from ._ranks import all_sum
-
         total = all_sum(torch.tensor([float(self.received is not None)], dtype=torch.float64))
         self.agreed = self.agreed or float(total[0]) > 0
 

@@ -46,8 +46,8 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
     SLURM (``srun``) ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` are used and ``MASTER_ADDR``/
     ``MASTER_PORT`` must be exported by the job script. The backend is NCCL when CUDA is available,
     else gloo; under NCCL, gloo carries the collectives on CPU tensors (metrics' sums, checkpoint
-    agreement), which NCCL cannot. ``timeout`` (seconds) bounds every collective: a rank that died makes the others fail
-    with an error after it instead of hanging.
+    agreement), which NCCL cannot. ``timeout`` (seconds) bounds every collective: a rank that
+    died makes the others fail with an error after it instead of hanging.
 
     Args:
         backend: ``"nccl"``, ``"gloo"`` or ``None`` (choose as above).

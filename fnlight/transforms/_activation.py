@@ -117,8 +117,8 @@ def with_activation_checkpointing(step: Any, *, modules: Selector) -> Activation
     backward pass, trading compute for memory. Gradients are unchanged (the recompute
     replays the same random state, so dropout masks match), and so are buffers: the
     recompute writes into scratch copies, so BatchNorm's running statistics and
-    ``num_batches_tracked`` are updated once per step, as without checkpointing. Submodules nested inside a
-    chosen one are covered by it.
+    ``num_batches_tracked`` are updated once per step, as without checkpointing.
+    Submodules nested inside a chosen one are covered by it.
 
     Args:
         step: the step to wrap; this transform goes innermost (docs/transforms.md).

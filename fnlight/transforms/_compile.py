@@ -115,19 +115,19 @@ def _combined(ours: Callable[[list[Any]], list[bool]], theirs: Any) -> Callable[
     return lambda entries: [a and bool(b) for a, b in zip(ours(entries), theirs(entries), strict=True)]
 
 
-_LIMIT = (
-    "dynamo's recompile limit was reached: the step was compiled for {limit} different kinds of input "
-    "(batch shapes, dtypes), the most torch keeps per step (torch._dynamo.config.recompile_limit = {limit})",
-    "Give the step few batch shapes (pad or bucket variable-length batches; drop_last=True), pass "
-    "dynamic=None to compile shape-generic graphs from the second shape on, or raise "
-    "torch._dynamo.config.recompile_limit",
-)
-
-
 def _limit_reason() -> tuple[str, str]:
     """Why a step reached dynamo's recompile limit, and the remedies."""
-    reason, fixes = _LIMIT
-    return reason.format(limit=torch._dynamo.config.recompile_limit), fixes
+    limit = torch._dynamo.config.recompile_limit
+    reason = (
+        f"dynamo's recompile limit was reached: the step was compiled for {limit} different kinds of input "
+        f"(batch shapes, dtypes), the most torch keeps per step (torch._dynamo.config.recompile_limit = {limit})"
+    )
+    fixes = (
+        "Give the step few batch shapes (pad or bucket variable-length batches; drop_last=True), pass "
+        "dynamic=None to compile shape-generic graphs from the second shape on, or raise "
+        "torch._dynamo.config.recompile_limit"
+    )
+    return reason, fixes
 
 
 def _limit_hits() -> int:
