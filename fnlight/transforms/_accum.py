@@ -14,7 +14,7 @@ from .._donation import check_live, is_donating
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from .._tree import leading_size
-from ._base import Metrics, Transform
+from ._base import Metrics, Transform, layers
 
 __all__ = ["AccumState", "batch_size", "with_grad_accum"]
 
@@ -61,6 +61,11 @@ def window_open(state: Any) -> bool:
     """
     slot = state.slots.get("grad_accum")
     return isinstance(slot, AccumState) and int(slot.count) > 0
+
+
+def streams(step: Any) -> bool:
+    """Whether ``step``'s chain accumulates by streaming (``with_grad_accum(every=K)``): calls inside a window make no update."""
+    return any(isinstance(t, GradAccum) and t.every is not None for t in layers(step))
 
 
 def batch_size(batch: Any) -> int:

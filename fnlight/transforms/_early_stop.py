@@ -14,8 +14,8 @@ from .._ranks import all_sum, world_size
 from .._signals import preempting
 from .._state import TrainState
 from .._tree import copy_tensors_
-from ._accum import GradAccum
-from ._base import Metrics, Transform, layers
+from ._accum import streams, window_open
+from ._base import Metrics, Transform
 
 __all__ = ["EarlyStopState", "with_early_stop"]
 
@@ -69,7 +69,7 @@ class EarlyStop(Transform):
         self._sign = 1.0 if mode == "min" else -1.0  # compare sign * value: smaller is better
         # streaming accumulation: a call inside a window returns one micro-batch's metrics and makes no
         # update; only the call that ends the window (its loss the window's mean) is checked
-        self._windowed = any(isinstance(t, GradAccum) and t.every is not None for t in layers(inner))
+        self._windowed = streams(inner)
         self._seen: set[str] = set()  # metric names seen since the last fold ended (for the warning in finish)
 
     def init_slot(self, state: TrainState) -> EarlyStopState:
@@ -79,7 +79,7 @@ class EarlyStop(Transform):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         new_state, metrics = self.inner(state, batch)
-        if self._windowed and new_state.slots["grad_accum"].count:  # a micro-batch inside a window: no update
+        if self._windowed and window_open(new_state):  # a micro-batch inside a window: no update
             return new_state, metrics
         return self._maybe_check(new_state, metrics)
 

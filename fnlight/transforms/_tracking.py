@@ -12,8 +12,8 @@ from torch import Tensor
 from .._ranks import all_sum, rank, world_size
 from .._state import TrainState
 from ..tracking._base import check_hparams
-from ._accum import GradAccum
 from ._accum import batch_size as default_batch_size
+from ._accum import streams, window_open
 from ._base import Metrics, Transform, layers
 from ._eval import Eval
 
@@ -169,7 +169,7 @@ class Tracking(Transform):
         self._run_ids: tuple[str, ...] | None = None  # the ids of the open runs (rank 0), written into every state
         # streaming accumulation: a call that ends no window returns a micro-batch's metrics, and the call that
         # ends it the window's (its loss the window's mean): only the latter go into the logged means
-        self._windowed = any(isinstance(t, GradAccum) and t.every is not None for t in layers(inner))
+        self._windowed = streams(inner)
         # an evaluation the fold's epoch-end flush runs is logged at once, at the update it follows
         self._eval_prefixes = tuple({t.prefix for t in layers(inner) if isinstance(t, Eval)})
         self._lr_kind: Any = None
@@ -227,7 +227,7 @@ class Tracking(Transform):
 
     def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int) -> TrainState:
         step = int(state.step)
-        if self._windowed and state.slots["grad_accum"].count:  # a micro-batch inside an accumulation window
+        if self._windowed and window_open(state):  # a micro-batch inside an accumulation window
             self._window.samples += samples
             return state
         self._window.add(metrics, samples, last=step != before and step % self.every == 0)
