@@ -102,6 +102,27 @@ def test_file_tracker_round_trip(cls, tmp_path):
 
 
 @pytest.mark.parametrize("cls", FILE_TRACKERS)
+def test_file_tracker_log_batch_writes_what_log_scalars_writes(cls, tmp_path):
+    events = [(step, {"loss": v, "val/acc": v / 2} if step % 2 else {"loss": v}) for step, v in enumerate(EXTREMES)]
+    one_by_one, batched = cls(tmp_path / "a"), cls(tmp_path / "b")
+    run_a, run_b = one_by_one.open(), batched.open()
+    for step, scalars in events:
+        one_by_one.log_scalars(step, scalars)
+    batched.log_batch(events[:4])
+    batched.log_batch(())  # an empty batch writes nothing
+    batched.log_batch(iter(events[4:]))  # any iterable
+    path_b = tmp_path / "b" / f"{run_b}{cls.suffix}"
+    in_file = read_scalars(path_b)  # flushed when log_batch returns, before close
+    one_by_one.close()
+    batched.close()
+    want, got = read_scalars(tmp_path / "a" / f"{run_a}{cls.suffix}"), read_scalars(path_b)
+    assert got.keys() == want.keys() == {"loss", "val/acc"} and in_file.keys() == got.keys()
+    assert all(same_series(got[k], want[k]) and same_series(in_file[k], want[k]) for k in want), (got, want)
+    with pytest.raises(RuntimeError, match=r"has no open run: call open\(\) first"):
+        batched.log_batch(events)
+
+
+@pytest.mark.parametrize("cls", FILE_TRACKERS)
 def test_file_tracker_reopen_appends_to_the_same_run(cls, tmp_path):
     tracker = cls(tmp_path)
     run_id = tracker.open(hparams={"lr": 0.1, "epochs": 3})
@@ -221,6 +242,12 @@ BAD_SCALARS = [
     ({3: 1.0}, TypeError, "scalar names must be non-empty str, got 3"),
     ({"": 1.0}, TypeError, "scalar names must be non-empty str, got ''"),
 ]
+BAD_EVENTS = [
+    ({1: {"loss": 1.0}}, r"events must be an iterable of \(step, scalars\) pairs, got dict"),
+    (7, r"events must be an iterable of \(step, scalars\) pairs, got int: 7"),
+    ([(1, {"loss": 1.0}), (2,)], r"event 1 must be a \(step, scalars\) pair, got tuple: \(2,\)"),
+    ([{"loss": 1.0}], r"event 0 must be a \(step, scalars\) pair, got dict"),
+]
 BAD_HPARAMS = [
     ([1], TypeError, "hparams must be a mapping of str -> value, got list"),
     ({"lr": torch.tensor(0.1)}, TypeError, r"hparams\['lr'\] is a Tensor .* convert it first"),
@@ -255,6 +282,15 @@ def _bad_input_cases(tracker, opened):
         for scalars, err, match in BAD_SCALARS:
             with raises(err, match, "log_scalars"):
                 tracker.log_scalars(1, scalars)
+        for step, err, match in BAD_STEPS:  # the same checks for each event of a batch
+            with raises(err, match, "log_batch"):
+                tracker.log_batch([(1, {"loss": 1.0}), (step, {"loss": 1.0})])
+        for scalars, err, match in BAD_SCALARS:
+            with raises(err, match, "log_batch"):
+                tracker.log_batch([(1, scalars)])
+        for events, match in BAD_EVENTS:
+            with raises(TypeError, match, "log_batch"):
+                tracker.log_batch(events)
 
 
 @pytest.mark.parametrize(
@@ -316,6 +352,88 @@ def test_aim_round_trip_read_back_through_aims_sdk(aim_repo):
     assert all(same_series(series[k], want[k]) for k in want), (series, want)
     assert hparams == {"lr": 0.1, "model": {"width": 32}, "tags": ["a"]}
     assert experiment == "fnlight-test"
+
+
+def _count_commits(monkeypatch):
+    """Count the writes aim's rocksdb stores make (``RocksContainer.commit``: one per write batch)."""
+    from aim.storage.rockscontainer import RocksContainer
+
+    commits = []
+    original = RocksContainer.commit
+    monkeypatch.setattr(RocksContainer, "commit", lambda store, batch: (commits.append(store.path), original(store, batch)))
+    return commits
+
+
+def test_aim_log_batch_stores_what_log_scalars_stores_in_one_write_per_store(aim_repo, monkeypatch):
+    from fnlight.tracking._aim import _rocks_stores
+
+    events = [(step, {"loss": v, "lr": 0.1 / step} if step % 3 else {"loss": v}) for step, v in enumerate(EXTREMES, 1)]
+    commits = _count_commits(monkeypatch)
+    one_by_one = AimTracker(aim_repo)
+    run_a = one_by_one.open()
+    one_by_one.log_scalars(*events[0])
+    del commits[:]
+    for step, scalars in events[1:]:
+        one_by_one.log_scalars(step, scalars)
+    per_event = len(commits)
+    batched = AimTracker(aim_repo)
+    run_b = batched.open()
+    batched.log_scalars(*events[0])
+    stores = _rocks_stores(batched._run)
+    del commits[:]
+    batched.log_batch(events[1:])
+    assert sorted(commits) == sorted(store.path for store in stores) and len(stores) == 2  # metadata and sequences
+    assert per_event > 10 * len(events[1:])  # aim's own way: several writes per scalar
+    assert not any("batch" in vars(store) or "commit" in vars(store) for store in stores)  # aim's methods again
+    one_by_one.close()
+    batched.close()
+    want, _, _ = aim_series(aim_repo, run_a)
+    got, _, _ = aim_series(aim_repo, run_b)
+    assert got.keys() == want.keys() == {"loss", "lr"}
+    assert all(same_series(got[k], want[k]) for k in want), (got, want)
+
+
+def test_aim_log_batch_keeps_what_was_tracked_before_an_error(aim_repo, monkeypatch):
+    from fnlight.tracking._aim import _rocks_stores
+
+    tracker = AimTracker(aim_repo)
+    run_id = tracker.open()
+    track = tracker._run.track
+
+    def failing(scalars, step):
+        if step == 3:
+            raise OSError(28, "No space left on device")
+        track(scalars, step=step)
+
+    monkeypatch.setattr(tracker._run, "track", failing)
+    with pytest.raises(OSError, match="No space left on device"):
+        tracker.log_batch([(1, {"loss": 1.0}), (2, {"loss": 2.0}), (3, {"loss": 3.0})])
+    assert not any("batch" in vars(store) or "commit" in vars(store) for store in _rocks_stores(tracker._run))
+    monkeypatch.undo()
+    tracker.close()
+    series, _, _ = aim_series(aim_repo, run_id)
+    assert series == {"loss": [(1, 1.0), (2, 2.0)]}
+
+
+def test_aim_log_batch_writes_one_by_one_where_another_thread_may_write(aim_repo, monkeypatch):
+    from fnlight.tracking import _aim
+
+    commits = _count_commits(monkeypatch)
+    tracker = AimTracker(aim_repo)
+    run_id = tracker.open()
+    tracker.log_scalars(1, {"loss": 1.0})
+    tracker.system_metrics = True  # aim's sampling thread would write to the run too (not started here)
+    del commits[:]
+    tracker.log_batch([(2, {"loss": 2.0}), (3, {"loss": 3.0})])
+    assert len(commits) > 2
+    tracker.system_metrics = False
+    monkeypatch.setattr(_aim, "_rocks_stores", lambda run: [])  # an aim whose stores are not the expected ones
+    del commits[:]
+    tracker.log_batch([(4, {"loss": 4.0}), (5, {"loss": 5.0})])
+    assert len(commits) > 2
+    tracker.close()
+    series, _, _ = aim_series(aim_repo, run_id)
+    assert series == {"loss": [(s, float(s)) for s in range(1, 6)]}
 
 
 def test_aim_reopen_continues_the_same_run(aim_repo):
@@ -466,6 +584,45 @@ def test_trackers_hand_events_to_the_worker_in_batches():
     trackers.flush()
     assert rec.events() == [(s, {"x": float(s)}) for s in range(5)] and rec.calls[-1] == ("log_hparams", {"late": True})
     trackers.close()
+
+
+class BatchRecorder(Recorder):
+    """A Recorder that also takes a batch of events in one call."""
+
+    def log_batch(self, events):
+        self._call("log_batch", [(step, dict(scalars)) for step, scalars in events])
+
+    def events(self):
+        return [e for c in self.calls if c[0] in ("log_batch", "log_scalars") for e in (c[1] if c[0] == "log_batch" else [c[1:]])]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_trackers_give_each_batch_in_one_call_to_a_tracker_with_log_batch(background):
+    batching, plain = BatchRecorder("batching"), Recorder("plain")
+    trackers = Trackers(batching, plain, background=background, flush_every=60.0)
+    trackers.open()
+    for step in range(3):
+        trackers.log_scalars(step, {"x": float(step)})
+    trackers.log_batch([(3, {"x": 3}), (4, {"x": 4.0})])
+    trackers.close()
+    want = [(s, {"x": float(s)}) for s in range(5)]
+    assert batching.events() == want == plain.events()
+    batches = [c[1] for c in batching.calls if c[0] == "log_batch"]
+    assert batches == ([want] if background else [want[3:]])  # inline, log_scalars delivers each event at once
+    assert [c[0] for c in plain.calls].count("log_scalars") == 5
+
+
+def test_a_tracker_failing_in_log_batch_is_reported_and_disabled():
+    bad, good = BatchRecorder("bad", fail_in="log_batch"), Recorder("good")
+    trackers = Trackers(bad, good, flush_every=60.0)
+    trackers.open()
+    trackers.log_scalars(1, {"x": 1.0})
+    with pytest.warns(TrackerWarning, match=r"tracker Recorder\('bad'\) raised in log_batch\(\) and is disabled"):
+        trackers.flush()  # reported on the caller's thread at its next call
+    trackers.log_scalars(2, {"x": 2.0})
+    trackers.close()
+    assert good.events() == [(1, {"x": 1.0}), (2, {"x": 2.0})] and bad.events() == []
+    assert bad.calls[-1] == ("close",)
 
 
 def test_an_idle_trackers_worker_takes_waiting_events_after_flush_every():

@@ -13,14 +13,17 @@ def test_events_arrive_in_order_and_the_process_is_reused(tmp_path):
     run_id = trackers.open(hparams={"lr": 0.1})
     for step in range(1, 51):
         trackers.log_scalars(step, {"loss": 1.0 / step})
+    trackers.log_batch([(51, {"loss": 0.0}), (52, {"loss": -1.0})])
+    with pytest.raises(TypeError, match=r"ProcessTrackers.log_batch: event 0 must be a \(step, scalars\) pair"):
+        trackers.log_batch([{"loss": 1.0}])
     trackers.close()
     process = trackers._process
     again = trackers.open(run_id)
-    trackers.log_scalars(51, {"loss": 0.0})
+    trackers.log_scalars(53, {"loss": 0.0})
     trackers.shutdown()
     assert again == run_id and process is not None and not process.is_alive()
     loss = read_scalars(tmp_path / f"{run_id}.jsonl")["loss"]
-    assert [s for s, _ in loss] == list(range(1, 52)) and loss[1] == (2, 0.5)
+    assert [s for s, _ in loss] == list(range(1, 54)) and loss[1] == (2, 0.5) and loss[51] == (52, -1.0)
 
 
 def test_aim_in_the_child_process(tmp_path):
@@ -67,6 +70,8 @@ def test_misuse_is_named(tmp_path):
     trackers = ProcessTrackers(JSONLTracker(tmp_path))
     with pytest.raises(RuntimeError, match="log_scalars: call open\\(\\) first"):
         trackers.log_scalars(1, {"loss": 1.0})
+    with pytest.raises(RuntimeError, match="ProcessTrackers.log_batch: call open\\(\\) first"):
+        trackers.log_batch([(1, {"loss": 1.0})])
     with pytest.raises(RuntimeError, match="log_hparams: call open\\(\\) first"):
         trackers.log_hparams({"a": 1})
     with pytest.raises(TypeError, match="Trackers takes trackers"):

@@ -28,7 +28,11 @@ class Tracker(Protocol):
     (:class:`Trackers` runs them on its own background thread).
 
     Any object with these four methods is a tracker; :class:`CSVTracker`,
-    :class:`JSONLTracker` and :class:`AimTracker` are the built-in ones.
+    :class:`JSONLTracker` and :class:`AimTracker` are the built-in ones. A tracker may also
+    have ``log_batch(events)``, taking a list of ``(step, scalars)`` pairs in order: when it
+    has, :class:`Trackers` and :class:`ProcessTrackers` hand it each batch of events in one
+    call (the built-in trackers then write a batch at once: one flush of the file, one aim
+    write batch), and call :meth:`log_scalars` per event otherwise.
 
     >>> import tempfile
     >>> from fnlight.tracking import JSONLTracker, Tracker
@@ -94,6 +98,18 @@ def check_step(step: Any, where: str) -> int:
     if step < 0:
         raise ValueError(f"{where}: step must be >= 0 (the optimizer-update count), got {step}")
     return step
+
+
+def check_events(events: Any, where: str) -> list[tuple[int, dict[str, float]]]:
+    """``events`` (an iterable of ``(step, scalars)`` pairs) as a list of checked pairs."""
+    if isinstance(events, (str, bytes, Mapping)) or not hasattr(events, "__iter__"):
+        raise TypeError(f"{where}: events must be an iterable of (step, scalars) pairs, got {type(events).__name__}: {events!r}")
+    out = []
+    for i, event in enumerate(events):
+        if not isinstance(event, tuple | list) or len(event) != 2:
+            raise TypeError(f"{where}: event {i} must be a (step, scalars) pair, got {type(event).__name__}: {event!r}")
+        out.append((check_step(event[0], where), check_scalars(event[1], where)))
+    return out
 
 
 def check_flush_every(flush_every: Any, where: str) -> float:

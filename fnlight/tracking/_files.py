@@ -1,4 +1,4 @@
-"""Trackers with no dependencies: one CSV or JSONL file per run, appended to and flushed per event."""
+"""Trackers with no dependencies: one CSV or JSONL file per run, appended to and flushed per call."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import io
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from ._base import check_hparams, check_run_id, check_scalars, check_step, new_run_id
+from ._base import check_events, check_hparams, check_run_id, check_scalars, check_step, new_run_id
 
 __all__ = ["CSVTracker", "JSONLTracker", "read_scalars"]
 
@@ -80,7 +80,21 @@ class _FileTracker:
         """Append one event (``step`` and ``scalars``) to the run's file and flush it."""
         where = f"{type(self).__name__}.log_scalars"
         step, scalars = check_step(step, where), check_scalars(scalars, where)
-        self._write(self._require_open(), step, scalars, time.time())
+        file = self._require_open()
+        file.write(self._format(step, scalars, time.time()))
+        file.flush()
+
+    def log_batch(self, events: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Append several events (``(step, scalars)`` pairs, in order) and flush once.
+
+        Raises:
+            TypeError: an event is not a ``(step, scalars)`` pair, or as :meth:`log_scalars`.
+        """
+        events = check_events(events, f"{type(self).__name__}.log_batch")
+        file = self._require_open()
+        now = time.time()
+        file.write("".join([self._format(step, scalars, now) for step, scalars in events]))
+        file.flush()
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Merge ``hparams`` into ``<run_id>.hparams.json`` (top-level keys replaced), written atomically."""
@@ -114,7 +128,8 @@ class _FileTracker:
     def _start(self, file: IO[str], path: Path) -> None:
         """Check or write the file's header."""
 
-    def _write(self, file: IO[str], step: int, scalars: dict[str, float], now: float) -> None:
+    def _format(self, step: int, scalars: dict[str, float], now: float) -> str:
+        """The text of one event in the file."""
         raise NotImplementedError
 
 
@@ -123,8 +138,9 @@ class JSONLTracker(_FileTracker):
 
     Each line is ``{"step": 12, "time": 1738329901.5, "scalars": {"loss": 0.31, "lr": 0.001}}``
     (``time`` in Unix seconds; NaN and infinities written as ``NaN``/``Infinity``, as Python's
-    :mod:`json` reads them). Hyperparameters go to ``<run_id>.hparams.json``. Each event is
-    flushed to the operating system as it is logged; :meth:`close` also fsyncs. Reopening a
+    :mod:`json` reads them). Hyperparameters go to ``<run_id>.hparams.json``. Each call
+    (:meth:`log_scalars`, or ``log_batch`` with several events) is flushed to the operating
+    system before it returns; :meth:`close` also fsyncs. Reopening a
     run appends to its file (dropping a partial last line left by a crash). Read a file back
     with :func:`read_scalars`.
 
@@ -143,9 +159,8 @@ class JSONLTracker(_FileTracker):
 
     suffix = ".jsonl"
 
-    def _write(self, file: IO[str], step: int, scalars: dict[str, float], now: float) -> None:
-        file.write(json.dumps({"step": step, "time": now, "scalars": scalars}, separators=(",", ":")) + "\n")
-        file.flush()
+    def _format(self, step: int, scalars: dict[str, float], now: float) -> str:
+        return json.dumps({"step": step, "time": now, "scalars": scalars}, separators=(",", ":")) + "\n"
 
 
 class CSVTracker(_FileTracker):
@@ -156,7 +171,7 @@ class CSVTracker(_FileTracker):
     into a dataframe (``pandas.read_csv(path).pivot_table(index="step", columns="name",
     values="value")``). Values are written with ``repr`` (exact round trip; ``nan``, ``inf``);
     ``time`` is Unix seconds. Hyperparameters go to ``<run_id>.hparams.json``. Flushed per
-    event, fsynced on :meth:`close`; reopening a run appends (after checking the header).
+    call (an event, or a batch of them), fsynced on :meth:`close`; reopening a run appends (after checking the header).
 
     Args:
         directory: where the run files go (created on :meth:`open`).
@@ -184,13 +199,11 @@ class CSVTracker(_FileTracker):
         if header != CSV_HEADER:
             raise ValueError(f"{path} is not a CSVTracker file: its header is {header!r}, expected {CSV_HEADER!r}")
 
-    def _write(self, file: IO[str], step: int, scalars: dict[str, float], now: float) -> None:
+    def _format(self, step: int, scalars: dict[str, float], now: float) -> str:
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
         stamp = repr(now)
-        writer.writerows([(step, name, repr(value), stamp) for name, value in scalars.items()])
-        file.write(buf.getvalue())
-        file.flush()
+        csv.writer(buf, lineterminator="\n").writerows([(step, name, repr(value), stamp) for name, value in scalars.items()])
+        return buf.getvalue()
 
 
 def read_scalars(path: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:

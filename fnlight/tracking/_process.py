@@ -9,10 +9,19 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._base import Tracker, TrackerWarning, check_flush_every, check_hparams, check_run_id, check_scalars, check_step
+from ._base import (
+    Tracker,
+    TrackerWarning,
+    check_events,
+    check_flush_every,
+    check_hparams,
+    check_run_id,
+    check_scalars,
+    check_step,
+)
 from ._trackers import Trackers
 
 __all__ = ["ProcessTrackers"]
@@ -37,8 +46,7 @@ def _serve(trackers: tuple[Tracker, ...], events: Any, replies: Any) -> None:
                 if kind == "open":
                     replies.send(("ok", inline.open(args[0], hparams=args[1])))
                 elif kind == "logs":
-                    for step, scalars in args[0]:
-                        inline.log_scalars(step, scalars)
+                    inline.log_batch(args[0])
                 elif kind == "hparams":
                     inline.log_hparams(args[0])
                 elif kind == "close":
@@ -203,6 +211,16 @@ class ProcessTrackers:
         event = (check_step(step, "ProcessTrackers.log_scalars"), check_scalars(scalars, "ProcessTrackers.log_scalars"))
         with self._lock:
             self._pending.append(event)
+            if time.monotonic() - self._last_sent >= self.flush_every:
+                self._send_pending()
+
+    def log_batch(self, events: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Add several events, ``(step, scalars)`` pairs in order, to the next batch (returns at once)."""
+        if self._process is None:
+            raise RuntimeError("ProcessTrackers.log_batch: call open() first")
+        events = check_events(events, "ProcessTrackers.log_batch")
+        with self._lock:
+            self._pending.extend(events)
             if time.monotonic() - self._last_sent >= self.flush_every:
                 self._send_pending()
 

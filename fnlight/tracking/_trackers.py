@@ -11,13 +11,22 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from ._aim import AimTracker
-from ._base import Tracker, TrackerWarning, check_flush_every, check_hparams, check_run_id, check_scalars, check_step
+from ._base import (
+    Tracker,
+    TrackerWarning,
+    check_events,
+    check_flush_every,
+    check_hparams,
+    check_run_id,
+    check_scalars,
+    check_step,
+)
 from ._files import JSONLTracker
 
 __all__ = ["Trackers", "default_trackers"]
@@ -42,7 +51,8 @@ class Trackers:
     the order they were logged. Events are handed to the worker in batches, once ``flush_every``
     seconds have passed since the last batch (the worker also takes what waits when it has
     been idle that long), so it wakes twice a second rather than on every update and competes
-    less with training for Python's interpreter lock. :meth:`open` waits for the trackers to
+    less with training for Python's interpreter lock; a tracker with a ``log_batch`` method
+    (the built-in ones) gets each batch in one call and writes it at once. :meth:`open` waits for the trackers to
     open (it must return the run id); :meth:`flush` waits until everything logged so far has
     been delivered; :meth:`close` waits until every event has been delivered and every tracker
     closed. The caller waits in :meth:`log_scalars` only when ``max_queue`` batches are pending
@@ -186,6 +196,24 @@ class Trackers:
         if self._failures:
             self._report()
 
+    def log_batch(self, events: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Queue (or, without background, deliver) several events, ``(step, scalars)`` pairs, in order.
+
+        Each tracker gets them in one ``log_batch`` call when it has that method (one write
+        for the batch), else one :meth:`log_scalars` call per event.
+        """
+        events = check_events(events, "Trackers.log_batch")
+        self._require_open()
+        if self._queue is None:
+            self._deliver(events)
+        else:
+            with self._lock:
+                self._pending.extend(events)
+                if time.monotonic() - self._last_sent >= self.flush_every:
+                    self._put_pending()
+        if self._failures:
+            self._report()
+
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Queue (or deliver) hyperparameters for every tracker."""
         args = (check_hparams(hparams, "Trackers.log_hparams: hparams"),)
@@ -250,12 +278,11 @@ class Trackers:
                     batch, self._pending = self._pending, []
                     if batch:
                         self._last_sent = time.monotonic()
-                for event in batch:
-                    self._fan_out("log_scalars", event)
+                if batch:
+                    self._deliver(batch)
                 continue
             if method == "_logs":
-                for event in args[0]:
-                    self._fan_out("log_scalars", event)
+                self._deliver(args[0])
                 result = None
             else:
                 result = None if method == "_sync" else self._fan_out(method, args)
@@ -283,6 +310,21 @@ class Trackers:
                 except Exception as e:
                     self._fail(i, method, e)
         return None
+
+    def _deliver(self, events: list[tuple[int, dict[str, float]]]) -> None:
+        """Give a batch of events to every enabled tracker: ``log_batch`` when it has one; never raises."""
+        for i, t in enumerate(self.trackers):
+            if not self._active[i]:
+                continue
+            log_batch = getattr(t, "log_batch", None)
+            try:
+                if callable(log_batch):
+                    log_batch(events)
+                else:
+                    for step, scalars in events:
+                        t.log_scalars(step, scalars)
+            except Exception as e:
+                self._fail(i, "log_batch" if callable(log_batch) else "log_scalars", e)
 
     def _fail(self, i: int, method: str, error: Exception) -> None:
         tracker = self.trackers[i]
