@@ -100,11 +100,13 @@ class _Window:
         keys = tuple(metrics)
         if keys == self.keys and self.counts is None:  # the common case: the same metrics as before
             for total, v in zip(self.sums, metrics.values()):
-                total.add_(v.detach())
+                total.add_(v.detach() if v.requires_grad else v)
             self.calls += 1
         elif not self.keys:  # the window's first call
             # read before the next step (every=1): the tensors as they are; else copies to add into
-            self.sums = [v.detach() if last else _copy(v) for v in metrics.values()]
+            self.sums = (
+                [v.detach() if v.requires_grad else v for v in metrics.values()] if last else [_copy(v) for v in metrics.values()]
+            )
             self.keys, self.calls = keys, 1
         else:  # metrics that come and go (val/ on evaluation steps) are averaged over their own count
             counts = self.counts if self.counts is not None else dict.fromkeys(self.keys, self.calls)
@@ -120,9 +122,12 @@ class _Window:
         Under data parallelism the sums, counts and samples are added over the ranks (one
         all-reduce per logging event), so the means are over every rank's batches.
         """
-        keys, sums = self.keys, self.sums
-        counts = self.counts if self.counts is not None else dict.fromkeys(keys, self.calls)
+        keys, sums, calls, counts = self.keys, self.sums, self.calls, self.counts
         self.keys, self.sums, self.calls, self.counts = (), [], 0, None
+        if counts is None and all(s.is_cpu for s in sums) and world_size() == 1:  # the common case, in one pass
+            return {k: float(s) / calls for k, s in zip(keys, sums)}
+        if counts is None:
+            counts = dict.fromkeys(keys, calls)
         if world_size() > 1:
             totals = all_sum(
                 torch.tensor(
