@@ -22,9 +22,21 @@ The tracking processes' own CPU time (every thread of the child process, from
 ``flush()``, so it covers exactly the block's events: what aim costs per update on the other
 vCPU, a figure this machine's noise moves far less than a ratio of wall times.
 
+**Decomposed, with confidence intervals.** The table above compares methods in ~2 s blocks,
+and this machine's noise moves such a ratio by several percent (see (n2)). The second part
+measures the two costs of tracking separately, each in many short blocks paired with an
+untracked block right before or after (order alternating), which cancels slow drifts:
+(X) the training process's own cost — the same fold with ``with_tracking(every=1)`` into a
+``ProcessTrackers`` whose tracker does nothing, so the child does no work; (Y) the cost of
+aim working on the other vCPU — the untracked fold while a separate process writes, with
+``AimTracker.log_batch``, one 6-scalar event per update of (n) in batches every 0.5 s (what
+the tracking process of (t) does), against the same fold while that process idles. For each,
+the median of the paired ratios and a 95% bootstrap interval of that median; X * Y estimates
+(t)'s ratio.
+
 Run (from the repository root)::
 
-    python benchmarks/tracking_overhead.py            # about 5 minutes on 2 vCPUs
+    python benchmarks/tracking_overhead.py            # about 10 minutes on 2 vCPUs
     python benchmarks/tracking_overhead.py --quick
 """
 
@@ -33,7 +45,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import multiprocessing
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -77,6 +91,113 @@ def child_cpu_s(trackers: Trackers | ProcessTrackers) -> float | None:
     return None if process is None else process_cpu_s(process.pid)
 
 
+class NullTracker:
+    """A tracker that does nothing: (X) times the training process's side of tracking alone."""
+
+    def open(self, run_id: str = "", *, hparams: object = None) -> str:
+        return run_id or "null"
+
+    def log_scalars(self, step: int, scalars: object) -> None:
+        pass
+
+    def log_hparams(self, hparams: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def aim_writer(repo: str, period_s: float, active: object, stop: object, ready: object) -> None:
+    """(Y)'s load: while ``active`` is set, track one 6-scalar event per ``period_s`` into aim, in 0.5 s batches."""
+    tracker = AimTracker(repo)
+    tracker.open()
+    names = ["loss", "lr", "throughput/steps_per_s", "throughput/samples_per_s", "epoch", "finite"]
+    per_batch, step = max(1, round(0.5 / period_s)), 0
+    ready.set()  # type: ignore[attr-defined]
+    while not stop.is_set():  # type: ignore[attr-defined]
+        t0 = time.monotonic()
+        if active.is_set():  # type: ignore[attr-defined]
+            tracker.log_batch([(step + i, {k: 0.5 * (step + i) for k in names}) for i in range(per_batch)])
+            step += per_batch
+        time.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))
+    tracker.close()
+
+
+def median_ci(xs: Sequence[float], ys: Sequence[float] = (), *, resamples: int = 2000) -> tuple[float, float, float]:
+    """The median of ``xs`` (times that of ``ys``, if given) and a 95% bootstrap interval of it (fixed seed).
+
+    ``xs`` and ``ys`` are resampled independently, so the interval of the product is that of
+    the product's own bootstrap distribution.
+    """
+    rng = random.Random(0)
+
+    def estimate(a: Sequence[float], b: Sequence[float]) -> float:
+        return statistics.median(a) * (statistics.median(b) if b else 1.0)
+
+    boot = sorted(estimate(rng.choices(xs, k=len(xs)), rng.choices(ys, k=len(ys)) if ys else ()) for _ in range(resamples))
+    return estimate(xs, ys), boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+
+
+def decomposed(reference: nn.Module, batches: Sequence[Batch], *, rounds: int, repo: str) -> list[str]:
+    """(X) and (Y) of the module docstring, as markdown lines."""
+    null = ProcessTrackers(NullTracker())
+    plain, tracked = Runner(copy.deepcopy(reference), None), Runner(copy.deepcopy(reference), null)
+
+    def timed(run: Runner) -> float:
+        gc.collect()
+        t0 = time.perf_counter()
+        run(batches)
+        return (time.perf_counter() - t0) * 1e3 / len(batches)
+
+    plain(batches), tracked(batches), null.flush()
+    period_s = statistics.median(timed(plain) for _ in range(3)) / 1e3
+    context = multiprocessing.get_context("spawn")
+    active, stop, ready = context.Event(), context.Event(), context.Event()
+    writer = context.Process(target=aim_writer, args=(repo, period_s, active, stop, ready), daemon=True)
+    writer.start()
+    ready.wait(timeout=120)
+
+    def loaded() -> float:
+        active.set()
+        time.sleep(0.05)  # the writer's next batch starts within the block
+        ms = timed(plain)
+        active.clear()
+        time.sleep(0.5)  # its last batch is written before the next block
+        return ms
+
+    x: list[float] = []
+    y: list[float] = []
+    for r in range(rounds):
+        if r % 2:
+            base = timed(plain)
+            x.append(timed(tracked) / base)
+        else:
+            t = timed(tracked)
+            x.append(t / timed(plain))
+        null.flush()
+        if r % 2:
+            base = timed(plain)
+            y.append(loaded() / base)
+        else:
+            load = loaded()
+            y.append(load / timed(plain))
+    stop.set()
+    writer.join(timeout=60)
+    null.shutdown()
+    (xm, x1, x2), (ym, y1, y2), (pm, p1, p2) = median_ci(x), median_ci(y), median_ci(x, y)
+    return [
+        f"### Decomposed: {rounds} rounds of paired {len(batches)}-update blocks",
+        "",
+        "| cost | paired ratio (median) | 95% interval of the median |",
+        "|---|---:|---:|",
+        f"| (X) training process: `with_tracking(every=1)` into `ProcessTrackers` (a tracker that does nothing) "
+        f"| {xm:.3f}x | {x1:.3f}-{x2:.3f} |",
+        f"| (Y) aim on the other vCPU: one 6-scalar event per {period_s * 1e3:.2f} ms update, batches every 0.5 s "
+        f"| {ym:.3f}x | {y1:.3f}-{y2:.3f} |",
+        f"| X * Y: estimate of (t), aim every update | {pm:.3f}x | {p1:.3f}-{p2:.3f} |",
+    ]
+
+
 class Runner:
     """One fold per call over a block of batches; optionally tracking every update."""
 
@@ -97,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--no-decomposed", action="store_true", help="skip the decomposed part (X and Y)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_heap()
@@ -182,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "",
         f"Closing the trackers after the last block took {drain:.2f} s.",
     ]
+    if not args.no_decomposed:
+        with tempfile.TemporaryDirectory() as tmp:
+            short = batches[: 40 if args.quick else 300]
+            lines += ["", *decomposed(reference, short, rounds=4 if args.quick else 48, repo=f"{tmp}/aim")]
     print("\n".join(lines))
     if args.markdown:
         with args.markdown.open("a") as f:
