@@ -149,7 +149,9 @@ def decomposed(reference: nn.Module, batches: Sequence[Batch], *, rounds: int, r
         run(batches)
         return (time.perf_counter() - t0) * 1e3 / len(batches)
 
-    plain(batches), tracked(batches), null.flush()
+    plain(batches)  # warm-up
+    tracked(batches)
+    null.flush()
     period_s = statistics.median(timed(plain) for _ in range(3)) / 1e3
     context = multiprocessing.get_context("spawn")
     active, stop, ready = context.Event(), context.Event(), context.Event()

@@ -208,17 +208,16 @@ class ProcessTrackers:
         """Add one event to the next batch for the trackers (returns at once)."""
         if self._process is None:
             raise RuntimeError("ProcessTrackers.log_scalars: call open() first")
-        event = (check_step(step, "ProcessTrackers.log_scalars"), check_scalars(scalars, "ProcessTrackers.log_scalars"))
-        with self._lock:
-            self._pending.append(event)
-            if time.monotonic() - self._last_sent >= self.flush_every:
-                self._send_pending()
+        self._enqueue(((check_step(step, "ProcessTrackers.log_scalars"), check_scalars(scalars, "ProcessTrackers.log_scalars")),))
 
     def log_batch(self, events: Iterable[tuple[int, Mapping[str, float]]]) -> None:
         """Add several events, ``(step, scalars)`` pairs in order, to the next batch (returns at once)."""
         if self._process is None:
             raise RuntimeError("ProcessTrackers.log_batch: call open() first")
-        events = check_events(events, "ProcessTrackers.log_batch")
+        self._enqueue(check_events(events, "ProcessTrackers.log_batch"))
+
+    def _enqueue(self, events: Iterable[tuple[int, dict[str, float]]]) -> None:
+        """Add checked events to the next batch; send it once ``flush_every`` has passed since the last."""
         with self._lock:
             self._pending.extend(events)
             if time.monotonic() - self._last_sent >= self.flush_every:

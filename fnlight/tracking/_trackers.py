@@ -189,10 +189,7 @@ class Trackers:
         if self._queue is None:
             self._call("log_scalars", args, wait=False)
             return
-        with self._lock:
-            self._pending.append(args)
-            if time.monotonic() - self._last_sent >= self.flush_every:
-                self._put_pending()
+        self._enqueue((args,))
         if self._failures:
             self._report()
 
@@ -207,10 +204,7 @@ class Trackers:
         if self._queue is None:
             self._deliver(events)
         else:
-            with self._lock:
-                self._pending.extend(events)
-                if time.monotonic() - self._last_sent >= self.flush_every:
-                    self._put_pending()
+            self._enqueue(events)
         if self._failures:
             self._report()
 
@@ -258,6 +252,13 @@ class Trackers:
         if self._failures:
             self._report()
         return result
+
+    def _enqueue(self, events: Iterable[tuple[int, dict[str, float]]]) -> None:
+        """Add checked events to the next batch; hand it to the worker once ``flush_every`` has passed."""
+        with self._lock:
+            self._pending.extend(events)
+            if time.monotonic() - self._last_sent >= self.flush_every:
+                self._put_pending()
 
     def _put_pending(self) -> None:
         """Hand the waiting events to the worker as one message (the caller holds the lock)."""
