@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fnlight as fl
+from fnlight.checkpoint import CheckpointWarning
 from fnlight.optim import adamw, sgd
 from tests.conftest import make_batches
 
@@ -80,6 +81,55 @@ def test_keep_best_by_monitored_metric_nan_worst(tmp_path):
     assert kept_by_score(tmp_path / "max", [nan] * 3, mode="max") == ["latest", "step-000000003.ckpt"]  # ties: the newest
 
 
+def scripted_eval(values):
+    """An eval step whose loss is the next of ``values`` (one per evaluation)."""
+    losses = iter(values)
+    return lambda state, batch: {"loss": torch.tensor(next(losses))}
+
+
+def test_keep_best_scores_the_last_update_of_an_epoch_by_its_epoch_end_evaluation(tmp_path):
+    # the epoch's last update is saved in its call, before the epoch-end flush evaluates it
+    batches = make_batches(4)
+    step = fl.with_eval(
+        build(tmp_path, every=1).inner, data=batches[:1], eval_step=scripted_eval([0.5, 0.1, 0.9, 0.8]), at_epoch_end=True
+    )
+    step = fl.with_checkpointing(step, directory=tmp_path, every=4, keep_best=1, monitor="val/loss")
+    whole = fl.fold(step, step.init(), batches, epochs=4, progress=False)
+    assert names(tmp_path) == ["latest", "step-000000008.ckpt", "step-000000016.ckpt"]
+    best = fl.checkpoint.read_metadata(tmp_path / "step-000000008.ckpt")["metadata"]
+    assert best["value"] == pytest.approx(0.1) and best["epoch"] == 2  # past epoch 1's evaluation
+    last = fl.checkpoint.restore(tmp_path / "step-000000016.ckpt", whole)
+    assert (int(last.data.epoch), int(last.data.batch)) == (4, 0) and fl.tree_equal(last.params, whole.params)
+
+
+def test_keep_best_warns_when_a_saved_update_has_no_score(tmp_path):
+    step = build(tmp_path, every=2, keep_best=1, monitor="val/loss")  # no evaluation: no val/loss
+    with pytest.warns(RuntimeWarning, match=r"checkpoint of update [24] was saved without monitor='val/loss'") as caught:
+        fl.fold(step, step.init(), make_batches(4), progress=False)
+    expected = [f"with_checkpointing: the checkpoint of update {n}" for n in (2, 4)]
+    assert [str(w.message).split(" was")[0] for w in caught] == expected
+
+
+def test_a_preemption_saving_an_update_again_keeps_its_score(tmp_path):
+    batches = make_batches(3)
+    scores = {1: 0.5, 2: 0.4, 3: 0.1}
+
+    def evaluate(state, batch):
+        return {"loss": torch.tensor(scores[int(state.step)])}
+
+    def signalled():
+        for i, batch in enumerate(batches):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # the fold stops after update 3, saved already with its score
+            yield batch
+
+    step = fl.with_eval(build(tmp_path).inner, data=batches[:1], eval_step=evaluate, every=1)
+    step = fl.with_checkpointing(step, directory=tmp_path, every=1, keep_best=1, monitor="val/loss")
+    with pytest.raises(fl.Preempted, match="saved .*step-000000003.ckpt"):
+        fl.fold(step, step.init(), signalled(), progress=False)
+    assert fl.checkpoint.read_metadata(tmp_path / "step-000000003.ckpt")["metadata"]["value"] == pytest.approx(0.1)
+
+
 def test_keep_best_ranks_an_infinity_by_its_sign(tmp_path):
     for mode, first in (("max", float("inf")), ("min", float("-inf"))):
         values = [first, 1.0, 2.0, 0.5] if mode == "max" else [first, 1.0, 0.5, 2.0]
@@ -106,13 +156,55 @@ def test_damaged_newest_checkpoint_is_skipped(tmp_path):
     fl.fold(step, step.init(), make_batches(6), progress=False)
     newest = tmp_path / "step-000000006.ckpt"
     newest.write_bytes(newest.read_bytes()[:-100])
-    assert fl.find_latest(tmp_path).name == "step-000000004.ckpt"
+    with pytest.warns(CheckpointWarning, match=r"step-000000006\.ckpt \(.*truncated or incomplete"):
+        assert fl.find_latest(tmp_path).name == "step-000000004.ckpt"
     data = bytearray((tmp_path / "step-000000004.ckpt").read_bytes())
     data[200] ^= 0xFF
     (tmp_path / "step-000000004.ckpt").write_bytes(bytes(data))
-    resumed = build(tmp_path, every=2, keep_last=3).init()
+    with pytest.warns(CheckpointWarning) as caught:
+        resumed = build(tmp_path, every=2, keep_last=3).init()
     assert int(resumed.step) == 2
+    assert [str(w.message).split(" (")[0] for w in caught] == [
+        f"skipped the damaged checkpoint {tmp_path / name}" for name in ("step-000000006.ckpt", "step-000000004.ckpt")
+    ]
     assert fl.find_latest(tmp_path / "none") is None
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_starts_over_and_says_which(tmp_path):
+    step = build(tmp_path, every=2)
+    fl.fold(step, step.init(), make_batches(2), progress=False)
+    only = tmp_path / "step-000000002.ckpt"
+    data = bytearray(only.read_bytes())
+    data[200] ^= 0xFF
+    only.write_bytes(bytes(data))
+    with pytest.warns(CheckpointWarning, match=r"skipped the damaged checkpoint .*step-000000002\.ckpt \(.*checksum"):
+        fresh = build(tmp_path, every=2).init()
+    assert int(fresh.step) == 0 and fresh.slots["checkpointing"].resumed_from == ""
+    with pytest.warns(CheckpointWarning, match="starting over if none is readable"):
+        assert fl.find_latest(tmp_path, fresh) is None
+
+
+def test_an_async_write_in_flight_completes_when_the_fold_raises(tmp_path):
+    script = f"""
+import time
+import torch
+from torch import nn
+import fnlight as fl
+import fnlight.transforms._checkpointing as checkpointing
+save = checkpointing.save
+checkpointing.save = lambda *args, **kwargs: (time.sleep(1.0), save(*args, **kwargs))  # a slow disk
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 10))
+good = [(torch.randn(8, 16), torch.randint(0, 10, (8,))) for _ in range(4)]
+bad = (torch.full((8, 16), float("nan")), torch.randint(0, 10, (8,)))
+core = fl.make_train_step(model, fl.losses.cross_entropy, fl.optim.adamw(1e-3))
+step = fl.with_checkpointing(core, directory={str(tmp_path)!r}, every=2, keep_last=5, async_write=True)
+fl.fold(step, step.init(), good + [bad], progress=False)  # raises NonFiniteError right after saving update 4
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1 and "NonFiniteError" in done.stderr
+    assert names(tmp_path) == ["latest", "step-000000002.ckpt", "step-000000004.ckpt"]
+    assert int(fl.checkpoint.read_metadata(tmp_path / "step-000000004.ckpt")["metadata"]["step"]) == 4
 
 
 def test_async_write_gives_the_same_files(tmp_path):

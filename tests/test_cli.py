@@ -16,6 +16,7 @@ from jsonargparse import ArgumentError
 from torch import nn
 
 import fnlight as fl
+from fnlight.checkpoint import CheckpointWarning
 from fnlight.cli import CheckpointConfig, ConfigError, DataModule, EarlyStopConfig, FnlightCLI, Recipe, main, make_recipe_step
 from fnlight.cli._saved_config import differences
 
@@ -208,14 +209,17 @@ def test_fit_resumes_from_the_latest_checkpoint_exactly(tmp_path, capsys):
 
 def test_fit_starts_over_when_every_checkpoint_is_damaged(config, tmp_path):
     cli("fit", "--config", str(config))
+    damaged = len(list((tmp_path / "run" / "checkpoints").glob("step-*.ckpt")))
     for path in (tmp_path / "run" / "checkpoints").glob("step-*.ckpt"):
         with open(path, "r+b") as f:  # flip a bit of the first tensor: the index is intact, the CRC is not
             f.seek(64)
             byte = f.read(1)
             f.seek(64)
             f.write(bytes([byte[0] ^ 1]))
-    again = cli("fit", "--config", str(config))
+    with pytest.warns(CheckpointWarning, match=r"skipped the damaged checkpoint .*step-00000000[48]\.ckpt") as caught:
+        again = cli("fit", "--config", str(config))
     assert int(again.state.step) == 8 and again.state.slots["checkpointing"].resumed_from == ""
+    assert len(caught) == damaged  # one warning per file skipped
 
 
 def test_config_differences_are_listed_by_dotted_key():

@@ -15,8 +15,16 @@ executes code. See ``docs/checkpoints.md`` for the byte-level specification.
 (7, [[0.0, 1.0], [2.0, 3.0]])
 """
 
-from ._errors import CheckpointError, CheckpointMismatchError
+from ._errors import CheckpointError, CheckpointMismatchError, CheckpointWarning
 from ._format import FORMAT_VERSION
 from ._io import read_metadata, restore, save
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "CheckpointMismatchError", "read_metadata", "restore", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointWarning",
+    "read_metadata",
+    "restore",
+    "save",
+]

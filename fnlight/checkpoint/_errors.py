@@ -1,11 +1,11 @@
-"""The two checkpoint errors: a file that cannot be read, and a file that does not fit the target."""
+"""Checkpoint errors (a file that cannot be read, one that does not fit the target) and the skipped-file warning."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-__all__ = ["CheckpointError", "CheckpointMismatchError"]
+__all__ = ["CheckpointError", "CheckpointMismatchError", "CheckpointWarning"]
 
 
 class CheckpointError(Exception):
@@ -16,6 +16,19 @@ class CheckpointError(Exception):
 
     >>> str(CheckpointError("checkpoint /tmp/x.ckpt: the file is empty"))
     'checkpoint /tmp/x.ckpt: the file is empty'
+    """
+
+
+class CheckpointWarning(RuntimeWarning):
+    """A damaged checkpoint was skipped while looking for one to resume from.
+
+    Emitted by :func:`fnlight.find_latest` and by ``with_checkpointing``'s resume, once per
+    skipped file, naming it and what is wrong with it. Turn it into an error with
+    ``warnings.simplefilter("error", fnlight.checkpoint.CheckpointWarning)`` to stop rather
+    than resume from an older checkpoint (or start over when none is readable).
+
+    >>> issubclass(CheckpointWarning, RuntimeWarning)
+    True
     """
 
 

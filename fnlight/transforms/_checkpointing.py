@@ -8,6 +8,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,7 +16,7 @@ import optree
 from torch import Tensor
 
 from .._state import NAMESPACE, DataPosition, TrainState
-from ..checkpoint import CheckpointError, CheckpointMismatchError, read_metadata, restore, save
+from ..checkpoint import CheckpointError, CheckpointMismatchError, CheckpointWarning, read_metadata, restore, save
 from ..distributed._group import dist_info
 from ..distributed._sharded import is_sharded, read_sharded_metadata, restore_sharded, save_sharded
 from ._base import Metrics, Transform
@@ -57,6 +58,14 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return read_sharded_metadata(path) if path.is_dir() else read_metadata(path)
 
 
+def _skipped(path: Path, error: BaseException) -> None:
+    warnings.warn(
+        f"skipped the damaged checkpoint {path} ({error}); resuming from an older one, or starting over if none is readable",
+        CheckpointWarning,
+        stacklevel=3,
+    )
+
+
 def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path | None:
     """The newest valid checkpoint in ``directory`` (``step-*.ckpt``), skipping damaged ones.
 
@@ -68,7 +77,8 @@ def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path |
     valid when its preamble, index and footer are intact. A readable checkpoint whose
     structure differs from ``target`` (another model, another chain of transforms) raises
     :class:`~fnlight.checkpoint.CheckpointMismatchError` rather than being skipped: silently
-    starting over would overwrite that run's checkpoints.
+    starting over would overwrite that run's checkpoints. Each damaged checkpoint skipped is
+    reported by a :class:`~fnlight.checkpoint.CheckpointWarning` naming it.
 
     Raises:
         CheckpointMismatchError: the newest readable checkpoint does not fit ``target``.
@@ -84,7 +94,8 @@ def find_latest(directory: str | os.PathLike[str], target: Any = None) -> Path |
             _restore(path, target) if target is not None else _read_metadata(path)
         except CheckpointMismatchError:
             raise  # readable, but of another model or transform chain: resuming from an older one would be wrong
-        except (CheckpointError, OSError):
+        except (CheckpointError, OSError) as e:
+            _skipped(path, e)
             continue
         return path
     return None
@@ -136,6 +147,7 @@ class Checkpointing(Transform):
         self._last_save = time.monotonic()
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._unscored: int | None = None  # the update last saved without keep_best's monitor among its metrics
 
     def init(self, **options: Any) -> TrainState:
         """The inner initial state — or, with ``resume``, the newest valid checkpoint restored into it."""
@@ -167,8 +179,8 @@ class Checkpointing(Transform):
                 restored = _restore(Path(candidate), state)
             except CheckpointMismatchError as e:
                 mismatch = e
-            except (CheckpointError, OSError):
-                pass
+            except (CheckpointError, OSError) as e:
+                _skipped(Path(candidate), e)
             with collective("with_checkpointing resume"):
                 ok, bad = all_sum(torch.tensor([float(restored is not None), float(mismatch is not None)], dtype=torch.float64))
             if bad:  # of another model or transform chain on some rank: every rank stops, none starts over
@@ -194,7 +206,13 @@ class Checkpointing(Transform):
         # the fold flushes once an epoch's batches are done and then moves to the next epoch; a checkpoint
         # written here records that move (so a resumed fold does not flush this epoch again: the epoch-end
         # evaluation and early-stopping check would count twice)
-        self._maybe_save(new_state, metrics, before, position=_next_epoch(new_state.data))
+        position = _next_epoch(new_state.data)
+        if int(new_state.step) != before:
+            self._maybe_save(new_state, metrics, before, position=position)
+        elif self._unscored == before and self.monitor in metrics:
+            # the epoch's last update was saved before the epoch-end evaluation that gives keep_best its
+            # score: write it again, scored (and past the evaluation, which a resumed fold then skips)
+            self._save(new_state.replace(data=position), metrics, wait=not self.async_write)
         return new_state, metrics
 
     def save_now(self, state: TrainState, metrics: Metrics | None = None) -> Path:
@@ -205,6 +223,7 @@ class Checkpointing(Transform):
     def finish(self, state: TrainState) -> None:
         """Wait for a checkpoint still being written in the background (re-raising its error), then finish the inner chain."""
         self._wait()
+        self._warn_unscored()
         finish = getattr(self.inner, "finish", None)
         if finish is not None:
             finish(state)
@@ -229,14 +248,42 @@ class Checkpointing(Transform):
         if due:
             self._save(state if position is None else state.replace(data=position), metrics, wait=not self.async_write)
 
+    def _warn_unscored(self) -> None:
+        """Warn (once per save) that a checkpoint kept its place in keep_best's ranking without a score."""
+        if self._unscored is None:
+            return
+        step, self._unscored = self._unscored, None
+        warnings.warn(
+            f"with_checkpointing: the checkpoint of update {step} was saved without monitor={self.monitor!r} among "
+            f"the step's metrics, so keep_best ranks it last; compute {self.monitor!r} on the updates that save "
+            f"(e.g. with_eval(every=N) with the same N as every=N, or at_epoch_end=True with saves at epoch ends)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _score(self, step: int, path: Path, metrics: Metrics) -> float | None:
+        """The monitor's value for the checkpoint of update ``step``: from ``metrics``, else the one it already has."""
+        if self.monitor is None:
+            return None
+        if self.monitor in metrics:
+            value = float(metrics[self.monitor])
+            return None if math.isnan(value) else value  # NaN ranks worst; an infinity ranks by its sign
+        if path.exists():  # the same update saved again (a preemption, an epoch's end): keep the score it has
+            try:
+                return _read_metadata(path).get("metadata", {}).get("value")
+            except (CheckpointError, OSError):
+                return None
+        return None
+
     def _save(self, state: TrainState, metrics: Metrics, *, wait: bool) -> Path:
         step = int(state.step)
-        value = None
-        if self.monitor is not None and self.monitor in metrics:
-            value = float(metrics[self.monitor])
-            value = None if math.isnan(value) else value  # NaN ranks worst; an infinity ranks by its sign
-        metadata = {"step": step, "epoch": int(state.data.epoch), "monitor": self.monitor, "value": value}
         path = self.directory / f"step-{step:09d}.ckpt"
+        self._wait()  # at most one write in flight: the file of this update may be the one being written
+        if self._unscored is not None and self._unscored != step:
+            self._warn_unscored()
+        value = self._score(step, path, metrics)
+        self._unscored = step if self.keep_best and value is None and self.monitor not in metrics else None
+        metadata = {"step": step, "epoch": int(state.data.epoch), "monitor": self.monitor, "value": value}
         self._last_save = time.monotonic()
         info = dist_info()
         if info.world_size > 1 and is_sharded(state):  # every rank writes its shards, together
@@ -249,8 +296,7 @@ class Checkpointing(Transform):
         if wait:
             self._write(path, state, metadata)
             return path
-        self._wait()  # at most one snapshot in flight: bounded extra memory
-        snapshot = _cpu_copy(state)
+        snapshot = _cpu_copy(state)  # one snapshot in flight at most (waited for above): bounded extra memory
 
         def run() -> None:
             try:
@@ -258,7 +304,9 @@ class Checkpointing(Transform):
             except BaseException as e:  # surfaced by finish()
                 self._error = e
 
-        self._writer = threading.Thread(target=run, name="fnlight-checkpoint", daemon=True)
+        # not a daemon: an exception that ends the script (or the end of a hand-written loop that never calls
+        # finish()) still lets the write complete before the interpreter exits, instead of losing the checkpoint
+        self._writer = threading.Thread(target=run, name="fnlight-checkpoint", daemon=False)
         self._writer.start()
         return path
 
