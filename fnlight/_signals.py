@@ -162,7 +162,7 @@ def preempt(step: Any, state: Any, signum: int, *, here: bool = True) -> Preempt
     finally:
         _local.preempting = False
     name = f"{signal.Signals(signum).name} received" if here else "another rank received SIGTERM or SIGINT"
-    where = f"update {int(state.step)} (epoch {int(state.data.epoch)}, {int(state.data.batch)} batches into it)"
+    where = f"update {int(state.step)} (epoch index {int(state.data.epoch)}, {int(state.data.batch)} batches into it)"
     if path is not None:
         message = (
             f"fnlight: {name}; stopped after {where} and saved {path}. "

@@ -199,6 +199,10 @@ class TrainStep:
         self.check_grads = check_grads
         self._trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
         self._devices = tuple({p.device for p in model.parameters() if p.device.type == "cuda"})
+        # the optimizer's check of a state against the parameters (None: an optimizer without one), and the
+        # (params, opt_state) objects of the last state this step produced, which need no check again
+        self._check_opt = getattr(optimizer, "check", None)
+        self._produced: tuple[int, int] = (0, 0)
 
     @property
     def core(self) -> TrainStep:
@@ -330,6 +334,9 @@ class TrainStep:
         inplace = is_donating()
         params = state.params
         subset = {n: params[n] for n in g.grads}
+        if (id(params), id(state.opt_state)) != self._produced and self._check_opt is not None:
+            if not torch.compiler.is_compiling():  # a state this step did not produce (a fold's first, an edited one)
+                self._check_opt(subset, state.opt_state)
         new_params, opt_state = apply(subset, dict(g.grads), state.opt_state, inplace=inplace)
         new_state = state.replace(
             step=state.step + 1,
@@ -338,6 +345,8 @@ class TrainStep:
             opt_state=opt_state,
         )
         metrics.update(update_metrics(opt_state))
+        if not torch.compiler.is_compiling():
+            self._produced = (id(new_state.params), id(new_state.opt_state))
         return new_state, metrics
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -380,7 +389,7 @@ def _nonfinite_message(state: TrainState, g: Gradients) -> str:
     bad = [n for n, t in g.grads.items() if not bool(torch.isfinite(t).all())]
     shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
     return (
-        f"non-finite values at update {int(state.step)} (epoch {int(state.data.epoch)}, "
+        f"non-finite values at update {int(state.step)} (epoch index {int(state.data.epoch)}, "
         f"{int(state.data.batch)} batches into it): "
         f"loss = {float(g.loss)}; gradients with NaN/inf: {shown or 'none'}. "
         "Lower the learning rate, clip gradients, check the data; or pass nonfinite='skip' or 'stop' to make_train_step."

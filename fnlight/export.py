@@ -108,11 +108,14 @@ def to_onnx(
 
     with _eval_mode(model) as module:
         program = _export(module, inputs, dynamic_batch, where)
-        outputs = len(program.graph_signature.user_outputs)
+        outputs = _tensor_outputs(program)
         if output_names is not None and len(output_names) != outputs:
+            left = len(program.graph_signature.user_outputs) - outputs
+            plural, verb = ("s", "are") if left != 1 else ("", "is")
+            constants = f" ({left} None or constant output{plural} of the model {verb} not in the file)" if left else ""
             raise ValueError(
-                f"{where}: output_names must name each of the model's {outputs} outputs, "
-                f"got {len(output_names)}: {output_names!r}"
+                f"{where}: output_names must name each of the file's {outputs} outputs, the model's tensor "
+                f"outputs{constants}; got {len(output_names)}: {output_names!r}"
             )
         nbytes = sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
         with warnings.catch_warnings():
@@ -237,6 +240,14 @@ def to_torchscript(
         with _staged(target) as tmp:
             torch.jit.save(compiled, tmp)
     return target
+
+
+def _tensor_outputs(program: Any) -> int:
+    """How many of an exported program's user outputs are tensors (the ONNX file's outputs; None and constants are dropped)."""
+    from torch.export.graph_signature import OutputKind, TensorArgument
+
+    specs = program.graph_signature.output_specs
+    return sum(1 for spec in specs if spec.kind == OutputKind.USER_OUTPUT and isinstance(spec.arg, TensorArgument))
 
 
 def _check_model(model: Any, where: str) -> None:

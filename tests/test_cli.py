@@ -403,6 +403,13 @@ def test_recipe_values_are_checked(options, match):
         Recipe(**options)
 
 
+def test_recipe_sections_must_be_their_classes():
+    with pytest.raises(ConfigError, match=r"recipe\.checkpoint must be a CheckpointConfig, got dict: \{'every': 5\}"):
+        Recipe(checkpoint={"every": 5})
+    with pytest.raises(ConfigError, match=r"recipe\.early_stop must be an EarlyStopConfig or None, got dict"):
+        Recipe(early_stop={"patience": 2})
+
+
 @pytest.mark.parametrize(
     ("options", "data", "match"),
     [
@@ -507,6 +514,53 @@ def test_subcommands_refuse_what_they_cannot_run(config, tmp_path):
         run("validate", "--ckpt_path", "best", "--recipe.checkpoint.monitor", "val/accuracy")
     with pytest.raises(ConfigError, match=r"validate: the checkpoint does not fit this config's model.*--config .*config\.yaml"):
         run("validate", "--model.init_args.out_features", "5")
+    with pytest.raises(ConfigError, match=r"validate: the checkpoint '.*run\.yaml' cannot be read: .*not an fnlight checkpoint"):
+        run("validate", "--ckpt_path", str(config))
+
+
+class WithCount(TwoHeads):
+    """Trains on logits; predicts {"logits": ..., "n": 3}, an output that is not a tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict:
+        logits = super().forward(x)[0]
+        return {"logits": logits, "n": 3} if torch.is_inference_mode_enabled() else logits
+
+
+def test_predict_refuses_an_output_that_is_not_a_batch_of_tensors(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", epochs=1)
+    model = ["--model", f"{HERE}.WithCount"]
+    cli("fit", "--config", str(config), *model)
+    with pytest.raises(ConfigError, match=r"predict: the model's output\['n'\] is int: 3; .*a tensor with a batch dimension"):
+        cli("predict", "--config", str(config), *model)
+    assert main(["predict", "--config", str(config), *model]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra", "match"),
+    [
+        (5, [], r"fit: recipe in .*\.yaml must be a mapping of Recipe fields, got int: 5"),
+        ([1, 2], [], r"fit: recipe in .*\.yaml must be a mapping of Recipe fields, got list: \[1, 2\]"),
+        (5, ["--recipe.seed", "3"], r"fit: recipe in .*\.yaml must be a mapping"),  # was replaced by the defaults
+        ({"checkpoint": 7}, [], r"fit: recipe\.checkpoint in .*\.yaml must be a mapping of CheckpointConfig fields, got int: 7"),
+    ],
+)
+def test_a_recipe_section_that_is_not_a_mapping_is_refused(tmp_path, recipe, extra, match, capsys):
+    path = tmp_path / "bad.yaml"
+    config = yaml.safe_load(write_config(path, tmp_path / "run").read_text())
+    path.write_text(yaml.safe_dump(config | {"recipe": recipe}))
+    with pytest.raises(ConfigError, match=match):
+        cli("fit", "--config", str(path), *extra)
+    assert main(["fit", "--config", str(path), *extra]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_epoch_printed_at_a_folds_end_is_the_one_just_trained(config, capsys):
+    unsized = ["--data", f"{HERE}.Unsized", "--recipe.checkpoint.every", "4"]
+    cli("fit", "--config", str(config), *unsized, "--recipe.log_every", "100")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert lines and all(line.startswith("epoch    2  update       8") for line in lines), lines  # 2 epochs of 4
 
 
 def test_constructor_arguments_are_checked():

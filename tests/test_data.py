@@ -179,3 +179,16 @@ def test_fold_refuses_a_loader_whose_ranks_would_take_different_numbers_of_steps
     dropped = fl.Loader((x, y), batch_size=2, rank=0, world_size=2, drop_last=True)
     for fine in (dropped, fl.Loader((x, y), batch_size=8, world_size=2, rank=1)):  # one batch on every rank
         assert int(fl.fold(step, step.init(), fine, progress=False).step) == len(fine)
+
+
+def test_a_dict_or_a_list_of_tensors_is_refused_with_the_tuple_form():
+    x, y = torch.randn(100, 3), torch.randint(0, 2, (100,))
+    with pytest.raises(TypeError, match=r"Loader: got a mapping keyed by name \(\['x', 'y'\]\).*pass a tuple"):
+        fl.Loader({"x": x, "y": y}, batch_size=16)
+    with pytest.raises(TypeError, match=r"Loader: got a list of 2 tensors of different shapes.*pass a tuple"):
+        fl.Loader([x, y], batch_size=16)
+    samples = [torch.full((3,), float(i)) for i in range(10)]  # a list of samples is a dataset
+    assert [b.shape for b in fl.Loader(samples, batch_size=4, shuffle=False).iter_epoch(0)] == [(4, 3), (4, 3), (2, 3)]
+    ragged = [torch.zeros(i + 1) for i in range(4)]  # samples of different sizes with a collate_fn of their own
+    loader = fl.Loader(ragged, batch_size=2, shuffle=False, collate_fn=lambda items: [len(t) for t in items])
+    assert list(loader.iter_epoch(0)) == [[1, 2], [3, 4]]

@@ -223,9 +223,28 @@ def test_an_onnx_file_that_fails_the_checker_is_not_written(tmp_path, monkeypatc
 
 
 def test_onnx_output_names_must_match_the_outputs(tmp_path):
-    with pytest.raises(ValueError, match=r"to_onnx: output_names must name each of the model's 1 outputs, got 2: \['y', 'z'\]"):
+    match = r"output_names must name each of the file's 1 outputs, the model's tensor outputs; got 2: \['y', 'z'\]"
+    with pytest.raises(ValueError, match=match):
         fx.to_onnx(nn.Linear(3, 2), torch.randn(4, 3), tmp_path / "m.onnx", dynamic_batch=False, output_names=["y", "z"])
     assert os.listdir(tmp_path) == []
+
+
+class WithNone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.linear(x), None
+
+
+def test_onnx_output_names_name_the_files_outputs_not_a_none_output(tmp_path):
+    path = fx.to_onnx(WithNone(), torch.randn(2, 4), tmp_path / "m.onnx", output_names=["y"])
+    session = pytest.importorskip("onnxruntime").InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["y"]
+    match = r"each of the file's 1 outputs, the model's tensor outputs \(1 None or constant output of the model is not in"
+    with pytest.raises(ValueError, match=match):
+        fx.to_onnx(WithNone(), torch.randn(2, 4), tmp_path / "n.onnx", output_names=["y", "ghost"])
 
 
 def test_onnx_opset_the_exporter_cannot_produce_is_an_error(tmp_path, monkeypatch):

@@ -341,3 +341,13 @@ def test_plot_without_matplotlib_names_the_package(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"LRFinderResult\.plot needs matplotlib: pip install 'fnlight\[plot\]'"):
         result.plot(tmp_path / "lr.png")
     assert not (tmp_path / "lr.png").exists()
+
+
+def test_the_suggestion_leaves_out_the_non_finite_losses_that_end_a_sweep():
+    data, critical = regression()
+    result = lr_find(linear_step(), linear_step().init(), data, start=1e-3, end=1e6, skip_end=0, diverge=None)
+    assert result.diverged and not math.isfinite(result.smoothed[-1])  # the sweep ends on a NaN/inf loss
+    finite = [(lr, v) for lr, v in zip(result.lrs, result.smoothed) if math.isfinite(v)][10:]  # skip_start=10
+    window = torch.tensor([v for _, v in finite], dtype=torch.float64)
+    assert result.suggestion == finite[int(torch.argmin(torch.gradient(window)[0]))][0]
+    assert result.suggestion < critical

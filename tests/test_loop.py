@@ -434,7 +434,7 @@ def test_a_signal_during_the_epoch_end_that_max_steps_runs_preempts_and_saves(tm
             yield torch.randn(8, 4), torch.randint(0, 2, (8,))
 
     step = _eval_stack(tmp_path, Val())
-    with pytest.raises(fl.Preempted, match=r"SIGTERM received; stopped after update 4 \(epoch 1, 0 batches into it\)") as info:
+    with pytest.raises(fl.Preempted, match=r"SIGTERM received; stopped after update 4 \(epoch index 1, 0 batches into") as info:
         fl.fold(step, step.init(seed=0), _four_batches(), epochs=2, max_steps=4, progress=False)
     assert int(info.value.state.step) == 4 and int(info.value.state.data.epoch) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000000004.ckpt"]
@@ -594,7 +594,7 @@ def test_a_signal_during_an_epoch_end_preempts_naming_the_update_and_the_checkpo
     step = _eval_stack(tmp_path, _SignalOnIteration())
     with pytest.raises(
         fl.Preempted,
-        match=r"SIGTERM received; stopped after update 4 \(epoch 1, 0 batches into it\).* saved .*step-000000004\.ckpt",
+        match=r"SIGTERM received; stopped after update 4 \(epoch index 1, 0 batches into it\).* saved .*step-000000004\.ckpt",
     ):
         fl.fold(step, step.init(seed=0), _four_batches(), epochs=2, progress=False)
 
@@ -613,5 +613,5 @@ def test_a_signal_during_the_epoch_end_a_resumed_fold_runs_at_max_steps_preempts
     with pytest.raises(Killed):  # the checkpoint of update 4 is written inside the step, before the epoch end
         fl.fold(step, step.init(seed=0), data, epochs=3, max_steps=4, progress=False)
     step = _eval_stack(tmp_path, _SignalOnIteration())  # the same script again, preempted at the resumed epoch end
-    with pytest.raises(fl.Preempted, match=r"SIGTERM received; stopped after update 4 \(epoch 1, 0 batches into it\)"):
+    with pytest.raises(fl.Preempted, match=r"SIGTERM received; stopped after update 4 \(epoch index 1, 0 batches into it\)"):
         fl.fold(step, step.init(seed=0), data, epochs=3, max_steps=4, progress=False)

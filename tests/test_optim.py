@@ -567,3 +567,98 @@ def test_a_schedule_giving_a_negative_or_nonfinite_learning_rate_raises_before_t
 def test_an_int_too_large_for_a_float_is_refused_with_the_option_named():
     with pytest.raises(ValueError, match=r"fnlight.optim.adamw: weight_decay must be in \[0.0, inf\), got 1000"):
         optim.adamw(1e-3, weight_decay=10**400)
+
+
+def test_rmsprop_on_float16_parameters_computes_in_float32():
+    """torch's multi-tensor RMSprop divides in fp16, where eps (1e-8) is 0: NaN where gradient and average are 0."""
+    w = torch.linspace(-1, 1, 64).to(torch.float16)
+    grads = [torch.linspace(-2, 3, 64).to(torch.float16) * (i + 1) for i in range(3)]
+    for g in grads:
+        g[::5] = 0
+    lr, alpha, eps, mom = 0.01, 0.9, 1e-8, 0.5
+    p, sq, mb = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
+    for g in grads:  # hand-written float32 arithmetic, rounded to float16 after each update
+        g32 = g.float()
+        sq32 = sq.float() * alpha + (1 - alpha) * g32 * g32
+        mb32 = mb.float() * mom + g32 / (sq32.sqrt() + eps)
+        p, sq, mb = (p.float() - lr * mb32).half(), sq32.half(), mb32.half()
+    opt = optim.rmsprop(lr, alpha=alpha, eps=eps, momentum=mom)
+    params = {"w": w.clone()}
+    state = opt.init(params)
+    for g in grads:
+        params, state = opt.apply(params, {"w": g.clone()}, state, inplace=False)
+    assert params["w"].dtype == torch.float16 and bool(params["w"].isfinite().all())
+    torch.testing.assert_close(params["w"], p, rtol=0, atol=1e-3)
+    torch.testing.assert_close(state.square_avg["w"], sq, rtol=0, atol=0)
+
+
+def test_a_schedule_may_return_a_float_and_must_return_a_number():
+    opt = optim.sgd(lambda c: 0.1 * 0.5 ** int(c))
+    params, state = {"w": torch.ones(2)}, opt.init({"w": torch.ones(2)})
+    for _ in range(2):
+        params, state = opt.apply(params, {"w": torch.ones(2)}, state, inplace=False)
+    expected = torch.ones(2).add_(torch.ones(2), alpha=-0.1).add_(torch.ones(2), alpha=-0.05)
+    assert torch.equal(params["w"], expected) and float(state.hparams["lr"]) == 0.05
+    with pytest.raises(TypeError, match=r"schedule '.*<lambda>' must return a 0-d tensor or a float, got str: 'x'"):
+        optim.adam(lambda c: "x").init(params)
+
+
+OPTIMIZERS_AND_FIELDS = [
+    (lambda: optim.sgd(0.1, momentum=0.9), "momentum_buffer"),
+    (lambda: optim.adam(0.1, amsgrad=True), "nu_max"),
+    (lambda: optim.adamw(0.1), "mu"),
+    (lambda: optim.rmsprop(0.1, centered=True, momentum=0.5), "grad_avg"),
+    (lambda: optim.adagrad(0.1), "sum_of_squares"),
+]
+
+
+@pytest.mark.parametrize(("make", "field"), OPTIMIZERS_AND_FIELDS)
+def test_apply_refuses_state_and_gradients_that_do_not_fit_the_parameters(make, field):
+    # torch's fused kernels do not check sizes: a smaller state or gradient was read and written out of bounds
+    opt = make()
+    params = {"w": torch.zeros(100, 3)}
+    small = opt.init({"w": torch.zeros(2, 3)})
+    where = r"fnlight\.optim\.\w+"
+    with pytest.raises(ValueError, match=rf"{where}: state\.\w+\['w'\] has shape \(2, 3\), the parameter has \(100, 3\)"):
+        opt.apply(params, {"w": torch.zeros(100, 3)}, small, inplace=False)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=rf"{where}: grads\['w'\] has shape \(3, 100\), the parameter has \(100, 3\)"):
+        opt.apply(params, {"w": torch.zeros(3, 100)}, state, inplace=False)
+    with pytest.raises(ValueError, match=rf"{where}: grads has no entry for parameter 'w'"):
+        opt.apply(params, {"v": torch.zeros(100, 3)}, state, inplace=False)
+    with pytest.raises(ValueError, match=rf"{where}: state\.{field} has no entry for parameter 'w'"):
+        opt.apply(params, {"w": torch.zeros(100, 3)}, state._replace(**{field: {}}), inplace=False)
+
+
+def test_apply_refuses_another_optimizers_state_or_other_options():
+    params, grads = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    with pytest.raises(TypeError, match=r"fnlight\.optim\.adamw: the optimizer state must be the AdamState .* got SgdState"):
+        optim.adamw(0.1).apply(params, grads, optim.sgd(0.1).init(params), inplace=False)
+    with pytest.raises(ValueError, match=r"fnlight\.optim\.sgd: state\.momentum_buffer must be empty with these options"):
+        optim.sgd(0.1).apply(params, grads, optim.sgd(0.1, momentum=0.9).init(params), inplace=False)
+    with pytest.raises(ValueError, match=r"fnlight\.optim\.adam: state\.nu_max has no entry for parameter 'w'"):
+        optim.adam(0.1, amsgrad=True).apply(params, grads, optim.adam(0.1).init(params), inplace=False)
+    chained = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1))
+    with pytest.raises(TypeError, match=r"chain\(\): the state must be the tuple of the 2 parts' states .* got SgdState"):
+        chained.apply(params, grads, optim.sgd(0.1).init(params), inplace=False)
+    with pytest.raises(TypeError, match=r"got a tuple of 1"):
+        chained.check(params, (optim.sgd(0.1).init(params),))
+
+
+def test_a_train_step_checks_a_state_it_did_not_produce_also_inside_a_fold():
+    torch.manual_seed(0)
+    step = fl.make_train_step(nn.Linear(4, 2), fl.losses.mse, optim.sgd(0.1, momentum=0.9))
+    state = step.init()
+    batches = [(torch.randn(8, 4), torch.randn(8, 2))] * 3
+    wider = fl.make_train_step(nn.Linear(4, 64), fl.losses.mse, optim.sgd(0.1, momentum=0.9)).init()
+    edited = state.replace(opt_state=wider.opt_state)  # momentum buffers (64, 4) for a (2, 4) parameter
+    match = r"fnlight\.optim\.sgd: state\.momentum_buffer\['weight'\] has shape \(64, 4\), the parameter has \(2, 4\)"
+    with pytest.raises(ValueError, match=match):
+        fl.fold(step, edited, batches, progress=False)  # in place: the fold's first update is checked
+    with pytest.raises(ValueError, match=match):
+        step(edited, batches[0])
+    calls = []
+    check = step._check_opt
+    step._check_opt = lambda *a: (calls.append(1), check(*a))
+    fl.fold(step, state, batches, progress=False)
+    assert calls == [1]  # the fold's later updates apply states the step produced: not checked again

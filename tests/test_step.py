@@ -284,7 +284,7 @@ def test_nonfinite_loss_raises_naming_update_and_tensors(batches):
     step = fl.make_train_step(make_bn_mlp(), nan_on(batches[2]), adamw(1e-2))
     with pytest.raises(
         fl.NonFiniteError,
-        match=r"non-finite values at update 2 \(epoch 0, 3 batches into it\): loss = nan; gradients with NaN/inf: 0.weight",
+        match=r"non-finite values at update 2 \(epoch index 0, 3 batches into it\): loss = nan; gradients with NaN/inf: 0.weight",
     ):
         fl.fold(step, step.init(), batches, progress=False)
 

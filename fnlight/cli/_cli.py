@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import optree
 import torch
+import yaml
 from torch import nn
 
 from .._interop import to_module
@@ -188,6 +189,7 @@ class FnlightCLI:
         parsed = self.parser.parse_args(args)
         self.subcommand: str = parsed.subcommand
         self.config: Namespace = parsed[self.subcommand]
+        _check_sections(self.config, self.subcommand)
         self.state: TrainState | None = None
         self.checkpoint: Path | None = None
         self.metrics: dict[str, float] = {}
@@ -249,7 +251,9 @@ class FnlightCLI:
         def record(state: TrainState, metrics: dict[str, Any]) -> None:
             self.metrics = _scalars(metrics)
             values = "  ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
-            print(f"epoch {int(state.data.epoch) + 1:4d}  update {int(state.step):7d}  {values}", flush=True)
+            # the epoch the update belongs to, counted from 1: at an epoch's end (batch 0) the fold has moved past it
+            epoch = int(state.data.epoch) + (1 if int(state.data.batch) or not int(state.data.epoch) else 0)
+            print(f"epoch {epoch:4d}  update {int(state.step):7d}  {values}", flush=True)
 
         observers = [Observer(record, steps=per_epoch or recipe.log_every)]
         final = fold(
@@ -280,6 +284,8 @@ class FnlightCLI:
                 f"{sub}: the checkpoint does not fit this config's model, optimizer and transforms; pass the config it "
                 f"was trained with (--config {self.checkpoint_dir / CONFIG_NAME}). {e}"
             ) from e
+        except (CheckpointError, OSError) as e:
+            raise ConfigError(f"{sub}: the checkpoint {str(path)!r} cannot be read: {e}") from e
         self.checkpoint, self.state = path, state
         return inner, state
 
@@ -349,6 +355,14 @@ class FnlightCLI:
                 outputs.append(module(batch[0] if isinstance(batch, (tuple, list)) else batch))
         if not outputs:
             raise ConfigError(f"predict: {type(self.data).__name__}.predict() gave no batches")
+        for path, value in zip(*optree.tree_flatten_with_path(outputs[0], none_is_leaf=True)[:2]):
+            if not (isinstance(value, torch.Tensor) and value.dim() > 0):
+                got = "a 0-d tensor" if isinstance(value, torch.Tensor) else f"{type(value).__name__}: {value!r}"
+                where = "".join(f"[{k!r}]" for k in path) or " itself"
+                raise ConfigError(
+                    f"predict: the model's output{where} is {got}; predict concatenates the outputs of the batches "
+                    f"along their first dimension, so every output must be a tensor with a batch dimension"
+                )
         predictions = optree.tree_map(lambda *parts: torch.cat(parts), *outputs)
         output = Path(self.output or self.run_dir / "predictions.pt")
         if output.suffix == ".npy" and not isinstance(predictions, torch.Tensor):
@@ -406,3 +420,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if added:
             sys.path.remove(os.getcwd())
     return 0
+
+
+def _check_sections(config: Namespace, sub: str) -> None:
+    """Refuse a recipe section, or its checkpoint/early_stop section, that is not a mapping.
+
+    jsonargparse crashes on such a section, or replaces it by the defaults when the command
+    line overrides one of its keys, so the config files given are read for them as well.
+    """
+    expected = {"recipe": "Recipe", "recipe.checkpoint": "CheckpointConfig", "recipe.early_stop": "EarlyStopConfig"}
+    for path in config.get("config") or []:
+        try:
+            content = yaml.safe_load(Path(os.fspath(path)).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the parser has read it already; what it could not read it reported
+        recipe = content.get("recipe") if isinstance(content, dict) else None
+        sections = {"recipe": recipe}
+        if isinstance(recipe, dict):
+            sections.update({f"recipe.{k}": recipe.get(k, {}) for k in ("checkpoint", "early_stop")})
+        for key, value in sections.items():
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(
+                    f"{sub}: {key} in {path} must be a mapping of {expected[key]} fields, got {type(value).__name__}: {value!r}"
+                )
+    recipe = config.get("recipe")
+    if not isinstance(recipe, Namespace):
+        raise ConfigError(f"{sub}: recipe must be a mapping of Recipe fields, got {type(recipe).__name__}: {recipe!r}")
+    for key, allowed_none in (("checkpoint", False), ("early_stop", True)):
+        value = recipe.get(key)
+        if not (isinstance(value, Namespace) or (allowed_none and value is None)):
+            raise ConfigError(
+                f"{sub}: recipe.{key} must be a mapping of {expected['recipe.' + key]} fields, "
+                f"got {type(value).__name__}: {value!r}"
+            )

@@ -166,6 +166,13 @@ class Recipe:
             raise ConfigError(f"recipe.run_dir must be a non-empty path, got {self.run_dir!r}")
         if not callable(self.loss):
             raise ConfigError(f"recipe.loss must be a function loss_fn(model, batch), got {self.loss!r}")
+        if not isinstance(self.checkpoint, CheckpointConfig):
+            got = f"{type(self.checkpoint).__name__}: {self.checkpoint!r}"
+            raise ConfigError(f"recipe.checkpoint must be a CheckpointConfig, got {got}")
+        if self.early_stop is not None and not isinstance(self.early_stop, EarlyStopConfig):
+            raise ConfigError(
+                f"recipe.early_stop must be an EarlyStopConfig or None, got {type(self.early_stop).__name__}: {self.early_stop!r}"
+            )
         for f in dataclasses.fields(self):
             choices = get_args(f.type) if get_origin(f.type) is Literal else ()
             if choices and getattr(self, f.name) not in choices:

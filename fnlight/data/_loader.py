@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,22 @@ class Loader:
             self.tensors = dataset
             if collate_fn is not None or num_workers:
                 raise ValueError("Loader: collate_fn and num_workers apply to map-style datasets, not to a tuple of tensors")
+        elif isinstance(dataset, Mapping) and any(isinstance(k, str) for k in dataset):
+            raise TypeError(
+                f"Loader: got a mapping keyed by name ({sorted(map(str, dataset))[:4]}), which is read as a dataset "
+                f"indexed 0..{len(dataset) - 1}; for named tensors pass a tuple, e.g. Loader((x, y), batch_size=...)"
+            )
+        elif (
+            isinstance(dataset, list)
+            and collate_fn is None
+            and all(isinstance(t, Tensor) for t in dataset)
+            and len({t.shape for t in dataset}) > 1
+        ):
+            raise TypeError(
+                f"Loader: got a list of {len(dataset)} tensors of different shapes, which the default collate cannot "
+                f"batch as samples; for a dataset of several tensors (inputs, targets) pass a tuple, e.g. "
+                f"Loader((x, y), batch_size=...); for samples of different sizes pass a collate_fn"
+            )
         elif not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(
                 f"Loader: dataset must be a tuple of tensors or a map-style dataset (__getitem__ and __len__), "

@@ -30,8 +30,8 @@ class LRFinderResult:
         losses: the training loss of each update (the loss of the batch *before* the update
             with that learning rate, as the step reports it).
         smoothed: the exponentially smoothed, bias-corrected losses.
-        suggestion: the learning rate at the steepest descent of ``smoothed`` (``None`` when
-            too few updates remain after skipping the first and last ones).
+        suggestion: the learning rate at the steepest descent of ``smoothed``, over its finite
+            values (``None`` when fewer than two remain after skipping the first and last ones).
         diverged: whether the sweep stopped early because the loss diverged.
     """
 
@@ -116,10 +116,11 @@ def _batches(data: Iterable[Any]) -> Iterator[Any]:
 def _suggest(lrs: list[float], smoothed: list[float], skip_start: int, skip_end: int) -> float | None:
     """The learning rate where the smoothed loss falls fastest (per step of the log-spaced sweep)."""
     end = len(smoothed) - skip_end
-    window = torch.tensor(smoothed[skip_start:end], dtype=torch.float64)
-    if window.numel() < 2 or not bool(torch.isfinite(window).all()):
+    kept = [(lr, v) for lr, v in zip(lrs[skip_start:end], smoothed[skip_start:end], strict=True) if math.isfinite(v)]
+    if len(kept) < 2:  # the updates that diverged (a non-finite loss ends the sweep) are left out, as Lightning does
         return None
-    return lrs[skip_start + int(torch.argmin(torch.gradient(window)[0]))]
+    window = torch.tensor([v for _, v in kept], dtype=torch.float64)
+    return kept[int(torch.argmin(torch.gradient(window)[0]))][0]
 
 
 def _positive_int(name: str, value: Any, *, low: int) -> int:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
+from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, check_state, hparam, resolve_lr
 from ._kernels import check_mask, clone_all, half_on_cpu, initial_lr, merge, shard_local, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import adagrad_math, copy_back, decayed_flags, resolve_lr_tensor
@@ -88,9 +88,14 @@ def adagrad(
             },
         )
 
+    def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
+        check_state(where, params, state, AdagradState, {"sum_of_squares": True}, grads)
+
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: AdagradState, *, inplace: bool
     ) -> tuple[dict[str, Tensor], AdagradState]:
+        if not inplace and not torch.compiler.is_compiling():  # a direct call (the fold's step checks once: Optimizer)
+            check(params, state, grads)
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         sums = [state.sum_of_squares[n] for n in names]
@@ -123,7 +128,7 @@ def adagrad(
                 )
         return dict(zip(names, ps, strict=True)), AdagradState(count, merge(state.sum_of_squares, names, sums), hp)
 
-    return Optimizer(init, apply)
+    return Optimizer(init, apply, check)
 
 
 def _adagrad_in_float32(

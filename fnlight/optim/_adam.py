@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
+from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, check_state, hparam, resolve_lr
 from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import adam_math, copy_back, decayed_flags, resolve_lr_tensor
@@ -88,9 +88,14 @@ def _make(
         )
         return dict(zip(names, ps, strict=True)), new_state
 
+    def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
+        check_state(where, params, state, AdamState, {"mu": True, "nu": True, "nu_max": amsgrad}, grads)
+
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: AdamState, *, inplace: bool
     ) -> tuple[dict[str, Tensor], AdamState]:
+        if not inplace and not torch.compiler.is_compiling():  # a direct call (the fold's step checks once: Optimizer)
+            check(params, state, grads)
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         mu, nu = [state.mu[n] for n in names], [state.nu[n] for n in names]
@@ -126,7 +131,7 @@ def _make(
                 )
         return finish(state, count, names, ps, mu, nu, vmax, hp)
 
-    return Optimizer(init, apply)
+    return Optimizer(init, apply, check)
 
 
 def adam(

@@ -51,10 +51,67 @@ class Optimizer(NamedTuple):
     tensors are returned. With ``inplace=True`` (inside :func:`fnlight.fold`, which
     owns its states) the parameters and the optimizer state are updated in place by
     torch's fused or multi-tensor kernels and returned.
+
+    ``check(params, state)``, optional, raises when ``state`` cannot be applied to
+    ``params`` (another optimizer's state, a missing entry, another shape). The built-in
+    optimizers run it on every direct call; a train step runs it when it is given a state
+    it did not produce itself (the first update of a fold, a state edited in between), not
+    on every update of a fold: torch's fused kernels do not check shapes, and a parameter
+    and its moments of different sizes would make them read and write out of bounds.
     """
 
     init: Callable[[Params], Any]
     apply: Callable[..., tuple[Params, Any]]
+    check: Callable[[Params, Any], None] | None = None
+
+
+def check_state(
+    where: str,
+    params: Mapping[str, Tensor],
+    state: Any,
+    expected: type,
+    fields: Mapping[str, bool],
+    grads: Mapping[str, Tensor] | None = None,
+) -> None:
+    """Raise unless ``state`` is an ``expected`` whose per-parameter ``fields`` fit ``params``.
+
+    ``fields`` maps each per-parameter field of the state to whether these options use it
+    (an unused one must be empty, as ``init`` built it). ``grads``, when given, must have
+    every parameter's shape too. One comparison of shapes per tensor.
+    """
+    if type(state) is not expected:
+        raise TypeError(
+            f"{where}: the optimizer state must be the {expected.__name__} that {where}'s init builds, "
+            f"got {type(state).__name__}; build the state with the optimizer the step applies (step.init())"
+        )
+    for field, used in fields.items():
+        entries = getattr(state, field)
+        if not used:
+            if entries:
+                raise ValueError(
+                    f"{where}: state.{field} must be empty with these options, got entries for {sorted(entries)[:3]}: "
+                    f"the state was built by the same optimizer with other options"
+                )
+            continue
+        for name, p in params.items():
+            t = entries.get(name)
+            if t is None:
+                raise ValueError(
+                    f"{where}: state.{field} has no entry for parameter {name!r}: the state was built for other "
+                    f"parameters, or by the same optimizer with other options"
+                )
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"{where}: state.{field}[{name!r}] has shape {tuple(t.shape)}, the parameter has {tuple(p.shape)}: "
+                    f"the state was built for other parameters"
+                )
+    if grads is not None:
+        for name, p in params.items():
+            g = grads.get(name)
+            if g is None:
+                raise ValueError(f"{where}: grads has no entry for parameter {name!r} (grads: {sorted(grads)[:5]})")
+            if g.shape != p.shape:
+                raise ValueError(f"{where}: grads[{name!r}] has shape {tuple(g.shape)}, the parameter has {tuple(p.shape)}")
 
 
 def hparam(value: float) -> Tensor:
@@ -95,10 +152,27 @@ def check_lr(learning_rate: Any, *, where: str) -> ScalarOrSchedule:
     return check_hparam("learning_rate", learning_rate, where=where)
 
 
+def scheduled(learning_rate: Schedule, count: Tensor) -> Tensor:
+    """A schedule's learning rate after ``count`` updates as a 0-d float64 tensor (a float returned is accepted).
+
+    >>> scheduled(lambda c: 0.1 * 0.5 ** int(c), torch.tensor(2))
+    tensor(0.0250, dtype=torch.float64)
+    """
+    value = learning_rate(count)
+    if isinstance(value, Tensor):
+        return value.to(torch.float64)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"learning-rate schedule {getattr(learning_rate, '__qualname__', learning_rate)!r} must return a 0-d tensor "
+            f"or a float, got {type(value).__name__}: {value!r} for the update after {int(count)} updates"
+        )
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
 def resolve_lr(learning_rate: ScalarOrSchedule, count: Tensor, hparams: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
     """The learning rate for the update after ``count`` updates, and the hparams to store."""
     if callable(learning_rate):
-        lr_t = learning_rate(count).to(torch.float64)
+        lr_t = scheduled(learning_rate, count)
         lr = float(lr_t)
         if not (math.isfinite(lr) and lr >= 0.0):  # checked before the update: the state is left as it was
             raise ValueError(
@@ -135,7 +209,16 @@ def chain(*parts: GradientTransformation | Optimizer) -> Optimizer:
     def init(params: Params) -> tuple[Any, ...]:
         return tuple(t.init(params) for t in transforms) + (last.init(params),)
 
+    def check(params: Params, state: Any) -> None:
+        if type(state) is not tuple or len(state) != len(parts):
+            got = f"a tuple of {len(state)}" if type(state) is tuple else type(state).__name__
+            raise TypeError(f"chain(): the state must be the tuple of the {len(parts)} parts' states that init builds, got {got}")
+        if last.check is not None:
+            last.check(params, state[-1])
+
     def apply(params: Params, grads: Params, state: tuple[Any, ...], *, inplace: bool) -> tuple[Params, tuple[Any, ...]]:
+        if not inplace:
+            check(params, state)
         new_states = []
         for t, s in zip(transforms, state):
             grads, s = t.update(grads, s, params)
@@ -143,4 +226,4 @@ def chain(*parts: GradientTransformation | Optimizer) -> Optimizer:
         params, s = last.apply(params, grads, state[-1], inplace=inplace)
         return params, (*new_states, s)
 
-    return Optimizer(init, apply)
+    return Optimizer(init, apply, check)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._base import scheduled
 from ._masks import MaskFn, split_by_mask
 
 __all__ = ["check_bool", "check_mask", "clone_all", "group_indices", "initial_lr", "merge", "shard_local", "weight_decay_groups"]
@@ -129,5 +130,5 @@ def initial_lr(learning_rate: Any) -> Tensor:
     (tensor(0.5000, dtype=torch.float64), tensor(0.1000, dtype=torch.float64))
     """
     if callable(learning_rate):
-        return torch.as_tensor(learning_rate(torch.zeros((), dtype=torch.int64))).detach().to(torch.float64).clone()
+        return scheduled(learning_rate, torch.zeros((), dtype=torch.int64)).detach().clone()
     return torch.tensor(float(learning_rate), dtype=torch.float64)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
+from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, check_state, hparam, resolve_lr
 from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import copy_back, decayed_flags, resolve_lr_tensor, rmsprop_math
@@ -149,9 +149,15 @@ def rmsprop(
         )
         return dict(zip(names, ps, strict=True)), new_state
 
+    def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
+        fields = {"square_avg": True, "grad_avg": centered, "momentum_buffer": use_momentum}
+        check_state(where, params, state, RmspropState, fields, grads)
+
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: RmspropState, *, inplace: bool
     ) -> tuple[dict[str, Tensor], RmspropState]:
+        if not inplace and not torch.compiler.is_compiling():  # a direct call (the fold's step checks once: Optimizer)
+            check(params, state, grads)
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         sq = [state.square_avg[n] for n in names]
@@ -168,7 +174,10 @@ def rmsprop(
         lr, hp = resolve_lr(learning_rate, state.count, state.hparams)
         opts = dict(lr=lr, alpha=float(hp["alpha"]), eps=float(hp["eps"]), momentum=float(hp["momentum"]))
         for group_wd, groups in weight_decay_groups(names, ps, mask, float(hp["weight_decay"])):
-            for idx in groups.values():
+            for (_, dtype), idx in groups.items():
+                if dtype == torch.float16:
+                    _in_float32(idx, ps, gs, sq, ga, mb, group_wd, hp, lr)
+                    continue
                 _update(
                     [ps[i] for i in idx],
                     [gs[i] for i in idx],
@@ -180,4 +189,40 @@ def rmsprop(
                 )
         return finish(state, names, ps, sq, ga, mb, hp)
 
-    return Optimizer(init, apply)
+    return Optimizer(init, apply, check)
+
+
+def _in_float32(
+    idx: list[int],
+    ps: list[Tensor],
+    gs: list[Tensor],
+    sq: list[Tensor],
+    ga: list[Tensor],
+    mb: list[Tensor],
+    weight_decay: float,
+    hp: dict[str, Tensor],
+    lr: float,
+) -> None:
+    """RMSprop on the float16 tensors ``idx``, in place, computed in float32 and stored back in float16.
+
+    torch's multi-tensor RMSprop computes in the parameters' dtype, where ``eps`` (1e-8) is 0:
+    a zero gradient on a zero average gives 0/0 = NaN, and a gradient whose square underflows
+    gives an infinity ("true" fp16 mode). Adam's fused kernel computes in float32 for the
+    same reason.
+    """
+    pick = lambda ts: [ts[i] for i in idx] if ts else []
+    sub, sub_sq, sub_ga, sub_mb = pick(ps), pick(sq), pick(ga), pick(mb)
+    wide = lambda ts: [t.float() for t in ts]
+    hparams = {**hp, "weight_decay": torch.tensor(weight_decay, dtype=torch.float64)}
+    new = rmsprop_math(
+        wide(sub),
+        wide(pick(gs)),
+        wide(sub_sq),
+        wide(sub_ga),
+        wide(sub_mb),
+        [True] * len(idx),
+        lr=torch.tensor(lr, dtype=torch.float64),
+        hparams=hparams,
+    )
+    for old, fresh in zip((sub, sub_sq, sub_ga, sub_mb), new, strict=True):
+        copy_back(old, fresh)

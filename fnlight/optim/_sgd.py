@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, hparam, resolve_lr
+from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, check_state, hparam, resolve_lr
 from ._kernels import check_bool, check_mask, clone_all, half_on_cpu, initial_lr, merge, shard_local, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import copy_back, decayed_flags, resolve_lr_tensor, sgd_math
@@ -98,9 +98,14 @@ def sgd(
             },
         )
 
+    def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
+        check_state(where, params, state, SgdState, {"momentum_buffer": use_momentum}, grads)
+
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: SgdState, *, inplace: bool
     ) -> tuple[dict[str, Tensor], SgdState]:
+        if not inplace and not torch.compiler.is_compiling():  # a direct call (the fold's step checks once: Optimizer)
+            check(params, state, grads)
         names = list(params)
         ps, gs = list(params.values()), [grads[n] for n in names]
         bufs = [state.momentum_buffer[n] for n in names] if use_momentum else []
@@ -138,7 +143,7 @@ def sgd(
         new_bufs = merge(state.momentum_buffer, names, bufs) if use_momentum else {}
         return dict(zip(names, ps, strict=True)), SgdState(state.count + 1, new_bufs, hp)
 
-    return Optimizer(init, apply)
+    return Optimizer(init, apply, check)
 
 
 def _sgd_in_float32(

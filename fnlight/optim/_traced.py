@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._base import ScalarOrSchedule
+from ._base import ScalarOrSchedule, scheduled
 from ._masks import MaskFn, split_by_mask
 
 __all__ = [
@@ -39,7 +39,7 @@ def resolve_lr_tensor(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The learning rate for the update after ``count`` updates as a 0-d float64 tensor, and the hparams to store."""
     if callable(learning_rate):
-        lr = learning_rate(count).to(torch.float64)
+        lr = scheduled(learning_rate, count)
         return lr, {**hparams, "lr": lr}
     return hparams["lr"], dict(hparams)
 

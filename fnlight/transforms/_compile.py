@@ -367,7 +367,7 @@ class Compiled(Transform):
 
 def _nonfinite_message(state: TrainState, loss: Tensor) -> str:
     return (
-        f"non-finite values at update {int(state.step)} (epoch {int(state.data.epoch)}, "
+        f"non-finite values at update {int(state.step)} (epoch index {int(state.data.epoch)}, "
         f"{int(state.data.batch)} batches into it): loss = {float(loss)}; the compiled step keeps its gradients "
         "inside the graph, so run this batch without with_compile to see which are non-finite. "
         "Lower the learning rate, clip gradients, check the data; or pass nonfinite='skip' or 'stop' to make_train_step."
