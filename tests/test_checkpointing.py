@@ -102,12 +102,11 @@ def test_keep_best_scores_the_last_update_of_an_epoch_by_its_epoch_end_evaluatio
     assert (int(last.data.epoch), int(last.data.batch)) == (4, 0) and fl.tree_equal(last.params, whole.params)
 
 
-def test_keep_best_warns_when_a_saved_update_has_no_score(tmp_path):
+def test_keep_best_warns_once_when_a_saved_update_has_no_score(tmp_path):
     step = build(tmp_path, every=2, keep_best=1, monitor="val/loss")  # no evaluation: no val/loss
-    with pytest.warns(RuntimeWarning, match=r"checkpoint of update [24] was saved without monitor='val/loss'") as caught:
-        fl.fold(step, step.init(), make_batches(4), progress=False)
-    expected = [f"with_checkpointing: the checkpoint of update {n}" for n in (2, 4)]
-    assert [str(w.message).split(" was")[0] for w in caught] == expected
+    with pytest.warns(RuntimeWarning, match=r"checkpoint of update 2 was saved without monitor='val/loss'.*Said once") as caught:
+        fl.fold(step, step.init(), make_batches(6), progress=False)
+    assert len([w for w in caught if "saved without monitor" in str(w.message)]) == 1  # updates 2, 4 and 6
 
 
 def test_a_preemption_saving_an_update_again_keeps_its_score(tmp_path):

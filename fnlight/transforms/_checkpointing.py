@@ -148,6 +148,7 @@ class Checkpointing(Transform):
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         self._unscored: int | None = None  # the update last saved without keep_best's monitor among its metrics
+        self._warned = False  # an unscored checkpoint is reported once per transform, not at every save
 
     def init(self, **options: Any) -> TrainState:
         """The inner initial state — or, with ``resume``, the newest valid checkpoint restored into it."""
@@ -249,14 +250,18 @@ class Checkpointing(Transform):
             self._save(state if position is None else state.replace(data=position), metrics, wait=not self.async_write)
 
     def _warn_unscored(self) -> None:
-        """Warn (once per save) that a checkpoint kept its place in keep_best's ranking without a score."""
+        """Warn (the first time only) that a checkpoint was left without a score in keep_best's ranking."""
         if self._unscored is None:
             return
         step, self._unscored = self._unscored, None
+        if self._warned:
+            return
+        self._warned = True
         warnings.warn(
             f"with_checkpointing: the checkpoint of update {step} was saved without monitor={self.monitor!r} among "
             f"the step's metrics, so keep_best ranks it last; compute {self.monitor!r} on the updates that save "
-            f"(e.g. with_eval(every=N) with the same N as every=N, or at_epoch_end=True with saves at epoch ends)",
+            f"(e.g. with_eval(every=N) with the same N as every=N, or at_epoch_end=True with saves at epoch ends). "
+            f"Said once: later checkpoints without it are not reported",
             RuntimeWarning,
             stacklevel=3,
         )
