@@ -14,7 +14,7 @@ from torch import Tensor
 from ._bind import full_tensors
 from ._donation import check_live, donating, mark_donated, unshare_lent
 from ._progress import Progress
-from ._ranks import all_sum, rank, union_of_keys, world_size
+from ._ranks import all_sum, collective, rank, union_of_keys, world_size
 from ._rng import held_generators
 from ._signals import Preempted, SignalWatch, preempt
 from ._state import NAMESPACE, TrainState
@@ -100,13 +100,15 @@ def _epoch_iterable(data: Data, epoch: int) -> Iterable[Any]:
 
 
 def _total(step: Step, data: Data, epochs: int | None, max_steps: int | None) -> int | None:
-    if max_steps is not None:
-        return max_steps
+    """The updates the fold will make at most, for the progress display: the nearer of the two bounds it knows."""
+    by_epochs = None
     if epochs is not None and hasattr(data, "__len__"):
         per_epoch = len(data)  # type: ignore[arg-type]
         updates_per = getattr(step, "updates_per", None)
-        return epochs * (updates_per(per_epoch) if updates_per else per_epoch)
-    return None
+        by_epochs = epochs * (updates_per(per_epoch) if updates_per else per_epoch)
+    if max_steps is None:
+        return by_epochs
+    return max_steps if by_epochs is None else min(max_steps, by_epochs)
 
 
 def fold(
@@ -220,6 +222,8 @@ def fold(
             "pass a re-iterable (list, DataLoader) or a function epoch -> iterable"
         )
     _check_even_shards(data)
+    if _data_parallel(step) and world_size() > 1 and not hasattr(data, "iter_epoch") and hasattr(data, "__len__"):
+        _check_equal_lengths(len(data))  # type: ignore[arg-type]
     if not isinstance(donate, bool) and donate != "model":
         raise ValueError(f"fold: donate must be True, False or 'model', got {donate!r}")
     if donate:
@@ -293,7 +297,8 @@ def fold(
                     if signals.stop is not None:
                         raise _preempt(step, state, signals)
                 break
-            signals.settle()  # data-parallel ranks: a signal that came after the last update's all-reduce
+            with collective("fold's end (every rank must have taken as many steps)"):
+                signals.settle()  # data-parallel ranks: a signal that came after the last update's all-reduce
             if signals.stop is not None:
                 raise _preempt(step, state, signals)
         n = int(state.step)
@@ -319,6 +324,21 @@ def _check_even_shards(data: Any) -> None:
             f"fold: the Loader's {data.num_samples} samples give the {world} ranks {min(counts)} to {max(counts)} "
             "batches per epoch (drop_last=False), but training ranks must take the same number of steps; use drop_last=True for "
             "training (evaluation with fnlight.evaluate handles uneven shares)"
+        )
+
+
+def _check_equal_lengths(batches: int) -> None:
+    """Data-parallel ranks must take as many steps each: compare the lengths of their data (one all-reduce)."""
+    counts = torch.zeros(world_size(), dtype=torch.float64)
+    counts[rank()] = batches
+    with collective("fold's start (comparing the ranks' numbers of batches)"):
+        counts = all_sum(counts)
+    if len(set(counts.tolist())) > 1:
+        given = ", ".join(f"rank {r}: {int(n)}" for r, n in enumerate(counts.tolist()))
+        raise ValueError(
+            f"fold: the ranks' data have different numbers of batches per epoch ({given}), but data-parallel "
+            "ranks must take the same number of steps (their gradient all-reduces pair up); give every rank as "
+            "many batches (fnlight.Loader with drop_last=True splits a dataset evenly)"
         )
 
 
@@ -454,7 +474,7 @@ def evaluate(
         if full is not state.params:
             state = state.replace(params=dict(full))
     sums: dict[str, Tensor] = {}
-    count = 0
+    counts: dict[str, int] = {}  # samples of the batches that reported each metric
     for batch in data:
         n = batch_size_fn(batch)
         try:
@@ -469,12 +489,17 @@ def evaluate(
         if not isinstance(metrics, Mapping):
             raise TypeError(f"evaluate: eval_step must return a dict of 0-d tensors, got {_short(metrics)} from {eval_step!r}")
         for k, v in metrics.items():
+            if not isinstance(v, Tensor) or v.dim() != 0:
+                got = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"{type(v).__name__}: {_short(v)}"
+                raise TypeError(f"evaluate: metric {k!r} must be a 0-d tensor, got {got} from eval_step={eval_step!r}")
             term = v.detach().to(torch.float64) * n
             sums[k] = sums[k] + term if k in sums else term
-        count += n
+            counts[k] = counts.get(k, 0) + n
     if world_size() > 1:  # every rank evaluated its share: the means are over all of them
         keys = union_of_keys(list(sums))
         zero = torch.zeros((), dtype=torch.float64)
-        totals = all_sum(torch.stack([*(sums.get(k, zero).cpu() for k in keys), torch.tensor(count, dtype=torch.float64)]))
-        sums, count = dict(zip(keys, totals[:-1])), int(totals[-1])
-    return {k: float(v) / count for k, v in sums.items()} if count else {}
+        local = [*(sums.get(k, zero).cpu() for k in keys), *(torch.tensor(float(counts.get(k, 0))) for k in keys)]
+        totals = all_sum(torch.stack([t.to(torch.float64) for t in local]))
+        sums = dict(zip(keys, totals[: len(keys)]))
+        counts = {k: int(c) for k, c in zip(keys, totals[len(keys) :])}
+    return {k: float(v) / counts[k] for k, v in sums.items() if counts[k]}

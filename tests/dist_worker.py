@@ -202,6 +202,18 @@ def train(out: Path, rank: int) -> None:
         losses[mode] = float(step_metrics["loss"])
     write_every_ranks(out / "losses.json", losses)
 
+    # Plain lists of different lengths on the ranks: refused at the fold's start on every rank (under with_ddp
+    # gloo aborted rank 0 at the first mismatched all-reduce; under with_fsdp the ranks stalled to the timeout).
+    refused = {}
+    for mode in ("ddp", "fsdp"):
+        step = build(mode, rank)
+        try:
+            fl.fold(step, step.init(), local_batches(rank, 1)[: 4 + rank], progress=False)
+            refused[mode] = ""
+        except ValueError as e:
+            refused[mode] = str(e)
+    write_every_ranks(out / "uneven-lists.json", refused)
+
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}
     for mode in ("ddp", "fsdp"):

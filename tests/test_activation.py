@@ -131,3 +131,31 @@ def test_the_recompute_writes_no_buffer_so_running_statistics_equal_the_unchecke
     for modules in (["block"], ["block", "head"]):
         got = run(modules)  # (its skeleton has checkpointed forwards: compare the tensors)
         assert fl.tree_equal((got.params, got.buffers, got.opt_state), (expected.params, expected.buffers, expected.opt_state))
+
+
+class RunningNorm(nn.Module):
+    """Normalises with a running mean that its forward updates first, in place."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.register_buffer("mean", torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        with torch.no_grad():
+            self.mean.mul_(0.5).add_(0.5 * h.mean(0))
+        return torch.tanh(h - self.mean)
+
+
+def test_the_recompute_reads_the_buffers_as_the_first_run_found_them():
+    def build(checkpointed: bool):
+        torch.manual_seed(0)
+        step = fl.make_train_step(nn.Sequential(RunningNorm(4), nn.Linear(4, 1)), fl.losses.mse, adamw(0.1))
+        return fl.with_activation_checkpointing(step, modules=["0"]) if checkpointed else step
+
+    batches = [(torch.randn(16, 4) + 3.0, torch.randn(16, 1)) for _ in range(3)]
+    plain, ckpt = build(False), build(True)
+    a = fl.fold(plain, plain.init(), batches, progress=False)
+    b = fl.fold(ckpt, ckpt.init(), batches, progress=False)
+    assert fl.tree_equal(a.params, b.params) and fl.tree_equal(a.buffers, b.buffers)  # was 9.5e-3 apart after one update

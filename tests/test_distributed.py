@@ -124,6 +124,15 @@ def test_a_direct_calls_loss_metric_is_the_mean_over_the_ranks(run):
             assert rank_losses[mode] == pytest.approx(expected, rel=1e-6), (mode, rank_losses)
 
 
+def test_ranks_with_different_numbers_of_batches_are_refused_on_every_rank(run):
+    out, _ = run
+    for refused in json.loads((out / "uneven-lists.json").read_text()):
+        for mode in ("ddp", "fsdp"):
+            assert refused[mode].startswith(
+                "fold: the ranks' data have different numbers of batches per epoch (rank 0: 4, rank 1: 5)"
+            ), (mode, refused)
+
+
 def test_fsdp_leaves_a_models_0d_parameter_alone_under_a_donating_fold(run):
     out, _ = run
     # per rank: the model's scale as it was, and another init() state's scale still rank 0's 1.0
@@ -314,6 +323,18 @@ def test_a_signal_to_some_ranks_stops_every_rank_after_the_same_update_and_resum
     like = reference_step().init().params
     full, resumed = params_of(tmp_path / "full.ckpt", like), params_of(tmp_path / "resumed.ckpt", like)
     assert all(torch.equal(full[n], resumed[n]) for n in like)
+
+
+def test_the_local_rank_comes_from_torchrun_or_else_slurm(monkeypatch):
+    from fnlight.distributed._group import _local_rank
+
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert _local_rank() == 0
+    monkeypatch.setenv("SLURM_LOCALID", "3")  # srun: dist_info() said 0 on every rank of a node
+    assert _local_rank() == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun inside a SLURM allocation
+    assert _local_rank() == 1
 
 
 def test_single_process_is_a_no_op():

@@ -218,3 +218,49 @@ def test_epoch_end_evaluation_reaches_the_fold_metrics():
         step, step.init(), data, epochs=2, progress=False, observers=[fl.Observer(lambda s, m: seen.append(sorted(m)), steps=100)]
     )
     assert seen == [["loss", "val/loss"]]
+
+
+def test_a_metric_some_batches_report_is_averaged_over_theirs():
+    state = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1)).init()
+    data = [(torch.zeros(3, 2), torch.zeros(3, 1)), (torch.zeros(8, 2), torch.zeros(8, 1))]
+
+    def eval_step(state, batch):
+        first = len(batch[0]) == 3
+        return {"a": torch.tensor(2.0 if first else 1.0), **({"b": torch.tensor(4.0)} if first else {})}
+
+    assert fl.evaluate(eval_step, state, data) == {"a": (3 * 2.0 + 8 * 1.0) / 11, "b": 4.0}  # b was 12/11
+
+
+def test_ignored_targets_weighted_by_the_scored_ones_give_the_concatenated_metric():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    state = fl.make_train_step(model, fl.losses.classification, sgd(0.1)).init()
+    x, y = torch.randn(40, 8, dtype=torch.float64), torch.randint(0, 3, (40,))
+    y[20:38] = -100  # the second batch is mostly padding
+    state = state.replace(params={k: v.double() for k, v in state.params.items()})
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    scored = lambda b: int((b[1] != -100).sum())  # the targets the loss and accuracy count
+    got = fl.evaluate(fl.make_eval_step(fl.losses.classification), state, batches, batch_size_fn=scored)
+    out = torch.func.functional_call(model, state.params, (x,))
+    keep = y != -100
+    assert got["loss"] == pytest.approx(F.cross_entropy(out, y).item(), abs=1e-12)
+    assert got["accuracy"] == pytest.approx((out.argmax(1)[keep] == y[keep]).double().mean().item(), abs=1e-7)  # float32
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (0.5, r"metric 'loss' must be a 0-d tensor, got float: 0\.5 from eval_step="),
+        (torch.ones(3), r"got a tensor of shape \(3,\)"),
+    ],
+)
+def test_evaluate_names_a_metric_that_is_not_a_0d_tensor(value, match):
+    state = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1)).init()
+    with pytest.raises(TypeError, match=match):
+        fl.evaluate(lambda s, b: {"loss": value}, state, [(torch.zeros(2, 2), torch.zeros(2, 1))])
+
+
+def test_with_eval_refuses_a_train_step_as_eval_step_when_built():
+    core = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1))
+    with pytest.raises(TypeError, match=r"with_eval: eval_step is a train step \(TrainStep\(mse, Linear\)\), which would train"):
+        with_eval(core, data=[(torch.zeros(2, 2), torch.zeros(2, 1))], eval_step=core, every=1)

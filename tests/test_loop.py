@@ -296,6 +296,29 @@ def test_progress_bar_draws_on_a_terminal(batches, monkeypatch):
     assert "step 16/16" in out and "epoch 2" in out and "loss" in out and "steps/s" in out
 
 
+@pytest.mark.parametrize(("bounds", "shown"), [({"epochs": 2, "max_steps": 1000}, "step 16/16"), ({"max_steps": 5}, "step 5/5")])
+def test_the_progress_total_is_the_nearer_bound(batches, monkeypatch, bounds, shown):
+    from rich.console import Console
+
+    import fnlight._progress as progress
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(progress, "CONSOLE", Console(file=buffer, force_terminal=True, width=120))
+    step = make_step()
+    fl.fold(step, step.init(), batches, progress=True, **bounds)
+    assert shown in buffer.getvalue() and "/1000" not in buffer.getvalue()
+
+
+def test_a_donated_state_gives_no_copy_through_replace(batches):
+    step = make_step()
+    state = step.init()
+    fl.fold(step, state, batches, progress=False, donate=True)
+    with pytest.raises(fl.DonatedStateError, match=r"TrainState\.replace: this TrainState was donated"):
+        state.replace(stop=torch.tensor(False))
+    with pytest.raises(fl.DonatedStateError, match="was donated"):
+        state.with_slot("x", 1)
+
+
 def test_progress_is_silent_when_not_a_terminal(batches, capsys):
     step = make_step()
     fl.fold(step, step.init(), batches, progress=None)

@@ -253,6 +253,7 @@ BAD_HPARAMS = [
     ({"lr": torch.tensor(0.1)}, TypeError, r"hparams\['lr'\] is a Tensor .* convert it first"),
     ({"opt": {"betas": (0.9, object())}}, TypeError, r"hparams\['opt'\]\['betas'\]\[1\] is a object"),
     ({"lr": float("nan")}, ValueError, r"hparams\['lr'\] is nan: hyperparameters must be finite"),
+    ({"seed": 2**63 + 5}, ValueError, r"hparams\['seed'\] is 9223372036854775813, outside int64 .* log it as str\(value\)"),
     ({1: 2}, TypeError, "hparams: keys must be non-empty str, got 1"),
 ]
 

@@ -185,3 +185,24 @@ def test_a_dead_tracking_process_is_replaced_with_one_flusher(tmp_path):
     trackers.shutdown()
     assert len(flushers) == 1 and not any(t.is_alive() for t in flushers)
     assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"loss": [(1, 1.0)]}
+
+
+def test_a_tracking_process_that_dies_in_use_is_reported_once_and_its_events_dropped(tmp_path):
+    from fnlight.tracking import TrackerWarning
+
+    trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=0.05)
+    run_id = trackers.open()
+    trackers.log_scalars(1, {"loss": 1.0})
+    trackers.flush()
+    trackers._process.kill()  # the OOM killer, a crash in a tracker's native code
+    trackers._process.join()
+    with pytest.warns(TrackerWarning, match=r"the tracking process ended unexpectedly \(exit code -9\); the events") as caught:
+        for step in range(2, 40):
+            trackers.log_scalars(step, {"loss": float(step)})
+            time.sleep(0.005)
+        trackers.flush()
+        trackers.close()
+    assert len(caught) == 1 and trackers._pending == []  # nothing piles up for a process that is gone
+    assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"loss": [(1, 1.0)]}
+    assert trackers.open() != run_id  # a new process and run
+    trackers.shutdown()

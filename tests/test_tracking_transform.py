@@ -296,3 +296,16 @@ def test_a_preempted_fold_without_checkpointing_still_logs_the_last_window():
     with pytest.raises(fl.Preempted):  # SIGINT while the fourth batch is fetched
         fl.fold(step, step.init(), SignalledData(make_batches(6), at=3, signum=signal.SIGINT), progress=False)
     assert [s for s, _ in tracker.events] == [3, 4] and tracker.closed == 1
+
+
+def test_the_short_window_an_epoch_end_applies_is_logged_with_the_metrics_observers_see():
+    tracker, seen = Recorder(), {}
+    step = build(tracker, every=1, accum=3)  # 7 batches: windows of 3, 3 and a short one of 1 in the flush
+
+    def observe(state, metrics):
+        seen[int(state.step)] = sorted(metrics)
+
+    fl.fold(step, step.init(), make_batches(7), epochs=2, observers=[fl.Observer(observe, steps=1)], progress=False)
+    logged = {s: sorted(k for k in scalars if k in ("loss", "accuracy")) for s, scalars in tracker.events}
+    assert logged == {s: ["accuracy", "loss"] for s in range(1, 7)}  # updates 3 and 6 had only the loss
+    assert all(seen[s] == ["accuracy", "loss"] for s in range(1, 7))

@@ -26,8 +26,14 @@ class DistInfo(NamedTuple):
 def dist_info() -> DistInfo:
     """The current process group's rank and size (``(0, 1, 0)`` when not distributed)."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _local_rank())
     return DistInfo(0, 1, 0)
+
+
+def _local_rank() -> int:
+    """This process's rank on its node: torchrun's ``LOCAL_RANK``, else SLURM's ``SLURM_LOCALID``, else 0."""
+    env = os.environ
+    return int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
 
 
 def _from_environment() -> tuple[int, int, int] | None:

@@ -160,6 +160,8 @@ def _check_hparam(value: Any, path: str) -> Any:
     if isinstance(value, _HPARAM_LEAVES):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{path} is {value!r}: hyperparameters must be finite (JSON has no NaN or infinity)")
+        if type(value) is int and not -(2**63) <= value < 2**63:  # aim stores int64: the run would be lost
+            raise ValueError(f"{path} is {value!r}, outside int64 [-2**63, 2**63), which aim cannot store; log it as str(value)")
         return value
     if isinstance(value, Mapping):
         return check_hparams(value, path)

@@ -127,6 +127,8 @@ class ProcessTrackers:
         self._last_sent = 0.0
         self._flusher: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._exitcode: int | None = None  # the exit code of a tracking process that died while in use
+        self._told = False  # that death was reported (once, on the caller's thread)
 
     def __repr__(self) -> str:
         return f"ProcessTrackers({', '.join(repr(t) for t in self.trackers)})"
@@ -147,6 +149,7 @@ class ProcessTrackers:
         self._process.start()
         child_end.close()
         self._pending = []  # events for a process that died are not replayed into a new run
+        self._exitcode, self._told = None, False
         self._stopping.clear()
         self._flusher = threading.Thread(target=self._flush_periodically, name="fnlight-trackers-flush", daemon=True)
         self._flusher.start()
@@ -162,8 +165,32 @@ class ProcessTrackers:
         """Send what waits once it is ``flush_every`` old, also when no further event comes."""
         while not self._stopping.wait(self.flush_every):
             with self._lock:
+                if self._lost():
+                    return
                 if self._pending and time.monotonic() - self._last_sent >= self.flush_every:
                     self._send_pending()
+
+    def _lost(self) -> bool:
+        """Whether the tracking process died (killed, out of memory, crashed); the first time, drops what waits."""
+        process = self._process
+        if process is None or process.is_alive():
+            return False
+        if self._exitcode is None:
+            self._exitcode = process.exitcode if process.exitcode is not None else -1
+            self._pending = []
+        return True
+
+    def _tell(self) -> None:
+        """Report a dead tracking process once, on the caller's thread."""
+        if self._exitcode is None or self._told:
+            return
+        self._told = True
+        warnings.warn(
+            f"ProcessTrackers: the tracking process ended unexpectedly (exit code {self._exitcode}); the events "
+            f"logged since are dropped, and training goes on. open() starts a new tracking process",
+            TrackerWarning,
+            stacklevel=4,
+        )
 
     def _send_pending(self) -> None:
         """Put the waiting events on the queue as one batch (the caller holds the lock)."""
@@ -219,9 +246,12 @@ class ProcessTrackers:
     def _enqueue(self, events: Iterable[tuple[int, dict[str, float]]]) -> None:
         """Add checked events to the next batch; send it once ``flush_every`` has passed since the last."""
         with self._lock:
-            self._pending.extend(events)
-            if time.monotonic() - self._last_sent >= self.flush_every:
-                self._send_pending()
+            if self._exitcode is None:
+                self._pending.extend(events)
+                if time.monotonic() - self._last_sent >= self.flush_every and not self._lost():
+                    self._send_pending()
+        if self._exitcode is not None:
+            self._tell()
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Queue hyperparameters for the trackers (after the events logged before)."""
@@ -232,15 +262,20 @@ class ProcessTrackers:
     def flush(self) -> None:
         """Send the waiting events and wait until the child has delivered everything logged so far.
 
-        A no-op before :meth:`open` or after the tracking process ended.
+        A no-op before :meth:`open` or after the tracking process ended (reported once by a
+        :class:`TrackerWarning` when it died).
         """
         if self._process is not None and self._process.is_alive():
             self._ask("flush", ())
+        elif self._lost():
+            self._tell()
 
     def close(self) -> None:
         """Deliver everything queued and close the trackers' run; the process stays for the next :meth:`open`."""
         if self._process is not None and self._process.is_alive() and self._opened:
             self._ask("close", ())
+        elif self._lost():
+            self._tell()
         self._run_id, self._opened = "", False
 
     def shutdown(self) -> None:

@@ -26,7 +26,9 @@ def _checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..
     The recompute in backward runs the forward again: BatchNorm would update its running
     statistics and ``num_batches_tracked`` a second time, and a forward that reassigns a
     buffer would reassign it again. During the recompute every buffer of the submodule is a
-    scratch copy, and the buffers as the first run left them are put back after it.
+    scratch copy of the buffer as the first run found it (a forward that reads a buffer it
+    updates computes what it computed the first time), and the buffers as the first run left
+    them are put back after it.
     """
 
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -34,14 +36,15 @@ def _checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..
             return forward(*args, **kwargs)
         if torch.compiler.is_compiling():  # traced (with_compile): the graph writes the buffers once itself
             return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        calls = 0
+        calls, found = 0, []
 
         def once(*a: Any, **k: Any) -> Any:
-            nonlocal calls
+            nonlocal calls, found
             calls += 1
             if calls == 1:
+                found = _buffer_copies(module)  # what the first run reads, for the recompute to read too
                 return forward(*a, **k)
-            with _scratch_buffers(module):  # the recompute
+            with _scratch_buffers(found):  # the recompute
                 return forward(*a, **k)
 
         return torch.utils.checkpoint.checkpoint(once, *args, use_reentrant=False, **kwargs)
@@ -50,19 +53,25 @@ def _checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..
     return run
 
 
+def _buffer_copies(module: nn.Module) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each buffer slot of ``module`` and its submodules, with copies of the buffers it holds now."""
+    return [
+        (m._buffers, {name: None if b is None else b.detach().clone() for name, b in m._buffers.items()})
+        for m in module.modules()
+        if m._buffers
+    ]
+
+
 @contextlib.contextmanager
-def _scratch_buffers(module: nn.Module) -> Iterator[None]:
-    """Copies of ``module``'s buffers in their slots for the block; the slots as they were after it."""
-    stores = [m._buffers for m in module.modules() if m._buffers]
-    saved = [dict(store) for store in stores]
-    for store in stores:
-        for name, b in store.items():
-            if b is not None:
-                store[name] = b.clone()
+def _scratch_buffers(copies: list[tuple[dict[str, Any], dict[str, Any]]]) -> Iterator[None]:
+    """The copies (:func:`_buffer_copies`) in their slots for the block; the slots as they were before it, after."""
+    saved = [dict(store) for store, _ in copies]
+    for store, copied in copies:
+        store.update(copied)  # the copies are this recompute's own: it may write into them
     try:
         yield
     finally:
-        for store, before in zip(stores, saved):
+        for (store, _), before in zip(copies, saved, strict=True):
             store.clear()
             store.update(before)
 

@@ -168,6 +168,11 @@ def with_eval(
         )
     if eval_step is not None and not callable(eval_step):
         raise TypeError(f"{where}: eval_step must be callable (state, batch) -> metrics, got {eval_step!r}")
+    if hasattr(eval_step, "updates_per"):  # a train step (or a transform of one): evaluating would train
+        raise TypeError(
+            f"{where}: eval_step is a train step ({eval_step!r}), which would train on the evaluation data; "
+            "pass make_eval_step(loss_fn) with the same loss_fn, or loss_fn=..."
+        )
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"{where}: loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}")
     if isinstance(data, Iterator):

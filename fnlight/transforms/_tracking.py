@@ -179,6 +179,9 @@ class Tracking(Transform):
         self._eval_prefixes = tuple({t.prefix for t in layers(inner) if isinstance(t, Eval)})
         self._lr_kind: Any = None
         self._lr_at: tuple[int, ...] | None = None
+        # the metrics of the last call inside an open window: an epoch-end flush that applies that window's update
+        # reports them under its own (its loss), as the fold does for its observers
+        self._open_metrics: Metrics = {}
 
     def init_slot(self, state: TrainState) -> TrackingState:
         return TrackingState(("",) * len(self.trackers))
@@ -208,7 +211,8 @@ class Tracking(Transform):
         else:  # the epoch's short accumulation window was applied: its metrics go into the window
             prefixes = self._eval_prefixes
             evaluated = {k: v for k, v in metrics.items() if k.startswith(prefixes)} if prefixes else {}
-            new_state = self._observe(new_state, {k: v for k, v in metrics.items() if k not in evaluated}, before, 0)
+            update = {**self._open_metrics, **{k: v for k, v in metrics.items() if k not in evaluated}}
+            new_state = self._observe(new_state, update, before, 0)
         if evaluated:  # logged now, at the update it describes
             new_state = self._send(new_state, int(new_state.step), {k: float(v) for k, v in evaluated.items()})
         return new_state, metrics
@@ -234,7 +238,9 @@ class Tracking(Transform):
         step = int(state.step)
         if self._windowed and window_open(state):  # a micro-batch inside an accumulation window
             self._window.samples += samples
+            self._open_metrics = metrics
             return state
+        self._open_metrics = {}
         self._window.add(metrics, samples, last=step != before and step % self.every == 0)
         if step == before:
             return state
