@@ -589,3 +589,12 @@ def test_a_missing_jsonargparse_is_named_with_the_fix(monkeypatch):
     monkeypatch.delitem(sys.modules, "fnlight.cli._cli")
     with pytest.raises(ImportError, match=r"fnlight\.cli needs jsonargparse: pip install 'fnlight\[cli\]'"):
         importlib.import_module("fnlight.cli._cli")
+
+
+def test_an_inline_config_is_checked_as_well(tmp_path):
+    config = yaml.safe_load(write_config(tmp_path / "c.yaml", tmp_path / "run", epochs=1).read_text())
+    inline = json.dumps(config)  # YAML text given to --config instead of a file
+    assert FnlightCLI(args=["fit", "--config", inline], exit_on_error=False, run=False).config.recipe.epochs == 1
+    config["recipe"]["checkpoint"] = 7
+    with pytest.raises(ConfigError, match=r"fit: recipe\.checkpoint must be a mapping of CheckpointConfig fields, got int: 7"):
+        cli("fit", "--config", json.dumps(config))

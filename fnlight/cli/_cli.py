@@ -430,9 +430,11 @@ def _check_sections(config: Namespace, sub: str) -> None:
     """
     expected = {"recipe": "Recipe", "recipe.checkpoint": "CheckpointConfig", "recipe.early_stop": "EarlyStopConfig"}
     for path in config.get("config") or []:
+        if path is None:  # a config given inline (YAML text, not a file): its types are checked below only
+            continue
         try:
             content = yaml.safe_load(Path(os.fspath(path)).read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, TypeError, ValueError, yaml.YAMLError):
             continue  # the parser has read it already; what it could not read it reported
         recipe = content.get("recipe") if isinstance(content, dict) else None
         sections = {"recipe": recipe}
