@@ -334,9 +334,9 @@ class TrainStep:
         inplace = is_donating()
         params = state.params
         subset = {n: params[n] for n in g.grads}
-        if (id(params), id(state.opt_state)) != self._produced and self._check_opt is not None:
-            if not torch.compiler.is_compiling():  # a state this step did not produce (a fold's first, an edited one)
-                self._check_opt(subset, state.opt_state)
+        compiling = torch.compiler.is_compiling()  # traced by with_compile: no Python bookkeeping in the graph
+        if self._check_opt is not None and not compiling and (id(params), id(state.opt_state)) != self._produced:
+            self._check_opt(subset, state.opt_state)  # a state this step did not produce (a fold's first, an edited one)
         new_params, opt_state = apply(subset, dict(g.grads), state.opt_state, inplace=inplace)
         new_state = state.replace(
             step=state.step + 1,
@@ -345,7 +345,7 @@ class TrainStep:
             opt_state=opt_state,
         )
         metrics.update(update_metrics(opt_state))
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self._produced = (id(new_state.params), id(new_state.opt_state))
         return new_state, metrics
 
