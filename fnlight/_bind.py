@@ -154,6 +154,10 @@ def materialize(skeleton: nn.Module, params: Mapping[str, Tensor], buffers: Mapp
         memo[id(p)] = nn.Parameter(params[name].detach().clone(), requires_grad=p.requires_grad)
     for name, b in skeleton.named_buffers():
         memo[id(b)] = buffers[name].detach().clone()
+    for sub in skeleton.modules():  # a tensor a forward hook left as a plain attribute (spectral_norm's ``weight``)
+        for value in sub.__dict__.values():  # holds a step's graph, which cannot be copied; the hook sets it again
+            if isinstance(value, Tensor) and value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = None
     module = copy.deepcopy(skeleton, memo)
     module.__dict__.pop(_SLOTS, None)
     for sub in module.modules():  # drop training-only forward wrappers (activation checkpointing)

@@ -195,6 +195,7 @@ def fold(
     if not isinstance(state, TrainState):
         raise TypeError(f"fold: expected a fnlight.TrainState, got {type(state).__name__}")
     check_live(state, "fold")
+    _check_slots(step, state)
     if not callable(step):
         raise TypeError(f"fold: step must be callable (state, batch) -> (state, metrics), got {step!r}")
     _positive("epochs", epochs)
@@ -325,6 +326,20 @@ def _check_even_shards(data: Any) -> None:
             "batches per epoch (drop_last=False), but training ranks must take the same number of steps; use drop_last=True for "
             "training (evaluation with fnlight.evaluate handles uneven shares)"
         )
+
+
+def _check_slots(step: Any, state: TrainState) -> None:
+    """Every transform of ``step`` that keeps a record in ``state.slots`` finds it there."""
+    layer = step
+    while layer is not None:
+        slot = getattr(layer, "slot", None)
+        if slot is not None and slot not in state.slots:
+            raise ValueError(
+                f"fold: the state has no {slot!r} slot, where {layer.name} keeps its record (it has "
+                f"{sorted(state.slots) or 'none'}); build the state with this step's init(), or give an existing state "
+                f"the slot: state.with_slot({slot!r}, layer.init_slot(state)) with layer the {layer.name} of the step"
+            )
+        layer = getattr(layer, "inner", None)
 
 
 def _check_equal_lengths(batches: int) -> None:

@@ -186,3 +186,15 @@ def test_progress_shows_the_mean_of_a_per_replica_loss():
     from fnlight._progress import _show
 
     assert (_show(None), _show(torch.tensor(0.5)), _show(torch.tensor([1.0, 3.0]))) == ("-", "0.5", "2 (mean of 2)")
+
+
+def test_to_module_after_training_a_spectral_norm_model():
+    # spectral_norm's hook leaves `weight` (a tensor with the step's graph) on the skeleton, which deepcopy refuses
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 1))
+    step = fl.make_train_step(model, fl.losses.mse, adamw(1e-2))
+    state, _ = step(step.init(), (torch.randn(16, 4), torch.randn(16, 1)))
+    module = fl.to_module(state)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.equal(module(x), fl.apply(state, x))

@@ -638,3 +638,14 @@ def test_a_signal_during_the_epoch_end_a_resumed_fold_runs_at_max_steps_preempts
     step = _eval_stack(tmp_path, _SignalOnIteration())  # the same script again, preempted at the resumed epoch end
     with pytest.raises(fl.Preempted, match=r"SIGTERM received; stopped after update 4 \(epoch index 1, 0 batches into it\)"):
         fl.fold(step, step.init(seed=0), data, epochs=3, max_steps=4, progress=False)
+
+
+def test_a_state_without_a_transforms_slot_is_refused_by_name(batches):
+    core = make_step()
+    step = fl.with_ema(fl.with_grad_accum(core, every=2), decay=0.9)
+    with pytest.raises(ValueError, match=r"fold: the state has no 'ema' slot, where with_ema keeps its record \(it has none\)"):
+        fl.fold(step, core.init(), batches, progress=False)
+    state = core.init()
+    for layer in (step, step.inner):  # the documented way to adopt a state
+        state = state.with_slot(layer.slot, layer.init_slot(state))
+    fl.fold(step, state, batches, progress=False)
