@@ -209,16 +209,19 @@ def chain(*parts: GradientTransformation | Optimizer) -> Optimizer:
     def init(params: Params) -> tuple[Any, ...]:
         return tuple(t.init(params) for t in transforms) + (last.init(params),)
 
-    def check(params: Params, state: Any) -> None:
+    def check_tuple(state: Any) -> None:
         if type(state) is not tuple or len(state) != len(parts):
             got = f"a tuple of {len(state)}" if type(state) is tuple else type(state).__name__
             raise TypeError(f"chain(): the state must be the tuple of the {len(parts)} parts' states that init builds, got {got}")
+
+    def check(params: Params, state: Any) -> None:
+        check_tuple(state)
         if last.check is not None:
             last.check(params, state[-1])
 
     def apply(params: Params, grads: Params, state: tuple[Any, ...], *, inplace: bool) -> tuple[Params, tuple[Any, ...]]:
         if not inplace:
-            check(params, state)
+            check_tuple(state)  # the optimizer's own apply checks its state on a direct call
         new_states = []
         for t, s in zip(transforms, state):
             grads, s = t.update(grads, s, params)
