@@ -329,7 +329,11 @@ def _check_even_shards(data: Any) -> None:
 
 
 def _check_slots(step: Any, state: TrainState) -> None:
-    """Every transform of ``step`` that keeps a record in ``state.slots`` finds it there."""
+    """Every transform of ``step`` that keeps a record in ``state.slots`` finds it there.
+
+    The chain is walked here rather than with ``transforms._base.layers``: importing the
+    transforms package from this module would be circular (``with_eval`` imports ``evaluate``).
+    """
     layer = step
     while layer is not None:
         slot = getattr(layer, "slot", None)

@@ -84,34 +84,32 @@ def check_state(
             f"{where}: the optimizer state must be the {expected.__name__} that {where}'s init builds, "
             f"got {type(state).__name__}; build the state with the optimizer the step applies (step.init())"
         )
+    per_parameter = []
     for field, used in fields.items():
         entries = getattr(state, field)
-        if not used:
-            if entries:
-                raise ValueError(
-                    f"{where}: state.{field} must be empty with these options, got entries for {sorted(entries)[:3]}: "
-                    f"the state was built by the same optimizer with other options"
-                )
-            continue
+        if used:
+            per_parameter.append((f"state.{field}", entries))
+        elif entries:
+            raise ValueError(
+                f"{where}: state.{field} must be empty with these options, got entries for {sorted(entries)[:3]}: "
+                f"the state was built by the same optimizer with other options"
+            )
+    if grads is not None:
+        per_parameter.append(("grads", grads))
+    for what, entries in per_parameter:
+        state_entry = what != "grads"
         for name, p in params.items():
             t = entries.get(name)
             if t is None:
-                raise ValueError(
-                    f"{where}: state.{field} has no entry for parameter {name!r}: the state was built for other "
-                    f"parameters, or by the same optimizer with other options"
+                why = (
+                    ": the state was built for other parameters, or by the same optimizer with other options"
+                    if state_entry
+                    else f" (grads: {sorted(entries)[:5]})"
                 )
+                raise ValueError(f"{where}: {what} has no entry for parameter {name!r}{why}")
             if t.shape != p.shape:
-                raise ValueError(
-                    f"{where}: state.{field}[{name!r}] has shape {tuple(t.shape)}, the parameter has {tuple(p.shape)}: "
-                    f"the state was built for other parameters"
-                )
-    if grads is not None:
-        for name, p in params.items():
-            g = grads.get(name)
-            if g is None:
-                raise ValueError(f"{where}: grads has no entry for parameter {name!r} (grads: {sorted(grads)[:5]})")
-            if g.shape != p.shape:
-                raise ValueError(f"{where}: grads[{name!r}] has shape {tuple(g.shape)}, the parameter has {tuple(p.shape)}")
+                why = ": the state was built for other parameters" if state_entry else ""
+                raise ValueError(f"{where}: {what}[{name!r}] has shape {tuple(t.shape)}, the parameter has {tuple(p.shape)}{why}")
 
 
 def hparam(value: float) -> Tensor:
