@@ -365,17 +365,16 @@ def _count_commits(monkeypatch):
     return commits
 
 
-def test_aim_log_batch_stores_what_log_scalars_stores_in_one_write_per_store(aim_repo, monkeypatch):
+def test_aim_log_batch_stores_what_aims_track_stores_in_one_write_per_store(aim_repo, monkeypatch):
     from fnlight.tracking._aim import _rocks_stores
 
     events = [(step, {"loss": v, "lr": 0.1 / step} if step % 3 else {"loss": v}) for step, v in enumerate(EXTREMES, 1)]
     commits = _count_commits(monkeypatch)
     one_by_one = AimTracker(aim_repo)
     run_a = one_by_one.open()
-    one_by_one.log_scalars(*events[0])
     del commits[:]
-    for step, scalars in events[1:]:
-        one_by_one.log_scalars(step, scalars)
+    for step, scalars in events:
+        one_by_one._run.track(scalars, step=step)  # aim's own way
     per_event = len(commits)
     batched = AimTracker(aim_repo)
     run_b = batched.open()
@@ -384,7 +383,7 @@ def test_aim_log_batch_stores_what_log_scalars_stores_in_one_write_per_store(aim
     del commits[:]
     batched.log_batch(events[1:])
     assert sorted(commits) == sorted(store.path for store in stores) and len(stores) == 2  # metadata and sequences
-    assert per_event > 10 * len(events[1:])  # aim's own way: several writes per scalar
+    assert per_event > 10 * len(events)  # aim's own way: several writes per scalar
     assert not any("batch" in vars(store) or "commit" in vars(store) for store in stores)  # aim's methods again
     one_by_one.close()
     batched.close()
@@ -394,26 +393,38 @@ def test_aim_log_batch_stores_what_log_scalars_stores_in_one_write_per_store(aim
     assert all(same_series(got[k], want[k]) for k in want), (got, want)
 
 
-def test_aim_log_batch_keeps_what_was_tracked_before_an_error(aim_repo, monkeypatch):
+@pytest.mark.parametrize("failing_step", [2, 4])  # 2: aim writes it (it checks the direct writes), 4: written directly
+def test_aim_log_batch_keeps_what_was_tracked_before_an_error(aim_repo, monkeypatch, failing_step):
     from fnlight.tracking._aim import _rocks_stores
 
     tracker = AimTracker(aim_repo)
     run_id = tracker.open()
-    track = tracker._run.track
+    track, encode = tracker._run.track, tracker._direct._encode
 
     def failing(scalars, step):
-        if step == 3:
+        if step == failing_step:
             raise OSError(28, "No space left on device")
         track(scalars, step=step)
 
+    def failing_encode(value):
+        if value == float(failing_step):
+            raise OSError(28, "No space left on device")
+        return encode(value)
+
     monkeypatch.setattr(tracker._run, "track", failing)
+    monkeypatch.setattr(tracker._direct, "_encode", failing_encode)
     with pytest.raises(OSError, match="No space left on device"):
-        tracker.log_batch([(1, {"loss": 1.0}), (2, {"loss": 2.0}), (3, {"loss": 3.0})])
+        tracker.log_batch([(s, {"loss": float(s)}) for s in range(1, 6)])
     assert not any("batch" in vars(store) or "commit" in vars(store) for store in _rocks_stores(tracker._run))
     monkeypatch.undo()
     tracker.close()
     series, _, _ = aim_series(aim_repo, run_id)
-    assert series == {"loss": [(1, 1.0), (2, 2.0)]}
+    assert series == {"loss": [(s, float(s)) for s in range(1, failing_step)]}
+    import aim
+
+    (record,) = (r["loss"] for r in aim.Repo(str(aim_repo)).get_run(run_id).meta_run_tree.collect("traces").values())
+    last = failing_step - 1
+    assert (record["last_step"], record["last"], record["max"]) == (last, float(last), float(last))
 
 
 def test_aim_log_batch_writes_one_by_one_where_another_thread_may_write(aim_repo, monkeypatch):

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ._aim_direct import DirectScalars
 from ._base import check_events, check_hparams, check_run_id, check_scalars, check_step
 
 __all__ = ["AimTracker"]
@@ -114,6 +115,7 @@ class AimTracker:
         self.system_metrics = bool(system_metrics)
         self.force_resume = bool(force_resume)
         self._run: Any = None
+        self._direct: DirectScalars | None = None
 
     def __repr__(self) -> str:
         return f"AimTracker({str(self.repo)!r}, experiment={self.experiment!r})"
@@ -165,6 +167,8 @@ class AimTracker:
                 ) from None
         else:
             self._run = self._aim.Run(**options)
+        stores = self._stores(self._run)
+        self._direct = DirectScalars.build(self._run, stores) if stores else None
         if hparams is not None:
             self.log_hparams(hparams)
         return self._run.hash
@@ -174,53 +178,68 @@ class AimTracker:
         step, scalars = check_step(step, "AimTracker.log_scalars"), check_scalars(scalars, "AimTracker.log_scalars")
         run = self._require_open()
         if scalars:
-            run.track(scalars, step=step)
+            self._track(run, [(step, scalars)])
 
     def log_batch(self, events: Iterable[tuple[int, Mapping[str, float]]]) -> None:
         """Track several events (``(step, scalars)`` pairs, in order) with one write to disk.
 
-        aim writes every value of every event with a write of its own to its key-value store
-        (about ten per scalar). Here they are gathered into one write per store for the
-        whole batch (the repository holds the same data as after :meth:`log_scalars` per
-        event, and the batch is on disk when this returns), which roughly halves aim's
-        time per event. With ``system_metrics=True`` aim's sampling thread also writes to
-        the run, so the events are tracked one by one.
+        The repository holds what :meth:`log_scalars` per event, that is aim's ``Run.track``,
+        would leave in it, and the batch is on disk when this returns; see :meth:`_track`.
 
         Raises:
             TypeError: an event is not a ``(step, scalars)`` pair, or as :meth:`log_scalars`.
         """
         events = check_events(events, "AimTracker.log_batch")
-        run = self._require_open()
-        with self._one_write(run):
+        self._track(self._require_open(), events)
+
+    def _track(self, run: Any, events: list[tuple[int, dict[str, float]]]) -> None:
+        """Write checked events to ``run``: one rocksdb write per store, and directly where aim's layout was confirmed.
+
+        aim's ``Run.track`` writes every value of every event with a write of its own to its
+        key-value store, about 25 store operations per scalar. Here they are gathered into one
+        write per store (:meth:`_one_write`), and once a metric's first values are in, its
+        values are written as the few puts that change the store (``DirectScalars``: aim's
+        keys and encodings, checked against aim's own writes on the first event it could take).
+        With ``system_metrics=True`` aim's sampling thread also writes to the run, so the
+        events are tracked one by one by aim.
+        """
+        with self._one_write(run) as batches:
+            if batches is not None and self._direct is not None:
+                self._direct.write(events, lambda store: batches[id(store)])
+                return
             for step, scalars in events:
                 if scalars:
                     run.track(scalars, step=step)
 
     @contextlib.contextmanager
-    def _one_write(self, run: Any) -> Iterator[None]:
+    def _one_write(self, run: Any) -> Iterator[dict[int, Any] | None]:
         """Gather aim's writes to the run's stores into one rocksdb batch each, written on exit.
 
         aim's ``Run.track`` only writes (it never reads what it wrote), and every write goes
         through its store's ``batch()`` and ``commit()``: inside this context those return
         one shared batch and do nothing, and on exit each store commits its batch, also
         when tracking raised (what was tracked before the error is kept, as without the
-        batch). Where aim's stores are not the ones this relies on (another aim version),
-        or another thread may write, the writes stay aim's own.
+        batch). Yields the batches by ``id`` of their store, or None where aim's stores are
+        not the ones this relies on (another aim version), or another thread may write, and
+        the writes stay aim's own.
         """
-        stores = None if self.system_metrics else _rocks_stores(run)
+        stores = self._stores(run)
         if not stores:
-            yield
+            yield None
             return
         batches = [store.batch() for store in stores]
         for store, batch in zip(stores, batches, strict=True):
             store.batch, store.commit = (lambda batch=batch: batch), _discard
         try:
-            yield
+            yield {id(store): batch for store, batch in zip(stores, batches, strict=True)}
         finally:
             for store in stores:
                 del store.batch, store.commit  # aim's own methods again
             for store, batch in zip(stores, batches, strict=True):
                 store.commit(batch)
+
+    def _stores(self, run: Any) -> list[Any]:
+        return [] if self.system_metrics else _rocks_stores(run)
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Merge ``hparams`` into the run's ``run["hparams"]`` (top-level keys replaced)."""
@@ -232,7 +251,7 @@ class AimTracker:
         """Close the run (releasing its lock) and index it so aim's SDK and UI can read it at once."""
         if self._run is None:
             return
-        run, self._run = self._run, None
+        run, self._run, self._direct = self._run, None, None
         run_hash = run.hash
         run.close()
         repo = self._aim.Repo.from_path(os.path.abspath(self.repo))
