@@ -153,3 +153,23 @@ def test_direct_writes_are_four_puts_per_value_and_no_deletes(repo, monkeypatch)
     assert aims > 2 * 20  # aim's own way, for comparison: some 25 operations per value
     # 100 events x 2 values x 4 array records, then last and last_step of both and the new min of loss
     assert written.count("put") == 100 * 2 * 4 + 5 and written.count("put") == len(written)
+
+
+def test_an_error_in_aims_part_of_an_event_keeps_what_came_before_it_as_aims_own_does(repo):
+    def run(direct):
+        tracker = AimTracker(repo)
+        run_id = tracker.open()
+        tracker._run.track(aim.Text("a note"), name="note", step=0)  # a text sequence: a float for it makes aim raise
+        tracker.log_batch([(1, {"loss": 1.0}), (2, {"loss": 2.0})])
+        assert tracker._direct.verified
+        event = {"loss": 3.0, "note": 1.0, "lr": 0.5}
+        with pytest.raises(ValueError, match="Incompatible data types"):
+            if direct:
+                tracker.log_scalars(3, event)
+            else:
+                tracker._run.track(event, step=3)
+        tracker.close()
+        loss = next(m for m in aim.Repo(str(repo)).get_run(run_id).metrics() if m.name == "loss")
+        return loss.data.numpy()[0].tolist(), loss.data.numpy()[1][0].tolist()
+
+    assert run(direct=True) == run(direct=False) == ([1, 2, 3], [1.0, 2.0, 3.0])

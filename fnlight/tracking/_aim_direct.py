@@ -156,11 +156,24 @@ class DirectScalars:
                     else:
                         run.track(dict(scalars), step=step)
                     continue
-                mine = [(sequence(name), name, value) for name, value in scalars.items()]
-                theirs = {name: value for seq, name, value in mine if seq is None}
-                if theirs:  # metrics aim has not set up yet: aim sets them up
+                # in the event's order, as aim's would (an error in aim's part keeps what came before it):
+                # metrics aim has not set up yet go to aim, which sets them up; the rest are written here
+                now, mine, theirs = time.time(), [], {}
+                for name, value in scalars.items():
+                    seq = sequence(name)
+                    if seq is None:
+                        if mine:
+                            self._put(step, mine, now, batch, touched)
+                            mine = []
+                        theirs[name] = value
+                    else:
+                        if theirs:
+                            run.track(theirs, step=step)
+                            theirs = {}
+                        mine.append((seq, value))
+                if theirs:
                     run.track(theirs, step=step)
-                self._put(step, [(seq, value) for seq, _, value in mine if seq is not None], time.time(), batch, touched)
+                self._put(step, mine, now, batch, touched)
         finally:  # also after an error: the events written so far get their metadata, as aim's would have
             self._put_meta(touched.values(), batch)
 
