@@ -6,8 +6,11 @@ embedded repository, run in a separate process, events sent in batches every 0.5
 default ``flush_every``) — so every update is a logging event (one host read of the
 window's means plus a list append); (t10) the same every 10 updates; (j) every update into
 a JSONL file on a background thread (``Trackers``, which also hands its worker batches every
-0.5 s); (n2) a second untracked fold, identical to (n): the A/A control, whose ratio to (n)
-shows how far this machine's noise alone moves a ratio in the same run.
+0.5 s); (n2) a second untracked fold, identical to (n) but on its own copy of the model:
+the A/A control, whose ratio to (n) shows how far this machine's noise and another place in
+memory alone move a ratio in the same run. (t) trains (n)'s own state, the same tensors with
+the tracking toggled, so (t)/(n) leaves out where the tensors lie (a different copy alone
+moved ratios by up to 8% here); (t10) and (j) have their own copies, like (n2).
 
 Timing: blocks of N updates (default 600, ~2 s: several ``flush_every`` periods, so the
 tracking process works during the block as it would in a long run), interleaved, order
@@ -26,8 +29,9 @@ vCPU, a figure this machine's noise moves far less than a ratio of wall times.
 and this machine's noise moves such a ratio by several percent (see (n2)). The second part
 measures the two costs of tracking separately, each in many short blocks paired with an
 untracked block right before or after (order alternating), which cancels slow drifts:
-(X) the training process's own cost — the same fold with ``with_tracking(every=1)`` into a
-``ProcessTrackers`` whose tracker does nothing, so the child does no work; (Y) the cost of
+(X) the training process's own cost — the same fold, on the same state, with
+``with_tracking(every=1)`` into a ``ProcessTrackers`` whose tracker does nothing, so the
+child does no work; (Y) the cost of
 aim working on the other vCPU — the untracked fold while a separate process writes, with
 ``AimTracker.log_batch``, one 6-scalar event per update of (n) in batches every 0.5 s (what
 the tracking process of (t) does), against the same fold while that process idles. For each,
@@ -54,6 +58,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +146,8 @@ def median_ci(xs: Sequence[float], ys: Sequence[float] = (), *, resamples: int =
 def decomposed(reference: nn.Module, batches: Sequence[Batch], *, rounds: int, repo: str) -> list[str]:
     """(X) and (Y) of the module docstring, as markdown lines."""
     null = ProcessTrackers(NullTracker())
-    plain, tracked = Runner(copy.deepcopy(reference), None), Runner(copy.deepcopy(reference), null)
+    plain = Runner(copy.deepcopy(reference), None)
+    tracked = Runner(None, null, shares=plain)  # the same state: only the tracking differs
 
     def timed(run: Runner) -> float:
         gc.collect()
@@ -192,7 +198,7 @@ def decomposed(reference: nn.Module, batches: Sequence[Batch], *, rounds: int, r
         "",
         "| cost | paired ratio (median) | 95% interval of the median |",
         "|---|---:|---:|",
-        f"| (X) training process: `with_tracking(every=1)` into `ProcessTrackers` (a tracker that does nothing) "
+        f"| (X) training process: `with_tracking(every=1)` into `ProcessTrackers` (a no-op tracker), on the same state "
         f"| {xm:.3f}x | {x1:.3f}-{x2:.3f} |",
         f"| (Y) aim on the other vCPU: one 6-scalar event per {period_s * 1e3:.2f} ms update, batches every 0.5 s "
         f"| {ym:.3f}x | {y1:.3f}-{y2:.3f} |",
@@ -201,18 +207,38 @@ def decomposed(reference: nn.Module, batches: Sequence[Batch], *, rounds: int, r
 
 
 class Runner:
-    """One fold per call over a block of batches; optionally tracking every update."""
+    """One fold per call over a block of batches; optionally tracking every ``every`` updates.
 
-    def __init__(self, model: nn.Module, trackers: Trackers | ProcessTrackers | None, every: int = 1) -> None:
-        step = fl.make_train_step(model, loss_fn, fl.optim.adamw(1e-3))
+    ``shares``: train that runner's state (its model's tensors, in place) with this runner's
+    step, the same step with tracking or without: the two then differ only in tracking, not
+    in where their tensors lie in memory (which alone moves a ratio by several percent here).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        trackers: Trackers | ProcessTrackers | None,
+        every: int = 1,
+        *,
+        shares: Runner | None = None,
+    ) -> None:
+        if shares is None:
+            assert model is not None
+            self.base: Any = fl.make_train_step(model, loss_fn, fl.optim.adamw(1e-3))
+            self.box: list[Any] = [None]
+        else:
+            self.base, self.box = shares.base, shares.box
+        step = self.base
         if trackers is not None:  # one run over all blocks: the trackers stay open between folds
             step = fl.with_tracking(step, trackers=[trackers], every=every, close_on_finish=False)
         self.step = step
-        self.state = self.step.init()
+        if self.box[0] is None or (trackers is not None and "tracking" not in self.box[0].slots):
+            self.box[0] = step.init()  # a tracked step needs its slot in the state (the untracked one ignores it)
 
     def __call__(self, batches: Sequence[Batch]) -> None:
-        epochs = int(self.state.data.epoch) + 1
-        self.state = fl.fold(self.step, self.state, batches, epochs=epochs, donate=True, progress=False)
+        state = self.box[0]
+        epochs = int(state.data.epoch) + 1
+        self.box[0] = fl.fold(self.step, state, batches, epochs=epochs, donate=True, progress=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -234,10 +260,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         aim = ProcessTrackers(AimTracker(repo=f"{tmp}/aim"))
         aim10 = ProcessTrackers(AimTracker(repo=f"{tmp}/aim10"))
         jsonl = Trackers(JSONLTracker(f"{tmp}/jsonl"))
+        plain = Runner(copy.deepcopy(reference), None)
         runners = {
-            "n": Runner(copy.deepcopy(reference), None),
+            "n": plain,
             "n2": Runner(copy.deepcopy(reference), None),
-            "t": Runner(copy.deepcopy(reference), aim),
+            "t": Runner(None, aim, shares=plain),  # (n)'s state and tensors: only the tracking differs
             "t10": Runner(copy.deepcopy(reference), aim10, every=10),
             "j": Runner(copy.deepcopy(reference), jsonl),
         }
@@ -270,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         drain = time.perf_counter() - t0
     labels = {
         "n": "(n) fold, no tracking",
-        "n2": "(n2) fold, no tracking, a second runner (A/A control: noise only)",
-        "t": "(t) fold + aim every update (tracking process, batches every 0.5 s)",
+        "n2": "(n2) fold, no tracking, a second runner with its own tensors (A/A control: noise and memory layout only)",
+        "t": "(t) fold + aim every update (tracking process, batches every 0.5 s), on (n)'s state",
         "t10": "(t10) fold + aim every 10 updates (tracking process, batches every 0.5 s)",
         "j": "(j) fold + JSONL every update (background thread, batches every 0.5 s)",
     }
@@ -298,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     lines += [
         "",
-        "(n2) does exactly what (n) does: its distance from 1.000x is what noise alone gives a ratio in this run.",
+        "(n2) does exactly what (n) does, on its own copy of the model: its distance from 1.000x is what noise and",
+        "another place in memory alone give a ratio in this run. (t) trains (n)'s own state (the same tensors, the",
+        "tracking toggled); (t10) and (j) have their own copies, like (n2).",
         "Wall time is the target's measure; the thread CPU columns (the training thread's `time.thread_time`)",
         "leave out the time the VM gave to other work, so they move less between runs. The last column is the",
         "CPU time of the tracking process (all its threads: aim's and rocksdb's) per update of the block; (j)'s",
