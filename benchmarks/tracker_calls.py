@@ -57,11 +57,9 @@ def aim_cpu_us(n: int, rounds: int) -> dict[str, list[float]]:
         trackers = [AimTracker(d) for _ in ways]
         for t in trackers:
             t.open()
-        next_step = {w: 1 for w in ways}
         for t in trackers:  # each run's metrics set up, as in a run under way
             t.log_batch(events(2))
-        for w in ways:
-            next_step[w] = 3
+        next_step = dict.fromkeys(ways, 3)
         for _ in range(rounds):
             for way, tracker in zip(ways, trackers, strict=True):
                 batch = events(n, next_step[way])

@@ -142,6 +142,10 @@ class DirectScalars:
         seq = self._sequences[name] = _Sequence(info, stores[0], arrays, meta)
         return seq
 
+    def _step_key(self, seq: _Sequence, step: int) -> bytes:
+        """The key of ``step``'s records under each of the metric's arrays (aim's hash of the step)."""
+        return self._encode_path((seq.info.step_hash_fn(step),))
+
     def write(self, events: Iterable[tuple[int, Mapping[str, float]]], batch: Any) -> None:
         """Write checked events (float values) into ``batch(store)``, the write batch of each store."""
         run, sequence = self._run, self._sequence
@@ -186,7 +190,7 @@ class DirectScalars:
         for seq, value in values:
             info = seq.info
             if at is None:
-                at = self._encode_path((info.step_hash_fn(step),))  # every float metric hashes its steps alike
+                at = self._step_key(seq, step)  # every float metric hashes its steps alike
             if write is None or seq.store is not store:
                 store = seq.store
                 write = batch(store).put
@@ -239,7 +243,7 @@ class DirectScalars:
                 theirs[key].replay(batch(store))
         after = _records(seqs)
         first = seqs[0]
-        stamp = theirs[id(first.store)].contents().get(first.time + self._encode_path((first.info.step_hash_fn(step),)))
+        stamp = theirs[id(first.store)].contents().get(first.time + self._step_key(first, step))
         if stamp is None:  # aim put the event's time elsewhere: another layout
             self.verified = False
             return
