@@ -70,6 +70,8 @@ def test_misuse_is_named(tmp_path):
     trackers = ProcessTrackers(JSONLTracker(tmp_path))
     with pytest.raises(RuntimeError, match="log_scalars: call open\\(\\) first"):
         trackers.log_scalars(1, {"loss": 1.0})
+    with pytest.raises(RuntimeError, match="ProcessTrackers.log_scalars: call open\\(\\) first"):
+        trackers._log_checked(1, {"loss": 1.0})  # with_tracking's way in
     with pytest.raises(RuntimeError, match="ProcessTrackers.log_batch: call open\\(\\) first"):
         trackers.log_batch([(1, {"loss": 1.0})])
     with pytest.raises(RuntimeError, match="log_hparams: call open\\(\\) first"):
@@ -187,7 +189,8 @@ def test_a_dead_tracking_process_is_replaced_with_one_flusher(tmp_path):
     assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"loss": [(1, 1.0)]}
 
 
-def test_a_tracking_process_that_dies_in_use_is_reported_once_and_its_events_dropped(tmp_path):
+@pytest.mark.parametrize("method", ["log_scalars", "_log_checked"])  # the latter: with_tracking's way in
+def test_a_tracking_process_that_dies_in_use_is_reported_once_and_its_events_dropped(tmp_path, method):
     from fnlight.tracking import TrackerWarning
 
     trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=0.05)
@@ -198,7 +201,7 @@ def test_a_tracking_process_that_dies_in_use_is_reported_once_and_its_events_dro
     trackers._process.join()
     with pytest.warns(TrackerWarning, match=r"the tracking process ended unexpectedly \(exit code -9\); the events") as caught:
         for step in range(2, 40):
-            trackers.log_scalars(step, {"loss": float(step)})
+            getattr(trackers, method)(step, {"loss": float(step)})
             time.sleep(0.005)
         trackers.flush()
         trackers.close()

@@ -309,3 +309,69 @@ def test_the_short_window_an_epoch_end_applies_is_logged_with_the_metrics_observ
     logged = {s: sorted(k for k in scalars if k in ("loss", "accuracy")) for s, scalars in tracker.events}
     assert logged == {s: ["accuracy", "loss"] for s in range(1, 7)}  # updates 3 and 6 had only the loss
     assert all(seen[s] == ["accuracy", "loss"] for s in range(1, 7))
+
+
+def test_every_update_logs_the_updates_own_metrics_exactly_and_times_each_update(monkeypatch):
+    """Logging every update reads the step's metrics directly (no window): the values are the step's own floats."""
+    import fnlight.transforms._tracking as tracking
+
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: clock[0])
+
+    class Ticking:  # one second per step
+        def __iter__(self):
+            for b in make_batches(5):
+                clock[0] += 1.0
+                yield b
+
+        def __len__(self):
+            return 5
+
+    tracker = Recorder()
+    step = build(tracker, every=1)
+    direct = fl.make_train_step(build(Recorder()).core._model, fl.losses.classification, adamw(linear(1e-2, 0.0, 100)))
+    expected, state = [], direct.init()
+    for b in make_batches(5):
+        state, m = direct(state, b)
+        expected.append({**{k: float(v) for k, v in m.items()}, "lr": float(state.opt_state.hparams["lr"])})
+    fl.fold(step, step.init(), Ticking(), progress=False)
+    assert [s for s, _ in tracker.events] == [1, 2, 3, 4, 5]
+    for (_, logged), want in zip(tracker.events, expected, strict=True):
+        assert {k: logged[k] for k in want} == want  # loss, accuracy and lr: equal, not approximately
+        assert logged["epoch"] == 0.0
+    for _, logged in tracker.events[1:]:  # the clock restarts at each event: one update per second
+        assert logged["throughput/steps_per_s"] == 1.0 and logged["throughput/samples_per_s"] == 16.0
+
+
+def test_metric_names_are_checked_whenever_a_new_set_of_names_appears():
+    calls = [0]
+
+    def loss_fn(model, batch):
+        loss, aux = fl.losses.classification(model, batch)
+        calls[0] += 1
+        return loss, ({**aux, 3: loss.detach()} if calls[0] == 3 else aux)  # a bad name at the third update
+
+    tracker = Recorder()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    step = fl.with_tracking(fl.make_train_step(model, loss_fn, adamw(1e-2)), trackers=[tracker], every=1)
+    with pytest.raises(TypeError, match="with_tracking: scalar names must be non-empty str, got 3"):
+        fl.fold(step, step.init(), make_batches(5), progress=False)
+    assert [s for s, _ in tracker.events] == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["ProcessTrackers", "Trackers"])
+def test_fnlights_queueing_trackers_get_the_same_events_as_a_tracker_called_directly(tmp_path, kind):
+    from fnlight.tracking import JSONLTracker, ProcessTrackers, Trackers, read_scalars
+
+    direct = Recorder()
+    fl.fold(build(direct, every=1), build(Recorder(), every=1).init(), make_batches(6), progress=False)
+    queued = (ProcessTrackers if kind == "ProcessTrackers" else Trackers)(JSONLTracker(tmp_path))
+    step = build(queued, every=1)
+    state = fl.fold(step, step.init(), make_batches(6), progress=False)
+    if kind == "ProcessTrackers":
+        queued.shutdown()
+    logged = read_scalars(tmp_path / f"{state.slots['tracking'].run_ids[0]}.jsonl")
+    assert [s for s, _ in logged["loss"]] == [1, 2, 3, 4, 5, 6]
+    for name in ("loss", "accuracy", "lr", "epoch"):
+        assert logged[name] == [(s, e[name]) for s, e in direct.events], name

@@ -193,6 +193,20 @@ class Trackers:
         if self._failures:
             self._report()
 
+    def _log_checked(self, step: int, scalars: dict[str, float]) -> None:
+        """:meth:`log_scalars` of an event already checked (an int step, a ``{str: float}`` dict it may keep).
+
+        Its own body rather than a call from :meth:`log_scalars`, so that a tracker's failure is
+        reported at the caller's line (the warnings' ``stacklevel``) from both.
+        """
+        self._require_open()
+        if self._queue is None:
+            self._call("log_scalars", (step, scalars), wait=False)
+            return
+        self._enqueue(((step, scalars),))
+        if self._failures:
+            self._report()
+
     def log_batch(self, events: Iterable[tuple[int, Mapping[str, float]]]) -> None:
         """Queue (or, without background, deliver) several events, ``(step, scalars)`` pairs, in order.
 

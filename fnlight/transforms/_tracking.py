@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._ranks import all_sum, rank, world_size
 from .._state import TrainState
-from ..tracking._base import check_hparams
+from ..tracking._base import check_hparams, check_scalars
 from ._accum import batch_size as default_batch_size
 from ._accum import streams, window_open
 from ._base import Metrics, Transform, layers
@@ -82,17 +82,18 @@ class _Window:
         self.sums: list[Tensor] = []
         self.calls = 0  # calls that added ``keys`` (all of them while ``counts`` is None)
         self.counts: dict[str, int] | None = None  # per-key counts, once the keys varied in the window
-        self.restart(clock=False)
+        self.restart()
 
-    def restart(self, clock: bool = True) -> None:
-        """Start the next window's samples, updates and clock (the metrics restart at each read).
+    def restart(self) -> None:
+        """Start the next window's samples and updates, its clock unset (the metrics restart at each read).
 
-        ``clock=False`` leaves the clock unset until the next step starts (:meth:`Tracking.__call__`),
-        so the time between folds, or before the first, is not counted as training time.
+        The clock starts when the next step does (:meth:`Tracking.__call__`), so the time between
+        folds, or before the first, is not counted as training time. Within a fold each logging
+        event restarts the clock itself (:meth:`Tracking._emit`).
         """
         self.samples = 0
         self.updates = 0
-        self.started: float | None = time.perf_counter() if clock else None
+        self.started: float | None = None
 
     def add(self, metrics: Metrics, samples: int, *, last: bool = False) -> None:
         """Add one call's metrics; ``last``: the window is read before the next step runs."""
@@ -182,6 +183,8 @@ class Tracking(Transform):
         # the metrics of the last call inside an open window: an epoch-end flush that applies that window's update
         # reports them under its own (its loss), as the fold does for its observers
         self._open_metrics: Metrics = {}
+        self._alone = True  # one process (no data parallelism): set when a fold's first step runs
+        self._checked_names: frozenset[str] | None = None  # the last set of scalar names checked (see _send)
 
     def init_slot(self, state: TrainState) -> TrackingState:
         return TrackingState(("",) * len(self.trackers))
@@ -190,6 +193,7 @@ class Tracking(Transform):
         before = int(state.step)
         if self._window.started is None:  # the first step since the trackers last logged at a fold's end
             self._window.started = time.perf_counter()
+            self._alone = world_size() == 1  # read once per fold: the process group does not change inside one
         new_state, metrics = self.inner(state, batch)
         if not self._all_open:  # the runs open with the first step, so their ids are in every later state
             new_state = self._open_runs(new_state)
@@ -221,7 +225,7 @@ class Tracking(Transform):
         """Log what is left of the window and close the trackers (a later call reopens the same runs)."""
         if self._window.updates:
             self._emit(state, at_end=True)
-        self._window.restart(clock=False)
+        self._window.restart()
         if self.close_on_finish:
             self.close()
         self.inner.finish(state)
@@ -241,40 +245,67 @@ class Tracking(Transform):
             self._open_metrics = metrics
             return state
         self._open_metrics = {}
-        self._window.add(metrics, samples, last=step != before and step % self.every == 0)
+        window = self._window
+        if step != before and step % self.every == 0 and not window.keys and self._alone:
+            # the common case of logging every update: the window is this call alone, so its means are the
+            # metrics themselves, read here. One function instead of the window's add, read and restart: right
+            # after a step, every further Python call costs several µs of cache misses (docs/tracking.md, "Cost")
+            scalars = {}
+            for name, value in metrics.items():
+                if not value.is_cpu:  # a device's metrics are read in one transfer by the window instead
+                    break
+                scalars[name] = float(value)
+            else:
+                window.samples += samples
+                window.updates += step - before
+                return self._emit(state, step, scalars)
+        window.add(metrics, samples, last=step != before and step % self.every == 0)
         if step == before:
             return state
-        self._window.updates += step - before
+        window.updates += step - before
         if step % self.every:
             return state
         return self._emit(state, step)
 
-    def _emit(self, state: TrainState, step: int | None = None, *, at_end: bool = False) -> TrainState:
+    def _emit(
+        self, state: TrainState, step: int | None = None, scalars: dict[str, float] | None = None, *, at_end: bool = False
+    ) -> TrainState:
+        """Log the window's means (or ``scalars``, the means already read) with throughput, ``lr`` and ``epoch``."""
         window = self._window
-        scalars = window.read()
+        if scalars is None:
+            scalars = window.read()
+        now = time.perf_counter()
         if window.started is not None and window.updates:
-            elapsed = max(time.perf_counter() - window.started, 1e-9)
+            elapsed = max(now - window.started, 1e-9)
             scalars["throughput/steps_per_s"] = window.updates / elapsed
             if window.samples:
                 scalars["throughput/samples_per_s"] = window.samples / elapsed
-        lr = self._lr(state.opt_state)
-        if lr is not None:
+        opt_state = state.opt_state
+        hparams = getattr(opt_state, "hparams", None) if self._lr_at == () else None
+        if type(hparams) is dict and "lr" in hparams:  # where _lr found it last time, at the root: read it directly
+            scalars["lr"] = float(hparams["lr"])
+        elif (lr := self._lr(opt_state)) is not None:
             scalars["lr"] = lr
         epoch = int(state.data.epoch)
         if at_end and epoch and not int(state.data.batch):  # the fold has moved past the epoch of these updates
             epoch -= 1
         scalars["epoch"] = float(epoch)
-        window.restart()
+        window.samples, window.updates, window.started = 0, 0, now  # the next window starts (restart, inline)
         return self._send(state, int(state.step) if step is None else step, scalars)
 
     def _send(self, state: TrainState, step: int, scalars: dict[str, float]) -> TrainState:
         """Log ``scalars`` at ``step`` to every tracker, opening their runs first if needed."""
-        if rank() != 0:  # rank 0 writes for everyone (the means are over all ranks)
+        if not self._alone and rank() != 0:  # rank 0 writes for everyone (the means are over all ranks)
             return state
         if not self._all_open:
             state = self._open_runs(state)
+        if scalars.keys() != self._checked_names:  # the values are floats made here; the names are the step's
+            check_scalars(scalars, "with_tracking")
+            self._checked_names = frozenset(scalars)
         for tracker in self.trackers:
-            tracker.log_scalars(step, scalars)
+            # fnlight's queueing trackers take a checked event as it is: no second check and copy per update
+            log = getattr(tracker, "_log_checked", None) or tracker.log_scalars
+            log(step, scalars)
         return state
 
     def _open_runs(self, state: TrainState) -> TrainState:
