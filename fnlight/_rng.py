@@ -68,7 +68,8 @@ def seed_generators(seed: int, devices: tuple[torch.device, ...] = ()) -> list[t
     so the step draws what it draws when called on its own.
     """
     generators = [torch.default_generator]
-    generators += [torch.cuda.default_generators[d.index or 0] for d in devices if d.type == "cuda"]
+    if devices:  # (no comprehension on the CPU's hot path)
+        generators += [torch.cuda.default_generators[d.index or 0] for d in devices if d.type == "cuda"]
     held: dict[torch.Generator, Tensor] | None = getattr(_held, "states", None)
     if held is not None and not _held.depth:  # a step called by the fold; nested seeding saves as usual
         for g in generators:

@@ -200,7 +200,7 @@ class Compiled(Transform):
 
     def _call(self, kind: str, inplace: bool, args: tuple[Any, ...], seed: int | None) -> Any:
         """Run a compiled phase with the eager step's surroundings: seeded generator, grad mode, graph counting."""
-        fn = self._compiled(kind, inplace)
+        fn = self._fns.get((kind, inplace)) or self._compiled(kind, inplace)
         stats = torch._dynamo.utils.counters["stats"]
         before = stats["unique_graphs"]
         breaks = None if self.fullgraph else sum(torch._dynamo.utils.counters["graph_break"].values())
@@ -329,15 +329,19 @@ class Compiled(Transform):
         return params, (leaves if paths is None else set_leaves(opt_state, paths, leaves))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        # Right after the previous step's graph has streamed its tensors through the caches, every Python call
+        # here costs µs of cache misses (docs/compile.md): the common path is written out, with few calls.
         if self.eager_reason is not None:
             return self.inner(state, batch)
         _check_state(state, "train step")
-        _set_mode(state.skeleton, True)
+        skeleton = state.skeleton
+        if not skeleton.training:
+            skeleton.train(True)
         inplace = is_donating()
-        args = (state.skeleton, state.params, state.buffers, state.opt_state, state.step, batch, None)
+        args = (skeleton, state.params, state.buffers, state.opt_state, state.step, batch, None)
         try:
             ok, loss, metrics, new_params, buffers, opt_state, step = self._call(
-                "step", inplace, args, self._seed(state, NO_CONTEXT)
+                "step", inplace, args, step_seed(int(state.key), int(state.step), 0)
             )
         except _COMPILE_ERRORS as e:
             return self._fall_back(e, lambda: self.inner(state, batch))
@@ -346,8 +350,9 @@ class Compiled(Transform):
         if inplace:  # the graph wrote into the state's tensors and returned only the rest (see make_step_fn)
             paths, leaves = opt_state
             opt_state = leaves if paths is None else set_leaves(state.opt_state, paths, leaves)
-            buffers = updated(state.buffers, buffers)  # (under donate="model" into the model's own tensors)
-            new_params = updated(state.params, new_params)
+            # (under donate="model" written into the model's own tensors)
+            buffers = updated(state.buffers, buffers) if buffers else state.buffers
+            new_params = updated(state.params, new_params) if new_params else state.params
         else:
             new_params = {**state.params, **new_params}
         if ok is not None:
@@ -360,8 +365,9 @@ class Compiled(Transform):
                 kept = state.replace(buffers=dict(buffers))  # as eager: the forward moved the buffers
                 return (kept.replace(stop=torch.tensor(True)) if core.nonfinite == "stop" else kept), {**metrics, **extra}
         new_state = state.replace(step=step, params=new_params, buffers=dict(buffers), opt_state=opt_state)
-        # in place, the graph writes the next update's values into these tensors: the metrics keep copies
-        extra.update({k: v.clone() for k, v in update_metrics(opt_state).items()} if inplace else update_metrics(opt_state))
+        exposed = update_metrics(opt_state)
+        if exposed:  # in place, the graph writes the next update's values into these tensors: the metrics keep copies
+            extra.update({k: v.clone() for k, v in exposed.items()} if inplace else exposed)
         return new_state, {**metrics, **extra} if extra else metrics
 
 
