@@ -233,9 +233,7 @@ class ProcessTrackers:
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Add one event to the next batch for the trackers (returns at once)."""
-        if self._process is None:
-            raise RuntimeError("ProcessTrackers.log_scalars: call open() first")
-        self._enqueue(((check_step(step, "ProcessTrackers.log_scalars"), check_scalars(scalars, "ProcessTrackers.log_scalars")),))
+        self._log_checked(check_step(step, "ProcessTrackers.log_scalars"), check_scalars(scalars, "ProcessTrackers.log_scalars"))
 
     def _log_checked(self, step: int, scalars: dict[str, float]) -> None:
         """:meth:`log_scalars` of an event already checked (an int step, a ``{str: float}`` dict it may keep).
