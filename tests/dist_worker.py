@@ -6,6 +6,7 @@ compare into OUT_DIR. One launch runs many scenarios: starting ranks costs secon
 
 Phases:
 - ``train``: with_ddp and with_fsdp, each without and with accumulation (K=2), 20 updates;
+  an explicit ``save_now`` inside an accumulation window under each;
   with_ddp and with_fsdp where some parameters get a gradient on one rank only, or on none;
   the FSDP trap
   (gathering without ``grad_placements``); per-rank state bytes; an FSDP run that saves
@@ -213,6 +214,37 @@ def train(out: Path, rank: int) -> None:
         except ValueError as e:
             refused[mode] = str(e)
     write_every_ranks(out / "uneven-lists.json", refused)
+
+    # An explicit save_now inside an accumulation window (3 micro-batches per update, saved after 7): refused under
+    # with_ddp (each rank's partial gradients differ, a checkpoint holds rank 0's); under with_fsdp the window's
+    # buffers are sharded and reduce-scattered per micro-batch, so the resumed run ends bit-identical.
+    midwindow = {}
+    data = local_batches(rank, 3)
+    for mode in ("ddp", "fsdp"):
+
+        def build_saving(mode=mode):
+            step = fl.make_train_step(local_model(rank), fl.losses.cross_entropy, optimizer())
+            step = fl.with_ddp(step) if mode == "ddp" else fl.with_fsdp(step)
+            return fl.with_checkpointing(fl.with_grad_accum(step, every=3), directory=out / f"midwindow-{mode}", every=1000)
+
+        step = build_saving()
+        state = step.init()
+        for batch in data[:7]:
+            state, _ = step(state, batch)
+        try:
+            step.save_now(state)
+        except ValueError as e:
+            midwindow[mode] = str(e)
+            continue
+        resumed = build_saving().init()
+        for batch in data[7:]:
+            resumed, _ = step(resumed, batch)
+        for batch in data[7:]:
+            state, _ = step(state, batch)
+        midwindow[mode] = [int(resumed.slots["checkpointing"].resumed_from.endswith("step-000000002.ckpt"))] + [
+            bool(torch.equal(a.full_tensor(), b.full_tensor())) for a, b in zip(resumed.params.values(), state.params.values())
+        ]
+    write_every_ranks(out / "midwindow.json", midwindow)
 
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}

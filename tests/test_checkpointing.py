@@ -54,6 +54,22 @@ def test_resume_restores_everything_and_continues_bitwise(tmp_path):
     assert fl.tree_equal(final.params, whole.params) and fl.tree_equal(final.opt_state, whole.opt_state)
 
 
+def test_save_now_inside_an_accumulation_window_saves_it_in_one_process_and_refuses_under_data_parallelism(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    inner = fl.with_grad_accum(fl.make_train_step(nn.Linear(10, 3), fl.losses.classification, adamw(1e-2)), every=3)
+    step = fl.with_checkpointing(inner, directory=tmp_path, every=100)
+    state = step.init()
+    for batch in make_batches(4):  # one update, then 1 micro-batch into the next window
+        state, _ = step(state, batch)
+    resumed = fl.checkpoint.restore(step.save_now(state), step.init())
+    assert int(resumed.slots["grad_accum"].count) == 1 and fl.tree_equal(resumed.slots["grad_accum"], state.slots["grad_accum"])
+    from fnlight.transforms import _checkpointing
+
+    monkeypatch.setattr(_checkpointing, "dist_info", lambda: fl.DistInfo(0, 2, 0))  # a replicated state on 2 ranks
+    with pytest.raises(ValueError, match=r"got a state 1 micro-batch into a with_grad_accum window on 2 ranks"):
+        step.save_now(state)
+
+
 def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path):
     step = build(tmp_path, every=1, keep_last=1)
     fl.fold(step, step.init(), make_batches(2), progress=False)

@@ -133,6 +133,16 @@ def test_ranks_with_different_numbers_of_batches_are_refused_on_every_rank(run):
             ), (mode, refused)
 
 
+def test_save_now_inside_an_accumulation_window_is_refused_under_ddp_and_exact_under_fsdp(run):
+    out, _ = run
+    for midwindow in json.loads((out / "midwindow.json").read_text()):
+        assert midwindow["ddp"].startswith(
+            "with_checkpointing.save_now: expected a state between accumulation windows under data parallelism, "
+            "got a state 1 micro-batch into a with_grad_accum window on 2 ranks"
+        ), midwindow
+        assert midwindow["fsdp"] == [1, True, True, True, True], midwindow  # resumed from it; every parameter equal
+
+
 def test_fsdp_leaves_a_models_0d_parameter_alone_under_a_donating_fold(run):
     out, _ = run
     # per rank: the model's scale as it was, and another init() state's scale still rank 0's 1.0

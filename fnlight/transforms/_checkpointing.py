@@ -19,6 +19,7 @@ from .._state import NAMESPACE, DataPosition, TrainState
 from ..checkpoint import CheckpointError, CheckpointMismatchError, CheckpointWarning, read_metadata, restore, save
 from ..distributed._group import dist_info
 from ..distributed._sharded import is_sharded, read_sharded_metadata, restore_sharded, save_sharded
+from ._accum import window_open
 from ._base import Metrics, Transform
 
 __all__ = ["CheckpointingState", "find_latest", "with_checkpointing"]
@@ -217,7 +218,23 @@ class Checkpointing(Transform):
         return new_state, metrics
 
     def save_now(self, state: TrainState, metrics: Metrics | None = None) -> Path:
-        """Write a checkpoint of ``state`` now (synchronously) and apply retention; return its path."""
+        """Write a checkpoint of ``state`` now (synchronously) and apply retention; return its path.
+
+        Under data parallelism with a replicated state (``with_ddp`` on several ranks), ``state``
+        must not be inside a ``with_grad_accum`` window: each rank then holds partial gradients of
+        its own, which a checkpoint (rank 0's state) cannot hold. Saves that ``with_checkpointing``
+        makes itself, and preemption's, fall on updates.
+        """
+        world = dist_info().world_size
+        if world > 1 and window_open(state) and not is_sharded(state):
+            count = int(state.slots["grad_accum"].count)
+            raise ValueError(
+                f"with_checkpointing.save_now: expected a state between accumulation windows under data parallelism, "
+                f"got a state {count} micro-batch{'es' if count != 1 else ''} into a with_grad_accum window on {world} "
+                "ranks: each rank holds its own partial gradients, and a checkpoint holds rank 0's state only, so "
+                "a run resumed from it would be wrong. Save after the window's update (with_checkpointing's own "
+                "saves fall on updates), or use with_fsdp, whose windows are sharded and saved exactly"
+            )
         self.finish(state)
         return self._save(state, metrics or {}, wait=True)
 
