@@ -257,6 +257,35 @@ def test_update_bn_is_deterministic_with_dropout_and_takes_a_forward():
     assert fl.tree_equal(a.buffers, b.buffers)
 
 
+class _CountingBnNet(nn.Module):
+    """A BatchNorm model whose forward reassigns a buffer (``self.calls = self.calls + 1``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.bn = nn.Linear(10, 3), nn.BatchNorm1d(3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.bn(self.fc(x))
+
+
+def test_update_bn_keeps_a_buffer_the_forward_reassigns_as_torch_update_bn():
+    data = make_batches(3, batch=8)
+    step = fl.make_train_step(_CountingBnNet(), fl.losses.cross_entropy, adamw(1e-2))
+    state = fl.fold(step, step.init(), data, progress=False)
+    assert float(state.buffers["calls"]) == 3
+    new = update_bn(state, data)
+    reference = _CountingBnNet()
+    fl.copy_into_module_(state, reference)
+    torch_update_bn(data, reference)
+    assert float(reference.calls) == 6
+    assert_module_equal(new, reference)
+    assert torch.equal(new.buffers["calls"], reference.calls)
+    assert float(state.buffers["calls"]) == 3  # pure
+
+
 def test_update_bn_without_batchnorm_keeps_the_buffers():
     step = fl.make_train_step(nn.Linear(10, 3), fl.losses.cross_entropy, adamw(1e-2))
     state = step.init()
@@ -269,5 +298,7 @@ def test_update_bn_errors():
         update_bn(state, [])
     with pytest.raises(TypeError, match="update_bn: forward must be callable"):
         update_bn(state, make_batches(1), forward="x")
+    with pytest.raises(TypeError, match="update_bn: data must be an iterable of batches .*, got NoneType"):
+        update_bn(state, None)
     with pytest.raises(TypeError, match="update_bn: expected a fnlight.TrainState"):
         update_bn(copy.copy(state.params), make_batches(1))

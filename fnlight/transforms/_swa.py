@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._bind import bound
+from .._bind import bound, reassigned
 from .._rng import derive_seed, restore_generators, seed_generators
 from .._state import TrainState
 from .._step import _check_state, _set_mode
@@ -137,7 +137,8 @@ def update_bn(state: TrainState, data: Iterable[Any], *, forward: Callable[[nn.M
         without BatchNorm gets its buffers back unchanged, without a pass over ``data``.
 
     Raises:
-        TypeError: ``state`` is not a :class:`fnlight.TrainState` or ``forward`` is not callable.
+        TypeError: ``state`` is not a :class:`fnlight.TrainState`, ``data`` is not iterable or
+            ``forward`` is not callable.
         ValueError: ``data`` holds no batch (the statistics would stay reset).
 
     >>> import torch, fnlight as fl
@@ -150,6 +151,11 @@ def update_bn(state: TrainState, data: Iterable[Any], *, forward: Callable[[nn.M
     _check_state(state, "update_bn")
     if not callable(forward):
         raise TypeError(f"update_bn: forward must be callable (model, batch) -> output, got {forward!r}")
+    if not hasattr(data, "__iter__") and not hasattr(data, "__getitem__"):  # checked without starting an iteration
+        raise TypeError(
+            f"update_bn: data must be an iterable of batches (a list, a DataLoader or a fnlight.Loader), "
+            f"got {type(data).__name__}"
+        )
     skeleton = state.skeleton
     buffers = {k: b.clone() for k, b in state.buffers.items()}
     layers = _reset_statistics(skeleton, buffers)
@@ -168,6 +174,7 @@ def update_bn(state: TrainState, data: Iterable[Any], *, forward: Callable[[nn.M
             for batch in data:
                 forward(skeleton, batch)
                 batches += 1
+            moved = reassigned(skeleton, buffers)  # `self.count = self.count + 1`: the new value, as in a torch loop
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
@@ -178,4 +185,4 @@ def update_bn(state: TrainState, data: Iterable[Any], *, forward: Callable[[nn.M
             "update_bn: data yielded no batches, so the BatchNorm statistics cannot be estimated; "
             "pass the training data (a list, a DataLoader or a fnlight.Loader)"
         )
-    return state.replace(buffers=buffers)
+    return state.replace(buffers={**buffers, **moved})
