@@ -110,6 +110,18 @@ def test_schedules_return_float64_scalars_and_are_pure():
         assert int(count) == 3
 
 
+def test_join_and_warmup_keep_the_python_floats_their_schedules_return_exactly():
+    # a schedule may return a Python float (docs/optim.md); join must not round it to float32 via torch.where
+    s = sch.join([lambda c: 0.1, lambda c: 0.01], [3])
+    assert s(torch.tensor(0)).dtype == torch.float64
+    assert values(s, [0, 2, 3, 7]) == [0.1, 0.1, 0.01, 0.01]
+    w = sch.warmup(lambda c: 0.1 * 0.5 ** int(c), 2)
+    assert values(w, [0, 1, 2, 3]) == [0.0, 0.05, 0.1, 0.05]
+    step = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(s))
+    state, _ = step(step.init(), (torch.ones(4, 2), torch.zeros(4, 1)))
+    assert float(state.opt_state.hparams["lr"]) == 0.1
+
+
 @pytest.mark.parametrize(
     ("build", "error", "match"),
     [
@@ -123,7 +135,7 @@ def test_schedules_return_float64_scalars_and_are_pure():
         (lambda: sch.piecewise_constant([1.0], [3]), ValueError, "expected len\\(values\\) == len\\(boundaries\\) \\+ 1"),
         (lambda: sch.piecewise_constant([1.0, 2.0, 3.0], [5, 5]), ValueError, "boundaries must be strictly increasing"),
         (lambda: sch.join([sch.constant(1.0)], [2]), ValueError, "expected len\\(schedules\\) == len\\(boundaries\\) \\+ 1"),
-        (lambda: sch.join([1.0, sch.constant(1.0)], [2]), TypeError, "join: schedules\\[i\\] must be a schedule"),
+        (lambda: sch.join([sch.constant(1.0), 1.0], [2]), TypeError, r"join: schedules\[1\] must be a schedule .*got 1.0"),
         (lambda: sch.warmup(sch.constant(1.0), 0), ValueError, "warmup: warmup_steps must be a positive int, got 0"),
         (lambda: sch.warmup(0.1, 3), TypeError, "warmup: schedule must be a schedule"),
     ],

@@ -44,6 +44,20 @@ def _value(name: str, value: object, where: str) -> float:
     return check_hparam(name, value, where=f"fnlight.optim.{where}", low=-math.inf)
 
 
+def _at(schedule: Schedule, count: Tensor) -> Tensor:
+    """``schedule(count)`` as a float64 tensor: a Python number returned (documented as accepted) is kept exactly.
+
+    Without this, ``torch.where`` over two Python floats would make a float32 tensor and round the value.
+    Anything else is passed on unchanged, for :func:`fnlight.optim._base.scheduled` to report.
+    """
+    value = schedule(count)
+    if isinstance(value, Tensor):
+        return value.to(torch.float64)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64, device=count.device)
+    return value
+
+
 def _schedule(name: str, value: object, where: str) -> Schedule:
     if not callable(value):
         raise TypeError(f"fnlight.optim.{where}: {name} must be a schedule (count -> 0-d tensor), got {value!r}")
@@ -194,7 +208,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     >>> [float(s(torch.tensor(c))) for c in (0, 2, 3, 4, 5)]
     [1.0, 1.0, 1.0, 0.5, 0.0]
     """
-    parts = [_schedule("schedules[i]", s, "join") for s in schedules]
+    parts = [_schedule(f"schedules[{i}]", s, "join") for i, s in enumerate(schedules)]
     bounds = _boundaries(boundaries, "join")
     if len(parts) != len(bounds) + 1:
         raise ValueError(
@@ -203,9 +217,9 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         )
 
     def schedule(count: Tensor) -> Tensor:
-        out = parts[0](count)
+        out = _at(parts[0], count)
         for start, part in zip(bounds, parts[1:]):
-            out = torch.where(count >= start, part((count - start).clamp(min=0)), out)
+            out = torch.where(count >= start, _at(part, (count - start).clamp(min=0)), out)
         return out
 
     return schedule
@@ -225,9 +239,9 @@ def warmup(schedule: Schedule, warmup_steps: int, *, init_value: float = 0.0) ->
     a = _value("init_value", init_value, "warmup")
 
     def warmed(count: Tensor) -> Tensor:
-        peak = inner(torch.zeros_like(count))
+        peak = _at(inner, torch.zeros_like(count))
         ramp = a + (peak - a) * (_f(count) / n).clamp(max=1.0)
-        return torch.where(count < n, ramp, inner((count - n).clamp(min=0)))
+        return torch.where(count < n, ramp, _at(inner, (count - n).clamp(min=0)))
 
     return warmed
 
