@@ -282,6 +282,7 @@ def test_nonfinite_ignore_trains_on():
         ({"k": 4, "lr": [0.1, 0.2, 0.3]}, ValueError, r"lr has 3 values, expected k=4"),
         ({"k": 2, "lr": torch.ones(2, 2)}, ValueError, r"lr must be a float or 2 floats .* shape \[2, 2\]"),
         ({"k": 2, "optimizer": "lion"}, ValueError, r"optimizer must be one of \('adamw', 'adam', 'sgd'\), got 'lion'"),
+        ({"k": 2, "optimizer": fl.optim.adamw(0.1)}, TypeError, r"optimizer must be the name of one of .*, got Optimizer;"),
         ({"k": 2, "options": {"beta1": 0.9}}, TypeError, r"unknown option\(s\) \['beta1'\] for optimizer 'adamw'"),
         ({"k": 2, "options": [("b1", 0.9)]}, TypeError, r"options must be a mapping"),
         ({"k": 2, "lr": fl.optim.cosine(0.1, 10)}, TypeError, r"lr must be a float or 2 floats .* got the schedule"),
@@ -328,6 +329,8 @@ def test_init_errors():
         step.init(seeds=[0, 1, 2])
     with pytest.raises(TypeError, match=r"seeds must be an int or a sequence of 4 ints, got \[0, 1, 2, 3.0\]"):
         step.init(seeds=[0, 1, 2, 3.0])
+    with pytest.raises(TypeError, match=r"EnsembleStep.init: reinit must be a bool, got 0"):
+        step.init(seeds=0, reinit=0)
 
     class Scaled(nn.Module):
         def __init__(self):

@@ -90,7 +90,7 @@ class EnsembleStep:
             reinit: re-draw the parameters per seed (else copy the model's).
 
         Raises:
-            TypeError: ``seeds`` is not an int or a sequence of ints.
+            TypeError: ``seeds`` is not an int or a sequence of ints, or ``reinit`` is not a bool.
             ValueError: ``len(seeds) != k``, or ``reinit`` with a parameter whose module has
                 no ``reset_parameters()`` (pass ``reinit=False`` or stack your own states).
         """
@@ -101,6 +101,8 @@ class EnsembleStep:
             raise TypeError(f"{where}: seeds must be an int or a sequence of {self.k} ints, got {seeds!r}")
         if len(seeds) != self.k:
             raise ValueError(f"{where}: got {len(seeds)} seeds, expected k={self.k} (one per replica)")
+        if not isinstance(reinit, bool):
+            raise TypeError(f"{where}: reinit must be a bool, got {reinit!r}")
         source = copy.deepcopy(self._model) if reinit else self._model
         if reinit:
             _check_resettable(source, where)
@@ -325,7 +327,8 @@ def make_ensemble_step(
         An :class:`EnsembleStep`: ``step.init(seeds=...)`` builds the stacked state.
 
     Raises:
-        TypeError: a wrong type (model, loss_fn, an unknown option, a schedule as ``lr``).
+        TypeError: a wrong type (model, loss_fn, an optimizer that is not a name, an unknown option, a
+            schedule as ``lr``).
         ValueError: ``k < 1``, an option with the wrong number of values or out of range
             (naming the replica), or a bad ``randomness``/``nonfinite``.
 

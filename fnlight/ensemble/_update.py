@@ -61,6 +61,12 @@ class EnsembleOptimizer:
     """
 
     def __init__(self, kind: str, k: int, lr: Any, options: Mapping[str, Any], *, where: str) -> None:
+        if not isinstance(kind, str):
+            raise TypeError(
+                f"{where}: optimizer must be the name of one of {KINDS}, got {type(kind).__name__}; the ensemble builds "
+                "each replica's fnlight.optim optimizer from that name, lr and options (e.g. optimizer='adamw', lr=[...], "
+                "options={'weight_decay': 0.01})"
+            )
         if kind not in KINDS:
             raise ValueError(f"{where}: optimizer must be one of {KINDS}, got {kind!r}")
         family = _family(kind)
