@@ -143,6 +143,29 @@ def test_batchnorm_in_train_mode_is_supported_and_running_statistics_match():
         assert int(got.buffers["1.num_batches_tracked"]) == len(data)
 
 
+def test_batchnorm_with_a_cumulative_average_momentum_none_trains_as_independent_runs():
+    def cumulative(seed):
+        model = build(seed, bn=True)
+        model[1].momentum = None  # running statistics as the plain mean over the batches so far
+        return model
+
+    data = batches()
+    step = make_ensemble_step(cumulative(None), fl.losses.cross_entropy, k=K, optimizer="sgd", lr=LRS)
+    final = fl.fold(step, step.init(seeds=SEEDS), data, progress=False)
+    assert final.skeleton[1].momentum is None  # put back after each call
+    for i, seed in enumerate(SEEDS):
+        alone = fl.make_train_step(cumulative(seed), fl.losses.cross_entropy, fl.optim.sgd(LRS[i]))
+        ref = fl.fold(alone, alone.init(seed=seed), data, progress=False)
+        got = replica_state(final, i)
+        assert max_diff(got.params, ref.params) < 1e-6
+        assert max_diff(got.buffers, ref.buffers) < 1e-6
+    alone = step.replica_step(0)
+    ahead, _ = alone(alone.init(seed=1), data[0])
+    uneven = stack_states([alone.init(seed=0), ahead.replace(step=torch.zeros((), dtype=torch.int64))])
+    with pytest.raises(ValueError, match=r"BatchNorm '1' has momentum=None .* tracked different numbers of batches \[0, 1\]"):
+        make_ensemble_step(cumulative(None), fl.losses.cross_entropy, k=2, optimizer="sgd")(uneven, data[0])
+
+
 def test_a_call_is_pure_and_the_fold_gives_bitwise_the_same_state():
     data = batches(n=3)
     step = make_ensemble_step(build(bn=True), fl.losses.classification, k=K, lr=LRS)

@@ -66,6 +66,7 @@ class EnsembleStep:
         self._frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
         self._devices = tuple({p.device for p in model.parameters() if p.device.type == "cuda"})
         self._cached: tuple[nn.Module, Any] | None = None  # (skeleton, vmapped loss) of the last call
+        self._cumulative: list[tuple[str, nn.Module]] = []  # the cached skeleton's BatchNorms with momentum=None
         self._keys: tuple[int, ...] = ()
         self._keys_seed = 0
 
@@ -178,9 +179,11 @@ class EnsembleStep:
             self._keys, self._keys_seed = keys, derive_seed(*keys)
         grad_was_enabled = torch.is_grad_enabled()
         torch.set_grad_enabled(True)
+        forward = self._forward(skeleton)
+        self._set_cumulative_momenta(rest, where)
         saved_rng = seed_generators(derive_seed(self._keys_seed, int(state.step)), self._devices)
         try:
-            loss, metrics, moved = self._forward(skeleton)(leaves, rest, batch)
+            loss, metrics, moved = forward(leaves, rest, batch)
         except Exception as e:
             e.add_note(
                 f"fnlight: {where} {int(state.step)}: loss_fn {_name(self.loss_fn)!r} ran under torch.func.vmap over {k} "
@@ -191,6 +194,8 @@ class EnsembleStep:
         finally:
             restore_generators(saved_rng)
             torch.set_grad_enabled(grad_was_enabled)
+            for _, module in self._cumulative:
+                module.momentum = None
         if not loss.requires_grad:
             raise ValueError(
                 f"loss_fn {_name(self.loss_fn)!r} returned a loss that does not depend on any trainable "
@@ -247,7 +252,34 @@ class EnsembleStep:
         in_dims = (0, 0, 0 if self.per_replica_batch else None)
         forward = torch.func.vmap(replica_loss, in_dims=in_dims, randomness=self.randomness)
         self._cached = (skeleton, forward)
+        self._cumulative = [
+            (f"{name}." if name else "", m)
+            for name, m in skeleton.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.momentum is None
+        ]
         return forward
+
+    def _set_cumulative_momenta(self, rest: dict[str, Tensor], where: str) -> None:
+        """Give each BatchNorm with ``momentum=None`` the factor its cumulative average uses at this batch.
+
+        Such a layer computes ``1 / float(num_batches_tracked)`` in its forward, a read of a value that
+        ``vmap`` refuses. The replicas advance together, so their counts are equal: the factor
+        ``1 / (count + 1)`` is set as the layer's momentum for this call (the same float the layer
+        would compute) and ``None`` is put back after it.
+        """
+        factors = []
+        for prefix, _ in self._cumulative:
+            counts = rest[prefix + "num_batches_tracked"]
+            first = int(counts[0])
+            if not bool((counts == first).all()):
+                raise ValueError(
+                    f"{where}: BatchNorm {prefix[:-1] or '(root)'!r} has momentum=None (a cumulative average, which "
+                    f"depends on num_batches_tracked) but its replicas have tracked different numbers of batches "
+                    f"{counts.tolist()}; stack states whose BatchNorms have seen as many batches, or set a momentum"
+                )
+            factors.append(1.0 / float(first + 1))
+        for (_, module), factor in zip(self._cumulative, factors):
+            module.momentum = factor
 
     def _check_batch(self, batch: Any) -> None:
         for i, leaf in enumerate(optree.tree_leaves(batch)):
