@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 import reprlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -444,6 +446,22 @@ def _batch_size(batch: Any) -> int:
     return leading_size(batch, "evaluate")
 
 
+def _samples(n: Any, batch_size_fn: Any) -> int | float:
+    """``batch_size_fn``'s answer for one batch, checked: a finite number >= 0 (a tensor would make the means tensors)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        hint = "; convert it with int(...)" if isinstance(n, Tensor) else ""
+        raise TypeError(
+            f"evaluate: batch_size_fn must return a batch's number of samples (an int >= 0), got {_short(n)} "
+            f"from batch_size_fn={batch_size_fn!r}{hint}"
+        )
+    if not (math.isfinite(n) and n >= 0):
+        raise ValueError(
+            f"evaluate: batch_size_fn must return a batch's number of samples (an int >= 0), got {n!r} "
+            f"from batch_size_fn={batch_size_fn!r}"
+        )
+    return n
+
+
 def evaluate(
     eval_step: EvalStep | Callable[[TrainState, Any], dict[str, Tensor]],
     state: TrainState,
@@ -464,10 +482,16 @@ def evaluate(
         state: the state to evaluate (not modified).
         data: an iterable of batches.
         batch_size_fn: the number of samples in a batch (default: leading dimension of
-            its first tensor).
+            its first tensor). A batch it gives 0 samples is left out (its metrics, NaN for
+            a mean over no targets, count for nothing).
 
     Returns:
         ``{name: mean}`` as Python floats; ``{}`` when ``data`` is empty.
+
+    Raises:
+        TypeError: ``eval_step`` is not an eval step, ``state`` is not a ``TrainState``, a metric
+            is not a 0-d tensor, or ``batch_size_fn`` returns something other than a number.
+        ValueError: ``batch_size_fn`` returns a negative (or non-finite) number.
 
     >>> import torch, fnlight as fl
     >>> state = fl.make_train_step(torch.nn.Linear(1, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
@@ -495,7 +519,9 @@ def evaluate(
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}  # samples of the batches that reported each metric
     for batch in data:
-        n = batch_size_fn(batch)
+        n = _samples(batch_size_fn(batch), batch_size_fn)
+        if not n:  # no sample to weigh (every target ignored, say): its metrics (NaN for an empty mean) count for nothing
+            continue
         try:
             metrics = eval_step(state, batch)
         except Exception as e:

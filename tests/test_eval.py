@@ -247,6 +247,37 @@ def test_ignored_targets_weighted_by_the_scored_ones_give_the_concatenated_metri
     assert got["accuracy"] == pytest.approx((out.argmax(1)[keep] == y[keep]).double().mean().item(), abs=1e-7)  # float32
 
 
+def test_a_batch_without_scored_targets_is_left_out_not_a_nan():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    state = fl.make_train_step(model, fl.losses.classification, sgd(0.1)).init()
+    x, y = torch.randn(30, 8, dtype=torch.float64), torch.randint(0, 3, (30,))
+    y[20:] = -100  # the last batch is all padding: its mean loss and accuracy are NaN
+    state = state.replace(params={k: v.double() for k, v in state.params.items()})
+    batches = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]
+    scored = lambda b: int((b[1] != -100).sum())
+    got = fl.evaluate(fl.make_eval_step(fl.losses.classification), state, batches, batch_size_fn=scored)
+    assert got == fl.evaluate(fl.make_eval_step(fl.losses.classification), state, batches[:2], batch_size_fn=scored)
+    out = torch.func.functional_call(model, state.params, (x,))
+    assert got["loss"] == pytest.approx(F.cross_entropy(out, y).item(), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("returned", "error", "match"),
+    [
+        (torch.tensor(3), TypeError, r"number of samples \(an int >= 0\), got a Tensor .*int\(\.\.\.\)"),
+        ("3", TypeError, r"number of samples \(an int >= 0\), got '3' from batch_size_fn="),
+        (True, TypeError, r"number of samples \(an int >= 0\), got True"),
+        (-1, ValueError, r"number of samples \(an int >= 0\), got -1 from batch_size_fn="),
+    ],
+)
+def test_evaluate_checks_what_batch_size_fn_returns(returned, error, match):
+    state = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1)).init()
+    with pytest.raises(error, match=match):
+        data = [(torch.zeros(2, 2), torch.zeros(2, 1))]
+        fl.evaluate(fl.make_eval_step(fl.losses.mse), state, data, batch_size_fn=lambda b: returned)
+
+
 @pytest.mark.parametrize(
     ("value", "match"),
     [
