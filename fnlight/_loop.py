@@ -82,6 +82,10 @@ def every(
 ) -> Callable[[Callable[..., None]], Observer]:
     """Decorator form of :class:`Observer`.
 
+    Raises:
+        TypeError: used bare (``@fl.every`` instead of ``@fl.every(N)``); the decorated function's
+            options are checked as :class:`Observer` checks them.
+
     >>> import fnlight as fl
     >>> @fl.every(100)
     ... def show(state, metrics):
@@ -89,6 +93,11 @@ def every(
     >>> isinstance(show, fl.Observer)
     True
     """
+    if callable(steps):  # @fl.every without its arguments: the function would be replaced by the decorator
+        raise TypeError(
+            f"every: steps must be a positive int, got the function {getattr(steps, '__name__', steps)!r}; "
+            "write @fl.every(N) or @fl.every(seconds=T), not a bare @fl.every"
+        )
     return lambda fn: Observer(fn, steps=steps, seconds=seconds, at_end=at_end)
 
 

@@ -283,6 +283,14 @@ def test_observer_validates_options(kwargs, match):
         fl.Observer(print, steps=1, at_end="no")
 
 
+def test_every_used_bare_names_the_missing_interval():
+    def show(state, metrics):
+        pass
+
+    with pytest.raises(TypeError, match=r"every: steps must be a positive int, got the function 'show'; write @fl.every\(N\)"):
+        fl.every(show)
+
+
 def test_progress_bar_draws_on_a_terminal(batches, monkeypatch):
     from rich.console import Console
 
