@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import threading
 from collections.abc import Iterator
 
@@ -31,13 +32,37 @@ def derive_seed(seed: int, *counters: int) -> int:
     The result depends on every argument and on their order; it never depends on
     any global random state.
 
+    Each argument is an int; a 0-d integer tensor (``state.key``, ``state.step``) or a NumPy
+    integer counts as the int it holds, so ``derive_seed(state.key, state.step, 0)`` is the
+    seed a step uses for its forward pass.
+
+    Raises:
+        TypeError: an argument that is not an integer (a float, a bool, a tensor of several
+            elements or of a floating dtype).
+
     >>> derive_seed(0, 1) == derive_seed(0, 1) != derive_seed(0, 2)
     True
+    >>> import torch
+    >>> derive_seed(torch.tensor(7), torch.tensor(3), 0) == derive_seed(7, 3, 0)
+    True
     """
-    x = _splitmix64(seed & _MASK64)
-    for counter in counters:
-        x = _splitmix64(x ^ (counter & _MASK64))
+    x = _splitmix64(_integer(seed, "seed") & _MASK64)
+    for i, counter in enumerate(counters):
+        x = _splitmix64(x ^ (_integer(counter, f"counter {i}") & _MASK64))
     return x & ((1 << 63) - 1)
+
+
+def _integer(value: object, what: str) -> int:
+    """``value`` as a Python int (tensors' wrapping int64 arithmetic would mix to other seeds)."""
+    if type(value) is int:
+        return value
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    shown = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
+    raise TypeError(f"derive_seed: {what} must be an int (or a 0-d integer tensor), got {shown}")
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import optree
 import pytest
 import torch
@@ -79,3 +80,26 @@ def test_derive_seed_is_a_pure_mix():
     assert len({fl.derive_seed(0, s) for s in range(1000)}) == 1000
     assert fl.derive_seed(1, 2, 3) != fl.derive_seed(1, 3, 2)
     assert 0 <= fl.derive_seed(-5, 2**70) < 2**63
+
+
+def test_derive_seed_reads_the_states_tensors_as_the_ints_they_hold():
+    key, step = torch.tensor(7), torch.tensor(3)  # state.key and state.step: 0-d int64 tensors
+    seed = fl.derive_seed(key, step, 0)
+    assert type(seed) is int and seed == fl.derive_seed(7, 3, 0)  # was a tensor mixed with wrapping int64 arithmetic
+    assert fl.derive_seed(np.int64(7), 3) == fl.derive_seed(7, 3)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (3.0, r"derive_seed: counter 0 must be an int \(or a 0-d integer tensor\), got 3\.0"),
+        (True, r"counter 0 must be an int .*got True"),
+        (torch.tensor(1.0), r"counter 0 must be an int .*got a tensor of shape \(\) and dtype torch\.float32"),
+        (torch.tensor([1, 2]), r"counter 0 must be an int .*got a tensor of shape \(2,\)"),
+    ],
+)
+def test_derive_seed_refuses_what_is_not_an_integer(bad, match):
+    with pytest.raises(TypeError, match=match):
+        fl.derive_seed(1, bad)
+    with pytest.raises(TypeError, match=match.replace("counter 0", "seed")):
+        fl.derive_seed(bad)
