@@ -132,8 +132,24 @@ def test_bad_options(args, kwargs, error, match):
 
 
 def test_bad_start():
-    with pytest.raises(ValueError, match=r"start must be in \[0, 7\], got 8"):
+    with pytest.raises(ValueError, match=r"start must be an int in \[0, 7\], got 8"):
         fl.Loader(tensors(), batch_size=8).iter_epoch(0, 8)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "start", "match"),
+    [
+        (0, 1.5, r"Loader.iter_epoch: start must be an int in \[0, 7\], got 1\.5"),
+        (0, True, r"start must be an int in \[0, 7\], got True"),
+        (0, None, r"start must be an int in \[0, 7\], got None"),
+        (1.5, 0, r"Loader.iter_epoch: epoch must be an int >= 0, got 1\.5"),
+        (-1, 0, r"epoch must be an int >= 0, got -1"),
+    ],
+)
+def test_iter_epoch_names_a_position_that_is_not_an_int(epoch, start, match):
+    for shuffle in (False, True):  # unshuffled, an epoch of 1.5 was served as any other
+        with pytest.raises(ValueError, match=match):
+            fl.Loader(tensors(), batch_size=8, shuffle=shuffle).iter_epoch(epoch, start)
 
 
 def test_ranks_serve_disjoint_shares_of_the_same_order():

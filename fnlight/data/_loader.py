@@ -172,9 +172,15 @@ class Loader:
         return order[self.rank :: self.world_size]
 
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
-        """The batches of ``epoch`` from batch number ``start`` on."""
-        if start < 0 or start > len(self):
-            raise ValueError(f"Loader.iter_epoch: start must be in [0, {len(self)}], got {start!r}")
+        """The batches of ``epoch`` from batch number ``start`` on.
+
+        Raises:
+            ValueError: ``epoch`` is not an int >= 0, or ``start`` not an int in ``[0, len(self)]``.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"Loader.iter_epoch: epoch must be an int >= 0, got {epoch!r}")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(self):
+            raise ValueError(f"Loader.iter_epoch: start must be an int in [0, {len(self)}], got {start!r}")
         order = self.order(epoch)
         chunks = [
             order[i : i + self.batch_size] for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size)
