@@ -194,6 +194,8 @@ def fold(
             one-shot iterator while more than one epoch is asked for, or an epoch yields
             no batches (raised when it ends; otherwise a fold bounded by ``max_steps``
             alone would never end).
+        TypeError: ``step`` is not callable or is an eval step, or a call of it returns something other
+            than ``(state, metrics)``; ``state``, ``data`` or an option of the wrong type.
         DonatedStateError: ``state`` was donated before.
 
     >>> import torch, fnlight as fl
@@ -209,6 +211,11 @@ def fold(
     _check_slots(step, state)
     if not callable(step):
         raise TypeError(f"fold: step must be callable (state, batch) -> (state, metrics), got {step!r}")
+    if isinstance(step, EvalStep):
+        raise TypeError(
+            "fold: step is an eval step (make_eval_step), which returns metrics and makes no update; pass a train step, "
+            "make_train_step(model, loss_fn, optimizer), and evaluate with fnlight.evaluate or with_eval"
+        )
     _positive("epochs", epochs)
     _positive("max_steps", max_steps)
     flags = (("progress", progress, True), ("summary", summary, True), ("handle_signals", handle_signals, False))
@@ -281,7 +288,16 @@ def fold(
                 for batch in batches:
                     state.data.batch.add_(1)  # consumed: a checkpoint written inside the step records it
                     previous = state
-                    state, metrics = step(state, batch)
+                    result = step(state, batch)
+                    try:
+                        state, metrics = result
+                    except (TypeError, ValueError):
+                        state = None
+                    if not isinstance(state, TrainState):  # (a bare unpacking or attribute error otherwise)
+                        raise TypeError(
+                            f"fold: step must return (state, metrics), a fnlight.TrainState and a dict of 0-d tensors; "
+                            f"{step!r} returned {_short(result) if not isinstance(result, tuple) else _describe_result(result)}"
+                        )
                     if state is not previous:
                         mark_donated(previous)
                     if counting:  # the update count is read only when something uses it
@@ -449,6 +465,11 @@ def _done(state: TrainState, max_steps: int | None) -> bool:
 def _short(x: Any) -> str:
     """``x`` for an error message: a state or tensor by its type, anything else by a shortened repr."""
     return f"a {type(x).__name__}" if isinstance(x, (TrainState, Tensor, dict)) else reprlib.repr(x)
+
+
+def _describe_result(result: tuple[Any, ...]) -> str:
+    """A step's wrong result for an error message: the tuple's length and the types in it."""
+    return f"a tuple of {len(result)} ({', '.join(type(x).__name__ for x in result[:4])}{', ...' if len(result) > 4 else ''})"
 
 
 def _batch_size(batch: Any) -> int:

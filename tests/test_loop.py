@@ -283,6 +283,18 @@ def test_observer_validates_options(kwargs, match):
         fl.Observer(print, steps=1, at_end="no")
 
 
+def test_fold_names_a_step_that_does_not_return_a_state_and_metrics(batches):
+    step = make_step()
+    with pytest.raises(TypeError, match=r"fold: step is an eval step \(make_eval_step\), which returns metrics"):
+        fl.fold(fl.make_eval_step(fl.losses.classification), step.init(), batches, progress=False)
+    state = step.init()
+    with pytest.raises(TypeError, match=r"fold: step must return \(state, metrics\), .* returned a TrainState$"):
+        fl.fold(lambda s, b: s, state, batches, progress=False)
+    with pytest.raises(TypeError, match=r"step must return \(state, metrics\), .* returned a tuple of 2 \(NoneType, dict\)"):
+        fl.fold(lambda s, b: (None, {}), state, batches, progress=False)
+    assert int(fl.fold(step, state, batches, progress=False).step) == len(batches)  # the input state is still usable
+
+
 def test_every_used_bare_names_the_missing_interval():
     def show(state, metrics):
         pass
