@@ -175,6 +175,12 @@ def test_lr_find_errors():
         lr_find(None, step.init(), data)
     with pytest.raises(ValueError, match="lr_find: data gave no batch"):
         lr_find(step, step.init(), [])
+    with pytest.raises(TypeError, match=r"lr_find: step is an eval step \(make_eval_step\), which makes no update"):
+        lr_find(fl.make_eval_step(fl.losses.mse), step.init(), data)
+    with pytest.raises(TypeError, match=r"data must be an iterable of batches .*, got a function \(fold's epoch"):
+        lr_find(step, step.init(), lambda epoch: data)
+    with pytest.raises(TypeError, match=r"lr_find: data must be an iterable of batches .*, got NoneType"):
+        lr_find(step, step.init(), None)
     scheduled = fl.make_train_step(nn.Linear(8, 1), fl.losses.mse, fl.optim.sgd(fl.optim.cosine(0.1, 100)))
     with pytest.raises(ValueError, match=r"learning rate is a schedule, which sets hparams\['lr'\] at every update"):
         lr_find(scheduled, scheduled.init(), data)
@@ -312,6 +318,8 @@ def test_find_errors():
         batch_size_find(None, state, make_batch)
     with pytest.raises(TypeError, match="make_batch must be callable batch_size -> batch"):
         batch_size_find(step, state, 32)
+    with pytest.raises(TypeError, match=r"batch_size_find: step is an eval step \(make_eval_step\), which makes no update"):
+        batch_size_find(fl.make_eval_step(fl.losses.cross_entropy), state, make_batch)
     with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
         batch_size_find(step, state, make_batch, steps=0)
     with pytest.raises(ValueError, match="memory_budget must be a positive int, got -1"):

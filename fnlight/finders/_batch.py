@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._donation import check_live, donating
 from .._state import TrainState
-from .._step import Step
+from .._step import EvalStep, Step
 from .._tree import tree_clone
 from ..transforms._accum import window_open
 
@@ -164,7 +164,8 @@ def batch_size_find(
         A :class:`BatchSizeResult` with every :class:`BatchSizeTrial` (and its measured bytes).
 
     Raises:
-        TypeError: ``state`` is not a ``TrainState``, or ``step``/``make_batch`` are not callable.
+        TypeError: ``state`` is not a ``TrainState``, ``step``/``make_batch`` are not callable, or
+            ``step`` is an eval step.
         ValueError: an option is out of range, or ``start`` itself does not fit.
 
     >>> import torch, fnlight as fl
@@ -181,6 +182,8 @@ def batch_size_find(
     check_live(state, where)
     if not callable(step):
         raise TypeError(f"{where}: step must be callable (state, batch) -> (state, metrics), got {step!r}")
+    if isinstance(step, EvalStep):
+        raise TypeError(f"{where}: step is an eval step (make_eval_step), which makes no update; pass the train step")
     if not callable(make_batch):
         raise TypeError(f"{where}: make_batch must be callable batch_size -> batch, got {make_batch!r}")
     start, max_size, steps = _size("start", start, where), _size("max_size", max_size, where), _size("steps", steps, where)

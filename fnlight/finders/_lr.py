@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .._donation import check_live, donating
 from .._state import TrainState
-from .._step import NonFiniteError, Step
+from .._step import EvalStep, NonFiniteError, Step
 from .._tree import tree_clone
 from ..transforms._accum import window_open
 
@@ -176,7 +176,8 @@ def lr_find(
         An :class:`LRFinderResult`; ``result.plot("lr.png")`` draws it.
 
     Raises:
-        TypeError: ``state`` is not a ``TrainState`` or ``step`` is not callable.
+        TypeError: ``state`` is not a ``TrainState``, ``step`` is not callable or is an eval step, or
+            ``data`` is not iterable.
         ValueError: an option is out of range; the optimizer state holds no ``hparams["lr"]``;
             the optimizer's learning rate is a schedule (it would overwrite the sweep's);
             ``data`` is empty or ends before the first update; the step's loss is not a scalar.
@@ -197,6 +198,11 @@ def lr_find(
     check_live(state, "lr_find")
     if not callable(step):
         raise TypeError(f"lr_find: step must be callable (state, batch) -> (state, metrics), got {step!r}")
+    if isinstance(step, EvalStep):
+        raise TypeError("lr_find: step is an eval step (make_eval_step), which makes no update; pass the train step")
+    if not (isinstance(data, Iterable) or hasattr(data, "__getitem__")):
+        given = "a function (fold's epoch -> iterable form; pass data(0))" if callable(data) else type(data).__name__
+        raise TypeError(f"lr_find: data must be an iterable of batches (a list, a DataLoader, a fnlight.Loader), got {given}")
     for name, value in (("start", start), ("end", end)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"lr_find: {name} must be a positive finite float, got {value!r}")
