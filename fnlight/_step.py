@@ -405,10 +405,19 @@ class EvalStep:
     def __call__(self, state: TrainState, batch: Any) -> Metrics:
         _check_state(state, "eval step")
         skeleton = state.skeleton
+        # every module's mode is put back afterwards, as fl.apply does: a submodule the user set apart in train
+        # mode (a frozen BatchNorm) must stay so for the train steps after an evaluation, which switch the
+        # skeleton to train mode only where it is not already (a whole-tree .train() would unfreeze it)
+        modes = [(m, m.training) for m in skeleton.modules()] if skeleton.training else None
         _set_mode(skeleton, False)
         buffers = {k: b.clone() for k, b in state.buffers.items()}  # a module may write a buffer in eval mode too
-        with torch.no_grad(), bound(skeleton, {**full_tensors(state.params), **buffers}):
-            out = _call_loss(self.loss_fn, skeleton, batch, "eval", state)
+        try:
+            with torch.no_grad(), bound(skeleton, {**full_tensors(state.params), **buffers}):
+                out = _call_loss(self.loss_fn, skeleton, batch, "eval", state)
+        finally:
+            if modes is not None:
+                for m, was in modes:
+                    m.training = was
         return _split_output(out, self.loss_fn)[1]
 
 
@@ -473,7 +482,9 @@ def make_eval_step(loss_fn: LossFn) -> EvalStep:
     """Build a pure evaluation step ``(state, batch) -> metrics`` (eval mode, no gradients).
 
     It runs the module skeleton held by the state, so the same eval step works for any
-    state built by a train step over that module.
+    state built by a train step over that module. Every module's train/eval mode is put back
+    after the call, so a submodule set apart in eval mode (a frozen BatchNorm) stays so for the
+    train steps that follow.
 
     Raises:
         TypeError: ``loss_fn`` is not callable.

@@ -295,3 +295,23 @@ def test_with_eval_refuses_a_train_step_as_eval_step_when_built():
     core = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1))
     with pytest.raises(TypeError, match=r"with_eval: eval_step is a train step \(TrainStep\(mse, Linear\)\), which would train"):
         with_eval(core, data=[(torch.zeros(2, 2), torch.zeros(2, 1))], eval_step=core, every=1)
+
+
+def test_an_evaluation_keeps_a_submodule_the_user_froze_frozen_for_the_train_steps_after_it():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 3))
+        model[1].eval()  # a frozen BatchNorm: its running statistics stay as loaded
+        model[2].eval()  # and a dropout switched off
+        return fl.make_train_step(model, fl.losses.classification, sgd(0.1))
+
+    data = make_batches(4)
+    plain = build()
+    without = fl.fold(plain, plain.init(), data, progress=False)
+    evaluated = with_eval(build(), data=val_data(), loss_fn=fl.losses.classification, every=1)
+    state = fl.fold(evaluated, evaluated.init(), data, progress=False)
+    assert fl.tree_equal(state.params, without.params) and fl.tree_equal(state.buffers, without.buffers)
+    assert torch.equal(state.buffers["1.running_mean"], torch.zeros(16))  # never updated (was: after the first evaluation)
+    modes = [m.training for m in state.skeleton.modules()]
+    fl.evaluate(fl.make_eval_step(fl.losses.classification), state, val_data())
+    assert [m.training for m in state.skeleton.modules()] == modes == [True, True, False, False, True]
