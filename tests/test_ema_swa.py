@@ -246,6 +246,19 @@ def test_update_bn_equals_torch_update_bn():
     assert fl.tree_equal(new.params, swa.params) and new.skeleton.training is state.skeleton.training
 
 
+def test_update_bn_reestimates_a_batchnorm_set_apart_in_eval_mode_as_torch_and_keeps_its_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model[1].eval()  # a frozen BatchNorm: update_bn reset its statistics and, in eval mode, left them 0 and 1
+    data = [(torch.randn(16, 4) * 3 + 1, torch.randint(0, 2, (16,))) for _ in range(3)]
+    new = update_bn(fl.make_train_step(model, fl.losses.classification, fl.optim.sgd(0.1)).init(), data)
+    reference = copy.deepcopy(model)
+    torch_update_bn([x for x, _ in data], reference)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(new.buffers[f"1.{name}"], getattr(reference[1], name)), name
+    assert [m.training for m in new.skeleton.modules()] == [True, True, False, True]
+
+
 def test_update_bn_is_deterministic_with_dropout_and_takes_a_forward():
     state = averaged(swa_state_with_bn(dropout=0.5))
     data = make_batches(3, batch=16, seed=7)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._bind import bound, reassigned
 from .._rng import derive_seed, restore_generators, seed_generators
 from .._state import TrainState
-from .._step import _check_state, _set_mode
+from .._step import _check_state
 from ._ema import Averaging, check_schedule
 
 __all__ = ["SwaState", "update_bn", "with_swa"]
@@ -118,7 +118,9 @@ def update_bn(state: TrainState, data: Iterable[Any], *, forward: Callable[[nn.M
 
     The functional ``torch.optim.swa_utils.update_bn``: every BatchNorm's running mean
     and variance are reset and re-estimated as the plain average over all batches
-    (momentum ``None``), with the model in train mode and without gradients. Other
+    (momentum ``None``), with every module in train mode (as torch's, a BatchNorm you set
+    apart in eval mode is re-estimated too; each module's mode is put back after the pass)
+    and without gradients. Other
     buffers change as one train-mode forward pass per batch changes them. Randomness
     (dropout) is drawn from a seed derived from the state's key and step, so the result
     is deterministic. The usual call is on the averaged weights::
@@ -162,14 +164,14 @@ def update_bn(state: TrainState, data: Iterable[Any], *, forward: Callable[[nn.M
     if not layers:
         return state.replace()
     momenta = [m.momentum for m in layers]
-    was_training = skeleton.training
+    modes = [(m, m.training) for m in skeleton.modules()]  # each module's own, put back after the pass
     devices = tuple({t.device for t in state.params.values() if t.device.type == "cuda"})
     saved_rng = seed_generators(derive_seed(int(state.key), int(state.step), _UPDATE_BN_STREAM), devices)
     batches = 0
     try:
         for m in layers:
             m.momentum = None  # a cumulative average over the pass
-        _set_mode(skeleton, True)
+        skeleton.train()  # every module, as torch's update_bn: a BatchNorm set apart in eval mode is re-estimated too
         with torch.no_grad(), bound(skeleton, {**state.params, **buffers}):
             for batch in data:
                 forward(skeleton, batch)
@@ -178,7 +180,8 @@ def update_bn(state: TrainState, data: Iterable[Any], *, forward: Callable[[nn.M
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
-        _set_mode(skeleton, was_training)
+        for m, training in modes:
+            m.training = training
         restore_generators(saved_rng)
     if not batches:
         raise ValueError(
