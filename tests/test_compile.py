@@ -439,6 +439,25 @@ def test_composes_and_equals_the_eager_composition(name, wrap, expected_graphs):
     assert inner.graphs == expected_graphs
 
 
+@pytest.mark.parametrize(
+    "wrap", [lambda s: fl.with_grad_accum(s, every=2), lambda s: fl.with_amp(s, dtype="bf16")], ids=["accum", "amp bf16"]
+)
+def test_grad_norm_metrics_of_the_update_phase_are_not_overwritten_by_later_updates(wrap):
+    """Inside the fold the update graph writes each norm into the state's tensor: the metrics keep copies, as eagerly."""
+    data = make_batches(6, batch=8)
+
+    def norms(compiled: bool) -> list[torch.Tensor]:
+        core = fl.make_train_step(mlp(), fl.losses.classification, schedule_opt())
+        step = wrap(with_compile(core, backend="aot_eager") if compiled else core)
+        kept: list[torch.Tensor] = []
+        fl.fold(step, step.init(), data, observers=[fl.every(1)(lambda s, m: kept.append(m["grad_norm"]))], progress=False)
+        return kept
+
+    expected, got = norms(False), norms(True)
+    assert len(got) == len(expected) >= 3 and len({float(n) for n in got}) == len(got)
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), **TOL)
+
+
 def test_activation_checkpointing_over_batchnorm_compiles_with_aot_eager():
     """Its in-place num_batches_tracked breaks backend="eager"'s backward (documented in compile.md), not aot_eager."""
 

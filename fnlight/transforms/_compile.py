@@ -312,7 +312,12 @@ class Compiled(Transform):
         """The update phase: the core step's update with the optimizer's arithmetic compiled."""
         if self.eager_reason is not None:
             return self.inner.update(state, g)
-        return self.core._update(state, g, self._apply)
+        new_state, metrics = self.core._update(state, g, self._apply)
+        if metrics and is_donating():  # in place, the graph writes the next update's values into these tensors
+            exposed = update_metrics(new_state.opt_state)
+            if any(k in metrics for k in exposed):  # the metrics keep copies, as __call__'s do
+                metrics = {k: v.clone() if k in exposed else v for k, v in metrics.items()}
+        return new_state, metrics
 
     def _apply(self, params: dict[str, Tensor], grads: dict[str, Tensor], opt_state: Any, *, inplace: bool) -> Any:
         try:
