@@ -591,6 +591,25 @@ def test_an_error_of_the_model_itself_is_raised_as_eager_raises_it():
     assert any("could not compile the step of Linear" in note for note in info.value.__notes__)
 
 
+def test_fallback_raise_raises_an_error_of_the_step_itself_as_eager_raises_it():
+    """A batch of the wrong shape or a state of another optimizer is no compile failure, under fallback="raise" too."""
+    core = fl.make_train_step(nn.Linear(7, 3), fl.losses.classification, sgd(0.1))  # the batches have 10 features
+    step = with_compile(core, backend="eager", fallback="raise")
+    state = step.init()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        step(state, make_batches(1)[0])
+    assert not isinstance(info.value, CompileError)
+    assert any("could not compile the step of Linear" in note for note in info.value.__notes__)
+    other = fl.make_train_step(mlp(), fl.losses.classification, sgd(0.1)).init()
+    _, step = build(lambda: adamw(1e-2), backend="eager", fallback="raise")
+    with pytest.raises(TypeError, match="the optimizer state must be the AdamState"):
+        step(other, make_batches(1)[0])
+    step = fl.with_grad_accum(with_compile(core, backend="eager", fallback="raise"), every=2)  # the gradient phase
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        fl.fold(step, step.init(), make_batches(2), progress=False)
+    assert not isinstance(info.value, CompileError)
+
+
 def test_graph_breaks_are_reported_once_with_fullgraph_false():
     core, step = build(model=Branchy(), backend="eager", fullgraph=False)
     data = make_batches(3, batch=8)

@@ -15,7 +15,7 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
-from .._donation import donating_model, is_donating, updated
+from .._donation import donating, donating_model, is_donating, updated
 from .._rng import restore_generators, seed_generators, step_seed
 from .._state import TrainState
 from .._step import (
@@ -254,20 +254,23 @@ class Compiled(Transform):
         core = self.core
         return f"{type(core._model).__name__} (loss_fn {_name(core.loss_fn)!r})"
 
-    def _fall_back(self, error: BaseException, eager: Callable[[], T]) -> T:
-        """The step could not be compiled: raise, or run it eagerly (now and from now on)."""
+    def _fall_back(self, error: BaseException, eager: Callable[[], T], pure: Callable[[], Any]) -> T:
+        """The step could not be compiled: raise, or run it eagerly (now and from now on).
+
+        ``pure`` is the same eager work without writing into anything it is given: under
+        ``fallback="raise"`` it tells an error of the step itself (a batch of the wrong shape,
+        a state built by another optimizer), which is raised as eager raises it, from a compile failure.
+        """
         reason, fixes = _limit_reason() if _recompile_limit(error) else (_reason(error), _FIXES)
         where = f"with_compile: could not compile the step of {self._model_name()}"
         if self.fallback == "raise":
+            with donating(False):
+                self._eagerly(pure, where, reason)
             raise CompileError(
                 f"{where} with backend={self.backend!r}, fullgraph={self.fullgraph}: {reason}. "
                 f"{fixes}, or fallback='warn' to run it eagerly."
             ) from error
-        try:
-            result = eager()
-        except Exception as eager_error:  # the step fails eagerly too: that error is the one to see
-            eager_error.add_note(f"{where} either: {reason}")
-            raise
+        result = self._eagerly(eager, where, reason)
         self.eager_reason = reason
         if self.fallback == "warn":
             warnings.warn(
@@ -277,6 +280,14 @@ class Compiled(Transform):
                 stacklevel=3,
             )
         return result
+
+    @staticmethod
+    def _eagerly(eager: Callable[[], T], where: str, reason: str) -> T:
+        try:
+            return eager()
+        except Exception as eager_error:  # the step fails eagerly too: that error is the one to see
+            eager_error.add_note(f"{where} either: {reason}")
+            raise
 
     @staticmethod
     def _seed(state: TrainState, ctx: GradContext) -> int:
@@ -302,7 +313,11 @@ class Compiled(Transform):
         try:
             loss, grads, buffers, metrics = self._call("grads", inplace, args, self._seed(state, ctx))
         except _COMPILE_ERRORS as e:
-            return self._fall_back(e, lambda: self.inner.grads(state, batch, ctx))
+            return self._fall_back(
+                e,
+                lambda: self.inner.grads(state, batch, ctx),
+                lambda: self.inner.grads(state, batch, ctx._replace(accumulate=None)),
+            )
         if inplace and donating_model():  # 0-d scalars came back as new tensors: the model's are the old ones
             old = state.buffers
             buffers = updated(old, {k: b for k, b in buffers.items() if b is not old[k]})
@@ -323,7 +338,12 @@ class Compiled(Transform):
         try:
             new_params, new_opt = self._call("update", inplace, (params, grads, opt_state), None)
         except _COMPILE_ERRORS as e:
-            return self._fall_back(e, lambda: self.core.optimizer.apply(params, grads, opt_state, inplace=inplace))
+            optimizer = self.core.optimizer
+            return self._fall_back(
+                e,
+                lambda: optimizer.apply(params, grads, opt_state, inplace=inplace),
+                lambda: optimizer.apply(params, grads, opt_state, inplace=False),
+            )
         if not inplace:
             return new_params, new_opt
         # the graph wrote into the given tensors and returned the rest (see written_in_place); the core's
@@ -349,7 +369,7 @@ class Compiled(Transform):
                 "step", inplace, args, step_seed(int(state.key), int(state.step), 0)
             )
         except _COMPILE_ERRORS as e:
-            return self._fall_back(e, lambda: self.inner(state, batch))
+            return self._fall_back(e, lambda: self.inner(state, batch), lambda: self.inner(state, batch))
         core = self.core
         extra: Metrics = {}
         if inplace:  # the graph wrote into the state's tensors and returned only the rest (see make_step_fn)
@@ -471,7 +491,8 @@ def with_compile(
         fallback: when the step cannot be compiled: ``"warn"`` (a
             :class:`CompileFallbackWarning` naming the model and the reason, then eager from
             then on), ``"raise"`` (:class:`CompileError`), or ``"eager"`` (silently eager). A
-            step that also fails eagerly raises its eager error.
+            step that also fails eagerly raises its eager error (under ``"raise"`` too: a pure
+            eager run, which keeps nothing, tells the two apart).
         eager_random: random ops use torch's eager generator (inductor's
             ``fallback_random``); ``False`` lets inductor generate them inside its fused
             kernels (faster with dropout, still seeded per step, but other masks).
