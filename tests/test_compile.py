@@ -621,6 +621,26 @@ def test_graph_breaks_are_reported_once_with_fullgraph_false():
 # ------------------------------------------------------------------ options
 
 
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return self.fc(x)
+
+
+def test_graph_breaks_reported_are_the_steps_own_not_earlier_ones_of_the_process():
+    """dynamo's counter of graph breaks is the process's: another step's breaks are not this one's reasons."""
+    _, earlier = build(model=Branchy(), backend="eager", fullgraph=False, fallback="eager")
+    earlier(earlier.init(), make_batches(1)[0])
+    _, step = build(model=Broken(), backend="eager", fullgraph=False)
+    with pytest.warns(CompileFallbackWarning, match=r"step of Broken .*graph_break") as record:
+        step(step.init(), make_batches(1)[0])
+    assert not any("item()" in str(w.message) for w in record)
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [

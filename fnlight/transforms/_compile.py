@@ -203,7 +203,7 @@ class Compiled(Transform):
         fn = self._fns.get((kind, inplace)) or self._compiled(kind, inplace)
         stats = torch._dynamo.utils.counters["stats"]
         before = stats["unique_graphs"]
-        breaks = None if self.fullgraph else sum(torch._dynamo.utils.counters["graph_break"].values())
+        breaks = None if self.fullgraph else dict(torch._dynamo.utils.counters["graph_break"])
         hits = None if self.fullgraph else _limit_hits()
         saved_rng = None if seed is None else seed_generators(seed, self.core._devices)
         grad_was_enabled = torch.is_grad_enabled()
@@ -236,12 +236,16 @@ class Compiled(Transform):
         if self.fallback == "warn":
             warnings.warn(f"{where} (fallback='warn'). Reason: {reason}. {fixes}.", CompileFallbackWarning, stacklevel=4)
 
-    def _report_breaks(self, before: int) -> None:
+    def _report_breaks(self, before: dict[str, int]) -> None:
+        """Warn once about the graph breaks of this call (dynamo's counter is the process's: other functions' are older)."""
+        if self._breaks_reported or self.fallback != "warn":
+            return
         counter = torch._dynamo.utils.counters["graph_break"]
-        if self._breaks_reported or sum(counter.values()) == before or self.fallback != "warn":
+        new = [r for r, n in counter.items() if n > before.get(r, 0)]
+        if not new:
             return
         self._breaks_reported = True
-        reasons = "; ".join(dict.fromkeys(r.strip().splitlines()[0] for r in counter))
+        reasons = "; ".join(dict.fromkeys(r.strip().splitlines()[0] for r in new))
         warnings.warn(
             f"with_compile: the step of {self._model_name()} compiled with graph breaks (fullgraph=False), so parts of "
             f"it run eagerly between graphs: {reasons}. Pass fullgraph=True to fall back to eager with the exact "
