@@ -191,12 +191,29 @@ def save_safetensors(state: TrainState, path: str | os.PathLike[str], *, metadat
 
     Raises:
         ImportError: ``safetensors`` is not installed (``pip install safetensors``).
+        TypeError: ``state`` is not a state with a module skeleton, ``path`` is not a str or
+            ``os.PathLike``, or ``metadata`` is not a dict of str to str.
+        FileNotFoundError, IsADirectoryError: ``path``'s directory is missing, or ``path`` is a
+            directory.
 
     >>> import tempfile, torch, fnlight as fl
     >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init()
     >>> with tempfile.TemporaryDirectory() as d:
     ...     fl.save_safetensors(state, f"{d}/model.safetensors")
     """
+    where = "save_safetensors"
+    _require_skeleton(state, where)
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"{where}: path must be a str or os.PathLike, got {type(path).__name__}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{where}: path must name a file, got the directory {os.fspath(path)!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{where}: the directory {directory!r} of path does not exist; create it first")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise TypeError(f"{where}: metadata must be None or a dict of str to str (safetensors' header), got {metadata!r}")
     try:
         from safetensors.torch import save_file
     except ImportError as e:

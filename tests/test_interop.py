@@ -163,6 +163,24 @@ def test_safetensors_missing_package_is_named(trained, tmp_path, monkeypatch):
         fl.save_safetensors(trained, tmp_path / "m.safetensors")
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((nn.Linear(2, 1), "m.safetensors"), {}, TypeError, r"save_safetensors: expected a fnlight.TrainState, got Linear"),
+        ((None, 3), {}, TypeError, r"save_safetensors: path must be a str or os.PathLike, got int"),
+        ((None, "missing/m.safetensors"), {}, FileNotFoundError, r"save_safetensors: the directory .*missing' of path does not"),
+        ((None, "."), {}, IsADirectoryError, r"save_safetensors: path must name a file, got the directory"),
+        ((None, "m.safetensors"), {"metadata": {"epoch": 3}}, TypeError, r"save_safetensors: metadata must be None or a dict"),
+    ],
+)
+def test_safetensors_arguments_are_checked_where_given(trained, tmp_path, monkeypatch, args, kwargs, error, match):
+    monkeypatch.chdir(tmp_path)
+    model, path = args
+    with pytest.raises(error, match=match):
+        fl.save_safetensors(trained if model is None else model, path, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_apply_runs_the_model_with_the_state_tensors_without_copying_or_mutating():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
