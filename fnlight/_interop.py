@@ -110,10 +110,11 @@ def copy_into_module_(state: TrainState, module: nn.Module) -> nn.Module:
     """Copy the state's parameters and buffers into ``module`` in place (strict) and return it.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``.
+        TypeError: ``state`` is not a ``TrainState`` or ``module`` is not an ``nn.Module``.
         RuntimeError: the module's structure differs from the state's (torch's
             ``load_state_dict`` message lists the keys).
     """
+    _require_skeleton(state, "copy_into_module_")
     if not isinstance(module, nn.Module):
         raise TypeError(f"copy_into_module_: module must be a torch.nn.Module, got {type(module).__name__}")
     module.load_state_dict(state_dict(state), strict=True)

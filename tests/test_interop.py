@@ -137,6 +137,8 @@ def test_interop_rejects_non_states():
     for fn in (fl.to_module, fl.state_dict):
         with pytest.raises(TypeError, match="expected a fnlight.TrainState, got int"):
             fn(1)
+    with pytest.raises(TypeError, match="copy_into_module_: expected a fnlight.TrainState, got Linear"):
+        fl.copy_into_module_(nn.Linear(2, 1), nn.Linear(2, 1))
 
 
 def test_safetensors_round_trip(trained, tmp_path):
