@@ -526,6 +526,18 @@ def test_uneven_micro_batches_compile_once_per_shape_not_per_weight():
     close(got.params, expected.params)  # (the window's running loss, a float, differs in the last digits)
 
 
+def test_a_micro_batch_weight_of_exactly_one_compiles_no_graph_of_its_own():
+    g = torch.Generator().manual_seed(0)
+    sizes = [4, 8, 4, 4, 8, 8, 8, 4, 4, 6]  # every=2: an 8 after a 4 weighs 8 / (2 * 4) = 1.0
+    data = [(torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
+    eager = fl.with_grad_accum(fl.make_train_step(mlp(), fl.losses.classification, schedule_opt()), every=2)
+    inner = with_compile(fl.make_train_step(mlp(), fl.losses.classification, schedule_opt()), backend="eager", fallback="raise")
+    compiled = fl.with_grad_accum(inner, every=2)
+    got = fl.fold(compiled, compiled.init(), data, progress=False)
+    assert inner.graphs["grads"] == 5  # 4 and 8 first and accumulating, 6 accumulating
+    close(got.params, fl.fold(eager, eager.init(), data, progress=False).params)
+
+
 def test_sharded_parameters_are_refused_in_the_gradient_phase():
     _, step = build(backend="eager")
     gather = fl.GradContext(gather=lambda params: params)

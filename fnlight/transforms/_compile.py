@@ -311,8 +311,9 @@ class Compiled(Transform):
         _check_state(state, "train step")
         _set_mode(state.skeleton, True)
         inplace = is_donating()
-        # a tensor, not a float: dynamo would guard on the float's value and compile a graph per micro-batch weight
-        weight = None if ctx.loss_weight == 1.0 else torch.tensor(ctx.loss_weight, dtype=torch.float64)
+        # a tensor, not a float: dynamo would guard on the float's value and compile a graph per micro-batch weight;
+        # and a tensor for every later micro-batch, even one whose weight happens to be 1.0 (n = K * n0)
+        weight = None if ctx.loss_weight == 1.0 and not ctx.micro else torch.tensor(ctx.loss_weight, dtype=torch.float64)
         args = (state.skeleton, state.params, state.buffers, batch, ctx.autocast, ctx.loss_scale, weight, ctx.accumulate)
         try:
             loss, grads, buffers, metrics = self._call("grads", inplace, args, self._seed(state, ctx))
