@@ -56,7 +56,7 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
     sizes cover all K replicas, and each row's type says so (``Linear x4 replicas``).
 
     Raises:
-        TypeError: ``model`` is neither an ``nn.Module`` nor a ``TrainState``.
+        TypeError: ``model`` is not a module or a ``TrainState``, or ``depth`` is not an int.
         ValueError: ``depth`` is below 1.
 
     >>> import torch
@@ -64,7 +64,9 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
     >>> [(r.name, r.params) for r in s.rows], s.total.params
     ([('0', 16), ('1', 0), ('2', 10)], 26)
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"summary: depth must be an int >= 1, got {type(depth).__name__} {depth!r}")
+    if depth < 1:
         raise ValueError(f"summary: depth must be an int >= 1, got {depth!r}")
     if isinstance(model, TrainState):
         if model.skeleton is None:
@@ -103,10 +105,17 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
 
 
 def print_summary(model: nn.Module | TrainState, *, depth: int = 1, console: Any = None) -> ModelSummary:
-    """Print :func:`summary` as a rich table (to ``console``, default stderr) and return it."""
+    """Print :func:`summary` as a rich table (to ``console``, default stderr) and return it.
+
+    Raises:
+        TypeError: ``console`` is not a ``rich.console.Console`` (or ``None``), or as :func:`summary`.
+        ValueError: as :func:`summary`.
+    """
     from rich.console import Console
     from rich.table import Table
 
+    if console is not None and not isinstance(console, Console):
+        raise TypeError(f"print_summary: console must be a rich.console.Console or None, got {type(console).__name__}")
     s = summary(model, depth=depth)
     table = Table(title="model summary", title_justify="left")
     for column, justify in (

@@ -153,6 +153,9 @@ def test_bad_options_raise_at_build_time(build, error, match):
         (lambda: fl.optim.warmup_cosine(1.0, 0, 100), "fnlight.optim.warmup_cosine: warmup_steps must be a positive int, got 0"),
         (lambda: fl.optim.piecewise_constant([1.0, "x"], [3]), r"piecewise_constant: values\[1\] must be a float, got 'x'"),
         (lambda: fl.optim.join([fl.optim.constant(1.0)] * 3, [4, 0]), r"join: boundaries\[1\] must be a positive int, got 0"),
+        (lambda: fl.optim.piecewise_constant(0.1, [3]), "piecewise_constant: values must be a list or tuple, got float 0.1"),
+        (lambda: fl.optim.piecewise_constant([1.0, 0.1], {3: 0.1}), "boundaries must be a list or tuple, got dict"),
+        (lambda: fl.optim.join(fl.optim.constant(1.0), [3]), "join: schedules must be a list or tuple, got function"),
     ],
 )
 def test_errors_name_the_function_and_option_the_user_called(build, match):

@@ -76,6 +76,10 @@ def test_bad_inputs():
         fl.summary(3)
     with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
         fl.summary(model(), depth=0)
+    with pytest.raises(TypeError, match="depth must be an int >= 1, got str '2'"):
+        fl.summary(model(), depth="2")
+    with pytest.raises(TypeError, match="print_summary: console must be a rich.console.Console or None, got StringIO"):
+        fl.print_summary(model(), console=io.StringIO())
 
 
 def test_a_stacked_ensemble_state_says_its_counts_cover_every_replica():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -162,7 +163,8 @@ def piecewise_constant(values: Sequence[float], boundaries: Sequence[int]) -> Sc
     >>> [float(s(torch.tensor(c))) for c in (0, 2, 3, 5, 6, 100)]
     [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
     """
-    vals = [_value(f"values[{i}]", v, "piecewise_constant") for i, v in enumerate(values)]
+    where = "piecewise_constant"
+    vals = [_value(f"values[{i}]", v, where) for i, v in enumerate(_sequence("values", values, where))]
     bounds = _boundaries(boundaries, "piecewise_constant")
     if len(vals) != len(bounds) + 1:
         raise ValueError(
@@ -194,8 +196,15 @@ def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedul
     return exponential(init_value, gamma, step_size, staircase=True)
 
 
+def _sequence(name: str, value: object, where: str) -> Sequence[Any]:
+    """``value`` checked to be a list or tuple (a scalar, a dict or a set would be iterated wrongly or not at all)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"fnlight.optim.{where}: {name} must be a list or tuple, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _boundaries(boundaries: Sequence[int], where: str) -> list[int]:
-    bounds = [_steps(f"boundaries[{i}]", b, where) for i, b in enumerate(boundaries)]
+    bounds = [_steps(f"boundaries[{i}]", b, where) for i, b in enumerate(_sequence("boundaries", boundaries, where))]
     if any(b2 <= b1 for b1, b2 in itertools.pairwise(bounds)):
         raise ValueError(f"fnlight.optim.{where}: boundaries must be strictly increasing, got {list(boundaries)!r}")
     return bounds
@@ -208,7 +217,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     >>> [float(s(torch.tensor(c))) for c in (0, 2, 3, 4, 5)]
     [1.0, 1.0, 1.0, 0.5, 0.0]
     """
-    parts = [_schedule(f"schedules[{i}]", s, "join") for i, s in enumerate(schedules)]
+    parts = [_schedule(f"schedules[{i}]", s, "join") for i, s in enumerate(_sequence("schedules", schedules, "join"))]
     bounds = _boundaries(boundaries, "join")
     if len(parts) != len(bounds) + 1:
         raise ValueError(
