@@ -16,6 +16,7 @@ failing test says what to fix. They work under pytest, unittest or a plain scrip
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
@@ -156,6 +157,17 @@ def _grad_phase(step: Any) -> Any:
     return target if callable(getattr(target, "grads", None)) else None
 
 
+def _batch_copy(batch: Any) -> Any:
+    """A copy of ``batch`` a step may write into: a deep copy (tensors inside a dataclass or a ``UserDict`` too).
+
+    An object that cannot be deep-copied gets :func:`tree_clone` (its pytree tensors cloned).
+    """
+    try:
+        return copy.deepcopy(batch)
+    except Exception:
+        return tree_clone(batch)
+
+
 def assert_pure(step: Step, state: TrainState, batch: Any) -> None:
     """Assert that calling ``step`` modifies neither its input state nor the batch.
 
@@ -202,8 +214,8 @@ def assert_deterministic(step: Step, state: TrainState, batch: Any) -> None:
     afterwards), so a step that draws randomness outside fnlight's counter-based seeding
     (``torch.rand`` in a custom step, a generator kept in a closure) fails. Dropout in the
     loss function is fine: the step seeds torch's generator from the state's key and
-    update count. Each call gets its own copy of ``state``, so an impure step is
-    reported by :func:`assert_pure`, not here.
+    update count. Each call gets its own copy of ``state`` and of ``batch``, so a step
+    that writes into either is reported by :func:`assert_pure`, not here.
 
     Args:
         step: the step under test.
@@ -224,9 +236,9 @@ def assert_deterministic(step: Step, state: TrainState, batch: Any) -> None:
     cuda = sorted({t.device.index or 0 for t in state.params.values() if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(1)
-        state_a, metrics_a = _run(where, step, tree_clone(state), batch)
+        state_a, metrics_a = _run(where, step, tree_clone(state), _batch_copy(batch))
         torch.manual_seed(2)
-        state_b, metrics_b = _run(where, step, tree_clone(state), batch)
+        state_b, metrics_b = _run(where, step, tree_clone(state), _batch_copy(batch))
     differ = _differences(state_a, state_b, "new_state") + _differences(dict(metrics_a), dict(metrics_b), "metrics")
     if differ:
         raise AssertionError(

@@ -115,6 +115,17 @@ def test_assert_deterministic_catches_randomness_outside_the_step_seed():
         assert_deterministic(noisy, step.init(), BATCH)
 
 
+def test_assert_deterministic_leaves_a_step_that_writes_into_its_batch_to_assert_pure():
+    # each call gets its own copy of the batch: an in-place normalisation is impurity, not randomness
+    step = fl.make_train_step(make_bn_mlp(), centring_loss, adamw(1e-2))
+    batch = (BATCH[0] + 3.0, BATCH[1])
+    before = fl.tree_clone(batch)
+    assert_deterministic(step, step.init(), batch)
+    assert fl.tree_equal(batch, before)
+    with pytest.raises(AssertionError, match=r"modified its input in place: batch\[0\] changed"):
+        assert_pure(step, step.init(), batch)
+
+
 def nan_loss(model, batch):
     return fl.losses.cross_entropy(model, batch) * float("nan")
 
