@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import optree
 import torch
 from torch import Tensor
@@ -69,7 +70,22 @@ def _same(x: Any, y: Any) -> bool:
         return False
     if isinstance(x, Tensor) or isinstance(y, Tensor):
         return False
-    return bool(x == y) or (x != x and y != y)
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)) or x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        try:
+            return bool(np.array_equal(x, y, equal_nan=True))
+        except TypeError:  # a dtype without NaN (strings, objects)
+            return bool(np.array_equal(x, y))
+    try:
+        return bool(x == y) or bool(x != x and y != y)
+    except Exception:  # an object whose == is not a truth value: the leaf is shared with the copy
+        return x is y
+
+
+def _snapshot(tree: Any) -> Any:
+    """:func:`tree_clone`, with numpy arrays copied too (a step may write into a numpy batch)."""
+    return optree.tree_map(lambda x: x.copy() if isinstance(x, np.ndarray) else x, tree_clone(tree), namespace=NAMESPACE)
 
 
 def _differences(a: Any, b: Any, root: str) -> list[str]:
@@ -194,7 +210,7 @@ def assert_pure(step: Step, state: TrainState, batch: Any) -> None:
     """
     where = "assert_pure"
     _check_args(where, step, state)
-    state_before, batch_before = tree_clone(state), tree_clone(batch)
+    state_before, batch_before = tree_clone(state), _snapshot(batch)
     inner_before = {p: t.clone() for p, t in {**_opaque_tensors(state, "state"), **_opaque_tensors(batch, "batch")}.items()}
     _run(where, step, state, batch)
     changed = _differences(state, state_before, "state") + _differences(batch, batch_before, "batch")

@@ -97,6 +97,20 @@ def test_assert_pure_looks_inside_batches_that_are_not_pytree_containers(kind):
         assert_pure(step, step.init(), batch)
 
 
+def test_assert_pure_compares_numpy_batches():
+    def numpy_loss(model, batch, scale=1.0):
+        x, y = batch
+        x *= scale  # in place on the caller's array when scale != 1
+        return fl.losses.cross_entropy(model, (torch.from_numpy(x), torch.from_numpy(y)))
+
+    batch = (BATCH[0].numpy().copy(), BATCH[1].numpy().copy())
+    step = fl.make_train_step(make_bn_mlp(), numpy_loss, adamw(1e-2))
+    assert_pure(step, step.init(), batch)  # was: ValueError: the truth value of an array ... is ambiguous
+    writing = fl.make_train_step(make_bn_mlp(), lambda m, b: numpy_loss(m, b, scale=2.0), adamw(1e-2))
+    with pytest.raises(AssertionError, match=r"modified its input in place: batch\[0\] changed"):
+        assert_pure(writing, writing.init(), batch)
+
+
 def test_a_step_must_return_a_state_and_metrics():
     step = good()
     with pytest.raises(AssertionError, match=r"assert_pure: a step must return \(TrainState, dict of metrics\), got TrainState"):
