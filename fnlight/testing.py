@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -326,7 +327,8 @@ def assert_all_params_get_grad(step: Step, state: TrainState, batch: Any, *, ign
     Raises:
         AssertionError: naming every parameter without a gradient or with an all-zero one.
         TypeError: ``step`` has no gradient phase (``grads``), ``state`` is not a
-            :class:`fnlight.TrainState`, or ``ignore`` is a single string.
+            :class:`fnlight.TrainState`, or ``ignore`` is not a collection of names
+            (a single string, ``None``).
         ValueError: a name in ``ignore`` is not a trainable parameter.
 
     >>> import torch, fnlight as fl
@@ -343,9 +345,12 @@ def assert_all_params_get_grad(step: Step, state: TrainState, batch: Any, *, ign
         )
     if isinstance(ignore, str):
         raise TypeError(f"{where}: ignore must be a collection of parameter names, got the single string {ignore!r}")
+    names = list(ignore) if isinstance(ignore, Iterable) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{where}: ignore must be a collection of parameter names (str), got {ignore!r}")
     core = getattr(step, "core", None)
     trainable = list(core._trainable) if core is not None else list(state.params)
-    skipped = set(ignore)
+    skipped = set(names)
     unknown = sorted(skipped - set(trainable))
     if unknown:
         raise ValueError(f"{where}: ignore names {unknown} that are not trainable parameters; the trainable ones are {trainable}")
@@ -394,7 +399,8 @@ def assert_can_overfit(
         AssertionError: the goal was not reached within ``steps`` calls, or the metric
             became NaN or infinite (with the first, best and last values).
         TypeError: ``step`` is not callable, ``state`` is not a :class:`fnlight.TrainState`,
-            or ``factor``/``target_loss`` is not a number.
+            ``factor``/``target_loss`` is not a number, ``metric`` is not a string, or the
+            step reports that metric as neither a tensor nor a number.
         ValueError: ``steps < 1``, ``factor`` outside (0, 1), a non-finite
             ``target_loss``, ``metric`` is not among the step's metrics or not a scalar, or
             its first value is not positive while no ``target_loss`` is given.
@@ -407,6 +413,8 @@ def assert_can_overfit(
     _check_args(where, step, state)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{where}: steps must be an int >= 1, got {steps!r}")
+    if not isinstance(metric, str):
+        raise TypeError(f"{where}: metric must be the name of one of the step's metrics (a str), got {metric!r}")
     factor = check_hparam("factor", factor, where=where, low=0.0, high=1.0, low_inclusive=False)
     if target_loss is not None:
         target_loss = check_hparam("target_loss", target_loss, where=where, low=-math.inf)
@@ -417,12 +425,18 @@ def assert_can_overfit(
             current, metrics = _run(where, step, current, batch)
             if metric not in metrics:
                 raise ValueError(f"{where}: metric {metric!r} is not among the step's metrics {sorted(metrics)}")
-            if metrics[metric].ndim != 0:
+            reported = metrics[metric]
+            if isinstance(reported, Tensor) and reported.ndim != 0:
                 raise ValueError(
-                    f"{where}: {metric} must be a scalar, got shape {list(metrics[metric].shape)} (an ensemble step "
+                    f"{where}: {metric} must be a scalar, got shape {list(reported.shape)} (an ensemble step "
                     "gives one per replica: test replica_step(i) on replica_state(state, i))"
                 )
-            value = float(metrics[metric])
+            if not isinstance(reported, Tensor) and (isinstance(reported, bool) or not isinstance(reported, numbers.Real)):
+                raise TypeError(
+                    f"{where}: metrics[{metric!r}] must be a 0-d tensor or a number, "
+                    f"got {type(reported).__name__}: {reported!r:.100}"
+                )
+            value = float(reported)
             values.append(value)
             if target_loss is None and len(values) == 1 and math.isfinite(value) and value <= 0:
                 raise ValueError(

@@ -205,6 +205,9 @@ def test_assert_all_params_get_grad_argument_errors():
         assert_all_params_get_grad(step, state, BATCH, ignore="gate")
     with pytest.raises(TypeError, match=r"the step has no gradient phase \(step.grads\).*got function"):
         assert_all_params_get_grad(lambda s, b: step(s, b), state, BATCH)
+    for ignore in (None, [["gate"]], [0]):  # were: 'NoneType' object is not iterable, unhashable type: 'list', a ValueError
+        with pytest.raises(TypeError, match=r"ignore must be a collection of parameter names \(str\), got "):
+            assert_all_params_get_grad(step, state, BATCH, ignore=ignore)
 
 
 def test_assert_can_overfit_fails_when_nothing_learns():
@@ -238,6 +241,19 @@ def test_assert_can_overfit_needs_an_absolute_goal_for_a_loss_that_is_not_positi
         assert_can_overfit(step, step.init(), BATCH, steps=5, target_loss=-11.0)
 
 
+def test_assert_can_overfit_reads_a_metric_reported_as_a_number():
+    # a step of your own may report Python numbers, as fold accepts (was: AttributeError: 'float' object has no attribute 'ndim')
+    step = good()
+
+    def plain_numbers(state, batch):
+        new, metrics = step(state, batch)
+        return new, {"loss": float(metrics["loss"]), "note": "text"}
+
+    assert_can_overfit(plain_numbers, step.init(seed=0), BATCH, steps=200)
+    with pytest.raises(TypeError, match=r"metrics\['note'\] must be a 0-d tensor or a number, got str: 'text'"):
+        assert_can_overfit(plain_numbers, step.init(seed=0), BATCH, metric="note")
+
+
 def test_assert_can_overfit_fails_on_a_nonfinite_loss():
     step = fl.make_train_step(make_bn_mlp(), nan_loss, adamw(1e-2), nonfinite="ignore")
     with pytest.raises(AssertionError, match="assert_can_overfit: loss became nan at call 1"):
@@ -252,6 +268,7 @@ def test_assert_can_overfit_fails_on_a_nonfinite_loss():
         ({"target_loss": float("inf")}, ValueError, r"assert_can_overfit: target_loss must be in \[-inf, inf\), got inf"),
         ({"target_loss": "low"}, TypeError, "assert_can_overfit: target_loss must be a float, got 'low'"),
         ({"metric": "acc"}, ValueError, r"metric 'acc' is not among the step's metrics \['loss'\]"),
+        ({"metric": ["loss"]}, TypeError, r"metric must be the name of one of the step's metrics \(a str\), got \['loss'\]"),
     ],
 )
 def test_assert_can_overfit_option_errors(options, error, match):
