@@ -16,6 +16,7 @@ failing test says what to fix. They work under pytest, unittest or a plain scrip
 
 from __future__ import annotations
 
+import cmath
 import copy
 import dataclasses
 import math
@@ -161,7 +162,8 @@ def _nonfinite(tree: Any, root: str) -> list[str]:
     return [
         p.codify(root)
         for p, t in zip(paths, leaves)
-        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+        if (isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()))
+        or (isinstance(t, (float, complex)) and not cmath.isfinite(t))  # a Python number, as a step of your own may report
     ]
 
 

@@ -169,6 +169,17 @@ def test_assert_finite_names_nonfinite_parameters_after_the_step():
         assert_finite(poisoning, step.init(), BATCH)
 
 
+def test_assert_finite_checks_metrics_reported_as_python_numbers():
+    step = good()
+
+    def reporting_floats(state, batch):
+        new, _ = step(state, batch)
+        return new, {"loss": float("nan"), "ok": 1.0}  # was: passed
+
+    with pytest.raises(AssertionError, match=r"non-finite values after the step: metrics\['loss'\]$"):
+        assert_finite(reporting_floats, step.init(), BATCH)
+
+
 class PartlyUsed(nn.Module):
     def __init__(self):
         super().__init__()
