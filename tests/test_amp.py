@@ -133,6 +133,19 @@ def test_fp16_nonfinite_loss_goes_to_the_nonfinite_policy_and_keeps_the_scale():
     assert float(metrics["skipped"]) == 1.0 and float(metrics["loss_scale"]) == 512.0 and int(after.step) == 1
 
 
+def test_fp16_nonfinite_loss_behind_finite_gradients_is_skipped_under_ignore():
+    # a non-finite constant in the loss leaves the gradients finite; "ignore" still skips it as an overflow
+    # (was: applied, skipped 0, the scale kept)
+    def inf_loss(model, batch):
+        return fl.losses.cross_entropy(model, batch) + torch.tensor(float("inf"))
+
+    step = fl.with_amp(fl.make_train_step(mlp(), inf_loss, adamw(1e-2), nonfinite="ignore"), dtype="fp16", init_scale=1024.0)
+    state = step.init()
+    after, metrics = step(state, make_batches(1)[0])
+    assert float(metrics["skipped"]) == 1.0 and float(metrics["loss_scale"]) == 512.0 and int(after.step) == 0
+    assert fl.tree_equal(after.params, state.params) and fl.tree_equal(after.opt_state, state.opt_state)
+
+
 def test_fp16_nonfinite_loss_under_accumulation_reaches_the_policy():
     core = fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1), nonfinite="stop")
     step = fl.with_grad_accum(fl.with_amp(core, dtype="fp16"), every=2)

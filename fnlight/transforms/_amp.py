@@ -119,6 +119,9 @@ class Amp(Transform):
             new_state, metrics = self.inner.update(state, g)
             skipped = metrics.get("skipped", torch.scalar_tensor(1.0))
         else:
+            if nonfinite_loss:  # under nonfinite="ignore": skipped as an overflow, also when the gradients are finite
+                overflow = True
+                found_inf.fill_(1.0)
             if overflow:  # an fp16 overflow in backward: skip the update, back off
                 new_state, metrics = state.replace(buffers=dict(g.buffers)), {}
             else:
