@@ -85,6 +85,32 @@ def test_bad_selection(modules, error, match):
         fl.with_activation_checkpointing(fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2)), modules=modules)
 
 
+class Shared(nn.Module):
+    """One block registered under two names, applied twice (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Linear(10, 10), nn.Tanh())
+        self.first, self.second, self.head = block, block, nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(self.second(self.first(x)))
+
+
+def test_a_shared_block_is_selected_by_any_of_its_names():
+    # named_modules lists a shared block once: 'second' was refused as "no submodule named ['second']"
+    batch = make_batches(1)[0]
+    plain = fl.make_train_step(Shared(), fl.losses.cross_entropy, adamw(1e-2))
+    for names in (["second"], ["first", "second"], ["second.0"]):
+        step = fl.with_activation_checkpointing(fl.make_train_step(Shared(), fl.losses.cross_entropy, adamw(1e-2)), modules=names)
+        state = step.init()
+        assert "forward" in (state.skeleton.second if names != ["second.0"] else state.skeleton.second[0]).__dict__
+        assert fl.tree_equal(step(state, batch)[0].params, plain(plain.init(), batch)[0].params)
+    with pytest.raises(ValueError, match=r"no submodule named \['third'\]; the model has \['first', 'first.0', .*'second'"):
+        fl.with_activation_checkpointing(plain, modules=["third"])
+
+
 def test_order_and_target_are_checked():
     core = fl.make_train_step(deep(), fl.losses.cross_entropy, adamw(1e-2))
     with pytest.raises(ValueError, match="with_activation_checkpointing cannot wrap a step already wrapped by with_amp"):

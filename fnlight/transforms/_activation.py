@@ -101,10 +101,14 @@ def _select(model: nn.Module, modules: Selector) -> tuple[str, ...]:
     if isinstance(modules, type) or (isinstance(modules, tuple) and modules and all(isinstance(m, type) for m in modules)):
         chosen = [n for n, m in named.items() if n and isinstance(m, modules)]
     elif isinstance(modules, (list, tuple)):
-        unknown = [n for n in modules if not isinstance(n, str) or n not in named or not n]
+        # a module registered under several names (a shared block) is listed once by named_modules: any of its names
+        # selects it, under the name the skeleton's named_modules gives it
+        canonical = {id(m): n for n, m in named.items()}
+        every = {n: canonical[id(m)] for n, m in model.named_modules(remove_duplicate=False)}
+        unknown = [n for n in modules if not isinstance(n, str) or n not in every or not n]
         if unknown:
-            raise ValueError(f"{where}: no submodule named {unknown!r}; the model has {sorted(n for n in named if n)[:20]!r}")
-        chosen = list(modules)
+            raise ValueError(f"{where}: no submodule named {unknown!r}; the model has {sorted(n for n in every if n)[:20]!r}")
+        chosen = list(dict.fromkeys(every[n] for n in modules))
     elif callable(modules):
         chosen = [n for n, m in named.items() if n and modules(n, m)]
     else:
