@@ -399,7 +399,8 @@ def assert_can_overfit(
 
     Raises:
         AssertionError: the goal was not reached within ``steps`` calls, or the metric
-            became NaN or infinite (with the first, best and last values).
+            became NaN or infinite (with the first, best and last values), also when the
+            step raised :class:`fnlight.NonFiniteError` for it.
         TypeError: ``step`` is not callable, ``state`` is not a :class:`fnlight.TrainState`,
             ``factor``/``target_loss`` is not a number, ``metric`` is not a string, or the
             step reports that metric as neither a tensor nor a number.
@@ -424,7 +425,11 @@ def assert_can_overfit(
     current = tree_clone(state)
     with donating():  # the copy is ours: update it in place, as fold does
         for _ in range(steps):
-            current, metrics = _run(where, step, current, batch)
+            try:
+                current, metrics = _run(where, step, current, batch)
+            except NonFiniteError as e:  # the step's nonfinite="raise" policy: the metric diverged, as below
+                so_far = f" (first value {values[0]:.6g}, last {values[-1]:.6g})" if values else ""
+                raise AssertionError(f"{where}: the step raised NonFiniteError at call {len(values) + 1}{so_far}: {e}") from e
             if metric not in metrics:
                 raise ValueError(f"{where}: metric {metric!r} is not among the step's metrics {sorted(metrics)}")
             reported = metrics[metric]

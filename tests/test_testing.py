@@ -271,6 +271,18 @@ def test_assert_can_overfit_fails_on_a_nonfinite_loss():
         assert_can_overfit(step, step.init(), BATCH)
 
 
+def test_assert_can_overfit_fails_with_an_assertion_when_the_step_raises_for_a_diverging_loss():
+    # the default nonfinite="raise" (was: NonFiniteError escaped, where the docs promise an AssertionError)
+    torch.manual_seed(0)
+    step = fl.make_train_step(nn.Linear(10, 1), fl.losses.mse, sgd(1e3))
+    batch = (BATCH[0], BATCH[1].float()[:, None])
+    with pytest.raises(AssertionError, match=r"the step raised NonFiniteError at call \d+ \(first value .*loss = inf"):
+        assert_can_overfit(step, step.init(), batch)
+    nan_step = fl.make_train_step(make_bn_mlp(), nan_loss, adamw(1e-2))
+    with pytest.raises(AssertionError, match=r"assert_can_overfit: the step raised NonFiniteError at call 1: non-finite values"):
+        assert_can_overfit(nan_step, nan_step.init(), BATCH)
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
