@@ -17,7 +17,7 @@ from ._bind import full_tensors
 from ._donation import check_live, donating, mark_donated, unshare_lent
 from ._progress import Progress
 from ._ranks import all_sum, collective, rank, union_of_keys, world_size
-from ._rng import held_generators
+from ._rng import eval_seed, evaluating, held_generators
 from ._signals import Preempted, SignalWatch, preempt
 from ._state import NAMESPACE, TrainState
 from ._step import EvalStep, Step
@@ -548,12 +548,17 @@ def evaluate(
             state = state.replace(params=dict(full))
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}  # samples of the batches that reported each metric
-    for batch in data:
+    # random draws in an evaluation come from a seed per batch (of the state's key and update, this rank), as a
+    # train step's do: the result does not depend on the caller's generators, which are put back afterwards
+    key, update, here = int(state.key), int(state.step), rank()
+    devices = tuple({t.device for t in state.params.values() if t.device.type == "cuda"})
+    for index, batch in enumerate(data):
         n = _samples(batch_size_fn(batch), batch_size_fn)
         if not n:  # no sample to weigh (every target ignored, say): its metrics (NaN for an empty mean) count for nothing
             continue
         try:
-            metrics = eval_step(state, batch)
+            with evaluating(eval_seed(key, update, index, here), devices):
+                metrics = eval_step(state, batch)
         except Exception as e:
             if not isinstance(eval_step, EvalStep):
                 e.add_note(

@@ -84,6 +84,40 @@ def step_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
     return x & ((1 << 63) - 1)
 
 
+EVAL_STREAM = 0xE7A1  # evaluation's draws: a stream apart from the training steps' (seed, step, micro)
+_evaluating = threading.local()  # set while fnlight.evaluate has seeded the generators for one batch
+
+
+def eval_seed(seed: int, step: int, index: int, rank: int = 0) -> int:
+    """The seed of an evaluation's batch ``index`` of a state at update ``step`` (``rank``'s share).
+
+    >>> eval_seed(7, 3, 1) == derive_seed(7, 3, EVAL_STREAM, 1) != eval_seed(7, 3, 2)
+    True
+    """
+    return derive_seed(seed, step, EVAL_STREAM, index, rank) if rank else derive_seed(seed, step, EVAL_STREAM, index)
+
+
+@contextlib.contextmanager
+def evaluating(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[None]:
+    """Seed the generators with ``seed`` for one batch of :func:`fnlight.evaluate`, and put them back after it.
+
+    An eval step called inside (:meth:`fnlight.EvalStep.__call__`) then draws from this seed instead of
+    seeding its own (see :func:`evaluated_alone`).
+    """
+    saved = seed_generators(seed, devices)
+    _evaluating.active = True
+    try:
+        yield
+    finally:
+        _evaluating.active = False
+        restore_generators(saved)
+
+
+def evaluated_alone() -> bool:
+    """Whether an eval step runs outside :func:`evaluating` (called directly), so it seeds its own draws."""
+    return not getattr(_evaluating, "active", False)
+
+
 def seed_generators(seed: int, devices: tuple[torch.device, ...] = ()) -> list[tuple[torch.Generator, Tensor]]:
     """Seed torch's default generators (CPU and ``devices``) with ``seed``; return their previous states.
 

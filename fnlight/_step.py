@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from ._autograd import run_backward
 from ._bind import bind, bound, full_tensors, make_skeleton, reassigned, unbind
 from ._donation import check_live, is_donating, lend, updated
-from ._rng import restore_generators, seed_generators, step_seed
+from ._ranks import rank
+from ._rng import eval_seed, evaluated_alone, restore_generators, seed_generators, step_seed
 from ._state import TrainState
 from .optim._base import Optimizer
 from .optim._clip import ClipState
@@ -396,6 +397,11 @@ def _nonfinite_message(state: TrainState, g: Gradients) -> str:
     )
 
 
+def _devices(state: TrainState) -> tuple[torch.device, ...]:
+    """The CUDA devices of ``state``'s parameters (whose generators a seeded region seeds as well as the CPU's)."""
+    return tuple({t.device for t in state.params.values() if t.device.type == "cuda"})
+
+
 class EvalStep:
     """A pure evaluation step: ``(state, batch) -> metrics`` in eval mode, without gradients."""
 
@@ -411,10 +417,17 @@ class EvalStep:
         modes = [(m, m.training) for m in skeleton.modules()] if skeleton.training else None
         _set_mode(skeleton, False)
         buffers = {k: b.clone() for k, b in state.buffers.items()}  # a module may write a buffer in eval mode too
+        # random draws (a sampled loss, noise) come from a seed of the state's key and update, as a train step's
+        # do, and the caller's generators are put back; inside fnlight.evaluate, from that batch's seed
+        saved = None
+        if evaluated_alone():
+            saved = seed_generators(eval_seed(int(state.key), int(state.step), 0, rank()), _devices(state))
         try:
             with torch.no_grad(), bound(skeleton, {**full_tensors(state.params), **buffers}):
                 out = _call_loss(self.loss_fn, skeleton, batch, "eval", state)
         finally:
+            if saved is not None:
+                restore_generators(saved)
             if modes is not None:
                 for m, was in modes:
                     m.training = was
@@ -484,7 +497,8 @@ def make_eval_step(loss_fn: LossFn) -> EvalStep:
     It runs the module skeleton held by the state, so the same eval step works for any
     state built by a train step over that module. Every module's train/eval mode is put back
     after the call, so a submodule set apart in eval mode (a frozen BatchNorm) stays so for the
-    train steps that follow.
+    train steps that follow. Random draws come from a seed of the state's key and update
+    count (per batch inside :func:`fnlight.evaluate`), and the caller's generators are put back.
 
     Raises:
         TypeError: ``loss_fn`` is not callable.

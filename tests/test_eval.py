@@ -151,6 +151,44 @@ def test_evaluation_leaves_the_state_and_training_unchanged():
         assert fl.tree_equal(getattr(got, field), getattr(expected, field)), field  # BatchNorm statistics included
 
 
+def noisy_loss(model, batch):
+    """A loss that draws random numbers in eval mode too (a sampled objective, input noise)."""
+    x, y = batch
+    return F.mse_loss(model(x + torch.randn_like(x)), y)
+
+
+def test_random_draws_in_an_evaluation_are_seeded_by_the_state_and_leave_the_callers_generator_alone():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    step = fl.make_train_step(model, noisy_loss, sgd(0.1))
+    state, eval_step = step.init(seed=1), fl.make_eval_step(noisy_loss)
+    batch = (torch.ones(4, 3), torch.zeros(4, 1))
+
+    def untouched(call):
+        torch.manual_seed(5)
+        expected = torch.rand(3)
+        torch.manual_seed(5)
+        out = call()
+        return out, torch.equal(torch.rand(3), expected)
+
+    (first, kept), (again, _) = (
+        untouched(lambda: fl.evaluate(eval_step, state, [batch, batch])),
+        untouched(lambda: fl.evaluate(eval_step, state, [batch, batch])),
+    )
+    assert kept and first == again  # the same result whatever the caller's generator, which is put back
+    one = fl.evaluate(eval_step, state, [batch])
+    assert one != first  # each batch draws from its own seed: two equal batches are not the same draw twice
+    direct, kept = untouched(lambda: eval_step(state, batch))
+    assert kept and torch.equal(direct["loss"], eval_step(state, batch)["loss"])
+    assert float(direct["loss"]) == one["loss"]  # a direct call draws as the first batch of an evaluation
+    other = fl.evaluate(eval_step, state.replace(key=torch.tensor(2)), [batch])
+    assert other != one  # the seed is the state's
+
+    evaluated = fl.with_eval(step, eval_step=eval_step, data=[batch], every=1)
+    (_, metrics), kept = untouched(lambda: evaluated(evaluated.init(seed=1), batch))
+    assert kept and float(metrics["val/loss"]) == fl.evaluate(eval_step, step(state, batch)[0], [batch])["loss"]
+
+
 @pytest.mark.parametrize("mode", ["mixed", "true"])
 def test_evaluates_in_the_precision_of_an_inner_amp(mode):
     val = val_data()
