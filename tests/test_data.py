@@ -208,3 +208,26 @@ def test_a_dict_or_a_list_of_tensors_is_refused_with_the_tuple_form():
     ragged = [torch.zeros(i + 1) for i in range(4)]  # samples of different sizes with a collate_fn of their own
     loader = fl.Loader(ragged, batch_size=2, shuffle=False, collate_fn=lambda items: [len(t) for t in items])
     assert list(loader.iter_epoch(0)) == [[1, 2], [3, 4]]
+
+
+def test_a_resumed_fold_skips_the_consumed_batches_of_a_generator_unless_the_position_is_reset():
+    seen = []
+
+    def loss(model, batch):
+        seen.append(int(batch[0][0, 0]))
+        return fl.losses.mse(model, batch)
+
+    step = fl.make_train_step(torch.nn.Linear(1, 1), loss, fl.optim.sgd(0.1))
+
+    def stream(start=0):
+        return ((torch.full((2, 1), float(i)), torch.zeros(2, 1)) for i in range(start, 6))
+
+    stopped = fl.fold(step, step.init(), stream(), epochs=1, max_steps=3, progress=False)
+    assert seen == [0, 1, 2] and int(stopped.data.batch) == 3
+    seen.clear()
+    fl.fold(step, stopped, stream(), epochs=1, progress=False)  # a stream from the epoch's beginning: 3 skipped
+    assert seen == [3, 4, 5]
+    seen.clear()
+    position = fl.DataPosition(epoch=stopped.data.epoch.clone(), batch=torch.zeros_like(stopped.data.batch))
+    fl.fold(step, stopped.replace(data=position), stream(start=3), epochs=1, progress=False)  # positioned by itself
+    assert seen == [3, 4, 5]
