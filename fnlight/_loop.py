@@ -550,7 +550,8 @@ def evaluate(
     counts: dict[str, int] = {}  # samples of the batches that reported each metric
     # random draws in an evaluation come from a seed per batch (of the state's key and update, this rank), as a
     # train step's do: the result does not depend on the caller's generators, which are put back afterwards
-    key, update, here = int(state.key), int(state.step), rank()
+    # (a stacked ensemble state holds one key per replica: the first one's, for an eval_step of your own that takes them)
+    key, update, here = int(state.key.reshape(-1)[0]), int(state.step.reshape(-1)[0]), rank()
     devices = tuple({t.device for t in state.params.values() if t.device.type == "cuda"})
     for index, batch in enumerate(data):
         n = _samples(batch_size_fn(batch), batch_size_fn)
