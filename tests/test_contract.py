@@ -138,3 +138,146 @@ def test_reversed_order_is_rejected(case):
         pytest.skip("same transform family")
     with pytest.raises(ValueError, match="cannot wrap a step already wrapped by"):
         build((outer, inner))
+
+
+# ---------------------------------------------------------------- transforms of one's own
+
+
+class _HalfGrads(fl.Transform):
+    """Acts in the update phase: halves the gradients before the optimizer (per update, as clipping)."""
+
+    name = "with_half_grads"
+
+    def update(self, state, g):
+        return self.inner.update(state, g._replace(grads={k: v * 0.5 for k, v in g.grads.items()}))
+
+
+class _CountCalls(fl.Transform):
+    """Acts on whole steps: counts the calls in its slot."""
+
+    name = "with_count_calls"
+    slot = "calls"
+
+    def init_slot(self, state):
+        return torch.zeros((), dtype=torch.int64)
+
+    def __call__(self, state, batch):
+        new_state, metrics = self.inner(state, batch)
+        return new_state.with_slot(self.slot, state.slots[self.slot] + 1), metrics
+
+
+def _plain_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _torch_halved(data, every):
+    """The hand-written loop: .backward() accumulation over `every` batches, gradients halved, torch.optim.SGD."""
+    reference = _plain_model()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for i in range(0, len(data), every):
+        opt.zero_grad(set_to_none=True)
+        for x, y in data[i : i + every]:
+            (torch.nn.functional.cross_entropy(reference(x), y) / every).backward()
+        for p in reference.parameters():
+            p.grad.mul_(0.5)
+        opt.step()
+    return dict(reference.named_parameters())
+
+
+@pytest.mark.parametrize("how", ["direct", "fold"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_transform_of_ones_own_composes_with_the_built_ins(how, every, batches):
+    data = batches[:4]
+    step = _HalfGrads(fl.make_train_step(_plain_model(), fl.losses.cross_entropy, fl.optim.sgd(0.1)))
+    if every > 1:  # halved once per update, on the window's gradients; the calls counted by a whole-step transform
+        step = _CountCalls(fl.with_grad_accum(step, every=every))
+    state = step.init()
+    if how == "fold":
+        state = fl.fold(step, state, data, progress=False)
+    else:
+        for b in data:
+            state, _ = step(state, b)
+    assert int(state.step) == len(data) // every
+    for name, p in _torch_halved(data, every).items():
+        if every == 1:
+            assert torch.equal(state.params[name], p.detach()), name
+        else:  # the window's weighting rounds as docs/transforms.md says
+            assert torch.allclose(state.params[name], p.detach(), rtol=0, atol=1e-6), name
+    if every > 1:
+        assert int(state.slots["calls"]) == len(data)
+
+
+def test_a_transform_of_ones_own_is_refused_where_it_would_be_bypassed():
+    core = fl.make_train_step(model(), fl.losses.classification, fl.optim.sgd(0.1))
+    with pytest.raises(ValueError, match=r"with_compile cannot wrap a step already wrapped by with_half_grads: .* would bypass"):
+        fl.with_compile(_HalfGrads(core), backend="eager")
+    with pytest.raises(ValueError, match=r"with_compile cannot wrap .* by with_half_grads"):
+        fl.with_compile(fl.with_activation_checkpointing(_HalfGrads(core), modules=["0"]), backend="eager")
+    for outer in (lambda s: fl.with_grad_accum(s, every=2), lambda s: fl.with_amp(s, dtype="bf16"), _HalfGrads):
+        with pytest.raises(ValueError, match=r"cannot wrap a step already wrapped by with_count_calls: .* never calls it whole"):
+            outer(_CountCalls(core))
+    with pytest.raises(ValueError, match=r"with_half_grads cannot wrap a step already wrapped by with_eval: .* never run"):
+        _HalfGrads(fl.with_eval(core, data=make_batches(1), loss_fn=fl.losses.classification, every=1))
+    with pytest.raises(ValueError, match=r"with_half_grads cannot wrap a step already wrapped by with_grad_accum"):
+        _HalfGrads(fl.with_grad_accum(core, every=2))
+    with pytest.raises(ValueError, match=r"with_half_grads: the step is already wrapped by with_half_grads; apply it once"):
+        _HalfGrads(_HalfGrads(core))
+    # the legal places build
+    fl.with_compile(core, backend="eager")
+    _HalfGrads(fl.with_compile(core, backend="eager"))
+    _CountCalls(fl.with_grad_accum(_HalfGrads(core), every=2))
+    fl.with_eval(_CountCalls(core), data=make_batches(1), loss_fn=fl.losses.classification, every=1)
+    _HalfGrads(fl.with_ema(core, decay=0.9))
+
+
+def test_a_transform_of_ones_own_that_is_incomplete_is_named():
+    core = fl.make_train_step(model(), fl.losses.classification, fl.optim.sgd(0.1))
+
+    class Nameless(fl.Transform):
+        pass
+
+    class SlotWithoutInit(fl.Transform):
+        name, slot = "with_slot_without_init", "mine"
+
+    with pytest.raises(TypeError, match=r"Nameless: a Transform subclass must set the class attribute name .* got None"):
+        Nameless(core)
+    with pytest.raises(NotImplementedError, match=r"with_slot_without_init: slot = 'mine' .* must define init_slot"):
+        SlotWithoutInit(core).init()
+
+
+class _Bare:
+    """A step-like wrapper of one's own, not a Transform, without flush/finish/updates_per."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    core = property(lambda self: self.inner.core)
+
+    def init(self, **options):
+        return self.inner.init(**options)
+
+    def grads(self, state, batch, ctx=None):
+        return self.inner.grads(state, batch, ctx or fl.GradContext())
+
+    def update(self, state, g):
+        return self.inner.update(state, g)
+
+    def __call__(self, state, batch):
+        return self.inner(state, batch)
+
+
+def test_a_bare_step_like_wrapper_is_named_when_built():
+    core = fl.make_train_step(model(), fl.losses.classification, fl.optim.sgd(0.1))
+    with pytest.raises(TypeError, match=r"with_ema: the step to wrap, a _Bare, has no flush, finish, updates_per"):
+        fl.with_ema(_Bare(core), decay=0.9)
+    _Bare.flush = lambda self, state: self.inner.flush(state)
+    _Bare.finish = lambda self, state: self.inner.finish(state)
+    _Bare.updates_per = lambda self, n: self.inner.updates_per(n)
+    try:
+        with pytest.raises(ValueError, match=r"with_compile cannot wrap a step already wrapped by _Bare: .* would bypass _Bare"):
+            fl.with_compile(_Bare(core), backend="eager")
+        step = fl.with_ema(_Bare(core), decay=0.9)
+        assert int(fl.fold(step, step.init(), make_batches(3), progress=False).step) == 3
+    finally:
+        del _Bare.flush, _Bare.finish, _Bare.updates_per

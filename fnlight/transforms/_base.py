@@ -43,6 +43,31 @@ def merge_metrics(first: Metrics, second: Metrics) -> Metrics:
     return {**first, **second} if second else first
 
 
+# What a step that transforms wrap provides (TrainStep and every Transform do).
+_STEP_METHODS = ("init", "grads", "update", "flush", "finish", "updates_per")
+
+
+def _drives_phases(transform: Any) -> bool:
+    """Whether ``transform`` runs the step inside it by its phases (``grads``, then ``update``), never calling it whole:
+    what ``Transform.__call__`` does, and ``with_grad_accum`` and ``with_compile``, which call the phases themselves."""
+    return transform.name in ("with_grad_accum", "with_compile") or type(transform).__call__ is Transform.__call__
+
+
+def _whole_steps_only(layer: Any) -> bool:
+    """Whether ``layer`` does its work only when the step is called whole (its ``grads`` and ``update`` pass
+    through): ``with_eval``, ``with_early_stop``, ``with_tracking``, ``with_checkpointing``, a transform of one's own
+    that overrides ``__call__`` alone; and ``with_grad_accum``, whose gradient phase refuses to run."""
+    if getattr(layer, "name", None) == "with_grad_accum":
+        return True
+    cls = type(layer)
+    return (
+        isinstance(layer, Transform)
+        and cls.__call__ is not Transform.__call__
+        and cls.grads is Transform.grads
+        and cls.update is Transform.update
+    )
+
+
 class Transform:
     """Base class of the ``with_*`` transforms.
 
@@ -50,30 +75,71 @@ class Transform:
     state with this transform's slot (if it has one), ``grads``/``update`` pass through
     unless the transform acts in that phase, and ``__call__`` runs both phases.
     Subclasses set ``name`` (their ``with_*`` function), ``slot`` (their key in
-    ``state.slots``, or ``None``) and override what they change.
+    ``state.slots``, or ``None``; then define ``init_slot``) and override what they change.
 
     Composition order has a meaning and is enforced when the transform is built:
-    see ``CANONICAL_ORDER`` and docs/transforms.md.
+    see ``CANONICAL_ORDER`` and docs/transforms.md. A transform of your own (a ``name``
+    not in ``CANONICAL_ORDER``) has no rank: it may wrap any step once, and be wrapped by
+    any transform, except where its work would be bypassed (both raise ``ValueError``):
+
+    - ``with_compile`` compiles the core step's phases and runs nothing between them, so
+      only ``with_activation_checkpointing`` may sit inside it;
+    - a transform that acts in the phases (one that keeps ``Transform.__call__``, and
+      ``with_activation_checkpointing``, ``with_amp``, ``with_ddp``, ``with_fsdp``,
+      ``with_grad_accum``) never calls the step inside it whole, so it may not wrap one
+      that does its work only in ``__call__`` (``with_grad_accum``, ``with_eval``,
+      ``with_early_stop``, ``with_tracking``, ``with_checkpointing``, or one of yours
+      that overrides ``__call__`` but neither ``grads`` nor ``update``).
     """
 
     name: ClassVar[str]
     slot: ClassVar[str | None] = None
 
     def __init__(self, inner: Any) -> None:
+        name = getattr(type(self), "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"{type(self).__name__}: a Transform subclass must set the class attribute name to a non-empty string "
+                f"(its with_* function's name, e.g. name = 'with_grad_noise'), got {name!r}"
+            )
         if not all(hasattr(inner, a) for a in ("init", "grads", "update")) or not callable(inner):
             raise TypeError(
-                f"{self.name}: expected a train step (make_train_step(...) or a with_* transform of one), "
-                f"got {type(inner).__name__}"
+                f"{name}: expected a train step (make_train_step(...) or a with_* transform of one), got {type(inner).__name__}"
             )
-        mine = CANONICAL_ORDER.index(self.name)
+        missing = [a for a in _STEP_METHODS if not callable(getattr(inner, a, None))]
+        if missing:  # the fold calls them at an epoch's end and at its own (a crash there would lose the epoch's work)
+            raise TypeError(
+                f"{name}: the step to wrap, a {type(inner).__name__}, has no {', '.join(missing)}: a step that transforms "
+                f"wrap has all of {', '.join(_STEP_METHODS)} (subclass fnlight.Transform, which passes each to the step "
+                "inside it)"
+            )
+        ranked = name in CANONICAL_ORDER
+        mine = CANONICAL_ORDER.index(name) if ranked else -1
+        by_phases = _drives_phases(self)
         for layer in layers(inner):
             other = getattr(layer, "name", None)
-            if other == self.name:
-                raise ValueError(f"{self.name}: the step is already wrapped by {self.name}; apply it once")
-            if other in CANONICAL_ORDER and CANONICAL_ORDER.index(other) > mine:
+            if other == name:
+                raise ValueError(f"{name}: the step is already wrapped by {name}; apply it once")
+            if ranked and other in CANONICAL_ORDER and CANONICAL_ORDER.index(other) > mine:
                 raise ValueError(
-                    f"{self.name} cannot wrap a step already wrapped by {other}: apply {self.name} first, "
-                    f"i.e. {other}({self.name}(step, ...), ...). The order, innermost first, is: " + " -> ".join(CANONICAL_ORDER)
+                    f"{name} cannot wrap a step already wrapped by {other}: apply {name} first, "
+                    f"i.e. {other}({name}(step, ...), ...). The order, innermost first, is: " + " -> ".join(CANONICAL_ORDER)
+                )
+            if isinstance(layer, TrainStep):
+                continue
+            shown = other if isinstance(other, str) else type(layer).__name__
+            if name == "with_compile" and other != "with_activation_checkpointing":
+                raise ValueError(
+                    f"with_compile cannot wrap a step already wrapped by {shown}: with_compile compiles the core "
+                    "step's phases from its loss function, module and optimizer, so it would bypass "
+                    f"{shown}; only with_activation_checkpointing may sit inside it. Apply {shown} outside "
+                    f"with_compile, i.e. {shown}(with_compile(step, ...), ...)"
+                )
+            if by_phases and _whole_steps_only(layer):
+                raise ValueError(
+                    f"{name} cannot wrap a step already wrapped by {shown}: {name} drives the step inside it by its "
+                    f"phases (grads, then update) and never calls it whole, while {shown} does its work when the step "
+                    f"is called whole, so it would never run. Apply {name} first, i.e. {shown}({name}(step, ...), ...)"
                 )
         self.inner = inner
 
@@ -89,7 +155,10 @@ class Transform:
 
     def init_slot(self, state: TrainState) -> Any:
         """This transform's initial slot value, given the inner initial state."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{self.name}: slot = {self.slot!r} names a slot in state.slots, so the transform must define "
+            "init_slot(self, state) returning that slot's initial value"
+        )
 
     def grads(self, state: TrainState, batch: Any, ctx: GradContext = NO_CONTEXT) -> Gradients:
         """The gradient phase (passes through unless the transform acts here)."""
