@@ -199,6 +199,7 @@ class TrainStep:
         self.nonfinite = nonfinite
         self.check_grads = check_grads
         self._trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+        self._trainable_names = frozenset(self._trainable)
         self._devices = tuple({p.device for p in model.parameters() if p.device.type == "cuda"})
         # the optimizer's check of a state against the parameters (None: an optimizer without one), and the
         # (params, opt_state) objects of the last state this step produced, which need no check again
@@ -313,6 +314,11 @@ class TrainStep:
         parameters whose gradient is ``None``). Returns the new state and the metrics the
         update produced (``grad_norm`` when the optimizer clips; ``skipped`` under the
         ``"skip"``/``"stop"`` policies).
+
+        Raises:
+            TypeError: ``g`` is not a :class:`Gradients`.
+            ValueError: ``g.grads`` names a frozen parameter or no parameter of the state.
+            NonFiniteError: a non-finite loss (or gradient, with ``check_grads``) under ``nonfinite="raise"``.
         """
         return self._update(state, g, self.optimizer.apply)
 
@@ -320,6 +326,13 @@ class TrainStep:
         self, state: TrainState, g: Gradients, apply: Callable[..., tuple[dict[str, Tensor], Any]]
     ) -> tuple[TrainState, Metrics]:
         """:meth:`update` with ``apply`` in place of the optimizer's (``with_compile`` passes a compiled one)."""
+        if not isinstance(g, Gradients):
+            raise TypeError(
+                f"train step update(state, g): g must be a fnlight.Gradients (what grads(state, batch) returns; change it "
+                f"with g._replace(grads=...)), got {type(g).__name__}"
+            )
+        if not g.grads.keys() <= self._trainable_names:  # one C-level set comparison per update
+            self._refuse_grads(g.grads, state)
         metrics: Metrics = {}
         if self.nonfinite != "ignore":
             bad = self._nonfinite(g)
@@ -349,6 +362,17 @@ class TrainStep:
         if not compiling:
             self._produced = (id(new_state.params), id(new_state.opt_state))
         return new_state, metrics
+
+    def _refuse_grads(self, grads: Mapping[str, Tensor], state: TrainState) -> None:
+        """Gradients for names this step does not train: a frozen parameter (which must stay as it is) or no parameter."""
+        frozen = sorted(n for n in grads if n not in self._trainable_names and n in state.params)
+        unknown = sorted(n for n in grads if n not in state.params)
+        parts = [f"frozen parameters (requires_grad=False: carried, never updated) {frozen}"] if frozen else []
+        parts += [f"names that are no parameter of the state {unknown}"] if unknown else []
+        raise ValueError(
+            f"train step update at update {int(state.step)}: g.grads holds gradients for {' and for '.join(parts)}; "
+            f"the step trains {list(self._trainable)[:8]}{' ...' if len(self._trainable) > 8 else ''} (give gradients for those)"
+        )
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """Nothing is pending in the core step: returns ``state`` unchanged."""

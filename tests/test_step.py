@@ -272,6 +272,24 @@ def test_grads_and_update_phases_compose_to_the_step(batches):
     assert fl.tree_equal(phased, whole)
 
 
+@pytest.mark.parametrize("optimizer", [fl.optim.sgd(0.1), adamw(1e-2)], ids=["sgd", "adamw"])
+def test_update_refuses_gradients_for_frozen_or_unknown_parameters(optimizer, batches):
+    model = make_bn_mlp()
+    model[0].bias.requires_grad_(False)
+    step = fl.make_train_step(model, fl.losses.cross_entropy, optimizer)
+    state = step.init()
+    g = step.grads(state, batches[0])
+    frozen = g._replace(grads={**g.grads, "0.bias": torch.ones(32)})  # sgd updated the frozen bias with it
+    with pytest.raises(ValueError, match=r"update at update 0: g.grads holds gradients for frozen parameters .* \['0.bias'\]"):
+        step.update(state, frozen)
+    typo = g._replace(grads={**g.grads, "0.wieght": g.grads["0.weight"]})  # a bare KeyError
+    with pytest.raises(ValueError, match=r"gradients for names that are no parameter of the state \['0.wieght'\]"):
+        step.update(state, typo)
+    with pytest.raises(TypeError, match=r"g must be a fnlight.Gradients .* got tuple"):  # an AttributeError
+        step.update(state, tuple(g))
+    assert torch.equal(step.update(state, g)[0].params["0.bias"], state.params["0.bias"])
+
+
 def nan_on(bad_batch):
     def loss_fn(model, batch):
         loss = F.cross_entropy(model(batch[0]), batch[1])
