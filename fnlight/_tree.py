@@ -62,8 +62,14 @@ def tree_equal(a: Any, b: Any) -> bool:
     Two states compare their module skeletons by structure (class, layers, tensor names, shapes
     and dtypes), not by identity: a run resumed in a fresh ``step.init()`` (or another
     process) equals the uninterrupted one.
+
+    Raises:
+        DonatedStateError: a state in ``a`` or ``b`` was donated to ``fold`` (its tensors hold a later step's values).
     """
-    sa, sb = _skeletons(a), _skeletons(b)
+    states_a, states_b = _states(a), _states(b)
+    for state in (*states_a, *states_b):  # a donated state's tensors hold a later step's values: no comparison of those
+        check_live(state, "tree_equal")
+    sa, sb = [x.skeleton for x in states_a], [x.skeleton for x in states_b]
     if len(sa) != len(sb) or not all(x is y or _same_module(x, y) for x, y in zip(sa, sb)):
         return False
     if sa:  # the same structure: b's states take a's skeletons, so the comparison below sees the tensors
@@ -87,12 +93,12 @@ def tree_equal(a: Any, b: Any) -> bool:
     return True
 
 
-def _skeletons(tree: Any) -> list[Any]:
-    """The skeletons of the states in ``tree``, in order."""
+def _states(tree: Any) -> list[TrainState]:
+    """The states in ``tree``, in order."""
     if isinstance(tree, TrainState):
-        return [tree.skeleton]
+        return [tree]
     found = optree.tree_leaves(tree, is_leaf=lambda x: isinstance(x, TrainState), namespace=NAMESPACE)
-    return [x.skeleton for x in found if isinstance(x, TrainState)]
+    return [x for x in found if isinstance(x, TrainState)]
 
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)

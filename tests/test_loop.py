@@ -99,6 +99,18 @@ def test_reusing_an_intermediate_state_raises(batches):
         fl.evaluate(fl.make_eval_step(fl.losses.cross_entropy), kept[0], batches)
 
 
+def test_tree_equal_refuses_a_donated_state(batches):
+    kept = []
+    step = make_step()
+    final = fl.fold(step, step.init(), batches, progress=False, observers=[fl.Observer(lambda s, m: kept.append(s), steps=2)])
+    # kept[0] (update 2) holds the final tensors: it compared equal to the state of update 8
+    with pytest.raises(fl.DonatedStateError, match="tree_equal: this TrainState was donated"):
+        fl.tree_equal(kept[0], final)
+    with pytest.raises(fl.DonatedStateError, match="tree_equal: this TrainState was donated"):
+        fl.tree_equal({"states": [final]}, {"states": [kept[0]]})
+    assert fl.tree_equal(final, fl.tree_clone(final))
+
+
 def test_observer_copy_survives(batches):
     copies = []
     step = make_step()
