@@ -267,3 +267,16 @@ def test_one_gradient_tensor_for_two_parameters_is_not_counted_twice(wrap):
         out.append(fl.fold(step, step.init(), data, progress=False).params)
     for name in ("a", "b"):
         assert torch.equal(out[0][name], out[1][name]), name
+
+
+def test_a_fold_per_phase_bounded_by_max_steps_trains_every_turn_as_direct_calls_do():
+    """docs/concepts.md: a custom loop's per-phase fold; a bare fold([batch]) trains the first turn only."""
+    step = fl.make_train_step(RunningNorm(), fl.losses.mse, fl.optim.sgd(0.1))
+    direct = bare = phased = step.init()
+    for batch in _batches(3):
+        direct, _ = step(direct, batch)
+        bare = fl.fold(step, bare, [batch], progress=False)
+        phased = fl.fold(step, phased, [batch], max_steps=int(phased.step) + 1, donate=True, progress=False)
+    assert int(bare.step) == 1 and int(phased.step) == 3
+    for field in ("params", "buffers", "opt_state"):
+        assert fl.tree_equal(getattr(phased, field), getattr(direct, field)), field
