@@ -294,8 +294,16 @@ class TrainStep:
             if ctx.accumulate is None:
                 grads = run_backward(target, tuple(leaves.values()), weight=weight)
             else:  # accumulate in place while each gradient is hot (AccumulateGrad), as .backward() does
-                for name, leaf in leaves.items():
-                    leaf.grad = ctx.accumulate[name]
+                try:
+                    for name, leaf in leaves.items():
+                        leaf.grad = ctx.accumulate[name]
+                except KeyError:
+                    missing = [n for n in leaves if n not in ctx.accumulate]
+                    raise ValueError(
+                        f"train step: GradContext.accumulate must hold a gradient buffer for every trainable parameter "
+                        f"({len(leaves)}), but has none for {missing[:8]}{' ...' if len(missing) > 8 else ''}; give one "
+                        "per name (zeros to start a window), or accumulate=None for fresh gradients"
+                    ) from None
                 run_backward(target, tuple(leaves.values()), weight=weight, accumulate=True)
                 grads = [leaf.grad for leaf in leaves.values()]
             moved = reassigned(skeleton, buffers) if buffers else None  # `self.count = self.count + 1` in forward

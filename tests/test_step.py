@@ -290,6 +290,19 @@ def test_update_refuses_gradients_for_frozen_or_unknown_parameters(optimizer, ba
     assert torch.equal(step.update(state, g)[0].params["0.bias"], state.params["0.bias"])
 
 
+def test_grads_into_buffers_missing_one_names_it(batches):
+    step = fl.make_train_step(make_bn_mlp(), fl.losses.cross_entropy, fl.optim.sgd(0.1))
+    state = step.init()
+    buffers = {n: torch.zeros_like(p) for n, p in state.params.items() if n != "3.bias"}
+    with pytest.raises(ValueError, match=r"GradContext.accumulate must hold a gradient buffer .* has none for \['3.bias'\]"):
+        step.grads(state, batches[0], fl.GradContext(accumulate=buffers))  # a bare KeyError: '3.bias'
+    assert all(not b.any() for b in buffers.values())
+    buffers["3.bias"] = torch.zeros_like(state.params["3.bias"])
+    into = step.grads(state, batches[0], fl.GradContext(accumulate=buffers))
+    fresh = step.grads(state, batches[0])
+    assert all(torch.equal(into.grads[n], fresh.grads[n]) and into.grads[n] is buffers[n] for n in buffers)
+
+
 def nan_on(bad_batch):
     def loss_fn(model, batch):
         loss = F.cross_entropy(model(batch[0]), batch[1])
