@@ -245,6 +245,19 @@ def test_a_transform_of_ones_own_that_is_incomplete_is_named():
     with pytest.raises(NotImplementedError, match=r"with_slot_without_init: slot = 'mine' .* must define init_slot"):
         SlotWithoutInit(core).init()
 
+    class Taken(_CountCalls):
+        name, slot = "with_taken", "ema"
+
+    class Again(_CountCalls):
+        name = "with_again"  # the slot "calls", which _CountCalls holds
+
+    with pytest.raises(ValueError, match=r"with_taken: slot 'ema' is with_ema's key in state.slots; .* \(e.g. 'taken'\)"):
+        Taken(core)  # it crashed with_ema at the first average ('Tensor' object has no attribute 'count')
+    with pytest.raises(ValueError, match=r"with_again: slot 'calls' is with_count_calls's key in state.slots"):
+        Again(_CountCalls(core))
+    with pytest.raises(TypeError, match=r"with_slot_without_init: slot must be a non-empty string .* got 3"):
+        type("Numbered", (SlotWithoutInit,), {"slot": 3})(core)
+
 
 class _Bare:
     """A step-like wrapper of one's own, not a Transform, without flush/finish/updates_per."""

@@ -75,7 +75,8 @@ class Transform:
     state with this transform's slot (if it has one), ``grads``/``update`` pass through
     unless the transform acts in that phase, and ``__call__`` runs both phases.
     Subclasses set ``name`` (their ``with_*`` function), ``slot`` (their key in
-    ``state.slots``, or ``None``; then define ``init_slot``) and override what they change.
+    ``state.slots``, or ``None``; then define ``init_slot``; one of your own may not take a
+    built-in transform's or an inner transform's slot) and override what they change.
 
     Composition order has a meaning and is enforced when the transform is built:
     see ``CANONICAL_ORDER`` and docs/transforms.md. A transform of your own (a ``name``
@@ -114,6 +115,19 @@ class Transform:
                 "inside it)"
             )
         ranked = name in CANONICAL_ORDER
+        slot = getattr(self, "slot", None)
+        if not ranked and slot is not None:  # one of one's own: a slot of its own (the built-ins' names are theirs)
+            if not isinstance(slot, str) or not slot:
+                raise TypeError(f"{name}: slot must be a non-empty string (its key in state.slots) or None, got {slot!r}")
+            taken = {n.removeprefix("with_"): n for n in CANONICAL_ORDER}
+            for layer in layers(inner):
+                if (other_slot := getattr(layer, "slot", None)) is not None:
+                    taken[other_slot] = getattr(layer, "name", type(layer).__name__)
+            if slot in taken:
+                raise ValueError(
+                    f"{name}: slot {slot!r} is {taken[slot]}'s key in state.slots; give {name} a slot name of its own "
+                    f"(e.g. {name.removeprefix('with_')!r})"
+                )
         mine = CANONICAL_ORDER.index(name) if ranked else -1
         by_phases = _drives_phases(self)
         for layer in layers(inner):
