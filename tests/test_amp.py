@@ -1,5 +1,7 @@
 """with_amp: bf16/fp16 autocast parity with hand-written loops, loss scaling, skipped steps, true mode."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,3 +242,22 @@ def test_an_observer_keeps_each_updates_loss_scale():
     observer = fl.Observer(lambda s, m: kept.append(m["loss_scale"]), steps=1)
     fl.fold(step, step.init(), make_batches(4), observers=[observer], progress=False)
     assert [float(v) for v in kept] == [1024.0, 2048.0, 4096.0, 8192.0]
+
+
+def test_true_mode_casts_the_floating_tensors_of_the_batchs_containers_and_passes_other_objects_as_they_are():
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+
+    seen = []
+
+    def loss(model, batch):
+        x = batch.x if isinstance(batch, Batch) else batch["x"][0]
+        seen.append(x.dtype)
+        return (model(x.to(torch.bfloat16)).float() ** 2).mean()
+
+    step = fl.with_amp(fl.make_train_step(nn.Linear(2, 1), loss, fl.optim.sgd(0.1)), mode="true")
+    state = step.init()
+    step(state, {"x": [torch.ones(3, 2)]})
+    step(state, Batch(torch.ones(3, 2)))
+    assert seen == [torch.bfloat16, torch.float32]  # docs/transforms.md: a dataclass is not a container optree knows
