@@ -104,13 +104,29 @@ def evaluating(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[No
     An eval step called inside (:meth:`fnlight.EvalStep.__call__`) then draws from this seed instead of
     seeding its own (see :func:`evaluated_alone`).
     """
-    saved = seed_generators(seed, devices)
+    saved = seed_generators_apart(seed, devices)
     _evaluating.active = True
     try:
         yield
     finally:
         _evaluating.active = False
         restore_generators(saved)
+
+
+def seed_generators_apart(seed: int, devices: tuple[torch.device, ...] = ()) -> list[tuple[torch.Generator, Tensor]]:
+    """:func:`seed_generators` that saves the previous states inside :func:`held_generators` too.
+
+    For draws in a stream apart from the training steps' (an evaluation's): a fold leaves the
+    generators where the last train step's seeding left them, and what it draws between steps (a
+    ``DataLoader`` starting an epoch) must not depend on whether an evaluation ran in between.
+    """
+    generators = [torch.default_generator]
+    if devices:
+        generators += [torch.cuda.default_generators[d.index or 0] for d in devices if d.type == "cuda"]
+    saved = [(g, g.get_state()) for g in generators]
+    for g in generators:
+        g.manual_seed(seed)
+    return saved
 
 
 def evaluated_alone() -> bool:

@@ -13,7 +13,7 @@ from ._autograd import run_backward
 from ._bind import bind, bound, full_tensors, make_skeleton, reassigned, unbind
 from ._donation import check_live, is_donating, lend, updated
 from ._ranks import rank
-from ._rng import eval_seed, evaluated_alone, restore_generators, seed_generators, step_seed
+from ._rng import eval_seed, evaluated_alone, restore_generators, seed_generators, seed_generators_apart, step_seed
 from ._state import TrainState
 from .optim._base import Optimizer
 from .optim._clip import ClipState
@@ -453,7 +453,7 @@ class EvalStep:
         # do, and the caller's generators are put back; inside fnlight.evaluate, from that batch's seed
         saved = None
         if evaluated_alone():
-            saved = seed_generators(eval_seed(int(state.key), int(state.step), 0, rank()), _devices(state))
+            saved = seed_generators_apart(eval_seed(int(state.key), int(state.step), 0, rank()), _devices(state))
         try:
             with torch.no_grad(), bound(skeleton, {**full_tensors(state.params), **buffers}):
                 out = _call_loss(self.loss_fn, skeleton, batch, "eval", state)

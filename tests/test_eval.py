@@ -189,6 +189,33 @@ def test_random_draws_in_an_evaluation_are_seeded_by_the_state_and_leave_the_cal
     assert kept and float(metrics["val/loss"]) == fl.evaluate(eval_step, step(state, batch)[0], [batch])["loss"]
 
 
+@pytest.mark.parametrize("when", [dict(at_epoch_end=True), dict(every=3)])
+def test_an_evaluation_in_a_fold_leaves_a_shuffled_dataloaders_order_alone(when):
+    # a DataLoader(shuffle=True) without a generator draws each epoch's order from the global generator, which the
+    # fold leaves where the last train step's seeding did; an evaluation's draws (a stream apart) used to be left
+    # there instead, so the run shuffled differently from one without with_eval
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(24, 10, generator=g), torch.randint(0, 3, (24,), generator=g))
+
+    def trained(evaluated):
+        step = core()
+        if evaluated:
+            step = with_eval(step, data=val_data(), loss_fn=noisy_classification, **when)
+        torch.manual_seed(0)
+        loader = DataLoader(dataset, batch_size=8, shuffle=True)
+        return fl.fold(step, step.init(seed=0), loader, epochs=3, progress=False)
+
+    plain, evaluated = trained(False), trained(True)
+    assert all(torch.equal(plain.params[k], evaluated.params[k]) for k in plain.params)
+
+
+def noisy_classification(model, batch):
+    x, y = batch
+    return fl.losses.classification(model, (x + 0.1 * torch.randn_like(x), y))
+
+
 @pytest.mark.parametrize("mode", ["mixed", "true"])
 def test_evaluates_in_the_precision_of_an_inner_amp(mode):
     val = val_data()
