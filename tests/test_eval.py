@@ -189,7 +189,7 @@ def test_random_draws_in_an_evaluation_are_seeded_by_the_state_and_leave_the_cal
     assert kept and float(metrics["val/loss"]) == fl.evaluate(eval_step, step(state, batch)[0], [batch])["loss"]
 
 
-@pytest.mark.parametrize("when", [dict(at_epoch_end=True), dict(every=3)])
+@pytest.mark.parametrize("when", [dict(at_epoch_end=True), dict(every=3), "observer evaluates", "observer calls eval_step"])
 def test_an_evaluation_in_a_fold_leaves_a_shuffled_dataloaders_order_alone(when):
     # a DataLoader(shuffle=True) without a generator draws each epoch's order from the global generator, which the
     # fold leaves where the last train step's seeding did; an evaluation's draws (a stream apart) used to be left
@@ -199,13 +199,20 @@ def test_an_evaluation_in_a_fold_leaves_a_shuffled_dataloaders_order_alone(when)
     g = torch.Generator().manual_seed(0)
     dataset = TensorDataset(torch.randn(24, 10, generator=g), torch.randint(0, 3, (24,), generator=g))
 
+    eval_step = fl.make_eval_step(noisy_classification)
+
     def trained(evaluated):
-        step = core()
-        if evaluated:
+        step, observers = core(), []
+        if evaluated and isinstance(when, dict):
             step = with_eval(step, data=val_data(), loss_fn=noisy_classification, **when)
+        elif evaluated:
+            alone = when == "observer calls eval_step"
+            observers = [
+                fl.Observer(lambda s, m: eval_step(s, val_data()[0]) if alone else fl.evaluate(eval_step, s, val_data()), steps=3)
+            ]
         torch.manual_seed(0)
         loader = DataLoader(dataset, batch_size=8, shuffle=True)
-        return fl.fold(step, step.init(seed=0), loader, epochs=3, progress=False)
+        return fl.fold(step, step.init(seed=0), loader, epochs=3, progress=False, observers=observers)
 
     plain, evaluated = trained(False), trained(True)
     assert all(torch.equal(plain.params[k], evaluated.params[k]) for k in plain.params)
