@@ -231,6 +231,37 @@ def test_a_transform_of_ones_own_is_refused_where_it_would_be_bypassed():
     _HalfGrads(fl.with_ema(core, decay=0.9))
 
 
+def test_a_transform_of_ones_own_with_a_slot_is_refused_outside_with_checkpointing(tmp_path):
+    # outside, the checkpoints were written before its slot was updated and a resume restored them into a state
+    # without the slot: CheckpointMismatchError 'unexpected in the file: slots.calls' at the second run's init()
+    core = fl.make_train_step(model(), fl.losses.classification, fl.optim.sgd(0.1))
+    saved = fl.with_checkpointing(core, directory=tmp_path / "outside", every=1)
+    with pytest.raises(ValueError, match=r"with_count_calls keeps a slot \('calls'\), so it cannot wrap .* with_checkpointing: "):
+        _CountCalls(saved)
+
+    class Logged(fl.Transform):  # without a slot: it may wrap with_checkpointing (and calls it whole)
+        name = "with_logged"
+
+        def __call__(self, state, batch):
+            new_state, metrics = self.inner(state, batch)
+            return new_state, {**metrics, "logged": torch.ones(())}
+
+    with pytest.raises(ValueError, match=r"i.e. with_checkpointing\(with_count_calls\(step, ...\), ...\)"):
+        _CountCalls(Logged(saved))
+    # inside, the slot is saved after its update and resumed exactly
+    data = make_batches(3)
+
+    def run(directory, **fold):
+        step = fl.with_checkpointing(_CountCalls(fl.with_grad_accum(core, every=2)), directory=directory, every=1)
+        return fl.fold(step, step.init(), data, epochs=2, progress=False, **fold)
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "split", max_steps=2)
+    resumed = run(tmp_path / "split")
+    assert int(resumed.slots["calls"]) == int(whole.slots["calls"]) == 6
+    assert fl.tree_equal(resumed.params, whole.params)
+
+
 def test_a_transform_of_ones_own_that_is_incomplete_is_named():
     core = fl.make_train_step(model(), fl.losses.classification, fl.optim.sgd(0.1))
 

@@ -81,7 +81,8 @@ class Transform:
     Composition order has a meaning and is enforced when the transform is built:
     see ``CANONICAL_ORDER`` and docs/transforms.md. A transform of your own (a ``name``
     not in ``CANONICAL_ORDER``) has no rank: it may wrap any step once, and be wrapped by
-    any transform, except where its work would be bypassed (both raise ``ValueError``):
+    any transform, except where its work would be bypassed or its slot left out of the
+    checkpoints (each raises ``ValueError``):
 
     - ``with_compile`` compiles the core step's phases and runs nothing between them, so
       only ``with_activation_checkpointing`` may sit inside it;
@@ -90,7 +91,9 @@ class Transform:
       ``with_grad_accum``) never calls the step inside it whole, so it may not wrap one
       that does its work only in ``__call__`` (``with_grad_accum``, ``with_eval``,
       ``with_early_stop``, ``with_tracking``, ``with_checkpointing``, or one of yours
-      that overrides ``__call__`` but neither ``grads`` nor ``update``).
+      that overrides ``__call__`` but neither ``grads`` nor ``update``);
+    - one of yours that keeps a slot may not wrap ``with_checkpointing``, which writes the
+      state before your transform updates its slot and resumes into a state without it.
     """
 
     name: ClassVar[str]
@@ -127,6 +130,13 @@ class Transform:
                 raise ValueError(
                     f"{name}: slot {slot!r} is {taken[slot]}'s key in state.slots; give {name} a slot name of its own "
                     f"(e.g. {name.removeprefix('with_')!r})"
+                )
+            if any(getattr(layer, "name", None) == "with_checkpointing" for layer in layers(inner)):
+                raise ValueError(
+                    f"{name} keeps a slot ({slot!r}), so it cannot wrap a step already wrapped by with_checkpointing: "
+                    f"the checkpoints are written inside {name}, before it updates its slot, and a resume restores "
+                    f"them into a state built without that slot. Apply {name} first, i.e. "
+                    f"with_checkpointing({name}(step, ...), ...)"
                 )
         mine = CANONICAL_ORDER.index(name) if ranked else -1
         by_phases = _drives_phases(self)
