@@ -105,11 +105,18 @@ class _Window:
             self.calls += 1
         elif not self.keys:  # the window's first call
             # read before the next step (every=1): the tensors as they are; else copies to add into
-            self.sums = (
-                [v.detach() if v.requires_grad else v for v in metrics.values()] if last else [_copy(v) for v in metrics.values()]
-            )
+            try:
+                self.sums = (
+                    [v.detach() if v.requires_grad else v for v in metrics.values()]
+                    if last
+                    else [_copy(v) for v in metrics.values()]
+                )
+            except (AttributeError, TypeError, ValueError, RuntimeError):  # a metric that is not a tensor
+                _check_metrics(metrics)
+                raise
             self.keys, self.calls = keys, 1
         else:  # metrics that come and go (val/ on evaluation steps) are averaged over their own count
+            _check_metrics(metrics)
             counts = self.counts if self.counts is not None else dict.fromkeys(self.keys, self.calls)
             current = dict(zip(self.keys, self.sums))
             for k, v in metrics.items():
@@ -125,6 +132,8 @@ class _Window:
         """
         keys, sums, calls, counts = self.keys, self.sums, self.calls, self.counts
         self.keys, self.sums, self.calls, self.counts = (), [], 0, None
+        if any(s.numel() != 1 for s in sums):  # a metric of several elements has no scalar to log
+            _check_metrics(dict(zip(keys, sums)))
         if counts is None and all(s.is_cpu for s in sums) and world_size() == 1:  # the common case, in one pass
             return {k: float(s) / calls for k, s in zip(keys, sums)}
         if counts is None:
@@ -143,6 +152,17 @@ class _Window:
             return {k: float(s) / counts[k] for k, s in zip(keys, sums)}
         values = torch.stack([s.to(torch.float64).cpu() for s in sums]).tolist()
         return {k: v / counts[k] for k, v in zip(keys, values)}
+
+
+def _check_metrics(metrics: Metrics) -> None:
+    """Raise a ``TypeError`` naming the first metric that is not a 0-d tensor (after another error reading them)."""
+    for name, value in metrics.items():
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"{type(value).__name__} {value!r}"
+            raise TypeError(
+                f"with_tracking: the step's metric {name!r} must be a 0-d tensor (a step returns (state, {{name: 0-d "
+                f"tensor}})), got {got}; a transform of one's own returns e.g. torch.tensor(value) as a metric"
+            )
 
 
 def _copy(v: Tensor) -> Tensor:
@@ -250,12 +270,17 @@ class Tracking(Transform):
             # the common case of logging every update: the window is this call alone, so its means are the
             # metrics themselves, read here. One function instead of the window's add, read and restart: right
             # after a step, every further Python call costs several µs of cache misses (docs/tracking.md, "Cost")
-            scalars = {}
-            for name, value in metrics.items():
-                if not value.is_cpu:  # a device's metrics are read in one transfer by the window instead
-                    break
-                scalars[name] = float(value)
-            else:
+            scalars, on_cpu = {}, True
+            try:
+                for name, value in metrics.items():
+                    if not value.is_cpu:  # a device's metrics are read in one transfer by the window instead
+                        on_cpu = False
+                        break
+                    scalars[name] = float(value)
+            except (AttributeError, TypeError, ValueError, RuntimeError):  # a metric that is not a 0-d tensor
+                _check_metrics(metrics)
+                raise
+            if on_cpu:
                 window.samples += samples
                 window.updates += step - before
                 return self._emit(state, step, scalars)
