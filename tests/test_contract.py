@@ -208,6 +208,40 @@ def test_a_transform_of_ones_own_composes_with_the_built_ins(how, every, batches
         assert int(state.slots["calls"]) == len(data)
 
 
+class _HalfMicroGrads(fl.Transform):
+    """Acts in the gradient phase: halves each micro-batch's gradients."""
+
+    name = "with_half_micro_grads"
+
+    def grads(self, state, batch, ctx=fl.GradContext()):  # noqa: B008 (an immutable NamedTuple)
+        g = self.inner.grads(state, batch, ctx)
+        return g._replace(grads={k: v * 0.5 for k, v in g.grads.items()})
+
+
+@pytest.mark.parametrize("how", ["direct", "fold"])
+@pytest.mark.parametrize("mode", ["every", "micro_batches"])
+def test_a_transform_of_ones_own_in_the_gradient_phase_sees_each_micro_batchs_gradients(how, mode, batches):
+    # under accumulation, backward added each micro-batch into the window's buffers in place (in a fold; and within a
+    # call when splitting), so grads() saw and halved the window's sum so far: the run differed from direct calls and
+    # from the halved hand-written loop by up to 0.03
+    data = batches[:4]
+    step = _HalfMicroGrads(fl.make_train_step(_plain_model(), fl.losses.cross_entropy, fl.optim.sgd(0.1)))
+    if mode == "every":
+        step, fed = fl.with_grad_accum(step, every=2), data
+    else:
+        joined = [tuple(torch.cat(t) for t in zip(*data[i : i + 2])) for i in (0, 2)]  # split back into halves
+        step, fed = fl.with_grad_accum(step, micro_batches=2), joined
+    state = step.init()
+    if how == "fold":
+        state = fl.fold(step, state, fed, progress=False)
+    else:
+        for b in fed:
+            state, _ = step(state, b)
+    assert int(state.step) == 2
+    for name, p in _torch_halved(data, 2).items():
+        assert torch.allclose(state.params[name], p.detach(), rtol=0, atol=1e-6), name
+
+
 def test_a_transform_of_ones_own_is_refused_where_it_would_be_bypassed():
     core = fl.make_train_step(model(), fl.losses.classification, fl.optim.sgd(0.1))
     with pytest.raises(ValueError, match=r"with_compile cannot wrap a step already wrapped by with_half_grads: .* would bypass"):

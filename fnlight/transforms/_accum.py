@@ -14,7 +14,7 @@ from .._donation import check_live, is_donating
 from .._state import TrainState
 from .._step import NO_CONTEXT, GradContext, Gradients
 from .._tree import leading_size
-from ._base import Metrics, Transform, layers
+from ._base import CANONICAL_ORDER, Metrics, Transform, layers
 
 __all__ = ["AccumState", "batch_size", "with_grad_accum"]
 
@@ -147,6 +147,13 @@ class GradAccum(Transform):
         self.batch_size_fn = batch_size_fn
         self.slot = "grad_accum" if every is not None else None  # type: ignore[misc]
         self._names = self.core._trainable
+        # A transform of one's own that acts in the gradient phase changes each micro-batch's gradients: backward
+        # must not add them into the window's buffers in place (GradContext.accumulate), where it would see and
+        # change the window's sum so far instead (and a fold would differ from direct calls)
+        self._in_place = not any(
+            isinstance(layer, Transform) and layer.name not in CANONICAL_ORDER and type(layer).grads is not Transform.grads
+            for layer in layers(inner)
+        )
 
     def init_slot(self, state: TrainState) -> AccumState:
         names = self._names
@@ -186,7 +193,7 @@ class GradAccum(Transform):
         current = state
         complete = len(self._names)
         for i, (piece, n) in enumerate(zip(pieces, sizes)):
-            into = acc if acc is not None and len(acc) == complete else None  # this call's own tensors
+            into = acc if self._in_place and acc is not None and len(acc) == complete else None  # this call's own tensors
             g = self.inner.grads(current, piece, GradContext(micro=i, loss_weight=n / total, accumulate=into))
             current = current.replace(buffers=g.buffers)
             acc = g.grads if into is not None else _add(acc, writable_grads(g.grads), inplace=True)
@@ -209,7 +216,7 @@ class GradAccum(Transform):
         inplace = is_donating()
         names = self._names
         # In place inside the fold once every parameter has a buffer from this window.
-        into = window.grads if inplace and count and window.complete else None
+        into = window.grads if inplace and count and window.complete and self._in_place else None
         g = self.inner.grads(state, batch, GradContext(micro=count, loss_weight=n / (self.every * first), accumulate=into))
         full = len(g.grads) == len(names)
         complete = full and (count == 0 or window.complete)
