@@ -372,6 +372,17 @@ def test_config_errors_reach_the_user_with_status_2(config, tmp_path, capsys):
     assert f"predict: --output {str(blocker / 'p.pt')!r} cannot be written" in capsys.readouterr().err
 
 
+def test_predict_to_an_output_that_cannot_be_written_is_a_config_error(config, tmp_path, capsys):
+    cli("fit", "--config", str(config))
+    taken = tmp_path / "taken.pt"
+    taken.mkdir()  # a directory where the file should go: the directory exists, the write fails
+    with pytest.raises(ConfigError, match=r"predict: --output '.*taken\.pt' cannot be written: \[Errno 21\] Is a directory"):
+        cli("predict", "--config", str(config), "--output", str(taken))
+    assert main(["predict", "--config", str(config), "--output", str(taken)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.yaml", "taken.pt"]  # no temporary file left
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

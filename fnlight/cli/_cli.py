@@ -375,12 +375,16 @@ class FnlightCLI:
         except OSError as e:
             raise ConfigError(f"predict: --output {str(output)!r} cannot be written: {e}") from e
         tmp = output.with_name(f".{output.name}.tmp")
-        with open(tmp, "wb") as f:
-            if output.suffix == ".npy":
-                np.save(f, predictions.numpy())
-            else:
-                torch.save(predictions, f)
-        os.replace(tmp, output)
+        try:
+            with open(tmp, "wb") as f:
+                if output.suffix == ".npy":
+                    np.save(f, predictions.numpy())
+                else:
+                    torch.save(predictions, f)
+            os.replace(tmp, output)
+        except OSError as e:  # a directory of that name, a read-only or full disk: no traceback, no partial file
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"predict: --output {str(output)!r} cannot be written: {e}") from e
         self.predictions = predictions
         shapes = optree.tree_map(lambda t: list(t.shape), predictions)
         _report({"checkpoint": str(self.checkpoint), "step": int(state.step), "output": str(output), "shape": shapes})
