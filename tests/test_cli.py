@@ -372,6 +372,22 @@ def test_config_errors_reach_the_user_with_status_2(config, tmp_path, capsys):
     assert f"predict: --output {str(blocker / 'p.pt')!r} cannot be written" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("--recipe.checkpoint.seconds", "1e400", r"hparams\['recipe'\].*\['seconds'\] is inf: hyperparameters must be finite"),
+        ("--recipe.log_every", str(2**70), r"hparams\['recipe'\]\['log_every'\] is 1180591620717411303424, outside int64"),
+    ],
+)
+def test_a_config_the_trackers_cannot_record_is_a_config_error(config, option, value, match, capsys):
+    args = ["fit", "--config", str(config), "--recipe.tracker", "jsonl", option, value]
+    where = r"recipe\.tracker \(the config is recorded as hyperparameters\): with_tracking: "
+    with pytest.raises(ConfigError, match=where + match):
+        cli(*args)
+    assert main(args) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_predict_to_an_output_that_cannot_be_written_is_a_config_error(config, tmp_path, capsys):
     cli("fit", "--config", str(config))
     taken = tmp_path / "taken.pt"

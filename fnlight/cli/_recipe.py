@@ -322,7 +322,11 @@ def _assemble(
         step = _built("recipe.early_stop", lambda: with_early_stop(step, **dataclasses.asdict(stop)))
     if recipe.tracker != "none":
         trackers = _trackers(recipe) if for_fit else Trackers(background=False)
-        step = with_tracking(step, trackers=[trackers], every=recipe.log_every, hparams=hparams)
+        tracked = step
+        step = _built(
+            "recipe.tracker (the config is recorded as hyperparameters)",
+            lambda: with_tracking(tracked, trackers=[trackers], every=recipe.log_every, hparams=hparams),
+        )
 
     ckpt = recipe.checkpoint
     every_ckpt = ckpt.every
