@@ -388,6 +388,43 @@ def test_a_config_the_trackers_cannot_record_is_a_config_error(config, option, v
     assert "Traceback" not in capsys.readouterr().err
 
 
+class Picky(Blobs):
+    """Refuses an odd batch size in its __init__."""
+
+    def __init__(self, n: int = 64, batch_size: int = 16, seed: int = 0) -> None:
+        if batch_size % 2:
+            raise ValueError(f"Picky: batch_size must be even, got {batch_size}")
+        super().__init__(n, batch_size, seed)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (
+            ["--model.init_args.in_features", "-1"],
+            r"fit: model \(torch\.nn\.modules\.linear\.Linear\) could not be built from the config: "
+            r"RuntimeError: Trying to create tensor with negative dimension -1",
+        ),
+        (
+            ["--data", f"{HERE}.Picky", "--data.init_args.batch_size", "7"],
+            rf"fit: data \({HERE}\.Picky\) could not be built from the config: ValueError: Picky: batch_size must be even, got 7",
+        ),
+    ],
+)
+def test_a_model_or_data_module_that_refuses_its_arguments_is_a_config_error(config, extra, match, capsys):
+    with pytest.raises(ConfigError, match=match):
+        cli("fit", "--config", str(config), *extra)
+    assert main(["fit", "--config", str(config), *extra]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_fixed_classes_that_refuse_their_arguments_are_named(tmp_path):
+    args = ["fit", "--model.in_features", "4", "--model.out_features", "3", "--data.batch_size", "3"]
+    quiet = ["--recipe.run_dir", str(tmp_path), "--recipe.tracker", "none"]
+    with pytest.raises(ConfigError, match=rf"fit: data \({HERE}\.Picky\) could not be built .*got 3"):
+        FnlightCLI(nn.Linear, Picky, args=[*args, *quiet])
+
+
 def test_predict_to_an_output_that_cannot_be_written_is_a_config_error(config, tmp_path, capsys):
     cli("fit", "--config", str(config))
     taken = tmp_path / "taken.pt"

@@ -114,8 +114,10 @@ class FnlightCLI:
             is where they were written.
 
     Raises:
-        ConfigError: a recipe value or combination fnlight cannot run, a data module without
-            the method the subcommand needs, a conflicting saved config, no checkpoint.
+        ConfigError: a recipe value or combination fnlight cannot run, a model or data module
+            whose ``__init__`` refuses its arguments (``ValueError``, ``TypeError``,
+            ``RuntimeError``), a data module without the method the subcommand needs, a
+            conflicting saved config, no checkpoint.
         TypeError: ``model_class``/``data_class`` are not a module class/a class with ``train``.
         SystemExit: ``--help``, ``--print_config`` (status 0), and command-line errors
             (status 2) when ``exit_on_error``.
@@ -205,7 +207,12 @@ class FnlightCLI:
         sub = self.subcommand
         _seed_everything(self.config.recipe.seed)  # before the model's parameters are drawn
         parser = self._subparsers[sub]
-        built = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(self.config)  # renamed in 4.49
+        try:
+            built = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(self.config)  # renamed in 4.49
+        except ConfigError:  # the recipe's own checks
+            raise
+        except (ValueError, TypeError, RuntimeError) as e:  # a model's or data module's __init__ refused its arguments
+            raise ConfigError(_build_error(sub, e)) from e
         self.model, self.data, self.recipe = built.model, built.data, built.recipe
         self.run_dir = Path(self.recipe.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -388,6 +395,26 @@ class FnlightCLI:
         self.predictions = predictions
         shapes = optree.tree_map(lambda t: list(t.shape), predictions)
         _report({"checkpoint": str(self.checkpoint), "step": int(state.step), "output": str(output), "shape": shapes})
+
+
+def _build_error(sub: str, error: BaseException) -> str:
+    """The message for a model or data module whose ``__init__`` raised while the config was built: which, and why."""
+    cause = error
+    while cause.__cause__ is not None:  # jsonargparse wraps the error of a class given by class_path
+        cause = cause.__cause__
+    role = "the model or the data module"
+    frames = []
+    tb = cause.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in frames:  # the outermost __init__ is the one the config called
+        obj = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        if obj is not None and not isinstance(obj, Recipe):
+            kind = "model" if isinstance(obj, nn.Module) else "data"
+            role = f"{kind} ({type(obj).__module__}.{type(obj).__qualname__})"
+            break
+    return f"{sub}: {role} could not be built from the config: {type(cause).__name__}: {cause}"
 
 
 def _add_role(parser: ArgumentParser, key: str, cls: type, *, subclass: bool) -> None:
