@@ -207,6 +207,19 @@ def test_fit_resumes_from_the_latest_checkpoint_exactly(tmp_path, capsys):
     assert fl.tree_equal(resumed.state.opt_state, straight.state.opt_state)
 
 
+def test_fit_without_resume_saves_its_own_final_state_over_another_runs_checkpoint(config, tmp_path, capsys):
+    once = ["--recipe.checkpoint.every", "100"]  # no save during the fold: only fit's final one
+    first = cli("fit", "--config", str(config), *once)
+    again = ["--recipe.checkpoint.resume", "false", "--recipe.seed", "1", "--overwrite"]
+    second = cli("fit", "--config", str(config), *once, *again)  # starts over, to the same update
+    assert int(second.state.step) == int(first.state.step) and second.checkpoint == first.checkpoint
+    saved = fl.checkpoint.restore(second.checkpoint, second.state)  # the checkpoint fit reports holds the state it trained
+    assert all(torch.equal(a, b) for a, b in zip(saved.params.values(), second.state.params.values(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(saved.params.values(), first.state.params.values(), strict=True))
+    validate = cli("validate", "--config", str(tmp_path / "run" / "checkpoints" / "config.yaml"))
+    assert validate.metrics == cli("validate", "--config", str(config), "--recipe.seed", "1", *once).metrics
+
+
 def test_fit_starts_over_when_every_checkpoint_is_damaged(config, tmp_path):
     cli("fit", "--config", str(config))
     damaged = len(list((tmp_path / "run" / "checkpoints").glob("step-*.ckpt")))

@@ -263,11 +263,17 @@ class FnlightCLI:
             print(f"epoch {epoch:4d}  update {int(state.step):7d}  {values}", flush=True)
 
         observers = [Observer(record, steps=per_epoch or recipe.log_every)]
+        before = _files(self.checkpoint_dir)  # what this fold did not write (with resume: false, another run's)
         final = fold(
             step, state, train, epochs=recipe.epochs, max_steps=recipe.max_steps, observers=observers, progress=recipe.progress
         )
         latest = find_latest(self.checkpoint_dir)
-        if latest is None or read_metadata(latest)["metadata"].get("step") != int(final.step):
+        # the final state is saved already when the newest checkpoint is of its update and holds it: written by this
+        # fold, or the one it resumed from when there was nothing left to train
+        holds_final = latest is not None and read_metadata(latest)["metadata"].get("step") == int(final.step)
+        if holds_final and str(latest) != resumed and _files(self.checkpoint_dir).get(latest) == before.get(latest):
+            holds_final = False  # the same update of a run this one did not resume from (recipe.checkpoint.resume: false)
+        if not holds_final:
             latest = step.save_now(final)  # type: ignore[attr-defined]
         self.state, self.checkpoint = final, latest
         _report(
@@ -415,6 +421,18 @@ def _build_error(sub: str, error: BaseException) -> str:
             role = f"{kind} ({type(obj).__module__}.{type(obj).__qualname__})"
             break
     return f"{sub}: {role} could not be built from the config: {type(cause).__name__}: {cause}"
+
+
+def _files(directory: Path) -> dict[Path, tuple[int, int]]:
+    """The checkpoints in ``directory`` with their inode and modification time: a checkpoint written again changes both."""
+    found = {}
+    for path in directory.glob("step-*.ckpt"):
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        found[path] = (info.st_ino, info.st_mtime_ns)
+    return found
 
 
 def _add_role(parser: ArgumentParser, key: str, cls: type, *, subclass: bool) -> None:
