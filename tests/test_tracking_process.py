@@ -85,6 +85,25 @@ def test_misuse_is_named(tmp_path):
     tracker.close()
 
 
+def test_logging_after_close_is_refused_as_before_open(tmp_path):
+    trackers = ProcessTrackers(JSONLTracker(tmp_path))
+    run_id = trackers.open()
+    trackers.log_scalars(1, {"loss": 1.0})
+    trackers.close()  # the run ends, the tracking process stays for the next open()
+    with pytest.raises(RuntimeError, match=r"ProcessTrackers\.log_scalars: call open\(\) first \(no run is open\)"):
+        trackers.log_scalars(2, {"loss": 0.5})  # was accepted, then dropped in the child without a word
+    with pytest.raises(RuntimeError, match=r"ProcessTrackers\.log_scalars: call open\(\) first \(no run is open\)"):
+        trackers._log_checked(2, {"loss": 0.5})
+    with pytest.raises(RuntimeError, match=r"ProcessTrackers\.log_batch: call open\(\) first \(no run is open\)"):
+        trackers.log_batch([(2, {"loss": 0.5})])
+    with pytest.raises(RuntimeError, match=r"ProcessTrackers\.log_hparams: call open\(\) first \(no run is open\)"):
+        trackers.log_hparams({"a": 1})
+    assert trackers.open(run_id) == run_id
+    trackers.log_scalars(2, {"loss": 0.5})
+    trackers.shutdown()
+    assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"loss": [(1, 1.0), (2, 0.5)]}
+
+
 def test_a_script_without_main_guard_gets_a_clear_error(tmp_path):
     import subprocess
     import sys

@@ -241,8 +241,8 @@ class ProcessTrackers:
         ``with_tracking`` calls it on every logging event, right after a step, where each further
         Python call costs µs of cache misses: so this is :meth:`_enqueue` written out for one event.
         """
-        if self._process is None:
-            raise RuntimeError("ProcessTrackers.log_scalars: call open() first")
+        if self._process is None or not self._opened:  # never opened, or closed: the child would drop it unsaid
+            raise RuntimeError("ProcessTrackers.log_scalars: call open() first (no run is open)")
         with self._lock:
             if self._exitcode is None:
                 self._pending.append((step, scalars))
@@ -253,8 +253,8 @@ class ProcessTrackers:
 
     def log_batch(self, events: Iterable[tuple[int, Mapping[str, float]]]) -> None:
         """Add several events, ``(step, scalars)`` pairs in order, to the next batch (returns at once)."""
-        if self._process is None:
-            raise RuntimeError("ProcessTrackers.log_batch: call open() first")
+        if self._process is None or not self._opened:  # never opened, or closed: the child would drop it unsaid
+            raise RuntimeError("ProcessTrackers.log_batch: call open() first (no run is open)")
         self._enqueue(check_events(events, "ProcessTrackers.log_batch"))
 
     def _enqueue(self, events: Iterable[tuple[int, dict[str, float]]]) -> None:
@@ -269,8 +269,8 @@ class ProcessTrackers:
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Queue hyperparameters for the trackers (after the events logged before)."""
-        if self._process is None:
-            raise RuntimeError("ProcessTrackers.log_hparams: call open() first")
+        if self._process is None or not self._opened:  # never opened, or closed: the child would drop it unsaid
+            raise RuntimeError("ProcessTrackers.log_hparams: call open() first (no run is open)")
         self._send("hparams", (check_hparams(hparams, "ProcessTrackers.log_hparams: hparams"),))
 
     def flush(self) -> None:
