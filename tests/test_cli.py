@@ -438,6 +438,27 @@ def test_fixed_classes_that_refuse_their_arguments_are_named(tmp_path):
         FnlightCLI(nn.Linear, Picky, args=[*args, *quiet])
 
 
+class BF16Out(nn.Linear):
+    """Predicts in bfloat16, a dtype numpy has not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out.to(torch.bfloat16) if torch.is_inference_mode_enabled() else out
+
+
+def test_predict_names_an_output_dtype_npy_cannot_hold(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", epochs=1)
+    model = ["--model", f"{HERE}.BF16Out", "--model.init_args.in_features", "4", "--model.init_args.out_features", "3"]
+    cli("fit", "--config", str(config), *model)
+    npy = str(tmp_path / "p.npy")
+    with pytest.raises(ConfigError, match=r"--output '.*p\.npy' \(\.npy\) cannot hold the model's torch\.bfloat16 output"):
+        cli("predict", "--config", str(config), *model, "--output", npy)
+    assert main(["predict", "--config", str(config), *model, "--output", npy]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "run"]  # no file, no temporary file
+    assert cli("predict", "--config", str(config), *model, "--output", str(tmp_path / "p.pt")).predictions.dtype == torch.bfloat16
+
+
 def test_predict_to_an_output_that_cannot_be_written_is_a_config_error(config, tmp_path, capsys):
     cli("fit", "--config", str(config))
     taken = tmp_path / "taken.pt"

@@ -383,6 +383,15 @@ class FnlightCLI:
                 f"predict: --output {str(output)!r} (.npy) holds one array, but the model returns "
                 f"{type(predictions).__name__}; use a .pt file"
             )
+        array = None
+        if output.suffix == ".npy":
+            try:
+                array = predictions.numpy()
+            except (TypeError, RuntimeError) as e:  # a dtype numpy lacks (bfloat16, float8)
+                raise ConfigError(
+                    f"predict: --output {str(output)!r} (.npy) cannot hold the model's {predictions.dtype} output: {e}; "
+                    "use a .pt file"
+                ) from e
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -390,8 +399,8 @@ class FnlightCLI:
         tmp = output.with_name(f".{output.name}.tmp")
         try:
             with open(tmp, "wb") as f:
-                if output.suffix == ".npy":
-                    np.save(f, predictions.numpy())
+                if array is not None:
+                    np.save(f, array)
                 else:
                     torch.save(predictions, f)
             os.replace(tmp, output)
