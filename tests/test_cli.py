@@ -235,6 +235,19 @@ def test_fit_starts_over_when_every_checkpoint_is_damaged(config, tmp_path):
     assert len(caught) == damaged  # one warning per file skipped
 
 
+def test_a_saved_config_that_cannot_be_read_is_named(config, tmp_path, capsys):
+    saved = tmp_path / "run" / "checkpoints" / "config.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text("model: [\n")  # edited by hand into YAML that does not parse
+    match = r"(?s)fit: .*config\.yaml \(the run's saved config\) cannot be read: (ParserError|ScannerError): .*pass --overwrite"
+    with pytest.raises(ConfigError, match=match):
+        cli("fit", "--config", str(config))
+    assert main(["fit", "--config", str(config)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert cli("fit", "--config", str(config), "--overwrite").state.step == 8  # --overwrite replaces it
+    assert yaml.safe_load(saved.read_text())["recipe"]["epochs"] == 2
+
+
 def test_config_differences_are_listed_by_dotted_key():
     saved = {"model": {"class_path": "A", "init_args": {"width": 8}}, "recipe": {f"k{i}": i for i in range(7)} | {"g": {}}}
     given = {"model": {"class_path": "B"}, "recipe": {f"k{i}": -i for i in range(7)} | {"g": {"x": 1}}}

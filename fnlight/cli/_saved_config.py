@@ -57,7 +57,13 @@ def check_saved_config(directory: Path, resolved: dict[str, Any]) -> None:
     path = directory / CONFIG_NAME
     if not path.exists():
         return
-    saved = yaml.safe_load(path.read_text())
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # edited by hand, or not a file
+        raise ConfigError(
+            f"fit: {path} (the run's saved config) cannot be read: {type(e).__name__}: {e}; pass --overwrite to replace "
+            f"it with this config, or choose another --recipe.run_dir"
+        ) from e
     if saved != resolved:
         raise ConfigError(
             f"fit: {path} holds a different config ({differences(saved, resolved)}); pass --overwrite to continue "
