@@ -107,6 +107,9 @@ def main() -> tuple[float, int]:
     parser.add_argument("--r1", type=float, default=0.1, help="weight of the discriminator's R1 gradient penalty")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for option in ("steps", "batch_size", "latent", "width"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
 
     torch.manual_seed(args.seed)
     generator, discriminator = mlp(args.latent, args.width, 2), mlp(2, args.width, 1)

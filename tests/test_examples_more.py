@@ -72,3 +72,17 @@ def test_maml_adapts_better_than_from_scratch(options):
     from_scratch = float(untrained.group(2))
     assert after < 0.85 * before, out  # a few gradient steps on 10 points fit the new wave
     assert after < 0.75 * from_scratch, out  # and they do because of meta-training
+
+
+@pytest.mark.parametrize(("option", "value"), [("--steps", "0"), ("--batch-size", "-1")])
+def test_gan_refuses_non_positive_sizes(option, value):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gan.py"), option, value],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # --steps 0 was an UnboundLocalError after the loop
+    assert re.search(rf"error: {option} must be at least 1, got {value}", proc.stderr), proc.stderr
