@@ -129,7 +129,10 @@ def main() -> dict[str, float]:
         size = dict(context=64, width=64, depth=2, heads=4, steps=40, val_chars=16_000)
     else:
         size = dict(context=128, width=128, depth=4, heads=4, steps=500, val_chars=None)
-    steps = args.steps or size["steps"]
+    steps = size["steps"] if args.steps is None else args.steps
+    for option, value in (("steps", steps), ("batch_size", args.batch_size), ("accumulate", args.accumulate)):
+        if value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     if args.fresh:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
 
@@ -149,7 +152,8 @@ def main() -> dict[str, float]:
 
     torch.manual_seed(args.seed)
     model = CharTransformer(len(chars), context, size["width"], size["depth"], size["heads"], dropout=0.1)
-    schedule = warmup_cosine(args.lr, steps // 10, steps - steps // 10, end_value=args.lr / 10)
+    warmup = max(steps // 10, 1)  # a tenth of the run, at least one update (a short run has fewer than 10)
+    schedule = warmup_cosine(args.lr, warmup, max(steps - warmup, 1), end_value=args.lr / 10)
     optimizer = chain(clip_by_global_norm(1.0), adamw(schedule, b2=0.99, weight_decay=0.1, mask=decay_mask_no_bias_norm))
 
     eval_every = max(steps // 5, 1)

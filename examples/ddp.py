@@ -50,6 +50,9 @@ def main() -> float:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/ddp"))
     parser.add_argument("--fresh", action="store_true", help="delete the run's checkpoints first (rank 0)")
     args = parser.parse_args()
+    for option in ("epochs", "global_batch"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
 
     info = fl.init_distributed(timeout=120)  # a no-op without torchrun/SLURM variables
     if args.global_batch % info.world_size:
@@ -67,7 +70,8 @@ def main() -> float:
     torch.manual_seed(0)  # the same initial model everywhere (with_ddp/with_fsdp also take rank 0's)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10))
     total = args.epochs * len(train_data)
-    step = fl.make_train_step(model, fl.losses.classification, adamw(warmup_cosine(3e-3, total // 10, total - total // 10)))
+    warmup = max(total // 10, 1)  # a tenth of the run, at least one update (a short run has fewer than 10)
+    step = fl.make_train_step(model, fl.losses.classification, adamw(warmup_cosine(3e-3, warmup, max(total - warmup, 1))))
     step = fl.with_fsdp(step) if args.fsdp else fl.with_ddp(step)
     step = fl.with_eval(step, data=val_data, loss_fn=fl.losses.classification, every=len(train_data))
     step = fl.with_tracking(step, trackers=[fl.tracking.JSONLTracker(args.run_dir / "metrics")], every=len(train_data))

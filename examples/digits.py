@@ -54,6 +54,9 @@ def main() -> float:
     parser.add_argument("--no-aim", action="store_true", help="track to JSONL only")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    for option in ("epochs", "batch_size"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.fresh:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
 
@@ -66,7 +69,8 @@ def main() -> float:
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     per_epoch = len(train_data)  # optimizer updates per epoch
     total = args.epochs * per_epoch
-    schedule = warmup_cosine(args.lr, total // 10, total - total // 10, end_value=args.lr / 100)
+    warmup = max(total // 10, 1)  # a tenth of the run, at least one update (a short run has fewer than 10)
+    schedule = warmup_cosine(args.lr, warmup, max(total - warmup, 1), end_value=args.lr / 100)
     optimizer = adamw(schedule, weight_decay=1e-2, mask=decay_mask_no_bias_norm)
 
     step = fl.make_train_step(model, fl.losses.classification, optimizer)

@@ -1,9 +1,12 @@
 """The examples run as their docstrings say and reach their stated results."""
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,3 +22,44 @@ def test_digits_main_job_reaches_95_percent():
     assert proc.returncode == 0, proc.stderr
     accuracy = float(re.search(r"test accuracy (\d\.\d+) \(loss", proc.stdout).group(1))
     assert accuracy >= 0.95, proc.stdout
+
+
+def run(script, *args, timeout=120):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_digits_short_run_with_fewer_than_10_updates(tmp_path):
+    # 1 epoch of 5 batches: the warmup (a tenth of the run) was 0 updates, which warmup_cosine refuses
+    proc = run("digits.py", "--epochs", "1", "--batch-size", "256", "--no-aim", "--no-progress", "--run-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "trained to update 5 " in proc.stdout, proc.stdout
+
+
+def test_charlm_short_run_with_fewer_than_10_updates(tmp_path):
+    options = ["--small", "--steps", "3", "--sample-length", "5", "--no-aim", "--no-progress", "--run-dir", str(tmp_path)]
+    proc = run("charlm.py", *options)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained to update 3 " in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "option", "value"),
+    [
+        ("digits.py", "--epochs", "0"),
+        ("digits.py", "--batch-size", "-3"),
+        ("charlm.py", "--steps", "-1"),  # --steps 0 meant the default, 500
+        ("charlm.py", "--accumulate", "0"),
+        ("ddp.py", "--epochs", "0"),
+    ],
+)
+def test_examples_refuse_non_positive_sizes(script, option, value, tmp_path):
+    proc = run(script, option, value, "--run-dir", str(tmp_path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: {option} must be at least 1, got {value}" in proc.stderr, proc.stderr
