@@ -5,7 +5,8 @@ scikit-learn (1,797 8x8 images). Runs in seconds on 2 CPU cores and shows the pi
 run uses: a shuffled resumable loader, warmup-cosine AdamW, evaluation on held-out data
 every epoch, metrics tracked to aim (an embedded repository, when aim is installed) and to a
 JSONL file, and checkpoints every 5 epochs. Running it again resumes from the last
-checkpoint (``--fresh`` starts over).
+checkpoint (``--fresh`` starts over); the options that define the run (``--epochs``,
+``--batch-size``, ``--lr``, ``--seed``) must then be the same, or it stops and says which differ.
 
 Run::
 
@@ -17,6 +18,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -59,6 +61,22 @@ def main() -> float:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.fresh:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
+    # The options that define the run are kept beside its checkpoints: resuming under others would mix two runs
+    # (another --seed is another train/test split, another --batch-size another position in the data).
+    options = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr", "seed")}
+    saved_options = args.run_dir / "checkpoints" / "options.json"
+    if saved_options.exists() and any(saved_options.parent.glob("*.ckpt")):  # a checkpoint to resume from
+        saved = json.loads(saved_options.read_text())
+        given = {k: v for k, v in options.items() if v != saved.get(k)}
+        changed = [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, given {v!r}" for k, v in given.items()]
+        if changed:
+            parser.error(
+                f"{saved_options.parent} holds a run made with other options ({'; '.join(changed)}); "
+                "pass the same options to resume it, --fresh to start over, or another --run-dir"
+            )
+    else:
+        saved_options.parent.mkdir(parents=True, exist_ok=True)
+        saved_options.write_text(json.dumps(options))
 
     train, val, test = load(args.seed)
     train_data = fl.Loader(train, batch_size=args.batch_size, shuffle=True, seed=args.seed)

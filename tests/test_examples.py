@@ -63,3 +63,17 @@ def test_examples_refuse_non_positive_sizes(script, option, value, tmp_path):
     proc = run(script, option, value, "--run-dir", str(tmp_path))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"error: {option} must be at least 1, got {value}" in proc.stderr, proc.stderr
+
+
+def test_digits_resume_refuses_other_options_and_fresh_starts_over(tmp_path):
+    common = ["--no-aim", "--no-progress", "--run-dir", str(tmp_path)]
+    first = run("digits.py", "--epochs", "5", "--batch-size", "256", *common)  # 25 updates: a checkpoint at 25
+    assert first.returncode == 0 and (tmp_path / "checkpoints" / "step-000000025.ckpt").exists(), first.stderr
+    # another seed is another train/test split: resuming trained on the first run's test images, silently
+    other = run("digits.py", "--epochs", "5", "--batch-size", "128", "--seed", "2", *common)
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert "holds a run made with other options (--batch-size: saved 256, given 128; --seed: saved 0, given 2)" in other.stderr
+    again = run("digits.py", "--epochs", "5", "--batch-size", "256", *common)
+    assert again.returncode == 0 and "at update 25" in again.stdout, again.stderr
+    fresh = run("digits.py", "--epochs", "5", "--batch-size", "128", "--seed", "2", "--fresh", *common)
+    assert fresh.returncode == 0 and "resumed" not in fresh.stdout and "trained to update 50 " in fresh.stdout, fresh.stderr
