@@ -11,9 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_digits_main_job_reaches_95_percent():
+def test_digits_main_job_reaches_95_percent(tmp_path):
+    # its own run directory: runs/digits in the checkout may hold a finished run, which it would only resume and evaluate
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "digits.py"), "--no-progress"],
+        [sys.executable, str(ROOT / "examples" / "digits.py"), "--no-progress", "--run-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
