@@ -8,7 +8,8 @@ weight decay on the matrices only, gradients clipped to a global norm of 1, two
 micro-batches accumulated per update, dropout driven by the step's counter-based seeds,
 validation loss and bits per character on the held-out modules, curves tracked to aim (when
 installed) and a JSONL file, and checkpoints that make a second run resume where the first
-stopped. At the end it samples text from the trained state through ``fl.to_module``.
+stopped (with the same options: others stop it, naming them; ``--fresh`` starts over). At the
+end it samples text from the trained state through ``fl.to_module``.
 
 Full size (0.85M parameters, 500 updates of 2 x 16 sequences of 128 characters) trains in
 about 4.5 minutes on one CPU core and takes the validation loss from 7.6 bits per character
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import math
 import shutil
 import time
@@ -135,6 +137,21 @@ def main() -> dict[str, float]:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     if args.fresh:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
+    # The options that define the run are kept beside its checkpoints: resuming under others would mix two runs.
+    options = {"small": args.small, "steps": steps} | {k: getattr(args, k) for k in ("batch_size", "accumulate", "lr", "seed")}
+    saved_options = args.run_dir / "checkpoints" / "options.json"
+    if saved_options.exists() and any(saved_options.parent.glob("*.ckpt")):  # a checkpoint to resume from
+        saved = json.loads(saved_options.read_text())
+        given = {k: v for k, v in options.items() if v != saved.get(k)}
+        changed = [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, given {v!r}" for k, v in given.items()]
+        if changed:
+            parser.error(
+                f"{saved_options.parent} holds a run made with other options ({'; '.join(changed)}); "
+                "pass the same options to resume it, --fresh to start over, or another --run-dir"
+            )
+    else:
+        saved_options.parent.mkdir(parents=True, exist_ok=True)
+        saved_options.write_text(json.dumps(options))
 
     train_text, val_text = stdlib_text(TRAIN_MODULES), stdlib_text(VAL_MODULES)[: size["val_chars"]]
     chars = sorted(set(train_text) | set(val_text))

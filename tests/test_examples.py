@@ -78,3 +78,14 @@ def test_digits_resume_refuses_other_options_and_fresh_starts_over(tmp_path):
     assert again.returncode == 0 and "at update 25" in again.stdout, again.stderr
     fresh = run("digits.py", "--epochs", "5", "--batch-size", "128", "--seed", "2", "--fresh", *common)
     assert fresh.returncode == 0 and "resumed" not in fresh.stdout and "trained to update 50 " in fresh.stdout, fresh.stderr
+
+
+def test_charlm_resume_refuses_other_options(tmp_path):
+    common = ["--small", "--steps", "5", "--sample-length", "5", "--no-aim", "--no-progress", "--run-dir", str(tmp_path)]
+    first = run("charlm.py", *common)  # eval and checkpoints every max(5 // 5, 1) = 1 update
+    assert first.returncode == 0 and (tmp_path / "checkpoints" / "step-000000005.ckpt").exists(), first.stderr
+    other = run("charlm.py", *common, "--lr", "0.01", "--batch-size", "8")
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert "holds a run made with other options (--batch-size: saved 16, given 8; --lr: saved 0.003, given 0.01)" in other.stderr
+    again = run("charlm.py", *common)
+    assert again.returncode == 0 and "at update 5" in again.stdout, again.stderr
