@@ -1,6 +1,8 @@
 """ProcessTrackers: trackers in a child process — delivery, run reuse, errors."""
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -228,3 +230,17 @@ def test_a_tracking_process_that_dies_in_use_is_reported_once_and_its_events_dro
     assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"loss": [(1, 1.0)]}
     assert trackers.open() != run_id  # a new process and run
     trackers.shutdown()
+
+
+def test_ctrl_c_to_the_process_group_leaves_the_tracking_process_to_its_owner(tmp_path):
+    # Ctrl-C in a terminal signals the child too: it died of KeyboardInterrupt, and the fold's preemption
+    # path (save, then close the trackers) failed with "the tracking process exited", losing the queued events
+    trackers = ProcessTrackers(JSONLTracker(tmp_path))
+    run_id = trackers.open()
+    trackers.log_scalars(1, {"loss": 1.0})
+    os.kill(trackers._process.pid, signal.SIGINT)
+    time.sleep(0.5)
+    trackers.log_scalars(2, {"loss": 0.5})
+    trackers.close()
+    trackers.shutdown()
+    assert [s for s, _ in read_scalars(tmp_path / f"{run_id}.jsonl")["loss"]] == [1, 2]

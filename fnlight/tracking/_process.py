@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.connection
+import signal
 import threading
 import time
 import warnings
@@ -36,7 +37,13 @@ def _shutdown_all() -> None:
 
 
 def _serve(trackers: tuple[Tracker, ...], events: Any, replies: Any) -> None:
-    """The tracking process: apply events in order; answer ``open`` and ``close``."""
+    """The tracking process: apply events in order; answer ``open`` and ``close``.
+
+    It ignores SIGINT: Ctrl-C in a terminal goes to the whole process group, and the training
+    process, which owns this one, answers it by saving a checkpoint and closing its trackers,
+    which needs this process alive to deliver the events still queued.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # TrackerWarning reports go to this process's stderr
         inline = Trackers(*trackers, background=False)
@@ -88,6 +95,10 @@ class ProcessTrackers:
     a script that trains at import time must keep its training code under
     ``if __name__ == "__main__":`` (Python's multiprocessing rule; otherwise :meth:`open`
     raises a ``RuntimeError`` saying so).
+
+    The child ignores SIGINT (Ctrl-C reaches every process of the terminal's process group):
+    the training process decides when it ends, so a run interrupted by Ctrl-C still closes
+    with every event delivered.
 
     Costs: starting the child (importing torch, fnlight and the trackers' libraries) takes
     about as long as importing them here, and its memory is that of a second Python process
