@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -232,15 +234,40 @@ def test_a_tracking_process_that_dies_in_use_is_reported_once_and_its_events_dro
     trackers.shutdown()
 
 
-def test_ctrl_c_to_the_process_group_leaves_the_tracking_process_to_its_owner(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_the_process_group_leaves_the_tracking_process_to_its_owner(tmp_path, signum):
     # Ctrl-C in a terminal signals the child too: it died of KeyboardInterrupt, and the fold's preemption
     # path (save, then close the trackers) failed with "the tracking process exited", losing the queued events
     trackers = ProcessTrackers(JSONLTracker(tmp_path))
     run_id = trackers.open()
     trackers.log_scalars(1, {"loss": 1.0})
-    os.kill(trackers._process.pid, signal.SIGINT)
+    os.kill(trackers._process.pid, signum)
     time.sleep(0.5)
     trackers.log_scalars(2, {"loss": 0.5})
     trackers.close()
     trackers.shutdown()
     assert [s for s, _ in read_scalars(tmp_path / f"{run_id}.jsonl")["loss"]] == [1, 2]
+
+
+def test_the_tracking_process_ends_when_its_owner_is_killed(tmp_path):
+    script = (
+        "import os, signal, sys, time\n"
+        "from fnlight.tracking import JSONLTracker, ProcessTrackers\n"
+        "if __name__ == '__main__':\n"
+        f"    t = ProcessTrackers(JSONLTracker({str(tmp_path)!r}))\n"
+        "    t.open()\n"
+        "    print(t._process.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    (tmp_path / "owner.py").write_text(script)
+    proc = subprocess.run([sys.executable, str(tmp_path / "owner.py")], capture_output=True, text=True, timeout=120)
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the tracking process outlived its killed owner by 30 s")

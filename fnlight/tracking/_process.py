@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.connection
+import queue
 import signal
 import threading
 import time
@@ -39,16 +40,25 @@ def _shutdown_all() -> None:
 def _serve(trackers: tuple[Tracker, ...], events: Any, replies: Any) -> None:
     """The tracking process: apply events in order; answer ``open`` and ``close``.
 
-    It ignores SIGINT: Ctrl-C in a terminal goes to the whole process group, and the training
-    process, which owns this one, answers it by saving a checkpoint and closing its trackers,
-    which needs this process alive to deliver the events still queued.
+    It ignores SIGINT and SIGTERM: Ctrl-C in a terminal, or a scheduler's SIGTERM, goes to the
+    whole process group, and the training process, which owns this one, answers it by saving a
+    checkpoint and closing its trackers, which needs this process alive to deliver the events
+    still queued. It ends when told to, or on its own when the training process is gone.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # TrackerWarning reports go to this process's stderr
         inline = Trackers(*trackers, background=False)
         while True:
-            kind, args = events.get()
+            try:
+                kind, args = events.get(timeout=1.0)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():  # the owner was killed: nobody will say shutdown
+                    inline.close()
+                    return
+                continue
             try:
                 if kind == "open":
                     replies.send(("ok", inline.open(args[0], hparams=args[1])))
@@ -96,9 +106,9 @@ class ProcessTrackers:
     ``if __name__ == "__main__":`` (Python's multiprocessing rule; otherwise :meth:`open`
     raises a ``RuntimeError`` saying so).
 
-    The child ignores SIGINT (Ctrl-C reaches every process of the terminal's process group):
-    the training process decides when it ends, so a run interrupted by Ctrl-C still closes
-    with every event delivered.
+    The child ignores SIGINT and SIGTERM (Ctrl-C, or a scheduler's SIGTERM, reaches every
+    process of the group): the training process decides when it ends, so an interrupted run
+    still closes with every event delivered; the child also ends when the training process is gone.
 
     Costs: starting the child (importing torch, fnlight and the trackers' libraries) takes
     about as long as importing them here, and its memory is that of a second Python process
@@ -312,5 +322,8 @@ class ProcessTrackers:
         if self._process.is_alive():
             self._send("shutdown", ())
         self._process.join(timeout=60)
+        if self._process.is_alive():  # stuck in a tracker: it ignores SIGTERM, so end it for good
+            self._process.kill()
+            self._process.join()
         self._events.close()
         self._process = None
