@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import math
 import shutil
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _run_options import keep_run_options
 from torch import Tensor, nn
 
 import fnlight as fl
@@ -137,21 +137,9 @@ def main() -> dict[str, float]:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     if args.fresh:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
-    # The options that define the run are kept beside its checkpoints: resuming under others would mix two runs.
+    # the options that define the run: resuming under others is refused (_run_options.py)
     options = {"small": args.small, "steps": steps} | {k: getattr(args, k) for k in ("batch_size", "accumulate", "lr", "seed")}
-    saved_options = args.run_dir / "checkpoints" / "options.json"
-    if saved_options.exists() and any(saved_options.parent.glob("*.ckpt")):  # a checkpoint to resume from
-        saved = json.loads(saved_options.read_text())
-        given = {k: v for k, v in options.items() if v != saved.get(k)}
-        changed = [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, given {v!r}" for k, v in given.items()]
-        if changed:
-            parser.error(
-                f"{saved_options.parent} holds a run made with other options ({'; '.join(changed)}); "
-                "pass the same options to resume it, --fresh to start over, or another --run-dir"
-            )
-    else:
-        saved_options.parent.mkdir(parents=True, exist_ok=True)
-        saved_options.write_text(json.dumps(options))
+    keep_run_options(parser, args.run_dir / "checkpoints", options)
 
     train_text, val_text = stdlib_text(TRAIN_MODULES), stdlib_text(VAL_MODULES)[: size["val_chars"]]
     chars = sorted(set(train_text) | set(val_text))

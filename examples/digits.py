@@ -18,12 +18,12 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from _run_options import keep_run_options
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -61,22 +61,9 @@ def main() -> float:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.fresh:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
-    # The options that define the run are kept beside its checkpoints: resuming under others would mix two runs
-    # (another --seed is another train/test split, another --batch-size another position in the data).
+    # the options that define the run: resuming under others is refused (_run_options.py)
     options = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr", "seed")}
-    saved_options = args.run_dir / "checkpoints" / "options.json"
-    if saved_options.exists() and any(saved_options.parent.glob("*.ckpt")):  # a checkpoint to resume from
-        saved = json.loads(saved_options.read_text())
-        given = {k: v for k, v in options.items() if v != saved.get(k)}
-        changed = [f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, given {v!r}" for k, v in given.items()]
-        if changed:
-            parser.error(
-                f"{saved_options.parent} holds a run made with other options ({'; '.join(changed)}); "
-                "pass the same options to resume it, --fresh to start over, or another --run-dir"
-            )
-    else:
-        saved_options.parent.mkdir(parents=True, exist_ok=True)
-        saved_options.write_text(json.dumps(options))
+    keep_run_options(parser, args.run_dir / "checkpoints", options)
 
     train, val, test = load(args.seed)
     train_data = fl.Loader(train, batch_size=args.batch_size, shuffle=True, seed=args.seed)

@@ -1,0 +1,35 @@
+"""The options that define an example's run, kept beside its checkpoints (shared by digits.py and charlm.py).
+
+Resuming a run under other options would mix two runs (another ``--seed`` is another data split,
+another ``--batch-size`` another position in the data), so a script that resumes from its last
+checkpoint calls :func:`keep_run_options` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def keep_run_options(parser: argparse.ArgumentParser, checkpoints: Path, options: dict[str, Any]) -> None:
+    """Stop (``parser.error``) when ``checkpoints`` holds a run made with other ``options``; else record them.
+
+    The options are written to ``checkpoints/options.json`` when there is no checkpoint to resume
+    from; each option that differs from the saved run's is named with both values.
+    """
+    saved_options = checkpoints / "options.json"
+    if saved_options.exists() and any(checkpoints.glob("*.ckpt")):  # a checkpoint to resume from
+        saved = json.loads(saved_options.read_text())
+        changed = [
+            f"--{k.replace('_', '-')}: saved {saved.get(k)!r}, given {v!r}" for k, v in options.items() if v != saved.get(k)
+        ]
+        if changed:
+            parser.error(
+                f"{checkpoints} holds a run made with other options ({'; '.join(changed)}); "
+                "pass the same options to resume it, --fresh to start over, or another --run-dir"
+            )
+    else:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        saved_options.write_text(json.dumps(options))
