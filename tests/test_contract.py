@@ -185,6 +185,16 @@ def _torch_halved(data, every):
     return dict(reference.named_parameters())
 
 
+def _run(step, how, data):
+    """A fresh state trained on ``data`` by ``fold`` or by direct calls."""
+    state = step.init()
+    if how == "fold":
+        return fl.fold(step, state, data, progress=False)
+    for b in data:
+        state, _ = step(state, b)
+    return state
+
+
 @pytest.mark.parametrize("how", ["direct", "fold"])
 @pytest.mark.parametrize("every", [1, 2])
 def test_a_transform_of_ones_own_composes_with_the_built_ins(how, every, batches):
@@ -192,12 +202,7 @@ def test_a_transform_of_ones_own_composes_with_the_built_ins(how, every, batches
     step = _HalfGrads(fl.make_train_step(_plain_model(), fl.losses.cross_entropy, fl.optim.sgd(0.1)))
     if every > 1:  # halved once per update, on the window's gradients; the calls counted by a whole-step transform
         step = _CountCalls(fl.with_grad_accum(step, every=every))
-    state = step.init()
-    if how == "fold":
-        state = fl.fold(step, state, data, progress=False)
-    else:
-        for b in data:
-            state, _ = step(state, b)
+    state = _run(step, how, data)
     assert int(state.step) == len(data) // every
     for name, p in _torch_halved(data, every).items():
         if every == 1:
@@ -231,12 +236,7 @@ def test_a_transform_of_ones_own_in_the_gradient_phase_sees_each_micro_batchs_gr
     else:
         joined = [tuple(torch.cat(t) for t in zip(*data[i : i + 2])) for i in (0, 2)]  # split back into halves
         step, fed = fl.with_grad_accum(step, micro_batches=2), joined
-    state = step.init()
-    if how == "fold":
-        state = fl.fold(step, state, fed, progress=False)
-    else:
-        for b in fed:
-            state, _ = step(state, b)
+    state = _run(step, how, fed)
     assert int(state.step) == 2
     for name, p in _torch_halved(data, 2).items():
         assert torch.allclose(state.params[name], p.detach(), rtol=0, atol=1e-6), name
