@@ -105,11 +105,11 @@ def evaluating(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[No
     seeding its own (see :func:`evaluated_alone`).
     """
     saved = seed_generators_apart(seed, devices)
-    _evaluating.active = True
+    outer, _evaluating.active = getattr(_evaluating, "active", False), True
     try:
         yield
     finally:
-        _evaluating.active = False
+        _evaluating.active = outer  # (an evaluate nested in another's eval step leaves the outer one's flag as it was)
         restore_generators(saved)
 
 

@@ -132,7 +132,7 @@ def test_bad_options(args, kwargs, error, match):
 
 
 def test_bad_start():
-    with pytest.raises(ValueError, match=r"start must be an int in \[0, 7\], got 8"):
+    with pytest.raises(ValueError, match=r"start must be an int in \[0, 7\], got 8 \(a resumed state's position"):
         fl.Loader(tensors(), batch_size=8).iter_epoch(0, 8)
 
 

@@ -184,6 +184,12 @@ def test_random_draws_in_an_evaluation_are_seeded_by_the_state_and_leave_the_cal
     other = fl.evaluate(eval_step, state.replace(key=torch.tensor(2)), [batch])
     assert other != one  # the seed is the state's
 
+    def nested(state, batch):  # an eval function of one's own that runs another evaluation first
+        fl.evaluate(eval_step, state, [batch])
+        return eval_step(state, batch)
+
+    assert fl.evaluate(nested, state, [batch, batch]) == first  # the outer evaluation's seeds hold after the inner one
+
     evaluated = fl.with_eval(step, eval_step=eval_step, data=[batch], every=1)
     (_, metrics), kept = untouched(lambda: evaluated(evaluated.init(seed=1), batch))
     assert kept and float(metrics["val/loss"]) == fl.evaluate(eval_step, step(state, batch)[0], [batch])["loss"]

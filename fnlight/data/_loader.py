@@ -180,7 +180,13 @@ class Loader:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"Loader.iter_epoch: epoch must be an int >= 0, got {epoch!r}")
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(self):
-            raise ValueError(f"Loader.iter_epoch: start must be an int in [0, {len(self)}], got {start!r}")
+            hint = ""
+            if isinstance(start, int) and not isinstance(start, bool) and start > len(self):  # a fold resuming a state
+                hint = (
+                    f" (a resumed state's position, state.data.batch = {start}, past this loader's {len(self)} batches "
+                    "per epoch: the state was saved by a run with other data or another batch size)"
+                )
+            raise ValueError(f"Loader.iter_epoch: start must be an int in [0, {len(self)}], got {start!r}{hint}")
         order = self.order(epoch)
         chunks = [
             order[i : i + self.batch_size] for i in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size)
