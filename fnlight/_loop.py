@@ -17,7 +17,7 @@ from ._bind import full_tensors
 from ._donation import check_live, donating, mark_donated, unshare_lent
 from ._progress import Progress
 from ._ranks import all_sum, collective, rank, union_of_keys, world_size
-from ._rng import eval_seed, evaluating, held_generators
+from ._rng import cuda_devices, eval_seed, evaluating, held_generators
 from ._signals import Preempted, SignalWatch, preempt
 from ._state import NAMESPACE, TrainState
 from ._step import EvalStep, Step
@@ -552,7 +552,7 @@ def evaluate(
     # train step's do: the result does not depend on the caller's generators, which are put back afterwards
     # (a stacked ensemble state holds one key per replica: the first one's, for an eval_step of your own that takes them)
     key, update, here = int(state.key.reshape(-1)[0]), int(state.step.reshape(-1)[0]), rank()
-    devices = tuple({t.device for t in state.params.values() if t.device.type == "cuda"})
+    devices = cuda_devices(state.params)
     for index, batch in enumerate(data):
         n = _samples(batch_size_fn(batch), batch_size_fn)
         if not n:  # no sample to weigh (every target ignored, say): its metrics (NaN for an empty mean) count for nothing

@@ -84,6 +84,11 @@ def step_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
     return x & ((1 << 63) - 1)
 
 
+def cuda_devices(params: dict[str, Tensor]) -> tuple[torch.device, ...]:
+    """The CUDA devices of ``params`` (whose generators a seeded region seeds as well as the CPU's)."""
+    return tuple({t.device for t in params.values() if t.device.type == "cuda"})
+
+
 EVAL_STREAM = 0xE7A1  # evaluation's draws: a stream apart from the training steps' (seed, step, micro)
 _evaluating = threading.local()  # set while fnlight.evaluate has seeded the generators for one batch
 
@@ -104,7 +109,7 @@ def evaluating(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[No
     An eval step called inside (:meth:`fnlight.EvalStep.__call__`) then draws from this seed instead of
     seeding its own (see :func:`evaluated_alone`).
     """
-    saved = seed_generators_apart(seed, devices)
+    saved = seed_generators(seed, devices, apart=True)
     outer, _evaluating.active = getattr(_evaluating, "active", False), True
     try:
         yield
@@ -113,40 +118,29 @@ def evaluating(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[No
         restore_generators(saved)
 
 
-def seed_generators_apart(seed: int, devices: tuple[torch.device, ...] = ()) -> list[tuple[torch.Generator, Tensor]]:
-    """:func:`seed_generators` that saves the previous states inside :func:`held_generators` too.
-
-    For draws in a stream apart from the training steps' (an evaluation's): a fold leaves the
-    generators where the last train step's seeding left them, and what it draws between steps (a
-    ``DataLoader`` starting an epoch) must not depend on whether an evaluation ran in between.
-    """
-    generators = [torch.default_generator]
-    if devices:
-        generators += [torch.cuda.default_generators[d.index or 0] for d in devices if d.type == "cuda"]
-    saved = [(g, g.get_state()) for g in generators]
-    for g in generators:
-        g.manual_seed(seed)
-    return saved
-
-
 def evaluated_alone() -> bool:
     """Whether an eval step runs outside :func:`evaluating` (called directly), so it seeds its own draws."""
     return not getattr(_evaluating, "active", False)
 
 
-def seed_generators(seed: int, devices: tuple[torch.device, ...] = ()) -> list[tuple[torch.Generator, Tensor]]:
+def seed_generators(
+    seed: int, devices: tuple[torch.device, ...] = (), *, apart: bool = False
+) -> list[tuple[torch.Generator, Tensor]]:
     """Seed torch's default generators (CPU and ``devices``) with ``seed``; return their previous states.
 
     Inside :func:`held_generators` (a fold) the outermost seeding of a step does not save
     the states: the first call records each generator's state once, and the block restores
     it at its end. Seeding nested inside a step's seeded region saves and restores as usual,
-    so the step draws what it draws when called on its own.
+    so the step draws what it draws when called on its own. ``apart=True`` always saves
+    them, for draws in a stream apart from the training steps' (an evaluation's): what a
+    fold draws between steps (a ``DataLoader`` starting an epoch) must not depend on
+    whether an evaluation ran in between.
     """
     generators = [torch.default_generator]
     if devices:  # (no comprehension on the CPU's hot path)
         generators += [torch.cuda.default_generators[d.index or 0] for d in devices if d.type == "cuda"]
     held: dict[torch.Generator, Tensor] | None = getattr(_held, "states", None)
-    if held is not None and not _held.depth:  # a step called by the fold; nested seeding saves as usual
+    if held is not None and not _held.depth and not apart:  # a step called by the fold; nested seeding saves as usual
         for g in generators:
             if g not in held:
                 held[g] = g.get_state()

@@ -13,7 +13,7 @@ from ._autograd import run_backward
 from ._bind import bind, bound, full_tensors, make_skeleton, reassigned, unbind
 from ._donation import check_live, is_donating, lend, updated
 from ._ranks import rank
-from ._rng import eval_seed, evaluated_alone, restore_generators, seed_generators, seed_generators_apart, step_seed
+from ._rng import cuda_devices, eval_seed, evaluated_alone, restore_generators, seed_generators, step_seed
 from ._state import TrainState
 from .optim._base import Optimizer
 from .optim._clip import ClipState
@@ -429,11 +429,6 @@ def _nonfinite_message(state: TrainState, g: Gradients) -> str:
     )
 
 
-def _devices(state: TrainState) -> tuple[torch.device, ...]:
-    """The CUDA devices of ``state``'s parameters (whose generators a seeded region seeds as well as the CPU's)."""
-    return tuple({t.device for t in state.params.values() if t.device.type == "cuda"})
-
-
 class EvalStep:
     """A pure evaluation step: ``(state, batch) -> metrics`` in eval mode, without gradients."""
 
@@ -453,7 +448,7 @@ class EvalStep:
         # do, and the caller's generators are put back; inside fnlight.evaluate, from that batch's seed
         saved = None
         if evaluated_alone():
-            saved = seed_generators_apart(eval_seed(int(state.key), int(state.step), 0, rank()), _devices(state))
+            saved = seed_generators(eval_seed(int(state.key), int(state.step), 0, rank()), cuda_devices(state.params), apart=True)
         try:
             with torch.no_grad(), bound(skeleton, {**full_tensors(state.params), **buffers}):
                 out = _call_loss(self.loss_fn, skeleton, batch, "eval", state)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._bind import bound, reassigned
-from .._rng import derive_seed, restore_generators, seed_generators
+from .._rng import cuda_devices, derive_seed, restore_generators, seed_generators
 from .._state import TrainState
 from .._step import _check_state
 from ._ema import Averaging, check_schedule
@@ -165,7 +165,7 @@ def update_bn(state: TrainState, data: Iterable[Any], *, forward: Callable[[nn.M
         return state.replace()
     momenta = [m.momentum for m in layers]
     modes = [(m, m.training) for m in skeleton.modules()]  # each module's own, put back after the pass
-    devices = tuple({t.device for t in state.params.values() if t.device.type == "cuda"})
+    devices = cuda_devices(state.params)
     saved_rng = seed_generators(derive_seed(int(state.key), int(state.step), _UPDATE_BN_STREAM), devices)
     batches = 0
     try:
