@@ -139,6 +139,8 @@ class GradAccum(Transform):
     """See :func:`with_grad_accum`."""
 
     name = "with_grad_accum"
+    _by_phases = True  # its __call__ drives the inner step's phases per micro-batch
+    _whole_only = True  # and its gradient phase refuses to run: what wraps it must call it whole
 
     def __init__(self, inner: Any, *, every: int | None, micro_batches: int | None, batch_size_fn: Callable[[Any], int]) -> None:
         super().__init__(inner)

@@ -47,25 +47,23 @@ def merge_metrics(first: Metrics, second: Metrics) -> Metrics:
 _STEP_METHODS = ("init", "grads", "update", "flush", "finish", "updates_per")
 
 
-def _drives_phases(transform: Any) -> bool:
+def _drives_phases(transform: Transform) -> bool:
     """Whether ``transform`` runs the step inside it by its phases (``grads``, then ``update``), never calling it whole:
-    what ``Transform.__call__`` does, and ``with_grad_accum`` and ``with_compile``, which call the phases themselves."""
-    return transform.name in ("with_grad_accum", "with_compile") or type(transform).__call__ is Transform.__call__
+    what ``Transform.__call__`` does (a class that says otherwise sets ``_by_phases``)."""
+    declared = type(transform)._by_phases
+    return declared if declared is not None else type(transform).__call__ is Transform.__call__
 
 
 def _whole_steps_only(layer: Any) -> bool:
     """Whether ``layer`` does its work only when the step is called whole (its ``grads`` and ``update`` pass
     through): ``with_eval``, ``with_early_stop``, ``with_tracking``, ``with_checkpointing``, a transform of one's own
-    that overrides ``__call__`` alone; and ``with_grad_accum``, whose gradient phase refuses to run."""
-    if getattr(layer, "name", None) == "with_grad_accum":
-        return True
+    that overrides ``__call__`` alone (a class that says otherwise sets ``_whole_only``)."""
+    if not isinstance(layer, Transform):
+        return False
     cls = type(layer)
-    return (
-        isinstance(layer, Transform)
-        and cls.__call__ is not Transform.__call__
-        and cls.grads is Transform.grads
-        and cls.update is Transform.update
-    )
+    if cls._whole_only is not None:
+        return cls._whole_only
+    return cls.__call__ is not Transform.__call__ and cls.grads is Transform.grads and cls.update is Transform.update
 
 
 class Transform:
@@ -98,6 +96,10 @@ class Transform:
 
     name: ClassVar[str]
     slot: ClassVar[str | None] = None
+    # how the order checks see this class when its methods alone do not tell (None: derived from what it overrides):
+    # it calls the step inside it by phases only, even with a __call__ of its own; it works only on whole steps
+    _by_phases: ClassVar[bool | None] = None
+    _whole_only: ClassVar[bool | None] = None
 
     def __init__(self, inner: Any) -> None:
         name = getattr(type(self), "name", None)

@@ -159,6 +159,7 @@ class Compiled(Transform):
     """See :func:`with_compile`."""
 
     name = "with_compile"
+    _by_phases = True  # its __call__ runs the core's compiled phases, never the inner step whole
 
     def __init__(
         self,
