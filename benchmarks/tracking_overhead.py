@@ -27,16 +27,19 @@ vCPU, a figure this machine's noise moves far less than a ratio of wall times.
 
 **Decomposed, with confidence intervals.** The table above compares methods in ~2 s blocks,
 and this machine's noise moves such a ratio by several percent (see (n2)). The second part
-measures the two costs of tracking separately, each in many short blocks paired with an
-untracked block right before or after (order alternating), which cancels slow drifts:
+measures the two costs of tracking separately, in many blocks each paired with untracked
+blocks right before or after, which cancels slow drifts:
 (X) the training process's own cost — the same fold, on the same state, with
 ``with_tracking(every=1)`` into a ``ProcessTrackers`` whose tracker does nothing, so the
-child does no work; (Y) the cost of
-aim working on the other vCPU — the untracked fold while a separate process writes, with
-``AimTracker.log_batch``, one 6-scalar event per update of (n) in batches every 0.5 s (what
-the tracking process of (t) does), against the same fold while that process idles. For each,
-the median of the paired ratios and a 95% bootstrap interval of that median; X * Y estimates
-(t)'s ratio.
+child does no work — in 300 triples of 50-update blocks (tracked, untracked, and the
+untracked fold again as the A/A control, all on the same state), every order of the three
+in turn; (Y) the cost of aim working on the other vCPU — the untracked fold while a separate
+process writes, with ``AimTracker.log_batch``, one 6-scalar event per update of (n) in
+batches every 0.5 s (what the tracking process of (t) does), against the same fold while
+that process idles, in 300-update blocks (a block must span several of aim's batches). For
+each, the ratio of summed times (every update weighs alike, so a cost paid in some blocks
+only counts in full) and a 95% bootstrap interval over rounds; X * Y estimates (t)'s ratio,
+and the A/A control's interval shows how finely (X)'s method resolves.
 
 Run (from the repository root)::
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import multiprocessing
 import os
 import random
@@ -128,37 +132,68 @@ def aim_writer(repo: str, period_s: float, active: object, stop: object, ready: 
     tracker.close()
 
 
-def median_ci(xs: Sequence[float], ys: Sequence[float] = (), *, resamples: int = 2000) -> tuple[float, float, float]:
-    """The median of ``xs`` (times that of ``ys``, if given) and a 95% bootstrap interval of it (fixed seed).
+def ratio_ci(
+    pairs: Sequence[tuple[float, float]], other: Sequence[tuple[float, float]] = (), *, resamples: int = 2000
+) -> tuple[float, float, float]:
+    """The ratio of sums of ``(a, b)`` pairs (times that of ``other``, if given) and a 95% bootstrap interval (fixed seed).
 
-    ``xs`` and ``ys`` are resampled independently, so the interval of the product is that of
-    the product's own bootstrap distribution.
+    A ratio of sums (total time with the cost over total time without it) weighs every update
+    alike, so a cost paid in some blocks only (a batch sent every 0.5 s) counts in full, as it
+    does in a long run; a median of per-block ratios could leave it out. Rounds are resampled
+    as wholes, ``pairs`` and ``other`` independently.
     """
     rng = random.Random(0)
 
-    def estimate(a: Sequence[float], b: Sequence[float]) -> float:
-        return statistics.median(a) * (statistics.median(b) if b else 1.0)
+    def ratio(ps: Sequence[tuple[float, float]]) -> float:
+        return sum(a for a, _ in ps) / sum(b for _, b in ps) if ps else 1.0
 
-    boot = sorted(estimate(rng.choices(xs, k=len(xs)), rng.choices(ys, k=len(ys)) if ys else ()) for _ in range(resamples))
-    return estimate(xs, ys), boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+    def estimate(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) -> float:
+        return ratio(a) * ratio(b)
+
+    boot = sorted(
+        estimate(rng.choices(pairs, k=len(pairs)), rng.choices(other, k=len(other)) if other else ()) for _ in range(resamples)
+    )
+    return estimate(pairs, other), boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
 
 
-def decomposed(reference: nn.Module, batches: Sequence[Batch], *, rounds: int, repo: str) -> list[str]:
-    """(X) and (Y) of the module docstring, as markdown lines."""
+def decomposed(
+    reference: nn.Module, batches: Sequence[Batch], *, x_rounds: int, x_steps: int, y_rounds: int, repo: str
+) -> list[str]:
+    """(X) and (Y) of the module docstring, with the A/A control, as markdown lines."""
     null = ProcessTrackers(NullTracker())
     plain = Runner(copy.deepcopy(reference), None)
     tracked = Runner(None, null, shares=plain)  # the same state: only the tracking differs
+    again = Runner(None, None, shares=plain)  # the A/A control: the same untracked step on the same state
+    short = batches[:x_steps]
 
-    def timed(run: Runner) -> float:
-        gc.collect()
+    def timed(run: Runner, data: Sequence[Batch] = batches) -> float:
         t0 = time.perf_counter()
-        run(batches)
-        return (time.perf_counter() - t0) * 1e3 / len(batches)
+        run(data)
+        return time.perf_counter() - t0
 
-    plain(batches)  # warm-up
-    tracked(batches)
+    for _ in range(3):  # warm-up
+        for run in (plain, tracked, again):
+            timed(run, short)
     null.flush()
-    period_s = statistics.median(timed(plain) for _ in range(3)) / 1e3
+    period_s = statistics.median(timed(plain) for _ in range(3)) / len(batches)
+
+    # X: many short blocks in triples, every order of the three in turn, so that slow drifts cancel in each
+    # triple and no method keeps a position; the tracking process's batches (every 0.5 s) fall in the tracked
+    # blocks they come in, and the ratio of sums counts them in full
+    x: list[tuple[float, float]] = []
+    aa: list[tuple[float, float]] = []
+    orders = list(itertools.permutations(("plain", "tracked", "again")))
+    runs = {"plain": plain, "tracked": tracked, "again": again}
+    gc.collect()
+    gc.disable()  # a collection inside a short block would weigh on one method alone
+    try:
+        for r in range(x_rounds):
+            times = {m: timed(runs[m], short) for m in orders[r % len(orders)]}
+            x.append((times["tracked"], times["plain"]))
+            aa.append((times["again"], times["plain"]))
+    finally:
+        gc.enable()
+
     context = multiprocessing.get_context("spawn")
     active, stop, ready = context.Event(), context.Event(), context.Event()
     writer = context.Process(target=aim_writer, args=(repo, period_s, active, stop, ready), daemon=True)
@@ -168,41 +203,43 @@ def decomposed(reference: nn.Module, batches: Sequence[Batch], *, rounds: int, r
     def loaded() -> float:
         active.set()
         time.sleep(0.05)  # the writer's next batch starts within the block
-        ms = timed(plain)
+        seconds = timed(plain)
         active.clear()
         time.sleep(0.5)  # its last batch is written before the next block
-        return ms
+        return seconds
 
-    x: list[float] = []
-    y: list[float] = []
-    for r in range(rounds):
+    y: list[tuple[float, float]] = []
+    for r in range(y_rounds):
+        gc.collect()
         if r % 2:
             base = timed(plain)
-            x.append(timed(tracked) / base)
-        else:
-            t = timed(tracked)
-            x.append(t / timed(plain))
-        null.flush()
-        if r % 2:
-            base = timed(plain)
-            y.append(loaded() / base)
+            y.append((loaded(), base))
         else:
             load = loaded()
-            y.append(load / timed(plain))
+            y.append((load, timed(plain)))
     stop.set()
     writer.join(timeout=60)
     null.shutdown()
-    (xm, x1, x2), (ym, y1, y2), (pm, p1, p2) = median_ci(x), median_ci(y), median_ci(x, y)
+
+    def median_ratio(ps: Sequence[tuple[float, float]]) -> float:
+        return statistics.median(a / b for a, b in ps)
+
+    (xm, x1, x2), (am, a1, a2), (ym, y1, y2), (pm, p1, p2) = ratio_ci(x), ratio_ci(aa), ratio_ci(y), ratio_ci(x, y)
     return [
-        f"### Decomposed: {rounds} rounds of paired {len(batches)}-update blocks",
+        f"### Decomposed: (X) {x_rounds} rounds of {x_steps}-update blocks, "
+        f"(Y) {y_rounds} rounds of {len(batches)}-update blocks",
         "",
-        "| cost | paired ratio (median) | 95% interval of the median |",
-        "|---|---:|---:|",
+        "| cost | ratio of sums | 95% interval | median of per-round ratios |",
+        "|---|---:|---:|---:|",
         f"| (X) training process: `with_tracking(every=1)` into `ProcessTrackers` (a no-op tracker), on the same state "
-        f"| {xm:.3f}x | {x1:.3f}-{x2:.3f} |",
+        f"| {xm:.4f}x | {x1:.4f}-{x2:.4f} | {median_ratio(x):.4f}x |",
+        f"| (A/A) the untracked fold against itself, on the same state, in the same rounds as (X) "
+        f"| {am:.4f}x | {a1:.4f}-{a2:.4f} | {median_ratio(aa):.4f}x |",
         f"| (Y) aim on the other vCPU: one 6-scalar event per {period_s * 1e3:.2f} ms update, batches every 0.5 s "
-        f"| {ym:.3f}x | {y1:.3f}-{y2:.3f} |",
-        f"| X * Y: estimate of (t), aim every update | {pm:.3f}x | {p1:.3f}-{p2:.3f} |",
+        f"| {ym:.4f}x | {y1:.4f}-{y2:.4f} | {median_ratio(y):.4f}x |",
+        f"| X * Y: estimate of (t), aim every update | {pm:.4f}x | {p1:.4f}-{p2:.4f} | |",
+        "",
+        "(A/A) is what the method gives where there is no cost at all: its interval shows the resolution of (X)'s.",
     ]
 
 
@@ -337,8 +374,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     if not args.no_decomposed:
         with tempfile.TemporaryDirectory() as tmp:
-            short = batches[: 40 if args.quick else 300]
-            lines += ["", *decomposed(reference, short, rounds=4 if args.quick else 48, repo=f"{tmp}/aim")]
+            lines += [
+                "",
+                *decomposed(
+                    reference,
+                    batches[: 40 if args.quick else 300],
+                    x_rounds=6 if args.quick else 300,
+                    x_steps=10 if args.quick else 50,
+                    y_rounds=4 if args.quick else 40,
+                    repo=f"{tmp}/aim",
+                ),
+            ]
     print("\n".join(lines))
     if args.markdown:
         with args.markdown.open("a") as f:

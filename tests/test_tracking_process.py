@@ -134,7 +134,7 @@ def test_events_wait_in_this_process_until_flush_every_then_go_in_order(tmp_path
     trackers.log_hparams({"lr": 0.5})  # sends the pending events first
     trackers.log_scalars(11, {"loss": 11.0})
     trackers.close()
-    assert trackers._pending == []
+    assert not trackers._pending
     trackers.shutdown()
     assert [s for s, _ in read_scalars(tmp_path / f"{run_id}.jsonl")["loss"]] == list(range(1, 12))
 
@@ -154,17 +154,18 @@ def test_a_waiting_event_is_sent_within_flush_every_without_another_call(tmp_pat
     assert trackers._flusher is None
 
 
-def test_after_a_quiet_spell_an_event_goes_at_once(tmp_path):
+def test_only_the_flusher_sends_events_so_logging_never_pickles_or_takes_the_lock(tmp_path):
+    # the training thread appends and returns: after a quiet spell too, the event waits for the flusher
     trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=0.2)
     run_id = trackers.open()
-    trackers._stopping.set()  # silence the flusher: only log_scalars itself can send now
+    trackers._stopping.set()  # silence the flusher
     trackers._flusher.join()
     time.sleep(0.3)
-    trackers.log_scalars(1, {"loss": 1.0})
-    assert trackers._pending == []
-    trackers.log_scalars(2, {"loss": 2.0})  # right after a batch: waits
-    assert len(trackers._pending) == 1
-    trackers.shutdown()
+    with trackers._lock:  # a caller that took the lock would wait here forever
+        trackers.log_scalars(1, {"loss": 1.0})
+        trackers._log_checked(2, {"loss": 2.0})
+    assert list(trackers._pending) == [(1, {"loss": 1.0}), (2, {"loss": 2.0})]
+    trackers.shutdown()  # close sends what waits first
     assert [s for s, _ in read_scalars(tmp_path / f"{run_id}.jsonl")["loss"]] == [1, 2]
 
 
@@ -228,7 +229,7 @@ def test_a_tracking_process_that_dies_in_use_is_reported_once_and_its_events_dro
             time.sleep(0.005)
         trackers.flush()
         trackers.close()
-    assert len(caught) == 1 and trackers._pending == []  # nothing piles up for a process that is gone
+    assert len(caught) == 1 and not trackers._pending  # nothing piles up for a process that is gone
     assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"loss": [(1, 1.0)]}
     assert trackers.open() != run_id  # a new process and run
     trackers.shutdown()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import multiprocessing
 import multiprocessing.connection
 import queue
 import signal
 import threading
-import time
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -144,8 +144,9 @@ class ProcessTrackers:
         self._run_id = ""
         self._opened = False  # the child's trackers were asked to open (even if every one of them failed to)
         self._lock = threading.Lock()
-        self._pending: list[tuple[int, dict[str, float]]] = []
-        self._last_sent = 0.0
+        # events waiting to be sent: appended by the caller without a lock (a deque's append and popleft are atomic),
+        # taken by the flusher thread, or by a message that must follow them, under the lock
+        self._pending: collections.deque[tuple[int, dict[str, float]]] = collections.deque()
         self._flusher: threading.Thread | None = None
         self._stopping = threading.Event()
         self._exitcode: int | None = None  # the exit code of a tracking process that died while in use
@@ -169,7 +170,7 @@ class ProcessTrackers:
         )
         self._process.start()
         child_end.close()
-        self._pending = []  # events for a process that died are not replayed into a new run
+        self._pending.clear()  # events for a process that died are not replayed into a new run
         self._exitcode, self._told = None, False
         self._stopping.clear()
         self._flusher = threading.Thread(target=self._flush_periodically, name="fnlight-trackers-flush", daemon=True)
@@ -183,13 +184,12 @@ class ProcessTrackers:
             self._flusher = None
 
     def _flush_periodically(self) -> None:
-        """Send what waits once it is ``flush_every`` old, also when no further event comes."""
+        """Send what waits every ``flush_every`` seconds: the only sender of events between other messages."""
         while not self._stopping.wait(self.flush_every):
             with self._lock:
                 if self._lost():
                     return
-                if self._pending and time.monotonic() - self._last_sent >= self.flush_every:
-                    self._send_pending()
+                self._send_pending()
 
     def _lost(self) -> bool:
         """Whether the tracking process died (killed, out of memory, crashed); the first time, drops what waits."""
@@ -198,7 +198,7 @@ class ProcessTrackers:
             return False
         if self._exitcode is None:
             self._exitcode = process.exitcode if process.exitcode is not None else -1
-            self._pending = []
+        self._pending.clear()  # also an event the caller appended as the death was found
         return True
 
     def _tell(self) -> None:
@@ -215,10 +215,9 @@ class ProcessTrackers:
 
     def _send_pending(self) -> None:
         """Put the waiting events on the queue as one batch (the caller holds the lock)."""
-        if self._pending:
-            self._events.put(("logs", (self._pending,)))
-            self._pending = []
-        self._last_sent = time.monotonic()
+        pending = self._pending
+        if pending:  # only holders of the lock take events, so these stay for popleft; later ones wait
+            self._events.put(("logs", ([pending.popleft() for _ in range(len(pending))],)))
 
     def _send(self, kind: str, args: tuple[Any, ...]) -> None:
         """Put one message on the queue after the events before it."""
@@ -260,16 +259,14 @@ class ProcessTrackers:
         """:meth:`log_scalars` of an event already checked (an int step, a ``{str: float}`` dict it may keep).
 
         ``with_tracking`` calls it on every logging event, right after a step, where each further
-        Python call costs µs of cache misses: so this is :meth:`_enqueue` written out for one event.
+        Python call costs µs of cache misses: so it only appends the event (no lock, no clock) for
+        the flusher thread to send.
         """
         if self._process is None or not self._opened:  # never opened, or closed: the child would drop it unsaid
             raise RuntimeError("ProcessTrackers.log_scalars: call open() first (no run is open)")
-        with self._lock:
-            if self._exitcode is None:
-                self._pending.append((step, scalars))
-                if time.monotonic() - self._last_sent >= self.flush_every and not self._lost():
-                    self._send_pending()
-        if self._exitcode is not None:
+        if self._exitcode is None:
+            self._pending.append((step, scalars))
+        else:
             self._tell()
 
     def log_batch(self, events: Iterable[tuple[int, Mapping[str, float]]]) -> None:
@@ -279,13 +276,10 @@ class ProcessTrackers:
         self._enqueue(check_events(events, "ProcessTrackers.log_batch"))
 
     def _enqueue(self, events: Iterable[tuple[int, dict[str, float]]]) -> None:
-        """Add checked events to the next batch; send it once ``flush_every`` has passed since the last."""
-        with self._lock:
-            if self._exitcode is None:
-                self._pending.extend(events)
-                if time.monotonic() - self._last_sent >= self.flush_every and not self._lost():
-                    self._send_pending()
-        if self._exitcode is not None:
+        """Add checked events to the next batch, which the flusher thread sends."""
+        if self._exitcode is None:
+            self._pending.extend(events)
+        else:
             self._tell()
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:

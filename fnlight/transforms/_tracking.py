@@ -205,27 +205,76 @@ class Tracking(Transform):
         self._open_metrics: Metrics = {}
         self._alone = True  # one process (no data parallelism): set when a fold's first step runs
         self._checked_names: frozenset[str] | None = None  # the last set of scalar names checked (see _send)
+        self._fast = not self._windowed  # __call__'s one-function path applies (one process, no streaming window)
+        self._slots: Any = None  # the last state's slots whose run ids were checked (see _record_run_ids)
+        # fnlight's queueing trackers take a checked event as it is: no second check and copy per update
+        self._logs = tuple(getattr(t, "_log_checked", None) or t.log_scalars for t in trackers)
 
     def init_slot(self, state: TrainState) -> TrackingState:
         return TrackingState(("",) * len(self.trackers))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         before = int(state.step)
-        if self._window.started is None:  # the first step since the trackers last logged at a fold's end
-            self._window.started = time.perf_counter()
+        window = self._window
+        if window.started is None:  # the first step since the trackers last logged at a fold's end
+            window.started = time.perf_counter()
             self._alone = world_size() == 1  # read once per fold: the process group does not change inside one
+            self._fast = self._alone and not self._windowed
         new_state, metrics = self.inner(state, batch)
-        if not self._all_open:  # the runs open with the first step, so their ids are in every later state
-            new_state = self._open_runs(new_state)
-        elif self._run_ids is not None and new_state.slots[self.slot].run_ids != self._run_ids:
-            new_state = new_state.with_slot(self.slot, TrackingState(self._run_ids))  # a state from before they opened
+        if new_state.slots is not self._slots:  # else the slots checked last time: the run ids are in them
+            new_state = self._record_run_ids(new_state)
         try:
             samples = self.batch_size_fn(batch)
         except TypeError:
             if self.batch_size_fn is not default_batch_size:  # the user's function failed: theirs to see
                 raise
             samples = 0  # a batch whose size the default cannot tell: no samples/s
-        return self._observe(new_state, metrics, before, samples), metrics
+        step = int(new_state.step)
+        if step != before and self._fast and not window.keys and step % self.every == 0:
+            # The common case, a logging event whose window is this call alone (every=1): its means are the
+            # metrics themselves, read here, and logged in this one function instead of the window's add, read
+            # and restart, _emit and _send: right after a step, every further Python call or attribute costs
+            # µs of cache misses (docs/tracking.md, "Cost").
+            scalars = {}
+            try:
+                for name, value in metrics.items():
+                    if not value.is_cpu:  # a device's metrics are read in one transfer by the window instead
+                        break
+                    scalars[name] = float(value)
+                else:
+                    now = time.perf_counter()
+                    elapsed = max(now - window.started, 1e-9)
+                    updates = window.updates + step - before
+                    scalars["throughput/steps_per_s"] = updates / elapsed
+                    if samples or window.samples:
+                        scalars["throughput/samples_per_s"] = (window.samples + samples) / elapsed
+                    hparams = getattr(new_state.opt_state, "hparams", None) if self._lr_at == () else None
+                    if type(hparams) is dict and "lr" in hparams:  # where _lr found it last time, at the root
+                        scalars["lr"] = float(hparams["lr"])
+                    elif (lr := self._lr(new_state.opt_state)) is not None:
+                        scalars["lr"] = lr
+                    scalars["epoch"] = float(int(new_state.data.epoch))
+                    window.samples, window.updates, window.started = 0, 0, now  # the next window starts
+                    if scalars.keys() != self._checked_names:  # the values are floats made here; the names the step's
+                        check_scalars(scalars, "with_tracking")
+                        self._checked_names = frozenset(scalars)
+                    for log in self._logs:
+                        log(step, scalars)
+                    return new_state, metrics
+            except (AttributeError, TypeError, ValueError, RuntimeError):  # a metric that is not a 0-d tensor
+                _check_metrics(metrics)
+                raise
+        return self._observe(new_state, metrics, before, samples, step), metrics
+
+    def _record_run_ids(self, state: TrainState) -> TrainState:
+        """Open the runs at the first step, so their ids are in every later state; put them in a state from before."""
+        if not self._all_open:
+            state = self._open_runs(state)
+        elif self._run_ids is not None and state.slots[self.slot].run_ids != self._run_ids:
+            state = state.with_slot(self.slot, TrackingState(self._run_ids))
+        if self._all_open:  # (on rank 0 the ids are in these slots now; other ranks record none)
+            self._slots = state.slots
+        return state
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         before = int(state.step)
@@ -257,9 +306,11 @@ class Tracking(Transform):
                 tracker.close()
                 self._open[i] = False
         self._all_open = not self.trackers
+        self._slots = None  # the next step reopens the runs
 
-    def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int) -> TrainState:
-        step = int(state.step)
+    def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int, step: int | None = None) -> TrainState:
+        if step is None:
+            step = int(state.step)
         if self._windowed and window_open(state):  # a micro-batch inside an accumulation window
             self._window.samples += samples
             self._open_metrics = metrics
@@ -327,9 +378,7 @@ class Tracking(Transform):
         if scalars.keys() != self._checked_names:  # the values are floats made here; the names are the step's
             check_scalars(scalars, "with_tracking")
             self._checked_names = frozenset(scalars)
-        for tracker in self.trackers:
-            # fnlight's queueing trackers take a checked event as it is: no second check and copy per update
-            log = getattr(tracker, "_log_checked", None) or tracker.log_scalars
+        for log in self._logs:
             log(step, scalars)
         return state
 
