@@ -107,6 +107,37 @@ def test_a_resumed_state_reopens_the_same_run():
     assert [s for s, _ in again.events] == [6, 8]
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_step_reopens_the_runs_a_fold_or_close_closed_before_it_logs(every):
+    # the run ids are checked only when the state's slots change: a fold that closed the runs must not leave the next
+    # fold, on the same slots, logging into a closed tracker
+    class Strict(Recorder):
+        is_open = False
+
+        def open(self, run_id="", *, hparams=None):
+            self.is_open = True
+            return super().open(run_id, hparams=hparams)
+
+        def log_scalars(self, step, scalars):
+            assert self.is_open, "logged into a closed run"
+            super().log_scalars(step, scalars)
+
+        def close(self):
+            self.is_open = False
+            super().close()
+
+    tracker = Strict()
+    step = build(tracker, every=every)
+    state = fl.fold(step, step.init(), make_batches(4), progress=False)
+    state = fl.fold(step, state, make_batches(4), epochs=2, progress=False)
+    for batch in make_batches(2):  # direct calls hand the same slots from step to step, and across the close
+        state, _ = step(state, batch)
+        step.close()
+    assert tracker.opened == ["", "run-1", "run-1", "run-1"] and tracker.closed == 4
+    assert [s for s, _ in tracker.events] == list(range(every, 11, every))
+    assert state.slots["tracking"].run_ids == ("run-1",)
+
+
 def test_metrics_that_come_and_go_are_averaged_over_their_own_steps():
     from fnlight.transforms._tracking import _Window
 

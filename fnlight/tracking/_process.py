@@ -87,10 +87,10 @@ class ProcessTrackers:
     event here), so logging every update slowed a 0.7 ms step by 10-13 %. Here the trackers
     run in a child process (started on the first :meth:`open`, with the ``spawn`` method so
     no lock or thread of the training process is inherited). Events are sent in batches: the
-    caller appends each event to a list, and the list goes to the child (one pickle, one
-    queue put) once ``flush_every`` seconds have passed since the last batch — at the next
-    :meth:`log_scalars`, or from a helper thread that wakes every ``flush_every`` seconds, so
-    no event waits much longer than that, even when training stalls. A message to every
+    caller appends each event to a queue and returns (no lock, no clock), and a helper thread
+    sends what waits to the child (one pickle, one queue put) every ``flush_every`` seconds,
+    so no event waits much longer than that, even when training stalls, and the training
+    thread never pickles or sends an event. A message to every
     process on every update cost the loop 2-6 % of its step time on a 2-vCPU machine; one
     every half second costs nothing measurable. Events keep their order, also relative to
     :meth:`log_hparams`, :meth:`open` and :meth:`close` (which send what is pending first).
