@@ -123,6 +123,21 @@ def test_join_and_warmup_keep_the_python_floats_their_schedules_return_exactly()
 
 
 @pytest.mark.parametrize(
+    "build",
+    [
+        lambda bad: sch.join([sch.constant(1.0), bad], [3]),
+        lambda bad: sch.join([bad, sch.constant(1.0)], [3]),
+        lambda bad: sch.warmup(bad, 3),
+    ],
+)
+def test_join_and_warmup_name_an_inner_schedule_that_returns_no_number(build):
+    # the inner value went on to torch.where / arithmetic, which failed with torch's message naming no schedule
+    opt = fl.optim.sgd(build(lambda c: "x"))
+    with pytest.raises(TypeError, match=r"schedule '.*<lambda>' must return a 0-d tensor or a float, got str: 'x' for count 0"):
+        opt.init({"w": torch.ones(2)})
+
+
+@pytest.mark.parametrize(
     ("build", "error", "match"),
     [
         (lambda: sch.constant("a"), TypeError, "constant: value must be a float, got 'a'"),

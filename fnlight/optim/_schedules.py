@@ -49,14 +49,18 @@ def _at(schedule: Schedule, count: Tensor) -> Tensor:
     """``schedule(count)`` as a float64 tensor: a Python number returned (documented as accepted) is kept exactly.
 
     Without this, ``torch.where`` over two Python floats would make a float32 tensor and round the value.
-    Anything else is passed on unchanged, for :func:`fnlight.optim._base.scheduled` to report.
+    Anything else raises here, as :func:`fnlight.optim._base.scheduled` does for an outer schedule: the
+    arithmetic of ``join``/``warmup`` would otherwise fail first, with torch's message naming no schedule.
     """
     value = schedule(count)
     if isinstance(value, Tensor):
         return value.to(torch.float64)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float64, device=count.device)
-    return value
+    raise TypeError(
+        f"learning-rate schedule {getattr(schedule, '__qualname__', schedule)!r} must return a 0-d tensor "
+        f"or a float, got {type(value).__name__}: {value!r} for count {count.tolist()}"
+    )
 
 
 def _schedule(name: str, value: object, where: str) -> Schedule:
