@@ -662,3 +662,29 @@ def test_a_train_step_checks_a_state_it_did_not_produce_also_inside_a_fold():
     step._check_opt = lambda *a: (calls.append(1), check(*a))
     fl.fold(step, state, batches, progress=False)
     assert calls == [1]  # the fold's later updates apply states the step produced: not checked again
+
+
+@pytest.mark.parametrize("build", [optim.sgd, optim.rmsprop])
+@pytest.mark.parametrize(("built", "edited"), [(0.0, 0.9), (0.9, 0.0)])
+def test_momentum_switched_on_or_off_through_the_state_is_refused(build, built, edited):
+    # torch's fused SGD failed with an internal error; RMSprop silently ignored a momentum switched on
+    params = {"w": torch.ones(3)}
+    opt = build(0.1, momentum=built)
+    state = opt.init(params)
+    state = state._replace(hparams={**state.hparams, "momentum": torch.tensor(edited, dtype=torch.float64)})
+    match = (
+        rf"fnlight\.optim\.{build.__name__}: state\.hparams\['momentum'\] is {edited}, but the optimizer was built with momentum"
+    )
+    with pytest.raises(ValueError, match=match):
+        opt.apply(params, {"w": torch.ones(3)}, state, inplace=False)
+    step = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, opt)
+    fresh = step.init()
+    edited_state = fresh.replace(
+        opt_state=fresh.opt_state._replace(
+            hparams={**fresh.opt_state.hparams, "momentum": torch.tensor(edited, dtype=torch.float64)}
+        )
+    )
+    with pytest.raises(ValueError, match=match):
+        fl.fold(step, edited_state, [(torch.ones(4, 2), torch.zeros(4, 1))], progress=False)
+    changed = state._replace(hparams={**state.hparams, "momentum": torch.tensor(0.5 if built else 0.0, dtype=torch.float64)})
+    opt.apply(params, {"w": torch.ones(3)}, changed, inplace=False)  # another positive value (or zero kept) is fine

@@ -12,7 +12,17 @@ from torch import Tensor
 from ._base import scheduled
 from ._masks import MaskFn, split_by_mask
 
-__all__ = ["check_bool", "check_mask", "clone_all", "group_indices", "initial_lr", "merge", "shard_local", "weight_decay_groups"]
+__all__ = [
+    "check_bool",
+    "check_mask",
+    "check_momentum_switch",
+    "clone_all",
+    "group_indices",
+    "initial_lr",
+    "merge",
+    "shard_local",
+    "weight_decay_groups",
+]
 
 
 Groups = dict[tuple[torch.device, torch.dtype], list[int]]
@@ -92,6 +102,31 @@ def check_mask(mask: Any, *, where: str) -> MaskFn | None:
             f"(e.g. fnlight.optim.decay_mask_no_bias_norm), got {mask!r}"
         )
     return mask
+
+
+def check_momentum_switch(state: Any, use_momentum: bool, *, where: str) -> None:
+    """Raise unless ``state.hparams["momentum"]`` is on (> 0) exactly when the optimizer was built with momentum.
+
+    Whether momentum buffers exist is fixed at build time; a momentum set to or from zero in the
+    state would make torch's fused SGD fail with an internal error, or RMSprop silently ignore it.
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> state = SimpleNamespace(hparams={"momentum": torch.tensor(0.5)})
+    >>> check_momentum_switch(state, False, where="fnlight.optim.sgd")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: fnlight.optim.sgd: state.hparams['momentum'] is 0.5, but the optimizer was built with momentum == 0 (no ...
+    """
+    momentum = float(state.hparams["momentum"])
+    if (momentum > 0.0) != use_momentum:
+        built, fix = (
+            ("> 0, which fixes that momentum buffers exist", "set another positive value, or build the optimizer with momentum=0")
+            if use_momentum
+            else ("== 0 (no momentum buffers)", "build the optimizer with momentum > 0 to change it later")
+        )
+        raise ValueError(
+            f"{where}: state.hparams['momentum'] is {momentum!r}, but the optimizer was built with momentum {built}; {fix}"
+        )
 
 
 def weight_decay_groups(

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, check_state, hparam, resolve_lr
-from ._kernels import check_bool, check_mask, clone_all, initial_lr, merge, weight_decay_groups
+from ._kernels import check_bool, check_mask, check_momentum_switch, clone_all, initial_lr, merge, weight_decay_groups
 from ._masks import MaskFn
 from ._traced import copy_back, decayed_flags, resolve_lr_tensor, rmsprop_math
 
@@ -152,6 +152,7 @@ def rmsprop(
     def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
         fields = {"square_avg": True, "grad_avg": centered, "momentum_buffer": use_momentum}
         check_state(where, params, state, RmspropState, fields, grads)
+        check_momentum_switch(state, use_momentum, where=where)
 
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: RmspropState, *, inplace: bool

@@ -8,7 +8,17 @@ import torch
 from torch import Tensor
 
 from ._base import Optimizer, ScalarOrSchedule, check_hparam, check_lr, check_state, hparam, resolve_lr
-from ._kernels import check_bool, check_mask, clone_all, half_on_cpu, initial_lr, merge, shard_local, weight_decay_groups
+from ._kernels import (
+    check_bool,
+    check_mask,
+    check_momentum_switch,
+    clone_all,
+    half_on_cpu,
+    initial_lr,
+    merge,
+    shard_local,
+    weight_decay_groups,
+)
 from ._masks import MaskFn
 from ._traced import copy_back, decayed_flags, resolve_lr_tensor, sgd_math
 
@@ -100,6 +110,7 @@ def sgd(
 
     def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
         check_state(where, params, state, SgdState, {"momentum_buffer": use_momentum}, grads)
+        check_momentum_switch(state, use_momentum, where=where)
 
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: SgdState, *, inplace: bool
