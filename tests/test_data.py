@@ -1,5 +1,6 @@
 """Loader: order as a function of (seed, epoch), resuming mid-epoch, workers, errors."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -231,3 +232,19 @@ def test_a_resumed_fold_skips_the_consumed_batches_of_a_generator_unless_the_pos
     position = fl.DataPosition(epoch=stopped.data.epoch.clone(), batch=torch.zeros_like(stopped.data.batch))
     fl.fold(step, stopped.replace(data=position), stream(start=3), epochs=1, progress=False)  # positioned by itself
     assert seen == [3, 4, 5]
+
+
+def test_a_tuple_mixing_tensors_with_other_data_or_holding_a_0d_tensor_is_refused():
+    # (x, labels as a NumPy array) was read as a map-style dataset of 2 samples and failed later in collate
+    x = torch.randn(100, 3)
+    for other in (np.arange(100), list(range(100))):
+        with pytest.raises(
+            TypeError, match=rf"Loader: a tuple dataset must hold only tensors .* got {type(other).__name__} at position 1"
+        ):
+            fl.Loader((x, other), batch_size=16)
+    with pytest.raises(
+        ValueError, match=r"Loader: the dataset's tensors must have a first \(sample\) dimension, got a 0-d tensor at position 1"
+    ):
+        fl.Loader((x, torch.tensor(1.0)), batch_size=16)
+    pairs = tuple((float(i), i) for i in range(5))  # a tuple of samples without tensors is still a dataset
+    assert len(fl.Loader(pairs, batch_size=2)) == 3

@@ -81,6 +81,20 @@ class Loader:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"Loader: num_workers must be an int >= 0, got {num_workers!r}")
         self.tensors: tuple[Tensor, ...] | None = None
+        if isinstance(dataset, tuple) and any(isinstance(t, Tensor) for t in dataset):
+            # a tuple mixing tensors with arrays or lists was read as a map-style dataset of len(dataset) samples
+            others = [(i, type(t).__name__) for i, t in enumerate(dataset) if not isinstance(t, Tensor)]
+            if others:
+                raise TypeError(
+                    f"Loader: a tuple dataset must hold only tensors sharing their first dimension (x, y, ...), got "
+                    f"{others[0][1]} at position {others[0][0]}; convert it with torch.as_tensor(...)"
+                )
+            scalars = [i for i, t in enumerate(dataset) if t.dim() == 0]
+            if scalars:
+                raise ValueError(
+                    "Loader: the dataset's tensors must have a first (sample) dimension, "
+                    f"got a 0-d tensor at position {scalars[0]}"
+                )
         if isinstance(dataset, tuple) and dataset and all(isinstance(t, Tensor) for t in dataset):
             lengths = {len(t) for t in dataset}
             if len(lengths) != 1:
