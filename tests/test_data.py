@@ -248,3 +248,16 @@ def test_a_tuple_mixing_tensors_with_other_data_or_holding_a_0d_tensor_is_refuse
         fl.Loader((x, torch.tensor(1.0)), batch_size=16)
     pairs = tuple((float(i), i) for i in range(5))  # a tuple of samples without tensors is still a dataset
     assert len(fl.Loader(pairs, batch_size=2)) == 3
+
+
+def test_an_iterable_dataset_is_refused_at_construction():
+    # it was accepted (Dataset defines __getitem__) and failed at the first batch with NotImplementedError
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(10.0))
+
+        def __len__(self):
+            return 10
+
+    with pytest.raises(TypeError, match=r"Loader: got an IterableDataset \(Stream\), which has no indexed access"):
+        fl.Loader(Stream(), batch_size=4)

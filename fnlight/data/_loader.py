@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from .._rng import derive_seed
 from ..distributed._group import dist_info
@@ -117,6 +117,11 @@ class Loader:
                 f"Loader: got a list of {len(dataset)} tensors of different shapes, which the default collate cannot "
                 f"batch as samples; for a dataset of several tensors (inputs, targets) pass a tuple, e.g. "
                 f"Loader((x, y), batch_size=...); for samples of different sizes pass a collate_fn"
+            )
+        elif isinstance(dataset, IterableDataset):  # has Dataset's __getitem__, which raises NotImplementedError
+            raise TypeError(
+                f"Loader: got an IterableDataset ({type(dataset).__name__}), which has no indexed access to shuffle or "
+                f"resume from; pass it (or a DataLoader over it) to fold as data directly, or use a map-style dataset"
             )
         elif not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(
