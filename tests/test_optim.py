@@ -688,3 +688,16 @@ def test_momentum_switched_on_or_off_through_the_state_is_refused(build, built, 
         fl.fold(step, edited_state, [(torch.ones(4, 2), torch.zeros(4, 1))], progress=False)
     changed = state._replace(hparams={**state.hparams, "momentum": torch.tensor(0.5 if built else 0.0, dtype=torch.float64)})
     opt.apply(params, {"w": torch.ones(3)}, changed, inplace=False)  # another positive value (or zero kept) is fine
+
+
+def test_a_schedule_returning_several_values_is_named_and_one_value_is_stored_0d():
+    # a (3,) tensor failed in the update with torch's "only one element tensors can be converted to Python scalars"
+    params = {"w": torch.ones(2)}
+    for schedule in (lambda c: torch.full((3,), 0.1), optim.warmup(lambda c: torch.full((3,), 0.1), 2)):
+        opt = optim.sgd(schedule)
+        with pytest.raises(TypeError, match=r"schedule '.*' must return a 0-d tensor or a float, got a tensor of shape \[3\]"):
+            opt.apply(params, params, opt.init(params), inplace=False)
+    opt = optim.sgd(lambda c: torch.full((1,), 0.5))
+    state = opt.init(params)
+    new, state = opt.apply(params, params, state, inplace=False)
+    assert state.hparams["lr"].shape == () and torch.equal(new["w"], torch.full((2,), 0.5))

@@ -158,7 +158,12 @@ def scheduled(learning_rate: Schedule, count: Tensor) -> Tensor:
     """
     value = learning_rate(count)
     if isinstance(value, Tensor):
-        return value.to(torch.float64)
+        if value.numel() != 1:  # float() of it failed in the update with torch's message naming no schedule
+            raise TypeError(
+                f"learning-rate schedule {getattr(learning_rate, '__qualname__', learning_rate)!r} must return a 0-d tensor "
+                f"or a float, got a tensor of shape {list(value.shape)} for the update after {int(count)} updates"
+            )
+        return value.to(torch.float64).reshape(())  # hparams["lr"] is 0-d, as documented, even for a shape-(1,) value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"learning-rate schedule {getattr(learning_rate, '__qualname__', learning_rate)!r} must return a 0-d tensor "

@@ -54,7 +54,7 @@ def _at(schedule: Schedule, count: Tensor) -> Tensor:
     """
     value = schedule(count)
     if isinstance(value, Tensor):
-        return value.to(torch.float64)
+        return value.to(torch.float64)  # a tensor of several values is reported by scheduled(), on the outer result
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float64, device=count.device)
     raise TypeError(
