@@ -701,3 +701,24 @@ def test_a_schedule_returning_several_values_is_named_and_one_value_is_stored_0d
     state = opt.init(params)
     new, state = opt.apply(params, params, state, inplace=False)
     assert state.hparams["lr"].shape == () and torch.equal(new["w"], torch.full((2,), 0.5))
+
+
+@pytest.mark.parametrize(
+    ("build", "missing"), [(optim.sgd, "momentum"), (optim.adam, "b1"), (optim.rmsprop, "alpha"), (optim.adagrad, "lr_decay")]
+)
+def test_hparams_replaced_without_the_other_entries_are_refused(build, missing):
+    # hparams={"lr": ...} (the other entries dropped) failed in the update with a bare KeyError
+    params = {"w": torch.ones(2)}
+    opt = build(0.1)
+    state = opt.init(params)
+    dropped = state._replace(hparams={"lr": torch.tensor(0.01, dtype=torch.float64)})
+    match = rf"fnlight\.optim\.{build.__name__}: state\.hparams has no '{missing}' \(it holds \['lr'\], expected \['lr', "
+    with pytest.raises(ValueError, match=match):
+        opt.apply(params, params, dropped, inplace=False)
+    step = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, opt)
+    fresh = step.init()
+    with pytest.raises(ValueError, match=match):
+        step(
+            fresh.replace(opt_state=fresh.opt_state._replace(hparams={"lr": torch.tensor(0.01, dtype=torch.float64)})),
+            (torch.ones(4, 2), torch.zeros(4, 1)),
+        )

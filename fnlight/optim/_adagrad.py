@@ -14,6 +14,8 @@ from ._traced import adagrad_math, copy_back, decayed_flags, resolve_lr_tensor
 
 __all__ = ["AdagradState", "adagrad"]
 
+HPARAMS = ("lr", "lr_decay", "weight_decay", "eps")  # the keys of the state's hparams, as init builds them
+
 
 class AdagradState(NamedTuple):
     """State of :func:`adagrad`.
@@ -89,7 +91,7 @@ def adagrad(
         )
 
     def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
-        check_state(where, params, state, AdagradState, {"sum_of_squares": True}, grads)
+        check_state(where, params, state, AdagradState, {"sum_of_squares": True}, grads, HPARAMS)
 
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: AdagradState, *, inplace: bool

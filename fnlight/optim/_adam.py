@@ -14,6 +14,8 @@ from ._traced import adam_math, copy_back, decayed_flags, resolve_lr_tensor
 
 __all__ = ["AdamState", "adam", "adamw"]
 
+HPARAMS = ("lr", "b1", "b2", "eps", "weight_decay")  # the keys of the state's hparams, as init builds them
+
 
 class AdamState(NamedTuple):
     """State of :func:`adam` / :func:`adamw`.
@@ -89,7 +91,7 @@ def _make(
         return dict(zip(names, ps, strict=True)), new_state
 
     def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
-        check_state(where, params, state, AdamState, {"mu": True, "nu": True, "nu_max": amsgrad}, grads)
+        check_state(where, params, state, AdamState, {"mu": True, "nu": True, "nu_max": amsgrad}, grads, HPARAMS)
 
     def apply(
         params: dict[str, Tensor], grads: dict[str, Tensor], state: AdamState, *, inplace: bool

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -72,17 +72,26 @@ def check_state(
     expected: type,
     fields: Mapping[str, bool],
     grads: Mapping[str, Tensor] | None = None,
+    hparams: Sequence[str] = (),
 ) -> None:
     """Raise unless ``state`` is an ``expected`` whose per-parameter ``fields`` fit ``params``.
 
     ``fields`` maps each per-parameter field of the state to whether these options use it
     (an unused one must be empty, as ``init`` built it). ``grads``, when given, must have
-    every parameter's shape too. One comparison of shapes per tensor.
+    every parameter's shape too. ``state.hparams`` must hold each of ``hparams`` (a replaced
+    dict that dropped one failed in the update with a bare ``KeyError``). One comparison of
+    shapes per tensor.
     """
     if type(state) is not expected:
         raise TypeError(
             f"{where}: the optimizer state must be the {expected.__name__} that {where}'s init builds, "
             f"got {type(state).__name__}; build the state with the optimizer the step applies (step.init())"
+        )
+    missing = [name for name in hparams if name not in state.hparams]
+    if missing:
+        raise ValueError(
+            f"{where}: state.hparams has no {missing[0]!r} (it holds {sorted(state.hparams)}, expected {list(hparams)}); "
+            "to change one, keep the others: hparams={**state.hparams, 'lr': ...}"
         )
     per_parameter = []
     for field, used in fields.items():

@@ -14,6 +14,8 @@ from ._traced import copy_back, decayed_flags, resolve_lr_tensor, rmsprop_math
 
 __all__ = ["RmspropState", "rmsprop"]
 
+HPARAMS = ("lr", "alpha", "eps", "weight_decay", "momentum")  # the keys of the state's hparams, as init builds them
+
 
 class RmspropState(NamedTuple):
     """State of :func:`rmsprop`.
@@ -151,7 +153,7 @@ def rmsprop(
 
     def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
         fields = {"square_avg": True, "grad_avg": centered, "momentum_buffer": use_momentum}
-        check_state(where, params, state, RmspropState, fields, grads)
+        check_state(where, params, state, RmspropState, fields, grads, HPARAMS)
         check_momentum_switch(state, use_momentum, where=where)
 
     def apply(

@@ -24,6 +24,8 @@ from ._traced import copy_back, decayed_flags, resolve_lr_tensor, sgd_math
 
 __all__ = ["SgdState", "sgd"]
 
+HPARAMS = ("lr", "momentum", "dampening", "weight_decay")  # the keys of the state's hparams, as init builds them
+
 
 class SgdState(NamedTuple):
     """State of :func:`sgd`.
@@ -109,7 +111,7 @@ def sgd(
         )
 
     def check(params: dict[str, Tensor], state: Any, grads: dict[str, Tensor] | None = None) -> None:
-        check_state(where, params, state, SgdState, {"momentum_buffer": use_momentum}, grads)
+        check_state(where, params, state, SgdState, {"momentum_buffer": use_momentum}, grads, HPARAMS)
         check_momentum_switch(state, use_momentum, where=where)
 
     def apply(
