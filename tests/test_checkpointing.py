@@ -70,6 +70,19 @@ def test_save_now_inside_an_accumulation_window_saves_it_in_one_process_and_refu
         step.save_now(state)
 
 
+def test_a_state_without_the_slot_is_refused_before_anything_is_written(tmp_path):
+    core = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1))
+    step = fl.with_checkpointing(core, directory=tmp_path, every=1)
+    bare = core.init()  # not from step.init(): a file of it would not fit step.init(), so no run could resume from it
+    with pytest.raises(ValueError, match=r"expected a state with the 'checkpointing' slot, got one with no slots; nothing was"):
+        step.save_now(bare)
+    with pytest.raises(ValueError, match=r"state.with_slot\('checkpointing', step.init_slot\(state\)\)"):
+        step(bare, (torch.ones(4, 2), torch.zeros(4, 1)))
+    assert names(tmp_path) == []
+    fixed = bare.with_slot("checkpointing", step.init_slot(bare))  # the fix the message gives (and the fold's) works
+    assert fl.tree_equal(fl.checkpoint.restore(step.save_now(fixed), step.init()), fixed)
+
+
 def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path):
     step = build(tmp_path, every=1, keep_last=1)
     fl.fold(step, step.init(), make_batches(2), progress=False)

@@ -153,7 +153,7 @@ class Checkpointing(Transform):
 
     def init(self, **options: Any) -> TrainState:
         """The inner initial state — or, with ``resume``, the newest valid checkpoint restored into it."""
-        state = self.inner.init(**options).with_slot(self.slot, CheckpointingState(""))
+        state = super().init(**options)
         if not self.resume:
             return state
         info = dist_info()
@@ -163,6 +163,10 @@ class Checkpointing(Transform):
                 return state
             return _restore(path, state).with_slot(self.slot, CheckpointingState(str(path)))
         return self._resume_on_every_rank(state, info.rank, info.world_size)
+
+    def init_slot(self, state: TrainState) -> CheckpointingState:
+        """A fresh start's slot: resumed from no checkpoint."""
+        return CheckpointingState("")
 
     def _resume_on_every_rank(self, state: TrainState, rank: int, world: int) -> TrainState:
         """The newest checkpoint that every rank restores whole (checksums included): rank 0 lists the
@@ -298,6 +302,12 @@ class Checkpointing(Transform):
         return None
 
     def _save(self, state: TrainState, metrics: Metrics, *, wait: bool) -> Path:
+        if self.slot not in state.slots:  # a file without it would not fit step.init(): no run could resume from it
+            raise ValueError(
+                f"with_checkpointing: expected a state with the {self.slot!r} slot, got one with "
+                f"{sorted(state.slots) or 'no slots'}; nothing was saved. Build the state with this step's init(), "
+                f"or give it the slot: state.with_slot({self.slot!r}, step.init_slot(state))"
+            )
         step = int(state.step)
         path = self.directory / f"step-{step:09d}.ckpt"
         self._wait()  # at most one write in flight: the file of this update may be the one being written
