@@ -155,9 +155,9 @@ def preempt(step: Any, state: Any, signum: int, *, here: bool = True) -> Preempt
     _local.preempting = True  # a fold cut short: checks about the whole fold (with_early_stop's) stay quiet
     try:
         save_now = getattr(step, "save_now", None)
-        path = save_now(state) if save_now is not None else None  # with_checkpointing finishes its chain first
+        path = save_now(state) if save_now is not None else None
         finish = getattr(step, "finish", None)
-        if path is None and finish is not None:  # as at a fold's normal end: trackers log what is left of their window
+        if finish is not None:  # as at a fold's normal end: trackers log what is left of their window
             finish(state)
     finally:
         _local.preempting = False

@@ -15,7 +15,7 @@ from torch import nn
 import fnlight as fl
 from fnlight.checkpoint import CheckpointWarning
 from fnlight.optim import adamw, sgd
-from tests.conftest import make_batches
+from tests.conftest import SignalledData, make_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,49 @@ def test_a_state_without_the_slot_is_refused_before_anything_is_written(tmp_path
     assert names(tmp_path) == []
     fixed = bare.with_slot("checkpointing", step.init_slot(bare))  # the fix the message gives (and the fold's) works
     assert fl.tree_equal(fl.checkpoint.restore(step.save_now(fixed), step.init()), fixed)
+
+
+class Steps:
+    """A tracker that records the updates it logs at and how often it was closed."""
+
+    def __init__(self):
+        self.logged, self.closed = [], 0
+
+    def open(self, run_id="", *, hparams=None):
+        return run_id or "run-1"
+
+    def log_scalars(self, step, scalars):
+        self.logged.append(step)
+
+    def close(self):
+        self.closed += 1
+
+
+def tracked(directory, tracker):
+    torch.manual_seed(0)
+    core = fl.make_train_step(nn.Linear(10, 3), fl.losses.classification, sgd(0.1))
+    return fl.with_checkpointing(fl.with_tracking(core, trackers=[tracker], every=4), directory=directory, every=100)
+
+
+def test_save_now_in_a_loop_of_ones_own_leaves_the_inner_transforms_running(tmp_path):
+    plain, saving = Steps(), Steps()
+    for tracker, directory in ((plain, tmp_path / "a"), (saving, tmp_path / "b")):
+        step = tracked(directory, tracker)
+        state = step.init()
+        for i, batch in enumerate(make_batches(8)):
+            state, _ = step(state, batch)
+            if tracker is saving and i in (1, 5):
+                step.save_now(state)
+    assert plain.logged == saving.logged == [4, 8] and saving.closed == 0  # no window cut short, no run closed
+    assert names(tmp_path / "b") == ["latest", "step-000000006.ckpt"]
+
+
+def test_a_preempted_fold_with_checkpointing_saves_and_still_logs_the_last_window(tmp_path):
+    tracker = Steps()
+    step = tracked(tmp_path, tracker)
+    with pytest.raises(fl.Preempted, match=r"after update 6 .* saved .*step-000000006.ckpt"):
+        fl.fold(step, step.init(), SignalledData(make_batches(8), at=5, signum=signal.SIGINT), progress=False)
+    assert tracker.logged == [4, 6] and tracker.closed == 1  # the window of updates 5-6 is logged at the stop
 
 
 def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path):

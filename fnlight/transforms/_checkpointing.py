@@ -224,6 +224,9 @@ class Checkpointing(Transform):
     def save_now(self, state: TrainState, metrics: Metrics | None = None) -> Path:
         """Write a checkpoint of ``state`` now (synchronously) and apply retention; return its path.
 
+        It waits for a write still in flight (``async_write``) and changes nothing else: the transforms
+        inside keep running as they were (a tracker's window, its open runs), as after any other save.
+
         Under data parallelism with a replicated state (``with_ddp`` on several ranks), ``state``
         must not be inside a ``with_grad_accum`` window: each rank then holds partial gradients of
         its own, which a checkpoint (rank 0's state) cannot hold. Saves that ``with_checkpointing``
@@ -239,7 +242,7 @@ class Checkpointing(Transform):
                 "a run resumed from it would be wrong. Save after the window's update (with_checkpointing's own "
                 "saves fall on updates), or use with_fsdp, whose windows are sharded and saved exactly"
             )
-        self.finish(state)
+        self._wait()
         return self._save(state, metrics or {}, wait=True)
 
     def finish(self, state: TrainState) -> None:
