@@ -308,6 +308,36 @@ def test_save_refuses_a_directory_path(tmp_path):
         save(tmp_path, SMALL_TREE)
 
 
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        ("", ValueError, r"save needs a file path, got '' \(no file name: empty, or ending with a separator\)"),
+        ("new/", ValueError, r"save needs a file path, got 'new/' \(no file name"),
+        ("missing/c.ckpt", FileNotFoundError, r"the directory 'missing' to save 'c.ckpt' in does not exist"),
+    ],
+)
+def test_save_refuses_a_path_without_a_file_name_or_directory_before_writing(tmp_path, monkeypatch, name, error, message):
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(error, match=message):
+        save(name, SMALL_TREE)
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(tmp_path / "run") == []  # nothing written, not even beside
+
+
+def test_save_writes_its_temporary_where_the_path_leads_through_links_and_takes_bytes(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere" / "real").mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "link").symlink_to(tmp_path / "elsewhere" / "real")
+    monkeypatch.chdir(tmp_path / "run")
+    opened = []
+    monkeypatch.setattr(ck_io, "_open_temporary", lambda d, n, real=ck_io._open_temporary: opened.append(d) or real(d, n))
+    save("link/../a.ckpt", SMALL_TREE)  # the file system resolves link/.. to elsewhere/, not to run/
+    save(b"link/../b.ckpt", SMALL_TREE)
+    assert all(os.path.samefile(d, tmp_path / "elsewhere") for d in opened)  # beside the target: one rename, same disk
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["a.ckpt", "b.ckpt", "real"]
+    assert fl.tree_equal(restore(tmp_path / "elsewhere" / "b.ckpt", small_target()), SMALL_TREE)
+
+
 # --- what save refuses -------------------------------------------------------------------------
 
 

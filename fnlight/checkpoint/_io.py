@@ -52,7 +52,7 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
     directory is fsynced: a crash leaves either the old file or the new one, never a mix.
 
     Args:
-        path: the file to write; an existing file there is replaced.
+        path: the file to write (its directory must exist); an existing file there is replaced.
         tree: any pytree in the ``fnlight`` namespace (a :class:`~fnlight.TrainState`, dicts,
             lists...) whose leaves are tensors or plain ``None``/``bool``/``int``/``float``/``str``.
         metadata: a JSON-like dict stored in the index, read back by :func:`read_metadata`.
@@ -61,8 +61,10 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
         TypeError: an unsupported leaf (the message gives its path), or metadata that is not
             JSON-like (the message gives the key path).
         ValueError: an int outside 64 bits, metadata nested deeper than 64 levels, a string that is
-            not valid UTF-8, or an index over its limits (64 MiB, 4 million maps and lists).
+            not valid UTF-8, an index over its limits (64 MiB, 4 million maps and lists), or a ``path``
+            with no file name (empty, or ending with a separator).
         IsADirectoryError: ``path`` is a directory.
+        FileNotFoundError: the directory of ``path`` does not exist.
         OSError: the file cannot be written (the previous file at ``path`` is left intact).
 
     >>> import tempfile, torch
@@ -78,9 +80,14 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
     versions = _library_versions()
     placeholders = [dataclasses.replace(e, crc32=0xFFFFFFFF) if isinstance(e, TensorEntry) else e for e, _ in plan]
     encode_index(placeholders, metadata=metadata, versions=versions)  # the limits, checked before any byte is written
-    target = os.fspath(path)
+    target = os.fsdecode(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"checkpoint: {target} is a directory; save needs a file path")
+    directory, name = os.path.split(target)  # not abspath: it would resolve "link/.." by name, not as the file system does
+    if not name:
+        raise ValueError(f"checkpoint: save needs a file path, got {target!r} (no file name: empty, or ending with a separator)")
+    if not os.path.isdir(directory or "."):
+        raise FileNotFoundError(f"checkpoint: the directory {directory!r} to save {name!r} in does not exist; create it first")
 
     def write(w: Writer) -> None:
         w.write(preamble())
@@ -95,7 +102,7 @@ def save(path: PathLike, tree: Any, *, metadata: dict[str, Any] | None = None) -
         w.write(raw_index)
         w.write(footer(index_offset, len(raw_index), zlib.crc32(raw_index)))
 
-    _write_atomically(target, write)
+    _write_atomically(directory or ".", name, target, write)
 
 
 def restore(path: PathLike, target: T) -> T:
@@ -207,11 +214,10 @@ def _plan(tree: Any) -> tuple[Plan, int]:
     return plan, end
 
 
-def _write_atomically(target: str, write: Callable[[Writer], None]) -> None:
-    """Run ``write`` on a temporary file beside ``target``, fsync it, rename it over ``target``."""
-    directory = os.path.dirname(os.path.abspath(target))
+def _write_atomically(directory: str, name: str, target: str, write: Callable[[Writer], None]) -> None:
+    """Run ``write`` on a temporary file beside ``target`` (``directory/name``), fsync it, rename it over ``target``."""
     drop_cached_pages(target)  # the file being replaced: let the new one reuse its cache pages
-    tmp, f = _open_temporary(directory, os.path.basename(target))
+    tmp, f = _open_temporary(directory, name)
     try:
         with f:
             w = Writer(f)
