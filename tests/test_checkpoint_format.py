@@ -188,6 +188,22 @@ def test_meta_target_restores_to_cpu_and_target_device_is_kept(tmp_path):
     assert back["w"].device.type == "cpu" and back["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
+def test_empty_tensors_on_the_meta_device_save_as_they_hold_no_bytes(tmp_path):
+    # only a meta tensor with elements is refused (it has data it cannot give): an empty one is all shape
+    tree = {
+        "e": torch.empty(0, 3, device="meta"),
+        "t": torch.empty(2, 0, dtype=torch.bfloat16, device="meta").t(),
+        "x": torch.arange(3),
+    }
+    save(tmp_path / "e.ckpt", tree)
+    back = restore(
+        tmp_path / "e.ckpt",
+        {"e": torch.empty(0, 3), "t": torch.empty(0, 2, dtype=torch.bfloat16), "x": torch.zeros(3, dtype=torch.int64)},
+    )
+    assert back["e"].shape == (0, 3) and back["t"].shape == (0, 2) and back["t"].dtype == torch.bfloat16
+    assert torch.equal(back["x"], torch.arange(3))
+
+
 def test_large_tensors_read_into_prefaulted_memory(tmp_path):
     t = torch.arange(3 << 20, dtype=torch.int32)  # 12 MiB: prefaulted before the read
     save(tmp_path / "h.ckpt", {"t": t})

@@ -231,6 +231,8 @@ def contiguous_pieces(t: Tensor) -> Iterator[Tensor]:
     [[[0, 2], [1, 3]]]
     """
     plain = not (t.is_conj() or t.is_neg())
+    if t.numel() == 0:
+        return  # no bytes (and none to copy: an empty tensor on the meta device has no data)
     if plain and t.device.type == "cpu" and t.is_contiguous():
         yield t
     elif t.dim() == 0 or t.numel() * t.element_size() <= COPY_CHUNK:
