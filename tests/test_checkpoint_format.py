@@ -515,6 +515,16 @@ def test_a_name_of_255_bytes_saves(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+@pytest.mark.parametrize("size", [12, 64, 95])
+def test_a_short_file_of_another_version_is_refused_by_its_version_not_as_truncated(tmp_path, size):
+    # the reading order the specification gives (magic, version, reserved zeros, size): another version may be smaller
+    path = tmp_path / "v2.ckpt"
+    path.write_bytes((b"\x89FNLCKPT" + (2).to_bytes(4, "little")).ljust(size, b"\0"))
+    for read in (read_metadata, lambda p: restore(p, small_target())):
+        with raises(path, r"unsupported checkpoint format version 2; this fnlight reads version 1"):
+            read(path)
+
+
 def test_a_torch_save_file_is_not_a_checkpoint(tmp_path):
     torch.save({"a": torch.ones(2)}, tmp_path / "t.pt")
     with raises(tmp_path / "t.pt", r"not an fnlight checkpoint: it starts with b'PK\\x03\\x04"):

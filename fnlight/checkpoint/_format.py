@@ -122,15 +122,17 @@ def parse_preamble(head: bytes, *, size: int, where: str) -> None:
         raise CheckpointError(f"{where}: truncated: {size} bytes, too short for the preamble and footer alone")
     if head[: len(MAGIC)] != MAGIC:
         raise CheckpointError(f"{where}: not an fnlight checkpoint: it starts with {head[:8]!r}, not {MAGIC!r}")
-    if len(head) < PREAMBLE_SIZE or size < PREAMBLE_SIZE + FOOTER_SIZE:
-        raise CheckpointError(f"{where}: truncated: {size} bytes, too short for the preamble and footer alone")
-    (version,) = _VERSION.unpack_from(head, len(MAGIC))
-    if version != FORMAT_VERSION:
+    # the version before any size: another version's file may be laid out (and sized) otherwise
+    if len(head) >= len(MAGIC) + _VERSION.size and (version := _VERSION.unpack_from(head, len(MAGIC))[0]) != FORMAT_VERSION:
         raise CheckpointError(
             f"{where}: unsupported checkpoint format version {version}; this fnlight reads version {FORMAT_VERSION}"
         )
+    if len(head) < PREAMBLE_SIZE:
+        raise CheckpointError(f"{where}: truncated: {size} bytes, too short for the preamble and footer alone")
     if any(head[len(MAGIC) + _VERSION.size : PREAMBLE_SIZE]):
         raise CheckpointError(f"{where}: damaged preamble: its reserved bytes 12-63 must be zero")
+    if size < PREAMBLE_SIZE + FOOTER_SIZE:
+        raise CheckpointError(f"{where}: truncated: {size} bytes, too short for the preamble and footer alone")
 
 
 def footer(index_offset: int, index_length: int, index_crc32: int) -> bytes:
