@@ -4,7 +4,9 @@ Digits (scikit-learn's bundled 8x8 images, no download) with a global batch of 6
 the ranks by a sharded, resumable :class:`fnlight.Loader`; ``--fsdp`` shards the parameters and
 optimizer state instead of replicating them. Evaluation averages over every rank's share, only
 rank 0 writes the metrics (JSONL), checkpoints are written every 10 epochs (by rank 0, or by every
-rank for its shards under ``--fsdp``) and running the command again resumes from the newest.
+rank for its shards under ``--fsdp``) and running the command again resumes from the newest. The
+options that define the run (``--epochs``, ``--global-batch``, ``--fsdp``) and the world size must
+then be the same, or every rank stops and says which differ (``--fresh`` starts over).
 
 Run::
 
@@ -27,6 +29,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from _run_options import keep_run_options
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -61,6 +64,10 @@ def main() -> float:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
     if info.world_size > 1:
         torch.distributed.barrier()  # nobody resumes from a checkpoint rank 0 is deleting
+    # the options that define the run: resuming under others is refused on every rank (_run_options.py)
+    options = {name: getattr(args, name) for name in ("epochs", "global_batch", "fsdp")}
+    launch = {"world size": info.world_size}  # another share of each global batch per rank, other dropout draws
+    keep_run_options(parser, args.run_dir / "checkpoints", options, launch=launch, record=info.rank == 0)
 
     train, val = load(seed=0)
     shard = dict(rank=info.rank, world_size=info.world_size)

@@ -2,10 +2,13 @@
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import fnlight as fl
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -31,19 +34,43 @@ def test_one_process(tmp_path):
     assert accuracy(proc.stdout, "ddp", 1, 44) > 0.7
 
 
-def test_two_ranks_fsdp_then_resume(tmp_path):
+def test_two_ranks_fsdp_then_resume_bit_exactly_and_only_under_the_same_options(tmp_path):
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "examples/ddp.py", "--fsdp", "--run-dir", str(tmp_path)]
-    first = subprocess.run([*cmd, "--epochs", "10"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    run = lambda *extra: subprocess.run([*cmd, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    first = run("--epochs", "20")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert accuracy(first.stdout, "fsdp", 2, 220) > 0.9
-    assert sorted(os.listdir(tmp_path / "checkpoints" / "step-000000220.ckpt")) == [
+    assert accuracy(first.stdout, "fsdp", 2, 440) > 0.9
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(os.listdir(checkpoints / "step-000000220.ckpt")) == [
         "rank-00000-of-00002.ckpt",
         "rank-00001-of-00002.ckpt",
     ]
-    again = subprocess.run([*cmd, "--epochs", "11"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    # the last checkpoint lost: the run resumes from update 220 and retraces the uninterrupted run's metrics exactly
+    shutil.rmtree(checkpoints / "step-000000440.ckpt")
+    again = run("--epochs", "20")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "at update 220" in again.stdout
-    assert accuracy(again.stdout, "fsdp", 2, 242) > 0.9
+    assert accuracy(again.stdout, "fsdp", 2, 440) == accuracy(first.stdout, "fsdp", 2, 440)
+    (metrics,) = (tmp_path / "metrics").glob("*.jsonl")  # one run, continued: the resumed epochs follow the first 20
+    logged = fl.tracking.read_scalars(metrics)
+    for name in ("loss", "accuracy", "val/loss", "val/accuracy"):
+        assert [s for s, _ in logged[name]] == [22 * e for e in range(1, 21)] + [22 * e for e in range(11, 21)], name
+        assert logged[name][20:] == logged[name][10:20], name
+    # other options, or another world size, would mix two runs: every rank stops and names what differs
+    other = run("--epochs", "21", "--global-batch", "32")
+    assert other.returncode != 0
+    assert "(--epochs: saved 20, given 21; --global-batch: saved 64, given 32); pass the same options" in other.stderr
+    one = subprocess.run(
+        [sys.executable, "examples/ddp.py", "--epochs", "20", "--run-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 2
+    assert "(--fsdp: saved True, given False; world size: saved 2, given 1); pass the same options" in one.stderr
+    assert sorted(os.listdir(checkpoints)) == ["latest", "options.json", "step-000000220.ckpt", "step-000000440.ckpt"]
 
 
 def test_two_nodes_on_one_machine(tmp_path):
