@@ -403,6 +403,8 @@ def test_nccl_groups_carry_cpu_tensors_over_gloo(monkeypatch, backend, expected)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda devices, **kw: seen.update(devices=devices))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(_group, "_attempt_store", lambda *a: None)
     monkeypatch.setattr(_group, "_watch_uncaught", lambda: None)
     monkeypatch.setattr(_group.atexit, "register", lambda f: f)
@@ -410,6 +412,31 @@ def test_nccl_groups_carry_cpu_tensors_over_gloo(monkeypatch, backend, expected)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert fl.init_distributed(backend=backend) == fl.distributed.DistInfo(0, 2, 0)
     assert seen == {"devices": expected}
+
+
+@pytest.mark.parametrize(
+    ("cuda", "local_rank", "expected"),
+    [
+        (0, "0", r"local rank 0 with 0 CUDA devices \(torch.cuda.is_available\(\) is False\)"),
+        (2, "2", "local rank 2 with 2 CUDA devices visible"),
+    ],
+    ids=["no-cuda", "more-ranks-than-devices"],
+)
+def test_nccl_without_a_cuda_device_for_the_rank_is_named(monkeypatch, cuda, local_rank, expected):
+    """It was a bare AttributeError from torch.cuda.set_device on a machine without CUDA."""
+    from fnlight.distributed import _group
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: pytest.fail("no group may be started"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(cuda))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(_group, "_attempt_store", lambda *a: None)
+    monkeypatch.setenv("RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    needs = "init_distributed: backend 'nccl' needs a CUDA device for each rank of a node, got "
+    with pytest.raises(ValueError, match=rf"{needs}{expected}; use backend='gloo'"):
+        fl.init_distributed(backend="nccl")
 
 
 def test_the_exit_hook_frees_the_groups_and_fnlights_device_meshes():

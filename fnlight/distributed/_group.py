@@ -63,7 +63,8 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
         This process's :class:`DistInfo` (``(0, 1, 0)`` when no launcher variables are set).
 
     Raises:
-        ValueError: a non-positive timeout or an unknown backend.
+        ValueError: a non-positive timeout, an unknown backend, or ``"nccl"`` for a rank without its CUDA
+            device (none visible, or fewer than the ranks on the node).
 
     >>> init_distributed()  # a single process: nothing to do
     DistInfo(rank=0, world_size=1, local_rank=0)
@@ -80,6 +81,14 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
     rank, world_size, local_rank = found
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
+        devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_rank >= devices:  # (torch.cuda.set_device failed with an AttributeError without CUDA)
+            raise ValueError(
+                f"init_distributed: backend 'nccl' needs a CUDA device for each rank of a node, got local rank "
+                f"{local_rank} with {devices} CUDA device{'s' if devices != 1 else ''} "
+                f"{'visible' if devices else '(torch.cuda.is_available() is False)'}; use backend='gloo' (or None, "
+                "which picks gloo without CUDA), or start at most as many ranks per node as there are devices"
+            )
         torch.cuda.set_device(local_rank)
     delta = datetime.timedelta(seconds=timeout)
     devices = "cpu:gloo,cuda:nccl" if backend == "nccl" else backend  # NCCL takes CUDA tensors only
