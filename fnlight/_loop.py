@@ -241,7 +241,7 @@ def fold(
             "pass a re-iterable (list, DataLoader) or a function epoch -> iterable"
         )
     _check_even_shards(data)
-    if _data_parallel(step) and world_size() > 1 and not hasattr(data, "iter_epoch") and hasattr(data, "__len__"):
+    if _data_parallel(step) and world_size() > 1 and hasattr(data, "__len__"):  # a Loader too: each rank may hold other data
         _check_equal_lengths(len(data))  # type: ignore[arg-type]
     if not isinstance(donate, bool) and donate != "model":
         raise ValueError(f"fold: donate must be True, False or 'model', got {donate!r}")

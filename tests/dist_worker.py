@@ -214,6 +214,18 @@ def train(out: Path, rank: int) -> None:
         except ValueError as e:
             refused[mode] = str(e)
     write_every_ranks(out / "uneven-lists.json", refused)
+    # Loaders over each rank's own data (world_size=1), of different lengths: refused alike (under with_ddp rank 0
+    # read the mismatched all-reduce as another rank's SIGTERM and rank 1 timed out; under with_fsdp both stalled).
+    refused = {}
+    for mode in ("ddp", "fsdp"):
+        step = build(mode, rank)
+        x, y = global_batches(1, size=16 + 4 * rank)[0]
+        try:
+            fl.fold(step, step.init(), fl.Loader((x, y), batch_size=4, rank=0, world_size=1), progress=False)
+            refused[mode] = ""
+        except ValueError as e:
+            refused[mode] = str(e)
+    write_every_ranks(out / "uneven-loaders.json", refused)
 
     # An explicit save_now inside an accumulation window (3 micro-batches per update, saved after 7): refused under
     # with_ddp (each rank's partial gradients differ, a checkpoint holds rank 0's); under with_fsdp the window's

@@ -133,6 +133,15 @@ def test_ranks_with_different_numbers_of_batches_are_refused_on_every_rank(run):
             ), (mode, refused)
 
 
+def test_loaders_over_each_ranks_own_data_of_different_lengths_are_refused_on_every_rank(run):
+    out, _ = run
+    for refused in json.loads((out / "uneven-loaders.json").read_text()):
+        for mode in ("ddp", "fsdp"):
+            assert refused[mode].startswith(
+                "fold: the ranks' data have different numbers of batches per epoch (rank 0: 4, rank 1: 5)"
+            ), (mode, refused)
+
+
 def test_save_now_inside_an_accumulation_window_is_refused_under_ddp_and_exact_under_fsdp(run):
     out, _ = run
     for midwindow in json.loads((out / "midwindow.json").read_text()):
