@@ -5,6 +5,7 @@ The ranks run tests/dist_worker.py (one launch for many scenarios: starting rank
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -380,8 +381,12 @@ def test_options_and_order_are_validated():
         fl.with_fsdp(fl.with_ddp(core))
     with pytest.raises(ValueError, match="with_ddp: the step is already wrapped by with_fsdp; use one of"):
         fl.with_ddp(fl.with_fsdp(core))
-    with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got -1"):
+    with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds, at most 1e9 .*, got -1"):
         fl.init_distributed(timeout=-1)
+    for endless in (float("inf"), 1e20):  # OverflowError from datetime or torch once launched
+        bound = r"at most 1e9 \(about 31 years; torch needs a finite bound\), got "
+        with pytest.raises(ValueError, match=bound + re.escape(repr(endless))):
+            fl.init_distributed(timeout=endless)
     with pytest.raises(ValueError, match="backend must be 'nccl', 'gloo' or None, got 'mpi'"):
         fl.init_distributed(backend="mpi")
 

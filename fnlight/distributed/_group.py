@@ -45,6 +45,9 @@ def _from_environment() -> tuple[int, int, int] | None:
     return None
 
 
+_MAX_TIMEOUT = 1e9
+
+
 def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> DistInfo:
     """Initialise the default process group from torchrun or SLURM variables; a no-op for one process.
 
@@ -57,20 +60,25 @@ def init_distributed(*, backend: str | None = None, timeout: float = 300.0) -> D
 
     Args:
         backend: ``"nccl"``, ``"gloo"`` or ``None`` (choose as above).
-        timeout: seconds before a collective that cannot complete raises.
+        timeout: seconds before a collective that cannot complete raises (finite, at most 1e9).
 
     Returns:
         This process's :class:`DistInfo` (``(0, 1, 0)`` when no launcher variables are set).
 
     Raises:
-        ValueError: a non-positive timeout, an unknown backend, or ``"nccl"`` for a rank without its CUDA
+        ValueError: a timeout not in (0, 1e9], an unknown backend, or ``"nccl"`` for a rank without its CUDA
             device (none visible, or fewer than the ranks on the node).
 
     >>> init_distributed()  # a single process: nothing to do
     DistInfo(rank=0, world_size=1, local_rank=0)
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"init_distributed: timeout must be a positive number of seconds, got {timeout!r}")
+    # at most 1e9 s (about 31 years): torch keeps timeouts as integers (an infinity or 1e20 raised OverflowError
+    # from datetime/torch only once launched; 8e13 made the store's connection time out at once)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= _MAX_TIMEOUT:
+        raise ValueError(
+            "init_distributed: timeout must be a positive number of seconds, at most 1e9 (about 31 years; torch "
+            f"needs a finite bound), got {timeout!r}"
+        )
     if backend not in (None, "nccl", "gloo"):
         raise ValueError(f"init_distributed: backend must be 'nccl', 'gloo' or None, got {backend!r}")
     if dist.is_initialized():
