@@ -242,7 +242,7 @@ def fold(
         )
     _check_even_shards(data)
     if _data_parallel(step) and world_size() > 1 and hasattr(data, "__len__"):  # a Loader too: each rank may hold other data
-        _check_equal_lengths(len(data))  # type: ignore[arg-type]
+        _check_equal_lengths(len(data), getattr(data, "rank", 0), getattr(data, "world_size", 1))  # type: ignore[arg-type]
     if not isinstance(donate, bool) and donate != "model":
         raise ValueError(f"fold: donate must be True, False or 'model', got {donate!r}")
     if donate:
@@ -373,18 +373,29 @@ def _check_slots(step: Any, state: TrainState) -> None:
         layer = getattr(layer, "inner", None)
 
 
-def _check_equal_lengths(batches: int) -> None:
-    """Data-parallel ranks must take as many steps each: compare the lengths of their data (one all-reduce)."""
-    counts = torch.zeros(world_size(), dtype=torch.float64)
-    counts[rank()] = batches
+def _check_equal_lengths(batches: int, share: int, shares: int) -> None:
+    """Data-parallel ranks must take as many steps each, and Loaders split among them must split among
+    all of them, a share each: compare the ranks' lengths and shares (``share`` of ``shares``; one all-reduce)."""
+    world, here = world_size(), rank()
+    found = torch.zeros(3 * world, dtype=torch.float64)
+    found[here], found[world + here], found[2 * world + here] = batches, shares, share
     with collective("fold's start (comparing the ranks' numbers of batches)"):
-        counts = all_sum(counts)
-    if len(set(counts.tolist())) > 1:
-        given = ", ".join(f"rank {r}: {int(n)}" for r, n in enumerate(counts.tolist()))
+        found = all_sum(found)
+    counts, worlds, ranks = (found[i * world : (i + 1) * world].long().tolist() for i in range(3))
+    if len(set(counts)) > 1:
+        given = ", ".join(f"rank {r}: {n}" for r, n in enumerate(counts))
         raise ValueError(
             f"fold: the ranks' data have different numbers of batches per epoch ({given}), but data-parallel "
             "ranks must take the same number of steps (their gradient all-reduces pair up); give every rank as "
             "many batches (fnlight.Loader with drop_last=True splits a dataset evenly)"
+        )
+    split = [(r, k, w) for r, (k, w) in enumerate(zip(ranks, worlds)) if w > 1]  # Loaders that share out their data
+    if split and (any(w != world for *_, w in split) or len({k for _, k, _ in split}) < len(split)):
+        given = "; ".join(f"rank {r}: rank={k}, world_size={w}" for r, k, w in split)
+        raise ValueError(
+            f"fold: the ranks' Loaders do not split the data among the {world} training ranks ({given}), so some "
+            f"samples would be trained on twice per update and others never; give each rank's Loader its own rank "
+            f"and world_size={world} (the defaults: the process group's)"
         )
 
 

@@ -226,6 +226,18 @@ def train(out: Path, rank: int) -> None:
         except ValueError as e:
             refused[mode] = str(e)
     write_every_ranks(out / "uneven-loaders.json", refused)
+    # Loaders that do not split the data among the training ranks (a rank hard-coded, another world_size): refused,
+    # where each update trained on one share twice (or on half the data) without a word.
+    refused = {}
+    for name, share in {"same-rank": dict(rank=0, world_size=2), "world-size": dict(rank=rank, world_size=4)}.items():
+        step = build("ddp", rank)
+        x, y = global_batches(1, size=32)[0]
+        try:
+            fl.fold(step, step.init(), fl.Loader((x, y), batch_size=4, drop_last=True, **share), progress=False)
+            refused[name] = ""
+        except ValueError as e:
+            refused[name] = str(e)
+    write_every_ranks(out / "unsplit-loaders.json", refused)
 
     # An explicit save_now inside an accumulation window (3 micro-batches per update, saved after 7): refused under
     # with_ddp (each rank's partial gradients differ, a checkpoint holds rank 0's); under with_fsdp the window's

@@ -143,6 +143,15 @@ def test_loaders_over_each_ranks_own_data_of_different_lengths_are_refused_on_ev
             ), (mode, refused)
 
 
+def test_loaders_that_do_not_split_the_data_among_the_ranks_are_refused_on_every_rank(run):
+    out, _ = run
+    start = "fold: the ranks' Loaders do not split the data among the 2 training ranks "
+    for refused in json.loads((out / "unsplit-loaders.json").read_text()):
+        assert refused["same-rank"].startswith(start + "(rank 0: rank=0, world_size=2; rank 1: rank=0, world_size=2), so some")
+        assert refused["world-size"].startswith(start + "(rank 0: rank=0, world_size=4; rank 1: rank=1, world_size=4), so some")
+        assert refused["world-size"].endswith("its own rank and world_size=2 (the defaults: the process group's)")
+
+
 def test_save_now_inside_an_accumulation_window_is_refused_under_ddp_and_exact_under_fsdp(run):
     out, _ = run
     for midwindow in json.loads((out / "midwindow.json").read_text()):
