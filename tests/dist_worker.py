@@ -163,6 +163,16 @@ def train(out: Path, rank: int) -> None:
 
     metrics(out, rank)
 
+    # Tracked metrics whose names differ by rank (one on rank 1 only, the others in another order): averaged by
+    # name (the job aborted in gloo on the different lengths; in another order only, they were summed crosswise).
+    def keyed_loss(model, batch):
+        values = {"a": 1.0, "b": 2.0} if rank == 0 else {"only1": 5.0, "b": 20.0, "a": 10.0}
+        return fl.losses.cross_entropy(model, batch), {k: torch.tensor(v) for k, v in values.items()}
+
+    step = fl.with_ddp(fl.make_train_step(local_model(rank), keyed_loss, optimizer()))
+    step = fl.with_tracking(step, trackers=[fl.tracking.JSONLTracker(out / f"track-keys-{rank}")], every=2)
+    fl.fold(step, step.init(), local_batches(rank, 1)[:4], progress=False)
+
     # Parameters some ranks' batches do not reach (DistributedDataParallel's find_unused_parameters).
     step = fl.with_ddp(fl.make_train_step(Heads(), heads_loss, heads_optimizer()))
     save_params(out / "heads.ckpt", fl.fold(step, step.init(), heads_batches(rank), progress=False))

@@ -201,6 +201,16 @@ def test_metrics_are_reduced_over_ranks_and_tracked_on_rank_0_only(run):
     assert logged == pytest.approx({5: float(losses[:, :5].mean()), 10: float(losses[:, 5:].mean())}, rel=1e-6)
 
 
+def test_tracked_metrics_whose_names_differ_by_rank_are_averaged_by_name(run):
+    out, _ = run
+    assert not (out / "track-keys-1").exists()
+    (run_file,) = (out / "track-keys-0").glob("*.jsonl")
+    logged = fl.tracking.read_scalars(run_file)
+    # a: (1 + 10) / 2, b: (2 + 20) / 2; only1 from rank 1's calls alone
+    expected = {"a": 5.5, "b": 11.0, "only1": 5.0}
+    assert {k: logged[k] for k in expected} == {k: [(2, v), (4, v)] for k, v in expected.items()}
+
+
 def test_reshard_two_ranks_to_one_and_back_continues_bit_identically(run):
     out, _ = run
     sharded = out / "sharded" / f"step-{UPDATES // 2:09d}.ckpt"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._ranks import all_sum, rank, world_size
+from .._ranks import all_sum, rank, union_of_keys, world_size
 from .._state import TrainState
 from ..tracking._base import check_hparams, check_scalars
 from ._accum import batch_size as default_batch_size
@@ -128,7 +129,8 @@ class _Window:
         """Means since the last read (one host transfer for all of them), then reset.
 
         Under data parallelism the sums, counts and samples are added over the ranks (one
-        all-reduce per logging event), so the means are over every rank's batches.
+        all-reduce per logging event, after a small one that checks the ranks have the same
+        metric names), so the means are over every rank's batches.
         """
         keys, sums, calls, counts = self.keys, self.sums, self.calls, self.counts
         self.keys, self.sums, self.calls, self.counts = (), [], 0, None
@@ -139,19 +141,42 @@ class _Window:
         if counts is None:
             counts = dict.fromkeys(keys, calls)
         if world_size() > 1:
+            names = _names_on_every_rank(keys)  # one order everywhere; a name some ranks lack is summed with 0 there
+            mine = dict(zip(keys, sums))
             totals = all_sum(
                 torch.tensor(
-                    [*(float(s) for s in sums), *(float(counts[k]) for k in keys), float(self.samples)],
+                    [
+                        *(float(mine[k]) if k in mine else 0.0 for k in names),
+                        *(float(counts.get(k, 0)) for k in names),
+                        float(self.samples),
+                    ],
                     dtype=torch.float64,
                 )
             ).tolist()
-            n = len(keys)
+            n = len(names)
             self.samples = int(totals[-1])
-            return {k: totals[i] / totals[n + i] for i, k in enumerate(keys)}
+            means = {k: totals[i] / totals[n + i] for i, k in enumerate(names)}
+            return {k: means[k] for k in (*keys, *names)}  # this rank's order first, as in one process
         if all(s.is_cpu for s in sums):  # reading a CPU scalar is no transfer
             return {k: float(s) / counts[k] for k, s in zip(keys, sums)}
         values = torch.stack([s.to(torch.float64).cpu() for s in sums]).tolist()
         return {k: v / counts[k] for k, v in zip(keys, values)}
+
+
+def _names_on_every_rank(keys: tuple[str, ...]) -> list[str]:
+    """The metric names of a logging window, the same list in the same order on every rank.
+
+    The ranks' sorted names are compared by a checksum (one small all-reduce); only when they
+    differ (metrics that depend on a rank's batches) are the names themselves gathered. Summed
+    as they were, names in another order on some rank were added to the wrong ones, and
+    another number of names aborted the job in the backend.
+    """
+    names = sorted(keys)
+    marks = torch.zeros(world_size(), dtype=torch.float64)
+    marks[rank()] = zlib.crc32("\0".join(names).encode())
+    if len(set(all_sum(marks).tolist())) == 1:
+        return names
+    return union_of_keys(names)
 
 
 def _check_metrics(metrics: Metrics) -> None:
