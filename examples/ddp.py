@@ -73,6 +73,8 @@ def main() -> float:
     shard = dict(rank=info.rank, world_size=info.world_size)
     train_data = fl.Loader(train, batch_size=args.global_batch // info.world_size, shuffle=True, seed=0, drop_last=True, **shard)
     val_data = fl.Loader(val, batch_size=128, **shard)  # every sample evaluated once, by one rank
+    if not len(train_data):  # drop_last: a global batch past the training set gives no batch at all
+        parser.error(f"--global-batch {args.global_batch} is larger than the {len(train[0])} training samples")
 
     torch.manual_seed(0)  # the same initial model everywhere (with_ddp/with_fsdp also take rank 0's)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10))

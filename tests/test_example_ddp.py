@@ -34,6 +34,20 @@ def test_one_process(tmp_path):
     assert accuracy(proc.stdout, "ddp", 1, 44) > 0.7
 
 
+def test_a_global_batch_larger_than_the_training_set_is_named(tmp_path):
+    """It was a traceback: 'with_eval: every must be an int >= 1 (optimizer updates) or None, got 0'."""
+    proc = subprocess.run(
+        [sys.executable, "examples/ddp.py", "--global-batch", "5000", "--run-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "ddp.py: error: --global-batch 5000 is larger than the 1437 training samples" in proc.stderr
+
+
 def test_two_ranks_fsdp_then_resume_bit_exactly_and_only_under_the_same_options(tmp_path):
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "examples/ddp.py", "--fsdp", "--run-dir", str(tmp_path)]
     run = lambda *extra: subprocess.run([*cmd, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
