@@ -280,6 +280,17 @@ def train(out: Path, rank: int) -> None:
         ]
     write_every_ranks(out / "midwindow.json", midwindow)
 
+    # with_eval over a validation Loader of one sample: rank 1's share is empty. It raised 'data is empty' on rank 1
+    # alone, at build time, and rank 0 waited in its first collective until the timeout.
+    evaluated = {}
+    x, y = global_batches(1, size=1)[0]
+    for mode in ("ddp", "fsdp"):
+        val = fl.Loader((x, y), batch_size=4)  # rank and world_size: the process group's
+        step = fl.with_eval(build(mode, rank), data=val, loss_fn=fl.losses.cross_entropy, every=1)
+        _, step_metrics = step(step.init(), local_batches(rank, 1)[0])
+        evaluated[mode] = [len(val), float(step_metrics["val/loss"])]
+    write_every_ranks(out / "one-sample-eval.json", evaluated)
+
     # Per-rank bytes of parameters + optimizer state.
     sizes = {}
     for mode in ("ddp", "fsdp"):

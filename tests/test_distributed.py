@@ -152,6 +152,17 @@ def test_loaders_that_do_not_split_the_data_among_the_ranks_are_refused_on_every
         assert refused["world-size"].endswith("its own rank and world_size=2 (the defaults: the process group's)")
 
 
+def test_with_eval_over_a_loader_with_no_batch_on_one_rank_evaluates_on_every_rank(run):
+    out, _ = run
+    step = fl.with_eval(reference_step(), data=[global_batches(1, size=1)[0]], loss_fn=fl.losses.cross_entropy, every=1)
+    _, metrics = step(step.init(), global_batches()[0])
+    expected = float(metrics["val/loss"])
+    for rank, evaluated in enumerate(json.loads((out / "one-sample-eval.json").read_text())):
+        for mode in ("ddp", "fsdp"):
+            batches, loss = evaluated[mode]
+            assert batches == 1 - rank and loss == pytest.approx(expected, rel=1e-6), (mode, rank, evaluated)
+
+
 def test_save_now_inside_an_accumulation_window_is_refused_under_ddp_and_exact_under_fsdp(run):
     out, _ = run
     for midwindow in json.loads((out / "midwindow.json").read_text()):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .._loop import _batch_size, evaluate
+from .._ranks import world_size
 from .._state import TrainState
 from .._step import _device_type, make_eval_step
 from ._amp import _cast_floating
@@ -147,7 +148,9 @@ def with_eval(
             ``loss_fn``/``batch_size_fn`` are not callable, or an option has the wrong type.
         ValueError: not exactly one of ``eval_step``/``loss_fn``, neither ``every`` nor
             ``at_epoch_end``, ``every`` not an int >= 1 (``2.0`` included), an empty
-            ``data`` or ``prefix``, or a wrong composition order.
+            ``data`` (under data parallelism: a ``Loader`` with no batch on any rank; a
+            rank's empty share is evaluated with the others') or ``prefix``, or a wrong
+            composition order.
 
     >>> import torch, fnlight as fl
     >>> core = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
@@ -182,10 +185,18 @@ def with_eval(
         )
     if not isinstance(data, Iterable):
         raise TypeError(f"{where}: data must be a re-iterable of batches (list, DataLoader, fnlight.Loader), got {data!r}")
-    try:
-        empty = len(data) == 0  # type: ignore[arg-type]
-    except TypeError:  # no length (an iterable-style DataLoader): find out at the first evaluation
+    # Under data parallelism one rank's share may be empty while the others' are not (fewer validation samples
+    # than ranks): evaluate() pairs such a rank up with the others, so only data empty on every rank is refused
+    # (a rank that raised alone here left the others waiting in their collectives until the timeout).
+    if hasattr(data, "batches_on") and getattr(data, "world_size", 1) > 1:  # a sharded fnlight.Loader: every rank's
+        empty = not any(data.batches_on(r) for r in range(data.world_size))
+    elif world_size() > 1:  # this rank's own batches: the others' are not known here
         empty = False
+    else:
+        try:
+            empty = len(data) == 0  # type: ignore[arg-type]
+        except TypeError:  # no length (an iterable-style DataLoader): find out at the first evaluation
+            empty = False
     if empty:
         raise ValueError(f"{where}: data is empty ({type(data).__name__} of length 0); there is nothing to evaluate on")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
