@@ -230,7 +230,6 @@ class Tracking(Transform):
         self._open_metrics: Metrics = {}
         self._alone = True  # one process (no data parallelism): set when a fold's first step runs
         self._checked_names: frozenset[str] | None = None  # the last set of scalar names checked (see _send)
-        self._fast = not self._windowed  # __call__'s one-function path applies (one process, no streaming window)
         self._slots: Any = None  # the last state's slots whose run ids were checked (see _record_run_ids)
         # fnlight's queueing trackers take a checked event as it is: no second check and copy per update
         self._logs = tuple(getattr(t, "_log_checked", None) or t.log_scalars for t in trackers)
@@ -244,7 +243,6 @@ class Tracking(Transform):
         if window.started is None:  # the first step since the trackers last logged at a fold's end
             window.started = time.perf_counter()
             self._alone = world_size() == 1  # read once per fold: the process group does not change inside one
-            self._fast = self._alone and not self._windowed
         new_state, metrics = self.inner(state, batch)
         if new_state.slots is not self._slots:  # else the slots checked last time: the run ids are in them
             new_state = self._record_run_ids(new_state)
@@ -255,11 +253,18 @@ class Tracking(Transform):
                 raise
             samples = 0  # a batch whose size the default cannot tell: no samples/s
         step = int(new_state.step)
-        if step != before and self._fast and not window.keys and step % self.every == 0:
+        if (
+            step != before
+            and self._alone
+            and not window.keys
+            and step % self.every == 0
+            and not (self._windowed and window_open(new_state))
+        ):
             # The common case, a logging event whose window is this call alone (every=1): its means are the
             # metrics themselves, read here, and logged in this one function instead of the window's add, read
-            # and restart, _emit and _send: right after a step, every further Python call or attribute costs
-            # µs of cache misses (docs/tracking.md, "Cost").
+            # and restart, _emit and _send (the general forms of what follows): right after a step, every
+            # further Python call or attribute costs µs of cache misses (docs/tracking.md, "Cost").
+            self._open_metrics = {}  # an update: no accumulation window is open
             scalars = {}
             try:
                 for name, value in metrics.items():
@@ -342,24 +347,6 @@ class Tracking(Transform):
             return state
         self._open_metrics = {}
         window = self._window
-        if step != before and step % self.every == 0 and not window.keys and self._alone:
-            # the common case of logging every update: the window is this call alone, so its means are the
-            # metrics themselves, read here. One function instead of the window's add, read and restart: right
-            # after a step, every further Python call costs several µs of cache misses (docs/tracking.md, "Cost")
-            scalars, on_cpu = {}, True
-            try:
-                for name, value in metrics.items():
-                    if not value.is_cpu:  # a device's metrics are read in one transfer by the window instead
-                        on_cpu = False
-                        break
-                    scalars[name] = float(value)
-            except (AttributeError, TypeError, ValueError, RuntimeError):  # a metric that is not a 0-d tensor
-                _check_metrics(metrics)
-                raise
-            if on_cpu:
-                window.samples += samples
-                window.updates += step - before
-                return self._emit(state, step, scalars)
         window.add(metrics, samples, last=step != before and step % self.every == 0)
         if step == before:
             return state
