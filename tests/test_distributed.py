@@ -125,18 +125,10 @@ def test_a_direct_calls_loss_metric_is_the_mean_over_the_ranks(run):
             assert rank_losses[mode] == pytest.approx(expected, rel=1e-6), (mode, rank_losses)
 
 
-def test_ranks_with_different_numbers_of_batches_are_refused_on_every_rank(run):
+@pytest.mark.parametrize("data", ["uneven-lists", "uneven-loaders"])  # loaders: over each rank's own data
+def test_ranks_with_different_numbers_of_batches_are_refused_on_every_rank(run, data):
     out, _ = run
-    for refused in json.loads((out / "uneven-lists.json").read_text()):
-        for mode in ("ddp", "fsdp"):
-            assert refused[mode].startswith(
-                "fold: the ranks' data have different numbers of batches per epoch (rank 0: 4, rank 1: 5)"
-            ), (mode, refused)
-
-
-def test_loaders_over_each_ranks_own_data_of_different_lengths_are_refused_on_every_rank(run):
-    out, _ = run
-    for refused in json.loads((out / "uneven-loaders.json").read_text()):
+    for refused in json.loads((out / f"{data}.json").read_text()):
         for mode in ("ddp", "fsdp"):
             assert refused[mode].startswith(
                 "fold: the ranks' data have different numbers of batches per epoch (rank 0: 4, rank 1: 5)"

@@ -15,6 +15,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
+def run(cmd):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
 def accuracy(stdout, mode, ranks, update):
     found = re.search(rf"{mode}: {ranks} rank\(s\), update {update}: val accuracy ([0-9.]+)", stdout)
     assert found, stdout
@@ -22,36 +26,21 @@ def accuracy(stdout, mode, ranks, update):
 
 
 def test_one_process(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "examples/ddp.py", "--epochs", "2", "--run-dir", str(tmp_path)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run([sys.executable, "examples/ddp.py", "--epochs", "2", "--run-dir", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert accuracy(proc.stdout, "ddp", 1, 44) > 0.7
 
 
 def test_a_global_batch_larger_than_the_training_set_is_named(tmp_path):
     """It was a traceback: 'with_eval: every must be an int >= 1 (optimizer updates) or None, got 0'."""
-    proc = subprocess.run(
-        [sys.executable, "examples/ddp.py", "--global-batch", "5000", "--run-dir", str(tmp_path)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run([sys.executable, "examples/ddp.py", "--global-batch", "5000", "--run-dir", str(tmp_path)])
     assert proc.returncode == 2
     assert "ddp.py: error: --global-batch 5000 is larger than the 1437 training samples" in proc.stderr
 
 
 def test_two_ranks_fsdp_then_resume_bit_exactly_and_only_under_the_same_options(tmp_path):
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "examples/ddp.py", "--fsdp", "--run-dir", str(tmp_path)]
-    run = lambda *extra: subprocess.run([*cmd, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    first = run("--epochs", "20")
+    first = run([*cmd, "--epochs", "20"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert accuracy(first.stdout, "fsdp", 2, 440) > 0.9
     checkpoints = tmp_path / "checkpoints"
@@ -61,7 +50,7 @@ def test_two_ranks_fsdp_then_resume_bit_exactly_and_only_under_the_same_options(
     ]
     # the last checkpoint lost: the run resumes from update 220 and retraces the uninterrupted run's metrics exactly
     shutil.rmtree(checkpoints / "step-000000440.ckpt")
-    again = run("--epochs", "20")
+    again = run([*cmd, "--epochs", "20"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "at update 220" in again.stdout
     assert accuracy(again.stdout, "fsdp", 2, 440) == accuracy(first.stdout, "fsdp", 2, 440)
@@ -71,17 +60,10 @@ def test_two_ranks_fsdp_then_resume_bit_exactly_and_only_under_the_same_options(
         assert [s for s, _ in logged[name]] == [22 * e for e in range(1, 21)] + [22 * e for e in range(11, 21)], name
         assert logged[name][20:] == logged[name][10:20], name
     # other options, or another world size, would mix two runs: every rank stops and names what differs
-    other = run("--epochs", "21", "--global-batch", "32")
+    other = run([*cmd, "--epochs", "21", "--global-batch", "32"])
     assert other.returncode != 0
     assert "(--epochs: saved 20, given 21; --global-batch: saved 64, given 32); pass the same options" in other.stderr
-    one = subprocess.run(
-        [sys.executable, "examples/ddp.py", "--epochs", "20", "--run-dir", str(tmp_path)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    one = run([sys.executable, "examples/ddp.py", "--epochs", "20", "--run-dir", str(tmp_path)])
     assert one.returncode == 2
     assert "(--fsdp: saved True, given False; world size: saved 2, given 1); pass the same options" in one.stderr
     assert sorted(os.listdir(checkpoints)) == ["latest", "options.json", "step-000000220.ckpt", "step-000000440.ckpt"]
