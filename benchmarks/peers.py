@@ -50,9 +50,16 @@ and the 100.7M-parameter MLP of ``step_overhead.py``, where the training state d
 The compiled row (d) is built with ``fallback="raise"``, so a step that cannot be compiled
 is reported (and left out) rather than timed eagerly under the compiled label.
 
+Peak tensor memory: a second subprocess per (method, model) runs the same training under
+``torch.profiler`` with ``profile_memory=True`` and reports the most tensor memory live at
+once (``tensor_peak_mib``): the CPU counterpart of ``torch.cuda.max_memory_allocated``, which
+is what "peak memory" means on a GPU. RSS also counts what no tensor holds: the interpreter,
+imported modules, and for (d) the compiler's own modules and data.
+
 Acceptance targets (issue 8), medians of this run, on the MLP and the transformer: (c) <= 1.00x
-(b), (d) <= 0.85x (b), (c) and (d) <= 0.75x (e); peak RSS of (c) and (d) <= 1.02x (b). The
-script prints whether each is met (not in a --quick run); it always exits 0.
+(b), (d) <= 0.85x (b), (c) and (d) <= 0.75x (e); peak RSS and peak tensor memory of (c) and
+(d) <= 1.02x (b). The script prints whether each is met (not in a --quick run); it always
+exits 0.
 
 Run (from the repository root; fnlight need not be installed)::
 
@@ -117,7 +124,12 @@ LABELS = {
 LIGHTNING = ("e", "f")
 TARGETS = {"c": 1.00, "d": 0.85}  # step time vs (b)
 VS_TRAINER = 0.75  # (c) and (d) vs (e)
-MEMORY = 1.02  # peak RSS of (c) and (d) vs (b)
+MEMORY = 1.02  # peak RSS and peak tensor memory of (c) and (d) vs (b)
+MEMORY_TITLE = (
+    "Peak memory, two subprocesses per method and model: peak RSS (VmHWM) in one, in the other the most "
+    "tensor memory live at once (torch's CPU allocator under the profiler: the CPU counterpart of "
+    "torch.cuda.max_memory_allocated)"
+)
 
 
 # --------------------------------------------------------------------------- what is available
@@ -426,8 +438,34 @@ def rss_workloads(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Calla
     return out
 
 
-def rss_worker(method: str, workload: str, quick: bool, compiled: str | None) -> dict[str, float]:
-    """Train one model for a few steps with ``method``; report peak RSS (run in a subprocess)."""
+def tensor_peak_mib(run: Callable[[], None]) -> float:
+    """The most tensor memory live at once while ``run()`` runs, in MiB (CPU counterpart of ``max_memory_allocated``).
+
+    torch's CPU allocator reports every allocation and free to the profiler while it records memory
+    (``profile_memory=True``); the running sum of those signed sizes, in time order, peaks at the
+    answer. Counted: every tensor allocated during ``run`` (the model, the batches, gradients,
+    optimizer state, activations, a compiled graph's buffers), until it is freed. Not counted:
+    tensors that existed before (their frees are not reported either), and memory that does not
+    come from torch's allocator (MKL's scratch space, Python objects, the compiler's own data).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def rss_worker(method: str, workload: str, quick: bool, compiled: str | None, *, tensors: bool = False) -> dict[str, float]:
+    """Train one model for a few steps with ``method``; report peak RSS (run in a subprocess).
+
+    With ``tensors``, report the peak of live tensor memory instead (:func:`tensor_peak_mib`), in a
+    process of its own: the profiler's own memory would disturb the RSS figures.
+    """
     if method in LIGHTNING:
         import lightning.pytorch  # noqa: F401  (imports count in the baseline, as for every method)
     # torch.optim's first step imports ~800 modules (torch._dynamo, sympy...: ~90 MiB); take that
@@ -439,28 +477,41 @@ def rss_worker(method: str, workload: str, quick: bool, compiled: str | None) ->
     del layer, opt
     baseline = rss_mib()
     build, make_batch, steps, _ = rss_workloads(quick)[workload]
-    torch.manual_seed(0)
-    model = build()  # kept alive for the whole run, as a user script keeps it
-    g = torch.Generator().manual_seed(1)
-    batches = [make_batch(g) for _ in range(steps)]
-    if method == "e":
-        with quiet_lightning():
-            make_trainer(steps).fit(lightning_module(model), train_dataloaders=Block(batches))
-    else:
-        make_runner(method, model, compiled)(batches)
-    return {"peak": peak_rss_mib(), "baseline": baseline, "params": float(n_params(model))}
+    kept: list[nn.Module] = []
+
+    def train() -> None:
+        torch.manual_seed(0)
+        model = build()
+        kept.append(model)  # kept alive for the whole run, as a user script keeps it
+        g = torch.Generator().manual_seed(1)
+        batches = [make_batch(g) for _ in range(steps)]
+        if method == "e":
+            with quiet_lightning():
+                make_trainer(steps).fit(lightning_module(model), train_dataloaders=Block(batches))
+        else:
+            make_runner(method, model, compiled)(batches)
+
+    if tensors:
+        return {"tensor_peak": tensor_peak_mib(train), "params": float(n_params(kept[0]))}
+    train()
+    return {"peak": peak_rss_mib(), "baseline": baseline, "params": float(n_params(kept[0]))}
 
 
 def measure_rss(
     methods: Sequence[str], *, quick: bool, threads: int, compiled: str | None, jobs: int
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """workload -> method -> {peak, baseline, params}, each from a fresh subprocess of this script."""
+    """workload -> method -> {peak, baseline, params, tensor_peak}, each from fresh subprocesses of this script.
 
-    def one(key: tuple[str, str]) -> dict[str, float]:
-        workload, method = key
+    Two subprocesses per (workload, method): one for the RSS figures, one for the peak of live
+    tensor memory (under the profiler, whose own memory would disturb the RSS).
+    """
+
+    def one(key: tuple[str, str, bool]) -> dict[str, float]:
+        workload, method, tensors = key
         cmd = [sys.executable, __file__, "--threads", str(threads), "--rss-worker", method, "--rss-workload", workload]
         cmd += ["--quick"] if quick else []
         cmd += ["--rss-compiled", compiled] if compiled else []
+        cmd += ["--rss-tensors"] if tensors else []
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode and method == "d":  # as in the step-time table: (d) failing leaves the others
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -469,12 +520,16 @@ def measure_rss(
             raise RuntimeError(f"rss worker {method!r} on {workload!r} failed (exit {proc.returncode}):\n{proc.stderr}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    keys = [(w, m) for w in rss_workloads(quick) for m in methods]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # peak RSS does not depend on timing
+    keys = [(w, m, tensors) for w in rss_workloads(quick) for m in methods for tensors in (False, True)]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # memory does not depend on timing
         values = list(pool.map(one, keys))
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for (w, m), v in zip(keys, values, strict=True):
-        out.setdefault(w, {})[m] = v
+    for (w, m, _), v in zip(keys, values, strict=True):
+        merged = out.setdefault(w, {}).setdefault(m, {})  # a failure of either worker leaves the method out
+        if "failed" in v:
+            merged.clear()
+        if "failed" not in merged:
+            merged.update(v)
     return out
 
 
@@ -548,7 +603,17 @@ def time_report(results: Sequence[TimeResult], methods: Sequence[str], *, markdo
 def rss_report(
     rss: dict[str, dict[str, dict[str, float]]], descriptions: dict[str, str], *, markdown: bool, verdicts: bool
 ) -> list[str]:
-    header = ("model", "method", "peak RSS MiB", "vs (b)", "above imports MiB", "vs (b)", "after imports MiB")
+    header = (
+        "model",
+        "method",
+        "peak RSS MiB",
+        "vs (b)",
+        "above imports MiB",
+        "vs (b)",
+        "after imports MiB",
+        "peak tensors MiB",
+        "vs (b)",
+    )
     rows: list[list[str]] = []
     notes: list[str] = []
     for w, by_method in rss.items():
@@ -567,15 +632,18 @@ def rss_report(
                     f"{r['peak'] - r['baseline']:.0f}",
                     f"{(r['peak'] - r['baseline']) / (b['peak'] - b['baseline']):.3f}x",
                     f"{r['baseline']:.0f}",
+                    f"{r['tensor_peak']:.1f}",
+                    f"{r['tensor_peak'] / b['tensor_peak']:.3f}x",
                 ]
             )
         if verdicts:
             for m in ("c", "d"):
                 if m in by_method:
-                    ratio = by_method[m]["peak"] / b["peak"]
-                    notes.append(
-                        f"{descriptions[w]}: target {LABELS[m][:3]} peak RSS <= {MEMORY:.2f}x (b): {_verdict(ratio, MEMORY)}"
-                    )
+                    for what, key in (("peak RSS", "peak"), ("peak tensor memory", "tensor_peak")):
+                        ratio = by_method[m][key] / b[key]
+                        notes.append(
+                            f"{descriptions[w]}: target {LABELS[m][:3]} {what} <= {MEMORY:.2f}x (b): {_verdict(ratio, MEMORY)}"
+                        )
     table = _table(header, rows, left=2, markdown=markdown)
     return [*table, "", *([f"- {n}" for n in notes] if markdown else notes)]
 
@@ -598,6 +666,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rss-worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--rss-workload", help=argparse.SUPPRESS)
     p.add_argument("--rss-compiled", help=argparse.SUPPRESS)
+    p.add_argument("--rss-tensors", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name, low in (("rounds", 4), ("steps", 1), ("threads", 1), ("rss_jobs", 1)):
         value = getattr(args, name)
@@ -610,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     if args.rss_worker:
-        print(json.dumps(rss_worker(args.rss_worker, args.rss_workload, args.quick, args.rss_compiled)))
+        print(json.dumps(rss_worker(args.rss_worker, args.rss_workload, args.quick, args.rss_compiled, tensors=args.rss_tensors)))
         return
     skipped: list[str] = []
     lightning = lightning_version()
@@ -656,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     descriptions = {k: v[3] for k, v in rss_workloads(args.quick).items()}
     if not args.no_rss:
         rss = measure_rss(methods, quick=args.quick, threads=args.threads, compiled=compiled, jobs=args.rss_jobs)
-        print("", "peak RSS, one subprocess per method and model (VmHWM):", sep="\n")
+        print("", f"{MEMORY_TITLE}:", sep="\n")
         print("\n".join(rss_report(rss, descriptions, markdown=False, verdicts=verdicts)), flush=True)
     if args.quick:
         print("(a --quick smoke run: no verdicts on the targets)")
@@ -665,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         md = [f"### {title}", "", setup, "", *(f"- note: {s}" for s in skipped), "" if skipped else None]
         md += [*time_report(results, methods, markdown=True, verdicts=verdicts)]
         if rss is not None:
-            md += ["", "Peak RSS, one subprocess per method and model (`VmHWM`):", ""]
+            md += ["", f"{MEMORY_TITLE}:", ""]
             md += rss_report(rss, descriptions, markdown=True, verdicts=verdicts)
         if args.quick:
             md += ["", "A `--quick` smoke run: no verdicts on the targets."]
