@@ -447,6 +447,26 @@ def test_stack_states_errors():
         stack_states([a.with_slot("note", 1), b.with_slot("note", 2)])
 
 
+@pytest.mark.parametrize(
+    ("other", "match"),
+    [
+        (nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)), r"module '1' is a Tanh, in states\[0\] a ReLU"),
+        (
+            nn.Sequential(nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Linear(16, 3)),
+            r"module '1''s inplace is True, in states\[0\] False",
+        ),
+    ],
+)
+def test_stack_states_refuses_states_of_another_model(other, match):
+    # the stacked state keeps states[0]'s skeleton: a Tanh replica stacked after a ReLU one would train and export as ReLU
+    a = fl.make_train_step(build(), fl.losses.cross_entropy, fl.optim.adamw(1e-3)).init(seed=0)
+    b = fl.make_train_step(other, fl.losses.cross_entropy, fl.optim.adamw(1e-3)).init(seed=1)
+    with pytest.raises(ValueError, match=r"stack_states: states\[1\] is a state of another model than states\[0\] \(" + match):
+        stack_states([a, b])
+    same_model = fl.make_train_step(build(), fl.losses.cross_entropy, fl.optim.adamw(1e-3)).init(seed=1)
+    assert stack_states([a, same_model]).params["0.weight"].shape == (2, 16, 10)  # another skeleton of the same model
+
+
 def test_unstacking_errors():
     single = fl.make_train_step(build(), fl.losses.mse, fl.optim.sgd(0.1)).init()
     for fn in (unstack_states, ensemble_size, lambda s: replica_state(s, 0)):
