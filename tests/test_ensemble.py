@@ -295,6 +295,19 @@ def test_nonfinite_ignore_trains_on():
     assert torch.isnan(metrics["loss"][0]) and bool(torch.isfinite(metrics["loss"][1:]).all()) and int(new.step) == 1
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "ignore"])
+def test_replica_step_continues_a_replica_under_the_ensembles_nonfinite_policy(nonfinite):
+    step = make_ensemble_step(build(), fl.losses.cross_entropy, k=K, lr=LRS, nonfinite=nonfinite)
+    state = step.init(seeds=SEEDS)
+    x, y = batches(n=1)[0]
+    bad = (torch.full_like(x, float("nan")), y)
+    ensemble, _ = step(state, bad)  # every replica skips (or ignores) the non-finite loss ...
+    alone, metrics = step.replica_step(1)(replica_state(state, 1), bad)  # ... and the replica alone does the same
+    assert fl.tree_equal(alone.params, replica_state(ensemble, 1).params)
+    assert int(alone.opt_state.count) == int(ensemble.opt_state.count[1]) == (0 if nonfinite == "skip" else 1)
+    assert ("skipped" in metrics) == (nonfinite == "skip")
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -130,7 +130,8 @@ class EnsembleStep:
         """An ordinary train step with replica ``index``'s optimizer, to continue one replica alone.
 
         ``replica_step(i)(replica_state(state, i), batch)`` updates replica ``i`` as this
-        ensemble step does (to float rounding: batched matmuls may round differently).
+        ensemble step does (to float rounding: batched matmuls may round differently), with
+        this step's ``nonfinite`` policy (a non-finite loss is skipped, raised or ignored alike).
 
         Raises:
             TypeError: ``index`` is not an int.
@@ -140,7 +141,7 @@ class EnsembleStep:
             raise TypeError(f"EnsembleStep.replica_step: index must be an int, got {index!r}")
         if not -self.k <= index < self.k:
             raise IndexError(f"EnsembleStep.replica_step: index {index} is out of range for an ensemble of {self.k} replicas")
-        return make_train_step(self._model, self.loss_fn, self.optimizer.builder(index))
+        return make_train_step(self._model, self.loss_fn, self.optimizer.builder(index), nonfinite=self.nonfinite)
 
     def updates_per(self, batches: int) -> int:
         """Optimizer updates this step makes from ``batches`` calls (one each)."""
