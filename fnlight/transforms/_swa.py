@@ -57,9 +57,11 @@ def with_swa(step: Any, *, start: int, every: int = 1, use_buffers: bool = False
     (updates, not micro-batches; a skipped update is not averaged) the parameters join
     the running mean ``avg += (params - avg) / (k + 1)`` (``k`` values averaged so far;
     the first one is copied), one ``torch._foreach_lerp_`` in place inside
-    :func:`fnlight.fold` — bitwise what ``torch.optim.swa_utils.AveragedModel``'s default
-    average computes. The mean lives in ``state.slots["swa"]`` (:class:`SwaState`), so it
-    is checkpointed and resumed with everything else.
+    :func:`fnlight.fold` — bitwise what ``torch.optim.swa_utils.AveragedModel`` computes
+    with ``get_swa_multi_avg_fn()``, its default on CUDA (on the CPU its default divides
+    tensor by tensor, which agrees to float rounding). The mean lives in
+    ``state.slots["swa"]`` (:class:`SwaState`), so it is checkpointed and resumed with
+    everything else.
 
     The averaged weights need their own BatchNorm statistics: after training, take
     :func:`fnlight.averaged` and recompute them with :func:`update_bn` (one pass over
