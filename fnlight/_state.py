@@ -85,7 +85,17 @@ class TrainState:
         return new
 
     def with_slot(self, name: str, value: Any) -> TrainState:
-        """Return a copy with transform slot ``name`` set to ``value``."""
+        """Return a copy with transform slot ``name`` set to ``value``.
+
+        Raises:
+            TypeError: ``name`` is not a non-empty string (a transform whose ``slot`` is ``None``,
+                such as ``with_amp`` in bfloat16, keeps no slot).
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"TrainState.with_slot: name must be a non-empty string (the slot's key in state.slots), got {name!r}; "
+                "a transform whose slot is None (e.g. with_amp in bfloat16) keeps no slot: give the state none"
+            )
         return self.replace(slots={**self.slots, name: value})
 
 

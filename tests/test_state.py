@@ -35,6 +35,14 @@ def test_with_slot_adds_a_named_slot(state):
     assert "accum" in new.slots and state.slots == {}
 
 
+@pytest.mark.parametrize("name", [None, "", 3])
+def test_with_slot_refuses_a_name_that_is_not_a_string(state, name):
+    # with_slot(t.slot, ...) for a slotless transform (with_amp in bfloat16: slot None) made a None key, which
+    # trained but failed at the next checkpoint save
+    with pytest.raises(TypeError, match=rf"TrainState.with_slot: name must be a non-empty string .*got {name!r}"):
+        state.with_slot(name, {"count": torch.tensor(0)})
+
+
 @pytest.mark.parametrize("flatten", ["optree", "torch"])
 def test_round_trips_through_both_pytree_registries(state, flatten):
     if flatten == "optree":
