@@ -198,6 +198,29 @@ def test_lr_find_errors():
 # --------------------------------------------------------------------------- batch size
 
 
+@pytest.mark.parametrize("wrapper", ["with_checkpointing", "with_tracking"])
+@pytest.mark.parametrize("finder", ["lr_find", "batch_size_find"])
+def test_a_step_that_would_save_or_log_the_trials_is_refused(tmp_path, wrapper, finder):
+    # with_checkpointing(resume=True) saved the sweep's states in the run directory: a restarted run resumed from
+    # lr_find's diverged state at update 50
+    core = linear_step()
+    inner = fl.with_grad_accum(core, every=2)
+    if wrapper == "with_checkpointing":
+        step = fl.with_checkpointing(inner, directory=tmp_path, every=1, resume=True)
+        effect = "save the trial states as the run's checkpoints"
+    else:
+        step = fl.with_tracking(inner, trackers=[fl.tracking.CSVTracker(tmp_path)], every=1)
+        effect = "log the trial updates to the run"
+    state = step.init()
+    data, _ = regression()
+    with pytest.raises(ValueError, match=rf"{finder}: the step is wrapped by {wrapper}, which would {effect}"):
+        if finder == "lr_find":
+            lr_find(step, state, data, num=5)
+        else:
+            batch_size_find(step, state, lambda n: (torch.randn(n, 8), torch.randn(n, 1)), max_size=8)
+    assert not any(tmp_path.glob("*.ckpt")) and int(step.init().step) == 0  # nothing saved, nothing to resume
+
+
 def test_search_grows_by_powers_of_two_then_bisects():
     result = batch_size_search(lambda n: n <= 37)
     assert result.batch_size == 37

@@ -15,6 +15,7 @@ from .._state import TrainState
 from .._step import EvalStep, Step
 from .._tree import tree_clone
 from ..transforms._accum import window_open
+from ._lr import check_no_side_effects
 
 __all__ = ["BatchSizeResult", "BatchSizeTrial", "batch_size_find", "batch_size_search", "is_out_of_memory"]
 
@@ -153,7 +154,7 @@ def batch_size_find(
     so give a ``memory_budget`` there. The search is :func:`batch_size_search`'s.
 
     Args:
-        step: a train step (or transform chain without checkpointing/tracking transforms).
+        step: a train step (or transform chain without checkpointing/tracking transforms: refused).
         state: the state to try it on; left untouched.
         make_batch: ``batch_size -> batch``.
         start, max_size: the range searched.
@@ -166,7 +167,8 @@ def batch_size_find(
     Raises:
         TypeError: ``state`` is not a ``TrainState``, ``step``/``make_batch`` are not callable, or
             ``step`` is an eval step.
-        ValueError: an option is out of range, or ``start`` itself does not fit.
+        ValueError: an option is out of range, ``start`` itself does not fit, or the step is
+            wrapped by ``with_checkpointing`` or ``with_tracking`` (the trials would be saved or logged).
 
     >>> import torch, fnlight as fl
     >>> from fnlight.finders import batch_size_find
@@ -184,6 +186,7 @@ def batch_size_find(
         raise TypeError(f"{where}: step must be callable (state, batch) -> (state, metrics), got {step!r}")
     if isinstance(step, EvalStep):
         raise TypeError(f"{where}: step is an eval step (make_eval_step), which makes no update; pass the train step")
+    check_no_side_effects(step, where)
     if not callable(make_batch):
         raise TypeError(f"{where}: make_batch must be callable batch_size -> batch, got {make_batch!r}")
     start, max_size, steps = _size("start", start, where), _size("max_size", max_size, where), _size("steps", steps, where)

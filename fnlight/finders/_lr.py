@@ -17,6 +17,7 @@ from .._state import TrainState
 from .._step import EvalStep, NonFiniteError, Step
 from .._tree import tree_clone
 from ..transforms._accum import window_open
+from ..transforms._base import layers
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -123,6 +124,25 @@ def _suggest(lrs: list[float], smoothed: list[float], skip_start: int, skip_end:
     return kept[int(torch.argmin(torch.gradient(window)[0]))][0]
 
 
+# Transforms whose work outlives the call: a finder's trial updates would be saved or logged as the run's.
+_SIDE_EFFECTS = {
+    "with_checkpointing": "save the trial states as the run's checkpoints (a resumed run would start from one of them)",
+    "with_tracking": "log the trial updates to the run",
+}
+
+
+def check_no_side_effects(step: Any, where: str) -> None:
+    """Raise if ``step``'s chain holds a transform that would save or log a finder's trial updates."""
+    for layer in layers(step):
+        name = getattr(layer, "name", None)
+        if name in _SIDE_EFFECTS:
+            raise ValueError(
+                f"{where}: the step is wrapped by {name}, which would {_SIDE_EFFECTS[name]}; pass the step inside it "
+                "(the chain without with_checkpointing and with_tracking, e.g. the core step or with_grad_accum(core, ...)) "
+                "and wrap that for the run"
+            )
+
+
 def _positive_int(name: str, value: Any, *, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"lr_find: {name} must be an int >= {low}, got {value!r}")
@@ -160,8 +180,8 @@ def lr_find(
 
     Args:
         step: a train step (or transform chain) whose optimizer takes a constant learning
-            rate; pass the step without checkpointing or tracking transforms, which would
-            save or log the sweep.
+            rate, without checkpointing or tracking transforms (refused: they would save or
+            log the sweep).
         state: the state to start from (e.g. ``step.init(seed=0)``); left untouched.
         data: batches (cycled when re-iterable and shorter than the sweep).
         start, end: the first and last learning rates (``0 < start < end``).
@@ -178,7 +198,8 @@ def lr_find(
     Raises:
         TypeError: ``state`` is not a ``TrainState``, ``step`` is not callable or is an eval step, or
             ``data`` is not iterable.
-        ValueError: an option is out of range; the optimizer state holds no ``hparams["lr"]``;
+        ValueError: the step is wrapped by ``with_checkpointing`` or ``with_tracking`` (the sweep
+            would be saved or logged as the run's); an option is out of range; the optimizer state holds no ``hparams["lr"]``;
             the optimizer's learning rate is a schedule (it would overwrite the sweep's);
             ``data`` is empty or ends before the first update; the step's loss is not a scalar.
 
@@ -200,6 +221,7 @@ def lr_find(
         raise TypeError(f"lr_find: step must be callable (state, batch) -> (state, metrics), got {step!r}")
     if isinstance(step, EvalStep):
         raise TypeError("lr_find: step is an eval step (make_eval_step), which makes no update; pass the train step")
+    check_no_side_effects(step, "lr_find")
     if not (isinstance(data, Iterable) or hasattr(data, "__getitem__")):
         given = "a function (fold's epoch -> iterable form; pass data(0))" if callable(data) else type(data).__name__
         raise TypeError(f"lr_find: data must be an iterable of batches (a list, a DataLoader, a fnlight.Loader), got {given}")
