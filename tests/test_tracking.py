@@ -181,6 +181,28 @@ def test_file_tracker_accepts_numbers_of_any_kind(cls, tmp_path):
     assert got == {"int": [(3, 2.0)], "np": [(3, 0.5)], "t": [(3, 1.5)], "np64": [(3, 0.25)]}
 
 
+@pytest.mark.parametrize("cls", FILE_TRACKERS)
+def test_file_tracker_names_with_line_breaks_read_back(cls, tmp_path):
+    # csv quoted a name holding "\n" but not one holding "\r" (lineterminator="\n"): the reader split the row there
+    # and read_scalars failed with "ValueError: not enough values to unpack (expected 4, got 2)"
+    names = ["cr\rname", "crlf\r\n", "lf\nname", "plain"]
+    tracker = cls(tmp_path)
+    run_id = tracker.open()
+    tracker.log_scalars(1, {name: float(i) for i, name in enumerate(names)})
+    tracker.log_batch([(2, {"cr\rname": 5.0, "plain": 6.0})])
+    tracker.close()
+    tracker.open(run_id)  # reopening keeps every row (no line taken for a partial one)
+    tracker.log_scalars(3, {"plain": 7.0})
+    tracker.close()
+    got = read_scalars(tmp_path / f"{run_id}{cls.suffix}")
+    assert got == {
+        "cr\rname": [(1, 0.0), (2, 5.0)],
+        "crlf\r\n": [(1, 1.0)],
+        "lf\nname": [(1, 2.0)],
+        "plain": [(1, 3.0), (2, 6.0), (3, 7.0)],
+    }
+
+
 def test_new_run_ids_are_unique_and_file_safe(tmp_path):
     tracker = JSONLTracker(tmp_path)
     ids = []
