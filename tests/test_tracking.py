@@ -261,6 +261,7 @@ BAD_SCALARS = [
     ({"ok": True}, TypeError, "scalar 'ok' must be a real number .* got bool"),
     ({"loss": torch.ones(2)}, TypeError, r"scalar 'loss' cannot be converted to float"),
     ({"loss": 1j}, TypeError, "scalar 'loss' must be a real number"),
+    ({"n": 10**400}, TypeError, r"scalar 'n' cannot be converted to float \(int too large to convert to float\)"),
     ({3: 1.0}, TypeError, "scalar names must be non-empty str, got 3"),
     ({"": 1.0}, TypeError, "scalar names must be non-empty str, got ''"),
 ]

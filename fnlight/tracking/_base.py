@@ -139,7 +139,7 @@ def check_scalars(scalars: Any, where: str) -> dict[str, float]:
             )
         try:
             out[name] = float(value)
-        except (TypeError, ValueError, RuntimeError) as e:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # (an int beyond any float: OverflowError)
             raise TypeError(f"{where}: scalar {name!r} cannot be converted to float ({e}); got {value!r}") from None
     return out
 
