@@ -1,5 +1,6 @@
 """Trackers: file round trips, aim read back through aim's SDK, the background fan-out, failure isolation."""
 
+import enum
 import json
 import math
 import subprocess
@@ -22,6 +23,7 @@ from fnlight.tracking import (
     default_trackers,
     read_scalars,
 )
+from fnlight.tracking._base import check_hparams
 
 FILE_TRACKERS = [CSVTracker, JSONLTracker]
 EXTREMES = [0.1, 1e-300, -2.5e300, 1 / 3, float("nan"), float("inf"), -float("inf"), 0.0, -0.0]
@@ -271,6 +273,20 @@ BAD_EVENTS = [
     ([(1, {"loss": 1.0}), (2,)], r"event 1 must be a \(step, scalars\) pair, got tuple: \(2,\)"),
     ([{"loss": 1.0}], r"event 0 must be a \(step, scalars\) pair, got dict"),
 ]
+
+
+class BigSeed(enum.IntEnum):
+    SEED = 2**63 + 5
+
+
+class Mode(enum.StrEnum):
+    TRAIN = "train"
+
+
+class Level(enum.IntEnum):
+    HIGH = 2
+
+
 BAD_HPARAMS = [
     ([1], TypeError, "hparams must be a mapping of str -> value, got list"),
     ({"lr": torch.tensor(0.1)}, TypeError, r"hparams\['lr'\] is a Tensor .* convert it first"),
@@ -278,6 +294,7 @@ BAD_HPARAMS = [
     ({"lr": float("nan")}, ValueError, r"hparams\['lr'\] is nan: hyperparameters must be finite"),
     ({"seed": 2**63 + 5}, ValueError, r"hparams\['seed'\] is 9223372036854775813, outside int64 .* log it as str\(value\)"),
     ({1: 2}, TypeError, "hparams: keys must be non-empty str, got 1"),
+    ({"seed": BigSeed.SEED}, ValueError, r"hparams\['seed'\] is 9223372036854775813, outside int64"),  # a subclass of int too
 ]
 
 
@@ -376,6 +393,23 @@ def test_aim_round_trip_read_back_through_aims_sdk(aim_repo):
     assert all(same_series(series[k], want[k]) for k in want), (series, want)
     assert hparams == {"lr": 0.1, "model": {"width": 32}, "tags": ["a"]}
     assert experiment == "fnlight-test"
+
+
+def test_hparams_of_subclasses_are_recorded_as_plain_values(aim_repo, tmp_path):
+    # a StrEnum member passed the hparams check, then aim refused it at open ("TypeError: Expected unicode, got
+    # Mode"): with_tracking's build-time check promises values every tracker can record, so they are plain now
+    hparams = {"mode": Mode.TRAIN, "by_mode": {Mode.TRAIN: Level.HIGH}, "x": np.float64(0.5), "flag": True}
+    want = {"mode": "train", "by_mode": {"train": 2}, "x": 0.5, "flag": True}
+    checked = check_hparams(hparams)
+    assert checked == want and [type(v) for v in checked.values()] == [str, dict, float, bool]
+    assert [(type(k), type(v)) for k, v in checked["by_mode"].items()] == [(str, int)]
+    run_ids = []
+    for tracker in (AimTracker(aim_repo), JSONLTracker(tmp_path)):
+        run_ids.append(tracker.open(hparams=hparams))
+        tracker.log_scalars(1, {"loss": 1.0})
+        tracker.close()
+    assert aim_series(aim_repo, run_ids[0])[1] == want
+    assert json.loads((tmp_path / f"{run_ids[1]}.hparams.json").read_text()) == want
 
 
 def _count_commits(monkeypatch):

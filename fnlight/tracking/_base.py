@@ -152,17 +152,29 @@ def check_hparams(hparams: Any, path: str = "hparams") -> dict[str, Any]:
     for key, value in hparams.items():
         if not isinstance(key, str) or not key:
             raise TypeError(f"{path}: keys must be non-empty str, got {key!r}")
-        out[key] = _check_hparam(value, f"{path}[{key!r}]")
+        out[str.__str__(key)] = _check_hparam(value, f"{path}[{key!r}]")  # a str subclass's key as a plain str
     return out
 
 
 def _check_hparam(value: Any, path: str) -> Any:
     if isinstance(value, _HPARAM_LEAVES):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{path} is {value!r}: hyperparameters must be finite (JSON has no NaN or infinity)")
-        if type(value) is int and not -(2**63) <= value < 2**63:  # aim stores int64: the run would be lost
-            raise ValueError(f"{path} is {value!r}, outside int64 [-2**63, 2**63), which aim cannot store; log it as str(value)")
-        return value
+        # subclasses (an IntEnum or StrEnum member, a numpy float64) as the plain value: aim refuses them (a StrEnum's
+        # "Expected unicode"), and a subclass's int escaped the int64 check
+        if value is None or type(value) is bool:
+            return value
+        if isinstance(value, float):
+            value = float.__float__(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{path} is {value!r}: hyperparameters must be finite (JSON has no NaN or infinity)")
+            return value
+        if isinstance(value, int):
+            value = int.__int__(value)
+            if not -(2**63) <= value < 2**63:  # aim stores int64: the run would be lost
+                raise ValueError(
+                    f"{path} is {value!r}, outside int64 [-2**63, 2**63), which aim cannot store; log it as str(value)"
+                )
+            return value
+        return str.__str__(value)
     if isinstance(value, Mapping):
         return check_hparams(value, path)
     if isinstance(value, (list, tuple)):
