@@ -338,3 +338,21 @@ def test_under_streaming_accumulation_only_the_updates_are_checked():
     record = state.slots["early_stop"]
     assert (int(state.step), int(state.data.batch)) == (3, 9)  # checks at updates 1, 2, 3: whole windows
     assert (record.reason, record.best_step, record.wait) == ("patience", 1, 2)
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2), "high"], ids=["vector", "str"])
+def test_a_monitored_metric_that_is_not_one_number_is_named(bad):
+    # a monitor of several elements failed with a bare "ValueError: only one element tensors can be converted to
+    # Python scalars", naming neither with_early_stop nor the metric
+    class WithMetric(fl.Transform):
+        name = "with_metric"
+
+        def __call__(self, state, batch):
+            new_state, metrics = self.inner(state, batch)
+            return new_state, {**metrics, "mine": bad}
+
+    core = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1))
+    step = with_early_stop(WithMetric(core), monitor="mine")
+    got = r"a tensor of shape \(2,\)" if isinstance(bad, torch.Tensor) else "str 'high'"
+    with pytest.raises(TypeError, match=rf"with_early_stop: the monitored metric 'mine' must be a 0-d tensor .*, got {got}"):
+        fl.fold(step, step.init(), train_batches(3), progress=False)

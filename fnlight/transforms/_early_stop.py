@@ -108,7 +108,15 @@ class EarlyStop(Transform):
                 self._seen.update(metrics)
             return state, metrics
         self._seen.add(self.monitor)
-        value = float(metrics[self.monitor])
+        raw = metrics[self.monitor]
+        try:
+            value = float(raw)
+        except (TypeError, ValueError, RuntimeError) as e:  # (a bare "only one element tensors can be converted")
+            got = f"a tensor of shape {tuple(raw.shape)}" if isinstance(raw, Tensor) else f"{type(raw).__name__} {raw!r}"
+            raise TypeError(
+                f"with_early_stop: the monitored metric {self.monitor!r} must be a 0-d tensor (one number to compare), "
+                f"got {got} ({e})"
+            ) from None
         if world_size() > 1:  # every rank decides on the mean over ranks, so all stop at the same update
             value = float(all_sum(torch.tensor([value], dtype=torch.float64))[0]) / world_size()
         return self.check(state, value, metrics)
