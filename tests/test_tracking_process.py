@@ -89,6 +89,21 @@ def test_misuse_is_named(tmp_path):
     tracker.close()
 
 
+def test_opening_a_second_run_before_closing_the_first_is_refused(tmp_path):
+    # it warned "open failed in the tracking process", returned "" and forgot the open run's id, while the child
+    # kept that run open and went on writing to it; Trackers and the file trackers raise
+    trackers = ProcessTrackers(JSONLTracker(tmp_path), flush_every=0.05)
+    run_id = trackers.open()
+    with pytest.raises(RuntimeError, match=rf"already has run '{run_id}' open: close\(\) it before opening another"):
+        trackers.open()
+    assert trackers.run_id == run_id
+    trackers.log_scalars(1, {"loss": 1.0})
+    trackers.close()
+    assert trackers.open(run_id) == run_id
+    trackers.shutdown()
+    assert read_scalars(tmp_path / f"{run_id}.jsonl") == {"loss": [(1, 1.0)]}
+
+
 def test_logging_after_close_is_refused_as_before_open(tmp_path):
     trackers = ProcessTrackers(JSONLTracker(tmp_path))
     run_id = trackers.open()

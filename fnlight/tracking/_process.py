@@ -242,7 +242,13 @@ class ProcessTrackers:
         return value
 
     def open(self, run_id: str = "", *, hparams: Mapping[str, Any] | None = None) -> str:
-        """Start the tracking process if needed and open a run in every tracker; return its id."""
+        """Start the tracking process if needed and open a run in every tracker; return its id.
+
+        Raises:
+            RuntimeError: a run is already open (close it first).
+        """
+        if self._opened and self._process is not None and self._process.is_alive():  # (a dead one took its run along)
+            raise RuntimeError(f"{self!r} already has run {self._run_id!r} open: close() it before opening another")
         run_id = check_run_id(run_id, "ProcessTrackers.open")
         hparams = None if hparams is None else check_hparams(hparams, "ProcessTrackers.open: hparams")
         if self._process is None or not self._process.is_alive():
