@@ -134,7 +134,7 @@ class _Window:
         """
         keys, sums, calls, counts = self.keys, self.sums, self.calls, self.counts
         self.keys, self.sums, self.calls, self.counts = (), [], 0, None
-        if any(s.numel() != 1 for s in sums):  # a metric of several elements has no scalar to log
+        if any(s.dim() for s in sums):  # not a 0-d metric (a sum keeps its metric's shape): refused at the first event
             _check_metrics(dict(zip(keys, sums)))
         if counts is None and all(s.is_cpu for s in sums) and world_size() == 1:  # the common case, in one pass
             return {k: float(s) / calls for k, s in zip(keys, sums)}
@@ -286,6 +286,7 @@ class Tracking(Transform):
                     scalars["epoch"] = float(int(new_state.data.epoch))
                     window.samples, window.updates, window.started = 0, 0, now  # the next window starts
                     if scalars.keys() != self._checked_names:  # the values are floats made here; the names the step's
+                        _check_metrics(metrics)  # 0-d, as the window's read checks: not only once metrics come and go
                         check_scalars(scalars, "with_tracking")
                         self._checked_names = frozenset(scalars)
                     for log in self._logs:
