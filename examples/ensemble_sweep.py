@@ -60,10 +60,18 @@ def main() -> list[tuple[float, float]]:
     parser.add_argument("--lr-find", action="store_true", help="also run lr_find on the same model and data")
     parser.add_argument("--plot", type=Path, help="save the lr_find plot here (implies --lr-find)")
     args = parser.parse_args()
+    for option in ("k", "steps", "batch_size"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    for option in ("lr_min", "lr_max"):  # log-spaced: 0 would be -inf
+        if not 0 < getattr(args, option) < float("inf"):
+            parser.error(f"--{option.replace('_', '-')} must be a finite number > 0, got {getattr(args, option)}")
     torch.set_num_threads(1)
 
     train, val = load(args.seed)
     train_data = fl.Loader(train, batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True)
+    if not len(train_data):  # drop_last: a batch larger than the training set gives no batch at all
+        parser.error(f"--batch-size {args.batch_size} is larger than the {len(train[0])} training samples")
     val_data = fl.Loader(val, batch_size=512)
     lrs = torch.logspace(torch.log10(torch.tensor(args.lr_min)), torch.log10(torch.tensor(args.lr_max)), args.k).tolist()
 

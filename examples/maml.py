@@ -89,6 +89,9 @@ def main() -> tuple[float, float]:
     parser.add_argument("--lr", type=float, default=1e-3, help="meta learning rate (Adam)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for option in ("steps", "tasks", "shots", "inner_steps"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
 
     def meta_batches(epoch: int) -> list[Tasks]:
         """100 fresh meta-batches per epoch, a pure function of (seed, epoch): a resumed run draws the same."""

@@ -86,3 +86,30 @@ def test_gan_refuses_non_positive_sizes(option, value):
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr  # --steps 0 was an UnboundLocalError after the loop
     assert re.search(rf"error: {option} must be at least 1, got {value}", proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "option", "value", "message"),
+    [
+        ("maml.py", "--steps", "0", "--steps must be at least 1, got 0"),  # was a traceback from fold
+        ("maml.py", "--tasks", "0", "--tasks must be at least 1, got 0"),  # an IndexError inside the loss
+        ("maml.py", "--shots", "0", "--shots must be at least 1, got 0"),  # a ZeroDivisionError inside the loss
+        ("maml.py", "--inner-steps", "-1", "--inner-steps must be at least 1, got -1"),  # ran without adapting
+        ("ensemble_sweep.py", "--k", "0", "--k must be at least 1, got 0"),
+        ("ensemble_sweep.py", "--steps", "0", "--steps must be at least 1, got 0"),
+        ("ensemble_sweep.py", "--batch-size", "0", "--batch-size must be at least 1, got 0"),
+        ("ensemble_sweep.py", "--batch-size", "5000", "--batch-size 5000 is larger than the 1437 training samples"),
+        ("ensemble_sweep.py", "--lr-min", "0", "--lr-min must be a finite number > 0, got 0.0"),  # a nan learning rate
+    ],
+)
+def test_maml_and_the_sweep_refuse_options_out_of_range(script, option, value, message):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), option, value],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: {message}" in proc.stderr, proc.stderr
