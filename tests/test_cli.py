@@ -654,6 +654,11 @@ def test_predict_refuses_an_output_that_is_not_a_batch_of_tensors(tmp_path, caps
         ([1, 2], [], r"fit: recipe in .*\.yaml must be a mapping of Recipe fields, got list: \[1, 2\]"),
         (5, ["--recipe.seed", "3"], r"fit: recipe in .*\.yaml must be a mapping"),  # was replaced by the defaults
         ({"checkpoint": 7}, [], r"fit: recipe\.checkpoint in .*\.yaml must be a mapping of CheckpointConfig fields, got int: 7"),
+        (  # a null checkpoint section was refused alone, but replaced by the defaults under an override of one of its keys
+            {"checkpoint": None},
+            ["--recipe.checkpoint.keep_last", "3"],
+            r"fit: recipe\.checkpoint in .*\.yaml must be a mapping of CheckpointConfig fields, got NoneType: None",
+        ),
     ],
 )
 def test_a_recipe_section_that_is_not_a_mapping_is_refused(tmp_path, recipe, extra, match, capsys):
@@ -709,3 +714,17 @@ def test_an_inline_config_is_checked_as_well(tmp_path):
     config["recipe"]["checkpoint"] = 7
     with pytest.raises(ConfigError, match=r"fit: recipe\.checkpoint must be a mapping of CheckpointConfig fields, got int: 7"):
         cli("fit", "--config", json.dumps(config))
+
+
+def test_a_recipe_file_is_checked_as_well(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", epochs=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 1\nearly_stop: null\n")  # null: no early stopping
+    assert FnlightCLI(args=["fit", "--config", str(config), "--recipe", str(recipe)], run=False).recipe.early_stop is None
+    recipe.write_text("checkpoint: 7\n")  # the file is the recipe section; its checkpoint was replaced by the defaults
+    match = r"fit: recipe\.checkpoint in .*recipe\.yaml must be a mapping of CheckpointConfig fields, got int: 7"
+    with pytest.raises(ConfigError, match=match):
+        cli("fit", "--config", str(config), "--recipe", str(recipe), "--recipe.checkpoint.keep_last", "3")
+    assert main(["fit", "--config", str(config), "--recipe", str(recipe), "--recipe.checkpoint.keep_last", "3"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

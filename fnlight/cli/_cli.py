@@ -484,26 +484,32 @@ def _check_sections(config: Namespace, sub: str) -> None:
     """Refuse a recipe section, or its checkpoint/early_stop section, that is not a mapping.
 
     jsonargparse crashes on such a section, or replaces it by the defaults when the command
-    line overrides one of its keys, so the config files given are read for them as well.
+    line overrides one of its keys, so the config files given (``--config``, and a ``--recipe``
+    file) are read for them as well. A null ``early_stop`` is no early stopping; a null
+    ``checkpoint`` is refused like any other non-mapping.
     """
     expected = {"recipe": "Recipe", "recipe.checkpoint": "CheckpointConfig", "recipe.early_stop": "EarlyStopConfig"}
-    for path in config.get("config") or []:
+    recipe = config.get("recipe")
+    # --config files hold the recipe as their "recipe" section; a --recipe file is the recipe itself
+    files = [(path, False) for path in config.get("config") or []]
+    if isinstance(recipe, Namespace) and recipe.get("__path__") is not None:
+        files.append((recipe.get("__path__"), True))
+    for path, whole in files:
         if path is None:  # a config given inline (YAML text, not a file): its types are checked below only
             continue
         try:
             content = yaml.safe_load(Path(os.fspath(path)).read_text())
         except (OSError, TypeError, ValueError, yaml.YAMLError):
             continue  # the parser has read it already; what it could not read it reported
-        recipe = content.get("recipe") if isinstance(content, dict) else None
-        sections = {"recipe": recipe}
-        if isinstance(recipe, dict):
-            sections.update({f"recipe.{k}": recipe.get(k, {}) for k in ("checkpoint", "early_stop")})
+        section = content if whole else content.get("recipe") if isinstance(content, dict) else None
+        sections = {"recipe": section}
+        if isinstance(section, dict):  # null is no early stopping, but not a checkpoint setting
+            sections.update({f"recipe.{k}": section[k] for k in ("checkpoint", "early_stop") if k in section})
         for key, value in sections.items():
-            if value is not None and not isinstance(value, dict):
+            if not (isinstance(value, dict) or (value is None and key != "recipe.checkpoint")):
                 raise ConfigError(
                     f"{sub}: {key} in {path} must be a mapping of {expected[key]} fields, got {type(value).__name__}: {value!r}"
                 )
-    recipe = config.get("recipe")
     if not isinstance(recipe, Namespace):
         raise ConfigError(f"{sub}: recipe must be a mapping of Recipe fields, got {type(recipe).__name__}: {recipe!r}")
     for key, allowed_none in (("checkpoint", False), ("early_stop", True)):
