@@ -89,7 +89,7 @@ def summary(model: nn.Module | TrainState, *, depth: int = 1) -> ModelSummary:
     replicas = f" x{key.shape[0]} replicas" if isinstance(key, Tensor) and key.ndim == 1 else ""
     canonical = {id(p): n for n, p in module.named_parameters()}  # a tied weight counts under its first name
     rows = []
-    for name, sub in module.named_modules():
+    for name, sub in module.named_modules(remove_duplicate=False):  # a module shared by two names is a row under each
         if not name or name.count(".") + 1 > depth:
             continue
         ids, tensors = set(), []

@@ -45,6 +45,15 @@ def test_tied_weights_count_once():
     assert fl.summary(nn.Sequential(emb, head)).total.params == 40
 
 
+def test_a_module_shared_by_two_names_is_a_row_under_each():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)  # the third row was missing: named_modules skips a module seen before
+    for source in (model, fl.make_train_step(model, fl.losses.mse, fl.optim.sgd(0.1)).init()):
+        s = fl.summary(source)
+        assert [(r.name, r.kind, r.params) for r in s.rows] == [("0", "Linear", 20), ("1", "ReLU", 0), ("2", "Linear", 20)]
+        assert s.total.params == 20  # the total counts it once
+
+
 def test_a_module_holding_a_tied_weight_shows_it_as_the_state_holds_it():
     emb = nn.Embedding(10, 4)
     head = nn.Linear(4, 10, bias=False)
