@@ -350,6 +350,20 @@ def _eval_mode(model: TrainState | nn.Module) -> Iterator[nn.Module]:
 
 
 def _export(module: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool, where: str) -> torch.export.ExportedProgram:
+    # torch.export can capture a graph the model cannot run (a float32 example for bfloat16 weights): run it once first,
+    # putting back any buffer the forward updates (a module passed in is the caller's)
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+            for b, value in saved:
+                b.copy_(value)
+    except Exception as e:
+        e.add_note(
+            f"fnlight: {where}: the model in eval mode fails on the example (shapes {[list(t.shape) for t in inputs]}, "
+            f"dtypes {[str(t.dtype) for t in inputs]}), so an exported file would fail on it too"
+        )
+        raise
     batch = torch.export.Dim("batch")
     shapes = tuple({0: batch} for _ in inputs) if dynamic_batch else None
     try:

@@ -184,6 +184,39 @@ def test_a_model_that_fixes_its_batch_needs_dynamic_batch_false(tmp_path):
     torch.testing.assert_close(_load("pt2", path)(EXAMPLE), EXAMPLE.reshape(4, -1) * 2, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("export", [fx.to_pt2, fx.to_onnx], ids=["pt2", "onnx"])
+def test_an_example_the_model_cannot_run_is_refused_before_export(export, tmp_path):
+    step = fl.with_amp(fl.make_train_step(nn.Linear(10, 3), fl.losses.mse, adamw(1e-2)), dtype="bf16", mode="true")
+    state = step.init()  # bfloat16 weights; a float32 example: torch.export captured it and wrote a .pt2 that fails on it
+    path = tmp_path / ("model.pt2" if export is fx.to_pt2 else "model.onnx")
+    with pytest.raises(RuntimeError, match="mat1 and mat2 must have the same dtype") as caught:
+        export(state, EXAMPLE, path)
+    assert any(f"{export.__name__}: the model in eval mode fails on the example" in n for n in caught.value.__notes__)
+    assert os.listdir(tmp_path) == []
+    program = torch.export.load(fx.to_pt2(state, EXAMPLE.bfloat16(), tmp_path / "model.pt2")).module()
+    assert torch.equal(program(EXAMPLE.bfloat16()), fl.to_module(state)(EXAMPLE.bfloat16()))
+
+
+class Counting(nn.Module):
+    """Counts its calls in a buffer, in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(10, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("export", [fx.to_pt2, fx.to_onnx], ids=["pt2", "onnx"])
+def test_exporting_a_module_leaves_its_buffers_as_they_were(export, tmp_path):
+    module = Counting()
+    export(module, EXAMPLE, tmp_path / ("model.pt2" if export is fx.to_pt2 else "model.onnx"))
+    assert module.calls.item() == 0
+
+
 def test_large_onnx_weights_go_to_a_data_file_beside_it(tmp_path, monkeypatch, reference):
     monkeypatch.setattr(fx, "_SINGLE_FILE_LIMIT", 0)
     path = fx.to_onnx(reference, EXAMPLE, tmp_path / "big.onnx")
