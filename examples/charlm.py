@@ -135,6 +135,8 @@ def main() -> dict[str, float]:
     for option, value in (("steps", steps), ("batch_size", args.batch_size), ("accumulate", args.accumulate)):
         if value < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 < args.lr < float("inf"):  # the schedule hands it to the optimizer only as the run goes
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.fresh:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
     # the options that define the run: resuming under others is refused (_run_options.py)

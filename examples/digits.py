@@ -59,6 +59,10 @@ def main() -> float:
     for option in ("epochs", "batch_size"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if not 0 < args.lr < float("inf"):  # the schedule hands it to the optimizer only as the run goes
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.seed < 2**32:  # scikit-learn's random_state for the split
+        parser.error(f"--seed must be an int in [0, 2**32), got {args.seed}")
     if args.fresh:
         shutil.rmtree(args.run_dir / "checkpoints", ignore_errors=True)
     # the options that define the run: resuming under others is refused (_run_options.py)

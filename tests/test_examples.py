@@ -66,6 +66,22 @@ def test_examples_refuse_non_positive_sizes(script, option, value, tmp_path):
     assert f"error: {option} must be at least 1, got {value}" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("script", "option", "value", "message"),
+    [  # each was a traceback after the run had recorded its options and trackers (digits and charlm: at update 1)
+        ("digits.py", "--lr", "-1", "--lr must be a finite number > 0, got -1.0"),
+        ("digits.py", "--lr", "nan", "--lr must be a finite number > 0, got nan"),
+        ("digits.py", "--seed", "-1", "--seed must be an int in [0, 2**32), got -1"),
+        ("charlm.py", "--lr", "-1", "--lr must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_examples_refuse_a_learning_rate_or_seed_out_of_range(script, option, value, message, tmp_path):
+    proc = run(script, option, value, "--run-dir", str(tmp_path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: {message}" in proc.stderr, proc.stderr
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []  # nothing recorded
+
+
 def test_digits_resume_refuses_other_options_and_fresh_starts_over(tmp_path):
     common = ["--no-aim", "--no-progress", "--run-dir", str(tmp_path)]
     first = run("digits.py", "--epochs", "5", "--batch-size", "256", *common)  # 25 updates: a checkpoint at 25
