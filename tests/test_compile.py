@@ -752,3 +752,122 @@ def test_donate_model_trains_every_tensor_of_the_model(compiled, accum):
         held = state.params.get(name, state.buffers.get(name))
         assert torch.equal(t.detach(), held), name
     assert float(model.scale.detach()) != 1.0 and bool(model.mean.abs().sum() > 0)
+
+
+# ------------------------------------------------------------------ fnlight's post-grad pass: a buffer less per 3-d Linear+ReLU
+
+
+def _aten_graph(fn, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake")(*args)
+
+
+def _ff(x, w1, w2):
+    h = torch.nn.functional.linear(x, w1)  # addmm on the 2-d view, then viewed as 3-d
+    a = torch.relu(h)
+    return torch.nn.functional.linear(a, w2), a <= 0  # the next layer reads a 2-d view of a; ReLU's backward reads a
+
+
+def test_sink_views_applies_the_activation_before_the_reshape_bitwise():
+    from fnlight.transforms._compile_passes import sink_views
+
+    args = (torch.randn(4, 5, 6), torch.randn(7, 6), torch.randn(3, 7))
+    gm = _aten_graph(_ff, *args)
+    relu = [n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default]
+    assert len(relu) == 1 and relu[0].args[0].target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+    expected = gm(*args)
+    sink_views(gm.graph)
+    gm.recompile()
+    (moved,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default]
+    assert moved.args[0].target is torch.ops.aten.mm.default and moved.meta["val"].shape == (20, 7)  # on the 2-d matmul
+    assert any(u.target is torch.ops.aten.mm.default for u in moved.users)  # the next matmul reads it directly
+    got = gm(*args)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x, w: torch.relu(torch.nn.functional.linear(x, w)) * 2,  # nothing reshapes the result back
+        lambda x, w: (torch.relu(torch.nn.functional.linear(x, w)).transpose(0, 1).reshape(20, 7),),  # not a plain reshape
+        lambda x, w: (torch.add(torch.nn.functional.linear(x, w), x[..., :1]).reshape(20, 7),),  # two tensor inputs
+    ],
+    ids=["no reshape back", "transposed", "two inputs"],
+)
+def test_sink_views_leaves_other_graphs_alone(fn):
+    from fnlight.transforms._compile_passes import sink_views
+
+    args = (torch.randn(4, 5, 6), torch.randn(7, 6))
+    gm = _aten_graph(fn, *args)
+    before = [(n.target, n.args) for n in gm.graph.nodes]
+    sink_views(gm.graph)
+    assert [(n.target, n.args) for n in gm.graph.nodes] == before
+
+
+def _tensor_peak(run) -> int:
+    """The most bytes of tensors live at once during run() (torch's CPU allocator, under the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own import
+def test_a_compiled_feed_forward_keeps_no_more_tensor_memory_than_eager(monkeypatch):
+    class FeedForward(nn.Module):  # two transformer feed-forward blocks: Linear on 3-d input, ReLU, Linear
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.up1, self.down1 = nn.Linear(16, 256), nn.Linear(256, 16)
+            self.up2, self.down2 = nn.Linear(16, 256), nn.Linear(256, 4)
+
+        def forward(self, x):
+            return self.down2(torch.relu(self.up2(self.down1(torch.relu(self.up1(x))))))
+
+    data = [(torch.randn(8, 32, 16, generator=torch.Generator().manual_seed(i)), torch.randn(8, 32, 4)) for i in range(2)]
+    peaks, states = {}, {}
+    for name in ("eager", "without the pass", "compiled"):
+        core = fl.make_train_step(FeedForward(), fl.losses.mse, adamw(1e-2))
+        if name == "without the pass":  # inductor left alone: what it keeps (another uuid: not a cached graph with the pass)
+            monkeypatch.setattr("fnlight.transforms._compile_passes.SinkViews.__call__", lambda self, graph: None)
+            monkeypatch.setattr("fnlight.transforms._compile_passes.SinkViews.uuid", lambda self: b"no pass")
+        step = core if name == "eager" else with_compile(core, fallback="raise")
+        state = fl.fold(step, step.init(), data[:1], progress=False)  # compiles outside the measurement
+
+        def more(name=name, step=step, state=state):
+            states[name] = fl.fold(step, state, data[1:], epochs=2, progress=False)
+
+        peaks[name] = _tensor_peak(more)
+        monkeypatch.undo()
+    close(states["compiled"], states["eager"])
+    activation = 8 * 32 * 256 * 4  # one [8, 32, 256] float32 tensor
+    assert peaks["compiled"] + activation <= peaks["without the pass"]  # inductor alone keeps a pre-activation too
+    assert peaks["compiled"] <= peaks["eager"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own import
+def test_a_post_grad_pass_in_options_runs_after_fnlights():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from fnlight.transforms._compile_passes import SinkViews
+
+    class Count(CustomGraphPass):  # (inductor's cache may skip the passes: what is checked is what it is handed)
+        def __call__(self, graph):
+            graph.owning_module.meta["nodes"] = sum(1 for n in graph.nodes if n.op == "call_function")
+
+        def uuid(self):
+            return b"test: count the nodes"
+
+    options = {"post_grad_custom_post_pass": Count()}
+    torch.manual_seed(0)
+    step = with_compile(fl.make_train_step(nn.Linear(10, 3), fl.losses.mse, sgd(0.1)), options=options)
+    passes = step.options["post_grad_custom_post_pass"]
+    assert [type(p) for p in passes] == [SinkViews, Count]  # fnlight's first, then the user's
+    fl.fold(step, step.init(), [(torch.ones(4, 10), torch.zeros(4, 3))] * 2, progress=False)
+    assert options == {"post_grad_custom_post_pass": passes[1]} and step.graphs["step"] == 1

@@ -438,7 +438,13 @@ def _inductor_options(mode: str | None, options: Mapping[str, Any] | None, eager
     # On CPU the C++ wrapper replaces inductor's Python wrapper (hundreds of Python lines per call):
     # measured 0.84x instead of 0.92x the hand-written loop on the MLP (docs/compile.md).
     defaults = {"fallback_random": eager_random, **({"cpp_wrapper": True} if on_cpu else {})}
-    return {**defaults, **(modes[mode] if mode else {}), **(options or {})}
+    resolved = {**defaults, **(modes[mode] if mode else {}), **(options or {})}
+    from ._compile_passes import SinkViews  # imports torch._inductor: only now, for an inductor step
+
+    theirs = resolved.get("post_grad_custom_post_pass")
+    theirs = () if theirs is None else tuple(theirs) if isinstance(theirs, (list, tuple)) else (theirs,)
+    resolved["post_grad_custom_post_pass"] = (SinkViews(), *theirs)  # fnlight's pass first, then the user's
+    return resolved
 
 
 def with_compile(
@@ -488,6 +494,9 @@ def with_compile(
             ``cpp_wrapper=True`` (inductor's C++ wrapper instead of its Python one: less
             per-call overhead, a few more seconds of compiling); inductor only. A
             ``guard_filter_fn`` here is applied as well as fnlight's: a guard stays when both keep it.
+            A ``post_grad_custom_post_pass`` runs after fnlight's own post-grad pass, which
+            applies an activation before the reshape a 3-d ``nn.Linear`` adds (one buffer
+            less per such layer; docs/compile.md, "Memory").
         fullgraph: require the whole step to be one graph. A model that cannot be traced
             whole (``.item()``, Python branches on tensor values) then falls back as
             ``fallback`` says, with the reason. ``False`` accepts graph breaks (parts of the
