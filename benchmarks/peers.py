@@ -439,25 +439,10 @@ def rss_workloads(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Calla
 
 
 def tensor_peak_mib(run: Callable[[], None]) -> float:
-    """The most tensor memory live at once while ``run()`` runs, in MiB (CPU counterpart of ``max_memory_allocated``).
+    """The most tensor memory live at once while ``run()`` runs, in MiB (``fnlight.testing.peak_tensor_bytes``)."""
+    from fnlight.testing import peak_tensor_bytes
 
-    torch's CPU allocator reports every allocation and free to the profiler while it records memory
-    (``profile_memory=True``); the running sum of those signed sizes, in time order, peaks at the
-    answer. Counted: every tensor allocated during ``run`` (the model, the batches, gradients,
-    optimizer state, activations, a compiled graph's buffers), until it is freed. Not counted:
-    tensors that existed before (their frees are not reported either), and memory that does not
-    come from torch's allocator (MKL's scratch space, Python objects, the compiler's own data).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+    return peak_tensor_bytes(run) / 2**20
 
 
 def rss_worker(method: str, workload: str, quick: bool, compiled: str | None, *, tensors: bool = False) -> dict[str, float]:

@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,14 @@ from ._tree import tree_clone
 from .optim._base import check_hparam
 from .transforms._base import layers
 
-__all__ = ["assert_all_params_get_grad", "assert_can_overfit", "assert_deterministic", "assert_finite", "assert_pure"]
+__all__ = [
+    "assert_all_params_get_grad",
+    "assert_can_overfit",
+    "assert_deterministic",
+    "assert_finite",
+    "assert_pure",
+    "peak_tensor_bytes",
+]
 
 _SHOWN = 10
 
@@ -463,3 +470,38 @@ def assert_can_overfit(
         f"best {values[best]:.6g} (call {best + 1}), last {values[-1]:.6g}. Check the learning rate, frozen or "
         "detached parameters and the loss function, or give more steps."
     )
+
+
+def peak_tensor_bytes(run: Callable[[], object]) -> int:
+    """The most bytes of CPU tensors live at once while ``run()`` runs: the CPU counterpart of ``max_memory_allocated``.
+
+    torch's CPU allocator reports every allocation and free to the profiler while it records
+    memory; the running sum of those sizes, in time order, peaks at the answer. Counted: every
+    CPU tensor allocated during ``run`` (a model built there, batches, gradients, optimizer
+    state, activations, a compiled graph's buffers) until it is freed. Not counted: tensors that
+    existed before (nor their frees), GPU tensors (use ``torch.cuda.max_memory_allocated``), and
+    memory that does not come from torch's allocator (MKL's scratch space, Python objects).
+    Use it to check that a step or a transform keeps no more activations than another.
+
+    >>> import torch
+    >>> from fnlight.testing import peak_tensor_bytes
+    >>> def two_at_once():
+    ...     a = torch.zeros(1024)  # 4 KiB
+    ...     b = torch.zeros(2048)  # 8 KiB, while a is alive
+    >>> peak_tensor_bytes(two_at_once)
+    12288
+    """
+    if not callable(run):
+        raise TypeError(f"peak_tensor_bytes: run must be a callable taking no arguments, got {run!r}")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+    sizes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in sizes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak

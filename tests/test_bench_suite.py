@@ -112,34 +112,3 @@ def test_quick_suite_rewrites_the_section_of_a_copy_of_the_docs(tmp_path: Path) 
         assert "`lightning` is not importable here" in section
     assert "vs (b)" in proc.stdout and "wrote the generated section" in proc.stdout
     assert "peak tensors MiB" in section and "tensor memory live at once" in section  # the second memory measure
-
-
-def _load_peers() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # peers.py imports its sibling step_overhead.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
-def test_tensor_peak_counts_what_is_live_at_once() -> None:
-    import torch
-
-    before = torch.ones(2**18)  # allocated before the measurement: neither its memory nor its free counts
-    mib = 2**20 // 4  # float32 elements in one MiB
-
-    def run() -> None:
-        nonlocal before
-        a = torch.zeros(mib)
-        b = torch.zeros(2 * mib)  # peak: 3 MiB live
-        del a, b
-        before = None
-        c = torch.zeros(2 * mib)  # 2 MiB: below the peak
-        del c
-
-    assert _load_peers().tensor_peak_mib(run) == 3.0

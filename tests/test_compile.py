@@ -18,6 +18,7 @@ import fnlight as fl
 from fnlight._traced_step import make_apply_fn, make_step_fn, set_leaves
 from fnlight.optim import adagrad, adam, adamw, chain, clip_by_global_norm, rmsprop, sgd, warmup_cosine
 from fnlight.optim._adam import AdamState
+from fnlight.testing import peak_tensor_bytes
 from fnlight.transforms import CompileError, CompileFallbackWarning, _compile, with_compile
 from fnlight.transforms._base import CANONICAL_ORDER
 from tests.conftest import make_batches, make_bn_mlp
@@ -805,19 +806,6 @@ def test_sink_views_leaves_other_graphs_alone(fn):
     assert [(n.target, n.args) for n in gm.graph.nodes] == before
 
 
-def _tensor_peak(run) -> int:
-    """The most bytes of tensors live at once during run() (torch's CPU allocator, under the profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own import
 def test_a_compiled_feed_forward_keeps_no_more_tensor_memory_than_eager(monkeypatch):
     class FeedForward(nn.Module):  # two transformer feed-forward blocks: Linear on 3-d input, ReLU, Linear
@@ -843,7 +831,7 @@ def test_a_compiled_feed_forward_keeps_no_more_tensor_memory_than_eager(monkeypa
         def more(name=name, step=step, state=state):
             states[name] = fl.fold(step, state, data[1:], epochs=2, progress=False)
 
-        peaks[name] = _tensor_peak(more)
+        peaks[name] = peak_tensor_bytes(more)
         monkeypatch.undo()
     close(states["compiled"], states["eager"])
     activation = 8 * 32 * 256 * 4  # one [8, 32, 256] float32 tensor

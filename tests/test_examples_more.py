@@ -18,15 +18,20 @@ from fnlight.tracking import read_scalars
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(name: str, *args: str) -> str:
-    proc = subprocess.run(
+def launch(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``examples/<name>`` with warnings as errors and one intra-op thread."""
+    return subprocess.run(
         [sys.executable, "-W", "error", str(ROOT / "examples" / name), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def run_example(name: str, *args: str) -> str:
+    proc = launch(name, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not proc.stderr, proc.stderr
     return proc.stdout
@@ -103,13 +108,6 @@ def test_gan_refuses_non_positive_sizes(option, value):
     ],
 )
 def test_maml_and_the_sweep_refuse_options_out_of_range(script, option, value, message):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), option, value],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = launch(script, option, value, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"error: {message}" in proc.stderr, proc.stderr

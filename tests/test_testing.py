@@ -13,6 +13,7 @@ from fnlight.testing import (
     assert_deterministic,
     assert_finite,
     assert_pure,
+    peak_tensor_bytes,
 )
 from tests.conftest import make_batches, make_bn_mlp
 
@@ -337,3 +338,24 @@ def test_assert_can_overfit_refuses_a_metric_with_one_value_per_replica():
     batch = (torch.randn(8, 4), torch.randn(8, 1))
     with pytest.raises(ValueError, match=r"assert_can_overfit: loss must be a scalar, got shape \[2\] \(an ensemble step"):
         assert_can_overfit(step, step.init(seeds=0), batch, steps=2)
+
+
+def test_peak_tensor_bytes_counts_what_is_live_at_once():
+    before = torch.ones(2**18)  # allocated before the measurement: neither its memory nor its free counts
+    mib = 2**20 // 4  # float32 elements in one MiB
+
+    def run() -> None:
+        nonlocal before
+        a = torch.zeros(mib)
+        b = torch.zeros(2 * mib)  # peak: 3 MiB live
+        del a, b
+        before = None
+        c = torch.zeros(2 * mib)  # 2 MiB: below the peak
+        del c
+
+    assert peak_tensor_bytes(run) == 3 * 2**20
+
+
+def test_peak_tensor_bytes_needs_a_callable():
+    with pytest.raises(TypeError, match=r"peak_tensor_bytes: run must be a callable taking no arguments, got 3"):
+        peak_tensor_bytes(3)
