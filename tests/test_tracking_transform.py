@@ -429,3 +429,19 @@ def test_a_metric_that_is_not_a_0d_tensor_is_named(every, bad):
     got = "float 1.5" if isinstance(bad, float) else rf"a tensor of shape \({bad.numel()},\)"
     with pytest.raises(TypeError, match=rf"with_tracking: the step's metric 'mine' must be a 0-d tensor .*, got {got}"):
         fl.fold(step, step.init(), make_batches(3), progress=False)
+
+
+def test_a_tracker_failing_to_close_leaves_the_others_closed_and_the_chain_finished():
+    class Failing(Recorder):
+        def close(self):
+            super().close()
+            raise RuntimeError("disk full")
+
+    failing, other = Failing(), Recorder()
+    torch.manual_seed(0)
+    core = fl.make_train_step(nn.Sequential(nn.Linear(10, 3)), fl.losses.classification, adamw(1e-2))
+    inner = fl.with_early_stop(core, monitor="val/loss")  # its finish warns: the monitor never appeared
+    step = fl.with_tracking(inner, trackers=[failing, other], every=1)
+    with pytest.warns(RuntimeWarning, match="never appeared"), pytest.raises(RuntimeError, match="disk full"):
+        fl.fold(step, step.init(), make_batches(2), progress=False)
+    assert failing.closed == 1 and other.closed == 1  # the second tracker was closed too

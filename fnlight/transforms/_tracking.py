@@ -323,21 +323,32 @@ class Tracking(Transform):
 
     def finish(self, state: TrainState) -> None:
         """Log what is left of the window and close the trackers (a later call reopens the same runs)."""
-        if self._window.updates:
-            self._emit(state, at_end=True)
-        self._window.restart()
-        if self.close_on_finish:
-            self.close()
-        self.inner.finish(state)
+        try:
+            if self._window.updates:
+                self._emit(state, at_end=True)
+            self._window.restart()
+            if self.close_on_finish:
+                self.close()
+        finally:  # a tracker failing here must not keep the inner chain from finishing
+            self.inner.finish(state)
 
     def close(self) -> None:
-        """Close every open tracker run (the next logging event reopens them with the state's run ids)."""
+        """Close every open tracker run (the next logging event reopens them with the state's run ids).
+
+        Every tracker is closed even if one's ``close`` raises; the first such error is raised after.
+        """
+        failure: Exception | None = None
         for i, tracker in enumerate(self.trackers):
             if self._open[i]:
-                tracker.close()
                 self._open[i] = False
+                try:
+                    tracker.close()
+                except Exception as e:  # re-raised below, once the others are closed
+                    failure = failure or e
         self._all_open = not self.trackers
         self._slots = None  # the next step reopens the runs
+        if failure is not None:
+            raise failure
 
     def _observe(self, state: TrainState, metrics: Metrics, before: int, samples: int, step: int | None = None) -> TrainState:
         if step is None:
