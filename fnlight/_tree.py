@@ -109,14 +109,27 @@ def _same_module(a: Any, b: Any) -> bool:
     and every tensor's name, shape and dtype."""
     if not isinstance(a, nn.Module) or not isinstance(b, nn.Module):
         return a is b
+    return module_difference(a, b) is None
+
+
+def module_difference(a: nn.Module, b: nn.Module, first: str = "the first") -> str | None:
+    """Where skeleton ``b`` first differs from ``a`` (``first`` names ``a`` in the answer), or ``None`` if it does not:
+    a module's name, class or settings, the number of modules, or a tensor's name, shape or dtype."""
     ma, mb = list(a.named_modules(remove_duplicate=False)), list(b.named_modules(remove_duplicate=False))
-    if len(ma) != len(mb):
-        return False
     for (na, x), (nb, y) in zip(ma, mb):
-        if na != nb or type(x) is not type(y) or _settings(x) != _settings(y):
-            return False
+        where = f"module {na!r}" if na else "the root module"
+        if na != nb:
+            return f"module {nb!r} where {first} has {na!r}"
+        if type(x) is not type(y):
+            return f"{where} is a {type(y).__name__}, in {first} a {type(x).__name__}"
+        sx, sy = _settings(x), _settings(y)
+        if sx != sy:
+            key = next(k for k in sorted({*sx, *sy}) if sx.get(k, "(unset)") != sy.get(k, "(unset)"))
+            return f"{where}'s {key} is {sy.get(key, '(unset)')!r}, in {first} {sx.get(key, '(unset)')!r}"
+    if len(ma) != len(mb):
+        return f"{len(mb)} modules, {first} has {len(ma)}"
     tensors = lambda m: [(n, t.shape, t.dtype) for n, t in (*m.named_parameters(), *m.named_buffers())]
-    return tensors(a) == tensors(b)
+    return None if tensors(a) == tensors(b) else "its parameters or buffers differ in name, shape or dtype"
 
 
 def _settings(module: Any) -> dict[str, Any]:

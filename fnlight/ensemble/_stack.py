@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._interop import _require_skeleton
 from .._state import NAMESPACE, DataPosition, TrainState
-from .._tree import _same_module, _settings
+from .._tree import module_difference
 
 __all__ = ["ensemble_size", "replica_state", "stack_states", "unstack_states"]
 
@@ -105,11 +105,10 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                     )
             stacked.append(leaf)
     for i, s in enumerate(states[1:], 1):  # the replicas share states[0]'s skeleton: it must be the same model
-        if s.skeleton is not first.skeleton and not _same_module(first.skeleton, s.skeleton):
+        if s.skeleton is not first.skeleton and (difference := module_difference(first.skeleton, s.skeleton, "states[0]")):
             raise ValueError(
-                f"{where}: states[{i}] is a state of another model than states[0] "
-                f"({_model_difference(first.skeleton, s.skeleton)}); the stacked state keeps states[0]'s module "
-                "skeleton for every replica: stack states of one model"
+                f"{where}: states[{i}] is a state of another model than states[0] ({difference}); the stacked state keeps "
+                "states[0]'s module skeleton for every replica: stack states of one model"
             )
     fields = optree.tree_unflatten(spec, stacked)
     return first.replace(
@@ -118,24 +117,6 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         stop=first.stop.clone(),
         data=DataPosition(epoch=first.data.epoch.clone(), batch=first.data.batch.clone()),
     )
-
-
-def _model_difference(a: Any, b: Any) -> str:
-    """Where skeleton ``b`` first differs from ``a``: a module's class or settings, or a tensor's name, shape or dtype."""
-    ma, mb = list(a.named_modules(remove_duplicate=False)), list(b.named_modules(remove_duplicate=False))
-    for (na, x), (nb, y) in zip(ma, mb):
-        where = f"module {na!r}" if na else "the root module"
-        if na != nb:
-            return f"module {nb!r} where states[0] has {na!r}"
-        if type(x) is not type(y):
-            return f"{where} is a {type(y).__name__}, in states[0] a {type(x).__name__}"
-        sx, sy = _settings(x), _settings(y)
-        if sx != sy:
-            key = next(k for k in sorted({*sx, *sy}) if sx.get(k, "(unset)") != sy.get(k, "(unset)"))
-            return f"{where}'s {key} is {sy.get(key, '(unset)')!r}, in states[0] {sx.get(key, '(unset)')!r}"
-    if len(ma) != len(mb):
-        return f"{len(mb)} modules, states[0] has {len(ma)}"
-    return "its parameters or buffers differ in name, shape or dtype"
 
 
 def _describe(t: Any) -> str:

@@ -202,16 +202,11 @@ class CSVTracker(_FileTracker):
     def _format(self, step: int, scalars: dict[str, float], now: float) -> str:
         buf = io.StringIO()
         stamp = repr(now)
-        writer = csv.writer(buf, lineterminator="\n")
-        rows = [(step, name, repr(value), stamp) for name, value in scalars.items()]
-        if any("\r" in name for name in scalars):
-            # the csv module quotes a field holding "\n" but not one holding "\r" (with lineterminator="\n"),
-            # which every reader then takes for a line break: quote those rows whole
-            quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
-            for row in rows:
-                (quoted if "\r" in row[1] else writer).writerow(row)
-        else:
-            writer.writerows(rows)
+        # the csv module quotes a field holding "\n" but not one holding "\r" (with lineterminator="\n"), which every
+        # reader then takes for a line break: a name holding "\r" has the event's rows quoted whole
+        quoting = csv.QUOTE_ALL if any("\r" in name for name in scalars) else csv.QUOTE_MINIMAL
+        writer = csv.writer(buf, lineterminator="\n", quoting=quoting)
+        writer.writerows([(step, name, repr(value), stamp) for name, value in scalars.items()])
         return buf.getvalue()
 
 
