@@ -207,6 +207,17 @@ def test_fit_resumes_from_the_latest_checkpoint_exactly(tmp_path, capsys):
     assert fl.tree_equal(resumed.state.opt_state, straight.state.opt_state)
 
 
+def test_a_resume_may_change_how_the_run_is_shown_and_logged(tmp_path, capsys):
+    first = write_config(tmp_path / "a.yaml", tmp_path / "a", epochs=1)
+    cli("fit", "--config", str(first))
+    again = cli("fit", "--config", str(first), "--recipe.log_every", "7", "--recipe.progress", "null")
+    assert int(again.state.step) == 4 and "resumed from" in capsys.readouterr().out  # no --overwrite for those two
+    saved = yaml.safe_load((tmp_path / "a" / "checkpoints" / "config.yaml").read_text())["recipe"]
+    assert (saved["log_every"], saved["progress"]) == (7, None)
+    with pytest.raises(ConfigError, match=r"different config \(recipe\.epochs: saved 1, given 2\); pass --overwrite"):
+        cli("fit", "--config", str(first), "--recipe.log_every", "3", "--recipe.epochs", "2")  # the rest still counts
+
+
 def test_fit_without_resume_saves_its_own_final_state_over_another_runs_checkpoint(config, tmp_path, capsys):
     once = ["--recipe.checkpoint.every", "100"]  # no save during the fold: only fit's final one
     first = cli("fit", "--config", str(config), *once)

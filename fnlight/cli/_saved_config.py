@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config.yaml"
 SECTIONS = ("model", "data", "recipe")
+# what only changes how the run is shown or how often metrics are sent, not what it computes: a resume may change it
+PRESENTATION = ("progress", "log_every")
 
 
 def resolved_config(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
@@ -52,8 +54,19 @@ def differences(saved: Any, given: Any, *, limit: int = 5) -> str:
     return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _compared(config: Any) -> Any:
+    """``config`` without the recipe's presentation keys (``recipe.progress``, ``recipe.log_every``)."""
+    if not (isinstance(config, dict) and isinstance(config.get("recipe"), dict)):
+        return config
+    return {**config, "recipe": {k: v for k, v in config["recipe"].items() if k not in PRESENTATION}}
+
+
 def check_saved_config(directory: Path, resolved: dict[str, Any]) -> None:
-    """Refuse a run directory whose saved config differs from ``resolved`` (the same config resumes)."""
+    """Refuse a run directory whose saved config differs from ``resolved`` (the same config resumes).
+
+    ``recipe.progress`` and ``recipe.log_every`` are not compared: they change what the run shows
+    and how often it sends metrics, not what it computes.
+    """
     path = directory / CONFIG_NAME
     if not path.exists():
         return
@@ -64,9 +77,10 @@ def check_saved_config(directory: Path, resolved: dict[str, Any]) -> None:
             f"fit: {path} (the run's saved config) cannot be read: {type(e).__name__}: {e}; pass --overwrite to replace "
             f"it with this config, or choose another --recipe.run_dir"
         ) from e
-    if saved != resolved:
+    saved, given = _compared(saved), _compared(resolved)
+    if saved != given:
         raise ConfigError(
-            f"fit: {path} holds a different config ({differences(saved, resolved)}); pass --overwrite to continue "
+            f"fit: {path} holds a different config ({differences(saved, given)}); pass --overwrite to continue "
             f"the run in {directory.parent} with this config, or choose another --recipe.run_dir"
         )
 
