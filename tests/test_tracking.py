@@ -147,6 +147,21 @@ def test_file_tracker_reopen_appends_to_the_same_run(cls, tmp_path):
 
 
 @pytest.mark.parametrize("cls", FILE_TRACKERS)
+def test_file_tracker_steps_rerun_after_a_resume_read_back_once_with_the_later_value(cls, tmp_path):
+    tracker = cls(tmp_path)
+    run_id = tracker.open()
+    tracker.log_batch([(1, {"loss": 1.0}), (2, {"loss": 0.5, "val": 0.7}), (3, {"loss": 0.4})])
+    tracker.close()  # the process dies after update 3; the newest checkpoint is of update 1
+    assert tracker.open(run_id) == run_id
+    tracker.log_batch([(2, {"loss": 0.5, "val": 0.6}), (3, {"loss": 0.4}), (4, {"loss": 0.3})])  # updates 2-3 again
+    tracker.close()
+    assert read_scalars(tmp_path / f"{run_id}{cls.suffix}") == {
+        "loss": [(1, 1.0), (2, 0.5), (3, 0.4), (4, 0.3)],
+        "val": [(2, 0.6)],  # the value logged last, as aim keeps it
+    }
+
+
+@pytest.mark.parametrize("cls", FILE_TRACKERS)
 def test_file_tracker_opens_an_unknown_id_as_a_new_run(cls, tmp_path):
     tracker = cls(tmp_path / "nested" / "dir")
     assert tracker.open("my-run.1") == "my-run.1"

@@ -141,8 +141,9 @@ class JSONLTracker(_FileTracker):
     :mod:`json` reads them). Hyperparameters go to ``<run_id>.hparams.json``. Each call
     (:meth:`log_scalars`, or ``log_batch`` with several events) is flushed to the operating
     system before it returns; :meth:`close` also fsyncs. Reopening a
-    run appends to its file (dropping a partial last line left by a crash). Read a file back
-    with :func:`read_scalars`.
+    run appends to its file (dropping a partial last line left by a crash), so steps logged
+    again after a resume appear twice. Read a file back with :func:`read_scalars` (each step
+    once, the value logged last).
 
     Args:
         directory: where the run files go (created on :meth:`open`).
@@ -171,7 +172,8 @@ class CSVTracker(_FileTracker):
     into a dataframe (``pandas.read_csv(path).pivot_table(index="step", columns="name",
     values="value")``). Values are written with ``repr`` (exact round trip; ``nan``, ``inf``);
     ``time`` is Unix seconds. Hyperparameters go to ``<run_id>.hparams.json``. Flushed per
-    call (an event, or a batch of them), fsynced on :meth:`close`; reopening a run appends (after checking the header).
+    call (an event, or a batch of them), fsynced on :meth:`close`; reopening a run appends (after checking the header),
+    so steps logged again after a resume appear twice: :func:`read_scalars` keeps the value logged last.
 
     Args:
         directory: where the run files go (created on :meth:`open`).
@@ -213,13 +215,15 @@ class CSVTracker(_FileTracker):
 def read_scalars(path: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
     """Read a :class:`CSVTracker` (``.csv``) or :class:`JSONLTracker` (``.jsonl``) run file back.
 
-    A last line without its newline (a write cut short by a crash) is ignored.
+    A last line without its newline (a write cut short by a crash) is ignored. A step logged
+    again (a run resumed from a checkpoint reruns the updates after it, and the file, appended
+    to, holds both) reads back once, with the value logged last, as aim keeps it.
 
     Args:
         path: the run's file.
 
     Returns:
-        ``{name: [(step, value), ...]}``, each series in the order it was logged.
+        ``{name: [(step, value), ...]}``, each series in the order its steps were first logged.
 
     Raises:
         ValueError: ``path`` ends in neither ``.csv`` nor ``.jsonl``.
@@ -237,20 +241,20 @@ def read_scalars(path: str | os.PathLike[str]) -> dict[str, list[tuple[int, floa
     with open(path, encoding="utf-8", newline="") as f:
         text = f.read()
     text = text[: text.rfind("\n") + 1]  # complete lines only
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[str, dict[int, float]] = {}  # per name, step -> value: a step logged again keeps its place, takes the value
     if path.suffix == ".jsonl":
         for line in text.splitlines():
             event = json.loads(line)
             for name, value in event["scalars"].items():
-                series.setdefault(name, []).append((event["step"], float(value)))
+                series.setdefault(name, {})[event["step"]] = float(value)
     else:
         rows = csv.reader(io.StringIO(text, newline=""))
         header = next(rows, None)
         if header is not None and header != CSV_HEADER:
             raise ValueError(f"{path} is not a CSVTracker file: its header is {header!r}, expected {CSV_HEADER!r}")
         for step, name, value, _ in rows:
-            series.setdefault(name, []).append((int(step), float(value)))
-    return series
+            series.setdefault(name, {})[int(step)] = float(value)
+    return {name: list(values.items()) for name, values in series.items()}
 
 
 def _drop_partial_last_line(path: Path) -> None:
