@@ -17,7 +17,7 @@ from ._bind import full_tensors
 from ._donation import check_live, donating, mark_donated, unshare_lent
 from ._progress import Progress
 from ._ranks import all_sum, collective, rank, union_of_keys, world_size
-from ._rng import cuda_devices, eval_seed, evaluating, held_generators
+from ._rng import cuda_devices, eval_seed, evaluating, generators_kept, held_generators
 from ._signals import Preempted, SignalWatch, preempt
 from ._state import NAMESPACE, TrainState
 from ._step import EvalStep, Step
@@ -564,29 +564,34 @@ def evaluate(
     # (a stacked ensemble state holds one key per replica: the first one's, for an eval_step of your own that takes them)
     key, update, here = int(state.key.reshape(-1)[0]), int(state.step.reshape(-1)[0]), rank()
     devices = cuda_devices(state.params)
-    for index, batch in enumerate(data):
-        n = _samples(batch_size_fn(batch), batch_size_fn)
-        if not n:  # no sample to weigh (every target ignored, say): its metrics (NaN for an empty mean) count for nothing
-            continue
-        try:
-            with evaluating(eval_seed(key, update, index, here), devices):
-                metrics = eval_step(state, batch)
-        except Exception as e:
-            if not isinstance(eval_step, EvalStep):
-                e.add_note(
-                    f"fnlight: evaluate calls eval_step(state, batch) with eval_step={eval_step!r}; to evaluate a "
-                    "loss_fn(model, batch), pass fnlight.make_eval_step(loss_fn)"
+    # iterating the data draws from the global generator too (a DataLoader's workers' base seed, a shuffled one's
+    # order, a dataset's augmentations): put back as well, or an evaluation in a fold changed what the training drew next
+    with generators_kept(devices):
+        for index, batch in enumerate(data):
+            n = _samples(batch_size_fn(batch), batch_size_fn)
+            if not n:  # no sample to weigh (every target ignored, say): its metrics (NaN for an empty mean) count for nothing
+                continue
+            try:
+                with evaluating(eval_seed(key, update, index, here), devices):
+                    metrics = eval_step(state, batch)
+            except Exception as e:
+                if not isinstance(eval_step, EvalStep):
+                    e.add_note(
+                        f"fnlight: evaluate calls eval_step(state, batch) with eval_step={eval_step!r}; to evaluate a "
+                        "loss_fn(model, batch), pass fnlight.make_eval_step(loss_fn)"
+                    )
+                raise
+            if not isinstance(metrics, Mapping):
+                raise TypeError(
+                    f"evaluate: eval_step must return a dict of 0-d tensors, got {_short(metrics)} from {eval_step!r}"
                 )
-            raise
-        if not isinstance(metrics, Mapping):
-            raise TypeError(f"evaluate: eval_step must return a dict of 0-d tensors, got {_short(metrics)} from {eval_step!r}")
-        for k, v in metrics.items():
-            if not isinstance(v, Tensor) or v.dim() != 0:
-                got = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"{type(v).__name__}: {_short(v)}"
-                raise TypeError(f"evaluate: metric {k!r} must be a 0-d tensor, got {got} from eval_step={eval_step!r}")
-            term = v.detach().to(torch.float64) * n
-            sums[k] = sums[k] + term if k in sums else term
-            counts[k] = counts.get(k, 0) + n
+            for k, v in metrics.items():
+                if not isinstance(v, Tensor) or v.dim() != 0:
+                    got = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"{type(v).__name__}: {_short(v)}"
+                    raise TypeError(f"evaluate: metric {k!r} must be a 0-d tensor, got {got} from eval_step={eval_step!r}")
+                term = v.detach().to(torch.float64) * n
+                sums[k] = sums[k] + term if k in sums else term
+                counts[k] = counts.get(k, 0) + n
     if world_size() > 1:  # every rank evaluated its share: the means are over all of them
         keys = union_of_keys(list(sums))
         zero = torch.zeros((), dtype=torch.float64)

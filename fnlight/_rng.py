@@ -118,6 +118,22 @@ def evaluating(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[No
         restore_generators(saved)
 
 
+@contextlib.contextmanager
+def generators_kept(devices: tuple[torch.device, ...] = ()) -> Iterator[None]:
+    """Put torch's default generators (CPU and ``devices``) back as they were at the block's end.
+
+    :func:`fnlight.evaluate` iterates its data inside this block: a ``DataLoader`` draws its
+    workers' base seed (and a shuffled one its order) from the global generator when iterated,
+    which an evaluation inside a fold must leave where the training left it.
+    """
+    generators = [torch.default_generator, *(torch.cuda.default_generators[d.index or 0] for d in devices if d.type == "cuda")]
+    saved = [(g, g.get_state()) for g in generators]
+    try:
+        yield
+    finally:
+        restore_generators(saved)
+
+
 def evaluated_alone() -> bool:
     """Whether an eval step runs outside :func:`evaluating` (called directly), so it seeds its own draws."""
     return not getattr(_evaluating, "active", False)

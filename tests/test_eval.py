@@ -224,6 +224,33 @@ def test_an_evaluation_in_a_fold_leaves_a_shuffled_dataloaders_order_alone(when)
     assert all(torch.equal(plain.params[k], evaluated.params[k]) for k in plain.params)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_iterating_a_validation_dataloader_leaves_the_global_generator_alone(shuffle):
+    # iter(DataLoader) draws its workers' base seed (and a shuffled one its order) from the global generator: evaluate
+    # iterated its data outside the seeded region, so an epoch-end evaluation over a validation DataLoader changed the
+    # next epoch's order of a shuffled training DataLoader, and a standalone evaluate advanced the caller's generator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(24, 10, generator=g), torch.randint(0, 3, (24,), generator=g))
+    x, y = (torch.cat(t) for t in zip(*val_data()))
+    val = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=shuffle)
+
+    def trained(evaluated):
+        step = with_eval(core(), data=val, loss_fn=fl.losses.classification, at_epoch_end=True) if evaluated else core()
+        torch.manual_seed(0)
+        loader = DataLoader(dataset, batch_size=8, shuffle=True)
+        return fl.fold(step, step.init(seed=0), loader, epochs=3, progress=False)
+
+    plain, evaluated = trained(False), trained(True)
+    assert all(torch.equal(plain.params[k], evaluated.params[k]) for k in plain.params)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    fl.evaluate(fl.make_eval_step(fl.losses.classification), plain, val)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def noisy_classification(model, batch):
     x, y = batch
     return fl.losses.classification(model, (x + 0.1 * torch.randn_like(x), y))
