@@ -191,9 +191,10 @@ def fold(
     Raises:
         ValueError: ``epochs``/``max_steps`` are not positive ints, ``donate`` is not
             ``True``, ``False`` or ``"model"``, ``data`` is a
-            one-shot iterator while more than one epoch is asked for, or an epoch yields
+            one-shot iterator while more than one epoch is asked for, an epoch yields
             no batches (raised when it ends; otherwise a fold bounded by ``max_steps``
-            alone would never end).
+            alone would never end), or a resumed ``state.data.batch`` is past the number
+            of batches of data with a length.
         TypeError: ``step`` is not callable or is an eval step, or a call of it returns something other
             than ``(state, metrics)``; ``state``, ``data`` or an option of the wrong type.
         DonatedStateError: ``state`` was donated before.
@@ -282,6 +283,7 @@ def fold(
                 if source is data and hasattr(data, "iter_epoch"):
                     batches = iter(data.iter_epoch(epoch, skip))  # type: ignore[union-attr]
                 else:
+                    _check_position(source, skip, epoch)
                     batches = iter(source)
                     if skip:
                         batches = itertools.islice(batches, skip, None)
@@ -407,6 +409,19 @@ def _describe(data: Any) -> str:
 def _source(data: Any, epoch: int) -> Any:
     """What the fold iterates in ``epoch``: a Loader itself (it resumes by position), else the epoch's iterable."""
     return data if hasattr(data, "iter_epoch") else _epoch_iterable(data, epoch)
+
+
+def _check_position(source: Any, skip: int, epoch: int) -> None:
+    """A resumed position within the epoch's batches (known only for data with a length), as a Loader checks it."""
+    try:
+        size = len(source)
+    except TypeError:
+        return
+    if skip > size:  # islice would skip the whole epoch without a word and the fold would go on to the next
+        raise ValueError(
+            f"fold: the state's position, state.data.batch = {skip} in epoch {epoch}, is past the data's {size} batches "
+            f"per epoch ({_describe(source)}): the state was saved by a run with other data or another batch size"
+        )
 
 
 def _consumed(state: TrainState, source: Any) -> bool:

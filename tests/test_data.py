@@ -234,6 +234,20 @@ def test_a_resumed_fold_skips_the_consumed_batches_of_a_generator_unless_the_pos
     assert seen == [3, 4, 5]
 
 
+def test_a_resumed_position_past_the_batches_of_a_list_is_refused_as_a_loaders_is():
+    # a state 4 batches into epoch 0 resumed on a list of 3 batches: islice skipped the whole epoch without a word
+    # and the fold went on to the next one (fl.Loader refused the same position with a ValueError)
+    step = fl.make_train_step(torch.nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    batch = (torch.ones(4, 3), torch.zeros(4, 1))
+    stopped = fl.fold(step, step.init(), [batch] * 5, max_steps=4, progress=False)
+    match = r"state.data.batch = 4 in epoch 0, is past the data's 3 batches per epoch \(list of length 3\)"
+    with pytest.raises(ValueError, match=match):
+        fl.fold(step, stopped, [batch] * 3, epochs=2, progress=False)
+    with pytest.raises(ValueError, match=match):
+        fl.fold(step, stopped, lambda epoch: [batch] * 3, epochs=2, progress=False)
+    assert int(fl.fold(step, stopped, [batch] * 4, epochs=2, progress=False).step) == 8  # every batch consumed: next epoch
+
+
 def test_a_tuple_mixing_tensors_with_other_data_or_holding_a_0d_tensor_is_refused():
     # (x, labels as a NumPy array) was read as a map-style dataset of 2 samples and failed later in collate
     x = torch.randn(100, 3)
