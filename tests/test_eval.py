@@ -396,6 +396,24 @@ def test_evaluate_names_a_metric_that_is_not_a_0d_tensor(value, match):
         fl.evaluate(lambda s, b: {"loss": value}, state, [(torch.zeros(2, 2), torch.zeros(2, 1))])
 
 
+def test_an_evaluation_over_data_without_a_length_that_yields_nothing_is_refused_not_silent():
+    # emptiness of an iterable-style DataLoader is known only at the first evaluation, which merged no metrics: the
+    # run trained on with no val/ metrics and a with_early_stop on val/loss never checked (a warning at the end)
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Empty(IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    batch = (torch.randn(4, 10), torch.randint(0, 3, (4,)))
+    step = with_eval(core(), data=DataLoader(Empty(), batch_size=2), loss_fn=fl.losses.classification, every=1)
+    with pytest.raises(ValueError, match=r"evaluation after update 1 gave no metrics: data \(DataLoader\) yielded no batch"):
+        step(step.init(), batch)
+    weightless = with_eval(core(), data=val_data(), loss_fn=fl.losses.classification, every=1, batch_size_fn=lambda b: 0)
+    with pytest.raises(ValueError, match="batch_size_fn weighed every batch 0 samples"):
+        fl.fold(weightless, weightless.init(), [batch], progress=False)
+
+
 def test_with_eval_refuses_a_train_step_as_eval_step_when_built():
     core = fl.make_train_step(nn.Linear(2, 1), fl.losses.mse, sgd(0.1))
     with pytest.raises(TypeError, match=r"with_eval: eval_step is a train step \(TrainStep\(mse, Linear\)\), which would train"):

@@ -65,6 +65,12 @@ class Eval(Transform):
     def evaluate(self, state: TrainState) -> Metrics:
         """One evaluation pass over ``data``: ``{prefix + name: 0-d float64 tensor}`` (CPU)."""
         means = evaluate(self.eval_step, state, self.data, batch_size_fn=self.batch_size_fn)
+        if not means:  # (the same on every rank: evaluate's means are over all of them)
+            raise ValueError(
+                f"with_eval: the evaluation after update {int(state.step)} gave no metrics: data "
+                f"({type(self.data).__name__}) yielded no batch, or batch_size_fn weighed every batch 0 samples, "
+                "or eval_step returned no metric; there is nothing to evaluate on"
+            )
         return {self.prefix + k: torch.tensor(v, dtype=torch.float64) for k, v in means.items()}
 
     def _on_multiple(self, step: int) -> bool:
@@ -150,7 +156,8 @@ def with_eval(
             ``at_epoch_end``, ``every`` not an int >= 1 (``2.0`` included), an empty
             ``data`` (under data parallelism: a ``Loader`` with no batch on any rank; a
             rank's empty share is evaluated with the others') or ``prefix``, or a wrong
-            composition order.
+            composition order; at an evaluation, data without a length that turns out
+            empty (or whose every batch ``batch_size_fn`` weighs 0): no metrics to report.
 
     >>> import torch, fnlight as fl
     >>> core = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
