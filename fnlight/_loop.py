@@ -573,7 +573,7 @@ def evaluate(
         if full is not state.params:
             state = state.replace(params=dict(full))
     sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}  # samples of the batches that reported each metric
+    counts: dict[str, float] = {}  # samples of the batches that reported each metric
     # random draws in an evaluation come from a seed per batch (of the state's key and update, this rank), as a
     # train step's do: the result does not depend on the caller's generators, which are put back afterwards
     # (a stacked ensemble state holds one key per replica: the first one's, for an eval_step of your own that takes them)
@@ -613,5 +613,5 @@ def evaluate(
         local = [*(sums.get(k, zero).cpu() for k in keys), *(torch.tensor(float(counts.get(k, 0))) for k in keys)]
         totals = all_sum(torch.stack([t.to(torch.float64) for t in local]))
         sums = dict(zip(keys, totals[: len(keys)]))
-        counts = {k: int(c) for k, c in zip(keys, totals[len(keys) :])}
+        counts = {k: c.item() for k, c in zip(keys, totals[len(keys) :])}  # (batch_size_fn may weigh 0.5: not int())
     return {k: float(v) / counts[k] for k, v in sums.items() if counts[k]}

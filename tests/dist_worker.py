@@ -320,6 +320,10 @@ def metrics(out: Path, rank: int) -> None:
     step = build("ddp", rank)
     state = step.init()
     result = fl.evaluate(fl.make_eval_step(fl.losses.classification), state, eval_batches()[rank])
+    # fractional weights (a number of samples as batch_size_fn may give it): rank 0 weighs 0.5, rank 1 weighs 1.0
+    weighted = fl.evaluate(
+        lambda s, b: {"m": torch.tensor(float(rank + 1))}, state, eval_batches()[rank][:1], batch_size_fn=lambda b: 0.5 + rank / 2
+    )
     local_losses = []
     tracked = fl.with_tracking(step, trackers=[fl.tracking.JSONLTracker(out / f"track-{rank}")], every=5)
     fl.fold(
@@ -346,7 +350,7 @@ def metrics(out: Path, rank: int) -> None:
         torch.distributed.all_gather_object(gathered, {k: v.tolist() for k, v in state.buffers.items()})
         buffers[mode] = gathered
     if rank == 0:
-        saved = {"eval": result, "eval_fsdp": result_fsdp, "losses": everyone, "buffers": buffers}
+        saved = {"eval": result, "weighted": weighted, "eval_fsdp": result_fsdp, "losses": everyone, "buffers": buffers}
         (out / "metrics.json").write_text(json.dumps(saved))
 
 

@@ -193,6 +193,7 @@ def test_metrics_are_reduced_over_ranks_and_tracked_on_rank_0_only(run):
     expected = fl.evaluate(fl.make_eval_step(fl.losses.classification), step.init(), everything)
     assert saved["eval"] == pytest.approx(expected, rel=1e-12)
     assert saved["eval_fsdp"] == pytest.approx(expected, rel=1e-6)  # sharded parameters, ranks with 3 and 2 batches
+    assert saved["weighted"] == {"m": (0.5 * 1.0 + 1.0 * 2.0) / 1.5}  # the summed weights were cut to an int: 2.5
     for mode in ("ddp", "fsdp"):  # BatchNorm statistics stay rank 0's on every rank
         rank0, rank1 = saved["buffers"][mode]
         assert rank0 == rank1 and rank0["1.num_batches_tracked"] == 6, mode
