@@ -93,6 +93,25 @@ def test_augmentations_depend_on_the_batch_not_on_the_batches_before_it(num_work
     assert all(torch.equal(a, b) for a, b in zip(other.iter_epoch(1), full, strict=True))  # workers or not: the same
 
 
+def mixing_collate(items):
+    """A collate_fn that draws (MixUp's mixing weight, CutMix's box)."""
+    return torch.stack(items) + torch.rand(())
+
+
+def test_a_collate_fn_draws_from_the_batchs_seed_in_this_process_as_in_a_worker():
+    # in this process the collate_fn ran after the seeded fetch, on the caller's generator: a resumed epoch mixed
+    # other weights, workers (which collate in the seeded worker) gave other batches, and torch's generator moved
+    plain = fl.Loader(Augmented(), batch_size=3, shuffle=True, seed=5, collate_fn=mixing_collate)
+    torch.manual_seed(0)
+    torch_state = torch.get_rng_state()
+    full = list(plain.iter_epoch(1))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    torch.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(plain.iter_epoch(1, 2), full[2:], strict=True))
+    workers = fl.Loader(Augmented(), batch_size=3, shuffle=True, seed=5, collate_fn=mixing_collate, num_workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(workers.iter_epoch(1), full, strict=True))
+
+
 def test_fold_resumes_mid_epoch_bitwise_with_shuffle_and_dropout():
     def build():
         torch.manual_seed(0)

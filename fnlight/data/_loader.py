@@ -36,10 +36,11 @@ class Loader:
         collate_fn: builds a batch from a list of samples (map-style datasets only;
             default ``torch.utils.data.default_collate``).
         num_workers: worker processes for map-style datasets (``torch.utils.data.DataLoader``).
-            With or without workers, batch ``b`` of a map-style dataset is fetched after
+            With or without workers, batch ``b`` of a map-style dataset is fetched and collated after
             seeding torch's, Python's and NumPy's global generators from ``(seed, epoch,
             rank, b)`` (in this process they are restored afterwards), so random
-            augmentations are the same whether the epoch started at batch 0 or resumed at ``b``.
+            augmentations (a ``collate_fn``'s too) are the same whether the epoch started at batch 0
+            or resumed at ``b``.
         rank, world_size: this process's share of the data (default: the current process
             group's, see :func:`fnlight.init_distributed`). Ranks serve disjoint strided
             shares of the same ``(seed, epoch)`` order; use ``drop_last=True`` for training
@@ -219,7 +220,7 @@ class Loader:
         keyed = [[(b, i) for i in idx.tolist()] for b, idx in enumerate(chunks, start)]
         if not self.num_workers:
             seeded, collate = _SeededBatches(self.dataset, base), self.collate_fn
-            return (collate(seeded.draw(batch)) for batch in keyed)
+            return (seeded.draw(batch, collate) for batch in keyed)
         loader = DataLoader(
             _SeededBatches(self.dataset, base),  # type: ignore[arg-type]
             batch_sampler=keyed,
@@ -258,12 +259,13 @@ class _SeededBatches:
         getitems = getattr(self.dataset, "__getitems__", None)
         return list(getitems(indices)) if getitems else [self.dataset[i] for i in indices]
 
-    def draw(self, keyed: list[tuple[int, int]]) -> list[Any]:
-        """:meth:`__getitems__` in this process, leaving torch's, Python's and NumPy's generators as they were."""
+    def draw(self, keyed: list[tuple[int, int]], collate: Callable[[list[Any]], Any]) -> Any:
+        """:meth:`__getitems__` and ``collate`` of its samples in this process, as a worker runs them (a collate_fn
+        that draws, MixUp's, draws from the batch's seed), leaving torch's, Python's and NumPy's generators as they were."""
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             try:
-                return self.__getitems__(keyed)
+                return collate(self.__getitems__(keyed))
             finally:
                 random.setstate(python_state)
                 np.random.set_state(numpy_state)
