@@ -112,6 +112,15 @@ def test_a_collate_fn_draws_from_the_batchs_seed_in_this_process_as_in_a_worker(
     assert all(torch.equal(a, b) for a, b in zip(workers.iter_epoch(1), full, strict=True))
 
 
+def test_a_loader_in_this_process_seeds_only_the_cpu_generator_it_restores(monkeypatch):
+    # torch.manual_seed seeds the CUDA generators too (or queues the seed until CUDA starts), which draw()
+    # does not restore: iterating a Loader on a GPU machine would have moved the GPU's dropout stream
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    batches = list(fl.Loader(Augmented(), batch_size=3, shuffle=True, seed=5).iter_epoch(0))
+    assert batches and seeded == []
+
+
 def test_fold_resumes_mid_epoch_bitwise_with_shuffle_and_dropout():
     def build():
         torch.manual_seed(0)

@@ -37,7 +37,7 @@ class Loader:
             default ``torch.utils.data.default_collate``).
         num_workers: worker processes for map-style datasets (``torch.utils.data.DataLoader``).
             With or without workers, batch ``b`` of a map-style dataset is fetched and collated after
-            seeding torch's, Python's and NumPy's global generators from ``(seed, epoch,
+            seeding torch's (CPU), Python's and NumPy's global generators from ``(seed, epoch,
             rank, b)`` (in this process they are restored afterwards), so random
             augmentations (a ``collate_fn``'s too) are the same whether the epoch started at batch 0
             or resumed at ``b``.
@@ -239,7 +239,7 @@ class _SeededBatches:
 
     Given one batch as ``(batch number, index)`` pairs (the ``batch_sampler`` of
     ``Loader.iter_epoch``), :meth:`__getitems__` seeds torch's, Python's and NumPy's global
-    generators from ``derive_seed(base, batch number)`` and fetches the samples. In a
+    generators (torch's CPU one) from ``derive_seed(base, batch number)`` and fetches the samples. In a
     ``DataLoader`` worker it runs in the worker's process; :meth:`draw` does the same in this
     process and then restores the generators' states.
     """
@@ -252,7 +252,7 @@ class _SeededBatches:
 
     def __getitems__(self, keyed: list[tuple[int, int]]) -> list[Any]:
         seed = derive_seed(self.base, keyed[0][0])
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it seeds (or queues) CUDA's too, unrestored
         random.seed(seed)
         np.random.seed(seed % 2**32)
         indices = [i for _, i in keyed]
