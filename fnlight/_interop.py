@@ -113,6 +113,12 @@ def copy_into_module_(state: TrainState, module: nn.Module) -> nn.Module:
         TypeError: ``state`` is not a ``TrainState`` or ``module`` is not an ``nn.Module``.
         RuntimeError: the module's structure differs from the state's (torch's
             ``load_state_dict`` message lists the keys).
+
+    >>> import torch, fnlight as fl
+    >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init(seed=0)
+    >>> target = torch.nn.Linear(2, 1)
+    >>> fl.copy_into_module_(state, target) is target, torch.equal(target.weight, state.params["weight"])
+    (True, True)
     """
     _require_skeleton(state, "copy_into_module_")
     if not isinstance(module, nn.Module):

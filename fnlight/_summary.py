@@ -110,6 +110,14 @@ def print_summary(model: nn.Module | TrainState, *, depth: int = 1, console: Any
     Raises:
         TypeError: ``console`` is not a ``rich.console.Console`` (or ``None``), or as :func:`summary`.
         ValueError: as :func:`summary`.
+
+    >>> import io, torch, fnlight as fl
+    >>> from rich.console import Console
+    >>> console = Console(file=io.StringIO(), width=80)
+    >>> fl.print_summary(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()), console=console).total.trainable
+    9
+    >>> "Linear" in console.file.getvalue()
+    True
     """
     from rich.console import Console
     from rich.table import Table

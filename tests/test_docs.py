@@ -57,3 +57,25 @@ def test_api_reference_is_current():
     for module_name in PUBLIC:
         for name in importlib.import_module(module_name).__all__:
             assert f"### `{module_name}.{name}`" in current
+
+
+@pytest.mark.parametrize("module_name", PUBLIC)
+def test_every_public_function_has_a_runnable_example(module_name):
+    # STYLE.md: a docstring ends with a short runnable example; --doctest-modules runs it
+    module = importlib.import_module(module_name)
+    missing = [
+        n for n in module.__all__ if inspect.isfunction(getattr(module, n)) and ">>>" not in inspect.getdoc(getattr(module, n))
+    ]
+    assert not missing, f"{module_name}: public functions without a docstring example (>>>): {missing}"
+
+
+def test_every_public_name_is_mentioned_in_a_guide():
+    guides = "\n".join(p.read_text() for p in PAGES if p.name != "api.md")
+    missing = [
+        f"{module_name}.{n}"
+        for module_name in PUBLIC
+        for n in importlib.import_module(module_name).__all__
+        if not inspect.ismodule(getattr(importlib.import_module(module_name), n))
+        and not re.search(rf"\b{re.escape(n)}\b", guides)
+    ]
+    assert not missing, f"public names that no page of README.md or docs/ (api.md aside) mentions: {missing}"

@@ -463,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success (also ``--help`` and ``--print_config``), 2 for a
         command-line, config-file or :class:`ConfigError` (the message goes to stderr).
+
+    >>> from fnlight.cli import main
+    >>> main(["fit", "--recipe.lrr", "1"])  # stderr: error: unrecognized arguments: --recipe.lrr 1
+    2
     """
     added = "" not in sys.path and os.getcwd() not in sys.path
     if added:

@@ -24,7 +24,12 @@ class DistInfo(NamedTuple):
 
 
 def dist_info() -> DistInfo:
-    """The current process group's rank and size (``(0, 1, 0)`` when not distributed)."""
+    """The current process group's rank and size (``(0, 1, 0)`` when not distributed).
+
+    >>> import fnlight as fl
+    >>> fl.dist_info()  # one process, no process group
+    DistInfo(rank=0, world_size=1, local_rank=0)
+    """
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), _local_rank())
     return DistInfo(0, 1, 0)

@@ -39,7 +39,13 @@ def _dtensor_type() -> Any:
 
 
 def is_sharded(tree: Any) -> bool:
-    """Whether ``tree`` holds a ``DTensor`` leaf (a state trained under :func:`with_fsdp`)."""
+    """Whether ``tree`` holds a ``DTensor`` leaf (a state trained under :func:`with_fsdp`).
+
+    >>> import torch, fnlight as fl
+    >>> from fnlight.distributed import is_sharded
+    >>> is_sharded(fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)).init())
+    False
+    """
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     if dtensor is None:
         return False
@@ -70,7 +76,17 @@ def _shard_file(rank: int, world: int) -> str:
 
 
 def is_checkpoint_dir(path: PathLike) -> bool:
-    """Whether ``path`` is a directory written by :func:`save_sharded`."""
+    """Whether ``path`` is a directory written by :func:`save_sharded`.
+
+    >>> import tempfile, torch
+    >>> from fnlight.checkpoint import save
+    >>> from fnlight.distributed import is_checkpoint_dir, save_sharded
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = save_sharded(f"{d}/sharded", {"w": torch.ones(2)})
+    ...     save(f"{d}/single.ckpt", {"w": torch.ones(2)})
+    ...     is_checkpoint_dir(f"{d}/sharded"), is_checkpoint_dir(f"{d}/single.ckpt"), is_checkpoint_dir(d)
+    (True, False, False)
+    """
     p = Path(path)
     return p.is_dir() and any(name.startswith("rank-") and name.endswith(".ckpt") for name in os.listdir(p))
 
@@ -211,6 +227,14 @@ def restore_sharded(path: PathLike, target: T) -> T:
         FileNotFoundError: nothing at ``path``.
         CheckpointMismatchError: the checkpoint's leaves differ from ``target``'s (lists them all).
         CheckpointError: a damaged file, or a directory missing some rank's file.
+
+    >>> import tempfile, torch
+    >>> from fnlight.checkpoint import save
+    >>> from fnlight.distributed import restore_sharded
+    >>> with tempfile.TemporaryDirectory() as d:  # a single-file checkpoint reads as one rank's
+    ...     save(f"{d}/last.ckpt", {"w": torch.arange(3.0), "lr": 0.1})
+    ...     restore_sharded(f"{d}/last.ckpt", {"w": torch.empty(3, device="meta"), "lr": 0.0})
+    {'w': tensor([0., 1., 2.]), 'lr': 0.1}
     """
     where = Path(path)
     sources = _sources(where)
@@ -294,6 +318,14 @@ def read_sharded_metadata(path: PathLike) -> dict[str, Any]:
 
     Returns the same form as :func:`fnlight.checkpoint.read_metadata`, plus
     ``"world_size"``: how many ranks wrote it (1 for a single file).
+
+    >>> import tempfile, torch
+    >>> from fnlight.distributed import read_sharded_metadata, save_sharded
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = save_sharded(f"{d}/c", {"w": torch.ones(2)}, metadata={"epoch": 3})
+    ...     info = read_sharded_metadata(f"{d}/c")
+    >>> info["metadata"], info["world_size"]
+    ({'epoch': 3}, 1)
     """
     sources = _sources(Path(path))
     meta = dict(sources[0].index.metadata)

@@ -62,7 +62,20 @@ def _hparams_at(opt_state: Any, path: tuple[int, ...]) -> Mapping[str, Any] | No
 
 
 def current_lr(opt_state: Any) -> float | None:
-    """The learning rate an optimizer state last used (its ``hparams["lr"]``), if it has one."""
+    """The learning rate an optimizer state last used (its ``hparams["lr"]``), if it has one.
+
+    ``with_tracking`` logs it as ``lr``. The optimizer's state inside a ``chain`` is found too;
+    an optimizer state without ``hparams["lr"]`` gives ``None``.
+
+    >>> import torch, fnlight as fl
+    >>> from fnlight.optim import adamw, chain, clip_by_global_norm, warmup_cosine
+    >>> optimizer = chain(clip_by_global_norm(1.0), adamw(warmup_cosine(1e-2, 10, 90)))
+    >>> state = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, optimizer).init()
+    >>> fl.current_lr(state.opt_state)  # the warmup's value at update count 0
+    0.0
+    >>> fl.current_lr({"not": "an optimizer state"}) is None
+    True
+    """
     path = _lr_path(opt_state)
     hparams = None if path is None else _hparams_at(opt_state, path)
     return None if hparams is None else float(hparams["lr"])
@@ -479,6 +492,17 @@ def with_tracking(
 
     Raises:
         ValueError, TypeError: bad options or a wrong composition order.
+
+    >>> import tempfile, torch, fnlight as fl
+    >>> from fnlight.tracking import JSONLTracker, read_scalars
+    >>> data = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(4)]
+    >>> step = fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1))
+    >>> with tempfile.TemporaryDirectory() as log_dir:
+    ...     tracked = fl.with_tracking(step, trackers=[JSONLTracker(log_dir)], every=2)
+    ...     state = fl.fold(tracked, tracked.init(), data, progress=False)
+    ...     curves = read_scalars(f"{log_dir}/{state.slots['tracking'].run_ids[0]}.jsonl")
+    >>> [s for s, _ in curves["loss"]]  # optimizer-update counts
+    [2, 4]
     """
     where = "with_tracking"
     if isinstance(trackers, (str, bytes)) or not isinstance(trackers, Sequence):
