@@ -43,7 +43,7 @@ def to_module(state: TrainState) -> nn.Module:
 
 
 def apply(state: TrainState, *args: Any, training: bool = False, **kwargs: Any) -> Any:
-    """Run the model on ``args`` with the state's parameters and buffers, without copying them.
+    """Run the model on ``args`` with the state's parameters (not copied) and buffers (copied) bound.
 
     The module skeleton is called with the state's tensors bound in place of its own, in eval
     mode (``training=False``, the default) or train mode. Gradients flow as usual: through the
