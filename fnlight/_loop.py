@@ -338,9 +338,24 @@ def fold(
         finish = getattr(step, "finish", None)
         if finish is not None:
             finish(state)
+    except BaseException as error:
+        if not isinstance(error, Preempted):  # (a preempted fold finished its transforms as at a normal end)
+            _abort(step, error)
+        raise
     finally:
         bar.close()
     return state
+
+
+def _abort(step: Any, error: BaseException) -> None:
+    """The fold stops on ``error``: the transforms release what they hold (tracker runs, a checkpoint being written)."""
+    abort = getattr(step, "abort", None)
+    if abort is None:
+        return
+    try:
+        abort()
+    except Exception as e:  # the fold's error is the one to see; this one goes with it
+        error.add_note(f"fnlight: stopping the transforms after this error raised too: {type(e).__name__}: {e}")
 
 
 def _check_even_shards(data: Any) -> None:

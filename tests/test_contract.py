@@ -121,6 +121,22 @@ def test_fold_in_place_equals_pure_calls(case, batches):
         assert fl.tree_equal(getattr(folded, field), getattr(pure, field)), field
 
 
+@pytest.mark.parametrize("case", CASES[: len(TRANSFORMS) + 1], ids=ids[: len(TRANSFORMS) + 1])  # each alone
+def test_a_fold_that_raises_leaves_the_step_as_good_as_new(case, batches):
+    def failing():  # the data fails after 4 batches: inside an accumulation window, between evaluations
+        yield from batches[:4]
+        raise OSError("the data's disk went away")
+
+    step = build(case)
+    with pytest.raises(OSError, match="disk went away"):
+        fl.fold(step, step.init(seed=3), failing(), progress=False)
+    again = fl.fold(step, step.init(seed=3), batches, progress=False)  # the same step object, fixed data
+    fresh = build(case)
+    new = fl.fold(fresh, fresh.init(seed=3), batches, progress=False)
+    for field in ("step", "params", "buffers", "opt_state", "slots"):
+        assert fl.tree_equal(getattr(again, field), getattr(new, field)), field
+
+
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_init_extends_the_state_with_each_slot(case):
     slots = set(build(case).init().slots)

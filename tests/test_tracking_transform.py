@@ -107,6 +107,41 @@ def test_a_resumed_state_reopens_the_same_run():
     assert [s for s, _ in again.events] == [6, 8]
 
 
+def failing(batches, at):
+    """The batches, with the data raising when the fold asks for batch ``at``."""
+    yield from batches[:at]
+    raise OSError("the data's disk went away")
+
+
+def test_a_fold_that_raises_closes_the_runs_and_a_fresh_state_then_starts_a_new_run():
+    tracker = Recorder()
+    step = build(tracker, every=2)
+    with pytest.raises(OSError, match="disk went away"):
+        fl.fold(step, step.init(), failing(make_batches(6), 5), progress=False)
+    assert tracker.closed == 1 and [s for s, _ in tracker.events] == [2, 4]  # logged before the error, kept; 5 dropped
+    state = fl.fold(step, step.init(), make_batches(2), progress=False)  # fixed and run again, on the same step
+    assert tracker.opened == ["", ""] and [s for s, _ in tracker.events][2:] == [2]  # a new run, not the failed one's
+    again = fl.fold(step, state, make_batches(2), epochs=2, progress=False)  # a state with its run id continues it
+    assert tracker.opened == ["", "", "run-1"] and int(again.step) == 4
+
+
+def test_a_fold_that_raises_lets_an_async_checkpoint_land_and_notes_a_failing_abort(tmp_path):
+    class Failing(Recorder):
+        def close(self):
+            super().close()
+            raise RuntimeError("aim repository locked")
+
+    tracker = Failing()
+    core = build(tracker, every=1)
+    step = fl.with_checkpointing(core, directory=tmp_path, every=2, async_write=True)
+    with pytest.raises(OSError, match="disk went away") as caught:
+        fl.fold(step, step.init(), failing(make_batches(6), 4), progress=False)
+    assert tracker.closed == 1 and any("aim repository locked" in note for note in caught.value.__notes__)
+    assert step._writer is None and (tmp_path / "step-000000004.ckpt").exists()  # the write of update 4 landed
+    restored = fl.checkpoint.restore(tmp_path / "step-000000004.ckpt", step.init())
+    assert int(restored.step) == 4
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_a_step_reopens_the_runs_a_fold_or_close_closed_before_it_logs(every):
     # the run ids are checked only when the state's slots change: a fold that closed the runs must not leave the next

@@ -202,6 +202,13 @@ class Transform:
         """Called by the fold when it ends (e.g. to wait for background writes)."""
         self.inner.finish(state)
 
+    def abort(self) -> None:
+        """Called by the fold when a step or the data raised: release what the transform holds (tracker runs, a
+        checkpoint being written) without more work on the state, which the error may have left half-updated."""
+        abort = getattr(self.inner, "abort", None)
+        if abort is not None:
+            abort()
+
     def save_now(self, state: TrainState) -> Any:
         """Write a checkpoint now, if a ``with_checkpointing`` is in the chain (else ``None``)."""
         return self.inner.save_now(state) if hasattr(self.inner, "save_now") else None

@@ -253,6 +253,13 @@ class Checkpointing(Transform):
         if finish is not None:
             finish(state)
 
+    def abort(self) -> None:
+        """The fold stopped on an error: let a checkpoint being written in the background land, then abort the inner chain."""
+        try:
+            self._wait()
+        finally:
+            super().abort()
+
     def _wait(self) -> None:
         """Wait for the checkpoint being written in the background, if any, and re-raise its error."""
         if self._writer is not None:

@@ -345,6 +345,21 @@ class Tracking(Transform):
         finally:  # a tracker failing here must not keep the inner chain from finishing
             self.inner.finish(state)
 
+    def abort(self) -> None:
+        """The fold stopped on an error: close the runs (what was logged is kept), then abort the inner chain.
+
+        The window gathered since the last logging event is dropped, and the next step opens
+        runs from its state's run ids: a fresh state (``step.init()``) starts new runs
+        instead of joining the failed one; a state that holds its run ids continues them.
+        """
+        self._window = _Window()
+        self._open_metrics = {}
+        try:
+            self.close()
+        finally:
+            self._run_ids = None
+            super().abort()
+
     def close(self) -> None:
         """Close every open tracker run (the next logging event reopens them with the state's run ids).
 
