@@ -134,6 +134,15 @@ def test_retention_never_deletes_the_checkpoint_resumed_from(tmp_path):
     assert names(tmp_path) == ["latest", "step-000000002.ckpt", "step-000000006.ckpt"]
 
 
+def test_a_fresh_start_into_a_directory_with_another_runs_checkpoints_is_warned_about(tmp_path):
+    step = build(tmp_path, every=2, resume=False)
+    step.init()  # an empty directory: nothing to warn about
+    fl.fold(step, step.init(), make_batches(4), progress=False)
+    again = build(tmp_path, every=2, resume=False)
+    with pytest.warns(CheckpointWarning, match=r"holds 1 checkpoint\(s\) of an earlier run \(the newest: step-000000004\.ckpt\)"):
+        again.init()
+
+
 def kept_by_score(directory, values, *, mode="min", keep_best=1):
     """Fold one update per value, each logging it as ``score``, keeping the last and ``keep_best`` best; the files left."""
     scores = iter(values)

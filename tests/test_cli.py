@@ -222,12 +222,13 @@ def test_fit_without_resume_saves_its_own_final_state_over_another_runs_checkpoi
     once = ["--recipe.checkpoint.every", "100"]  # no save during the fold: only fit's final one
     first = cli("fit", "--config", str(config), *once)
     again = ["--recipe.checkpoint.resume", "false", "--recipe.seed", "1", "--overwrite"]
-    second = cli("fit", "--config", str(config), *once, *again)  # starts over, to the same update
+    with pytest.warns(CheckpointWarning, match=r"resume=False\): .* holds 1 checkpoint\(s\) of an earlier run \(the newest"):
+        second = cli("fit", "--config", str(config), *once, *again)  # starts over, to the same update
     assert int(second.state.step) == int(first.state.step) and second.checkpoint == first.checkpoint
     saved = fl.checkpoint.restore(second.checkpoint, second.state)  # the checkpoint fit reports holds the state it trained
     assert all(torch.equal(a, b) for a, b in zip(saved.params.values(), second.state.params.values(), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(saved.params.values(), first.state.params.values(), strict=True))
-    validate = cli("validate", "--config", str(tmp_path / "run" / "checkpoints" / "config.yaml"))
+    validate = cli("validate", "--config", str(tmp_path / "run" / "checkpoints" / "config.yaml"))  # restores, no warning
     assert validate.metrics == cli("validate", "--config", str(config), "--recipe.seed", "1", *once).metrics
 
 

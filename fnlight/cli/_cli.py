@@ -7,6 +7,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 from .._interop import to_module
 from .._loop import Observer, fold
 from .._state import TrainState
-from ..checkpoint import CheckpointError, CheckpointMismatchError, read_metadata, restore
+from ..checkpoint import CheckpointError, CheckpointMismatchError, CheckpointWarning, read_metadata, restore
 from ..transforms import find_latest, with_eval
 from ._data import DataModule
 from ._recipe import ConfigError, Recipe, _assemble, _built, _per_epoch
@@ -291,7 +292,10 @@ class FnlightCLI:
         inner, step = _assemble(self.model, self.recipe, train=self.data.train(), val=None, hparams=None, for_fit=False)
         path = self._checkpoint_path(self.config.ckpt_path)
         try:
-            state = restore(path, step.init(seed=self.recipe.seed))
+            with warnings.catch_warnings():  # the structure only: this step never saves beside the run's checkpoints
+                warnings.filterwarnings("ignore", r"with_checkpointing\(resume=False\)", CheckpointWarning)
+                target = step.init(seed=self.recipe.seed)
+            state = restore(path, target)
         except CheckpointMismatchError as e:
             raise ConfigError(
                 f"{sub}: the checkpoint does not fit this config's model, optimizer and transforms; pass the config it "

@@ -155,6 +155,16 @@ class Checkpointing(Transform):
         """The inner initial state — or, with ``resume``, the newest valid checkpoint restored into it."""
         state = super().init(**options)
         if not self.resume:
+            found = _checkpoints(self.directory)
+            if found and dist_info().rank == 0:
+                warnings.warn(
+                    f"with_checkpointing(resume=False): {self.directory} holds {len(found)} checkpoint(s) of an earlier "
+                    f"run (the newest: {found[-1][1].name}); this run starts over and saves beside them, so retention "
+                    "counts them among its newest and a later resume restores the newest of either run. Give a new "
+                    "run a directory of its own, or remove them first.",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
             return state
         info = dist_info()
         if info.world_size == 1:
@@ -428,7 +438,8 @@ def with_checkpointing(
         mode: ``"min"`` or ``"max"``: which ``monitor`` values are better.
         async_write: copy the state to CPU memory and write in a background thread; at
             most one write is in flight (extra memory: one CPU copy of the state).
-        resume: restore the newest valid checkpoint in ``init``.
+        resume: restore the newest valid checkpoint in ``init``. ``False`` starts over (a
+            :class:`~fnlight.checkpoint.CheckpointWarning` when ``directory`` holds checkpoints already).
 
     Returns:
         The wrapped step.
