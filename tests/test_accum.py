@@ -172,6 +172,39 @@ def test_errors_at_call_time_name_the_problem():
         streaming.grads(streaming.init(), None)
 
 
+@pytest.mark.parametrize("mode", [{"every": 2}, {"micro_batches": 2}], ids=["every", "micro_batches"])
+@pytest.mark.parametrize(
+    ("count", "error", "match"),
+    [
+        (lambda b: torch.tensor(b[0].shape[0]), TypeError, r"got Tensor tensor\(\d\) from batch_size_fn=.*; convert it with int"),
+        (lambda b: b[0].shape[0] / 2, TypeError, r"\(an int >= 1\), got float [\d.]+ from batch_size_fn="),
+        (lambda b: True, TypeError, r"\(an int >= 1\), got bool True"),
+        (lambda b: 0, ValueError, r"\(an int >= 1\), got 0 from batch_size_fn=.*: a micro-batch without samples"),
+        (lambda b: -4, ValueError, r"\(an int >= 1\), got -4 from"),
+    ],
+    ids=["tensor", "float", "bool", "zero", "negative"],
+)
+def test_a_batch_size_fn_that_returns_no_sample_count_is_named(mode, count, error, match):
+    # streaming, 0 was a bare ZeroDivisionError and -4 weighted the gradients by it; a tensor or a float turned the
+    # window's sample counts (ints in init's slot) into tensors or floats, so a checkpoint written inside the window
+    # raised CheckpointMismatchError in the next run's init()
+    step = fl.with_grad_accum(fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1)), batch_size_fn=count, **mode)
+    with pytest.raises(error, match=match):
+        step(step.init(), (torch.zeros(4, 10), torch.zeros(4, dtype=torch.long)))
+
+
+def test_a_mid_window_checkpoint_with_a_batch_size_fn_of_ones_own_resumes(tmp_path):
+    def build():
+        inner = fl.make_train_step(mlp(), fl.losses.cross_entropy, sgd(0.1))
+        counted = fl.with_grad_accum(inner, every=3, batch_size_fn=lambda b: int(b[1].numel()))
+        return fl.with_checkpointing(counted, directory=tmp_path, every=10)
+
+    step = build()
+    state, _ = step(step.init(), make_batches(1)[0])
+    step.save_now(state)
+    assert fl.tree_equal(build().init().slots["grad_accum"], state.slots["grad_accum"])
+
+
 def test_wrong_targets_and_orders_are_rejected():
     with pytest.raises(TypeError, match="with_grad_accum: expected a train step .* got function"):
         fl.with_grad_accum(lambda s, b: (s, {}), every=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
@@ -73,6 +74,29 @@ def batch_size(batch: Any) -> int:
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].ndim:
         return batch[0].shape[0]  # the common (inputs, targets) case, without a walk
     return leading_size(batch, "with_grad_accum")
+
+
+def _samples(n: Any, batch_size_fn: Callable[[Any], int]) -> int:
+    """``batch_size_fn``'s answer for one micro-batch, checked: an int >= 1 (the weight ``n_i`` and the slot's counts).
+
+    A float or a tensor would turn the window's ``samples`` and ``first`` (ints in ``init``'s
+    slot) into another type, which a checkpoint written inside a window then holds and no
+    fresh ``init`` fits; 0 would divide by zero, a negative count weight the gradients by it.
+    """
+    if type(n) is int and n >= 1:  # the common case, without the general checks
+        return n
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        hint = "; convert it with int(...)" if isinstance(n, Tensor) else ""
+        raise TypeError(
+            f"with_grad_accum: batch_size_fn must return a micro-batch's number of samples (an int >= 1), got "
+            f"{type(n).__name__} {n!r} from batch_size_fn={batch_size_fn!r}{hint}"
+        )
+    if n < 1:
+        raise ValueError(
+            f"with_grad_accum: batch_size_fn must return a micro-batch's number of samples (an int >= 1), got {n!r} "
+            f"from batch_size_fn={batch_size_fn!r}: a micro-batch without samples has no mean loss to weight"
+        )
+    return int(n)
 
 
 def _split(batch: Any, k: int) -> list[Any]:
@@ -188,7 +212,7 @@ class GradAccum(Transform):
 
     def _split_call(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         pieces = _split(batch, self.micro_batches)
-        sizes = [self.batch_size_fn(p) for p in pieces]
+        sizes = [_samples(self.batch_size_fn(p), self.batch_size_fn) for p in pieces]
         total = sum(sizes)
         acc: dict[str, Tensor] | None = None
         sums: dict[str, Tensor | float] = {}
@@ -212,7 +236,7 @@ class GradAccum(Transform):
 
     def _stream_call(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         window: AccumState = state.slots["grad_accum"]
-        n = self.batch_size_fn(batch)
+        n = _samples(self.batch_size_fn(batch), self.batch_size_fn)
         count = window.count
         first = window.first if count else n
         inplace = is_donating()
@@ -296,16 +320,18 @@ def with_grad_accum(
         step: the step to wrap (see docs/transforms.md for the order).
         every: micro-batches per update in streaming mode (>= 1).
         micro_batches: pieces to split each batch into (>= 1).
-        batch_size_fn: the sample count of a batch (default: leading dimension of its
-            first tensor).
+        batch_size_fn: the sample count of a batch, an int >= 1 (default: leading dimension
+            of its first tensor).
 
     Returns:
         The wrapped step.
 
     Raises:
         ValueError: both or neither of ``every``/``micro_batches``, a value below 1, or a
-            wrong composition order.
-        TypeError: ``step`` is not a train step, or ``batch_size_fn`` is not callable.
+            wrong composition order; when called, ``batch_size_fn`` returns a count below 1
+            (an empty micro-batch).
+        TypeError: ``step`` is not a train step, or ``batch_size_fn`` is not callable; when
+            called, ``batch_size_fn`` returns something other than an int (a tensor, a float).
 
     >>> import torch, fnlight as fl
     >>> step = fl.with_grad_accum(fl.make_train_step(torch.nn.Linear(2, 1), fl.losses.mse, fl.optim.sgd(0.1)), every=2)
