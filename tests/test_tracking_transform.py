@@ -356,6 +356,32 @@ def test_a_failing_batch_size_fn_of_the_users_is_not_hidden():
         step(step.init(), make_batches(1)[0])
 
 
+@pytest.mark.parametrize(
+    ("count", "error", "match"),
+    [
+        (lambda b: torch.tensor(4), TypeError, r"got Tensor tensor\(4\) from batch_size_fn=.*; convert it with int"),
+        (lambda b: "4", TypeError, r"\(an int >= 0\), got str '4' from batch_size_fn="),
+        (lambda b: -4, ValueError, r"\(an int >= 0\), got -4 from batch_size_fn="),
+        (lambda b: float("nan"), ValueError, r"\(an int >= 0\), got nan from"),
+    ],
+    ids=["tensor", "str", "negative", "nan"],
+)
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_batch_size_fn_that_returns_no_sample_count_is_named(count, error, match, every):
+    # a tensor was sent to the trackers as throughput/samples_per_s (they take floats), a negative count logged a
+    # negative throughput, a str was a bare "unsupported operand type(s) for +=: 'int' and 'str'"
+    step = fl.with_tracking(
+        fl.make_train_step(nn.Linear(10, 3), fl.losses.classification, adamw(1e-2)),
+        trackers=[Recorder()],
+        every=every,
+        batch_size_fn=count,
+    )
+    with pytest.raises(error, match=match):
+        step(step.init(), make_batches(1)[0])
+    ok = fl.with_tracking(step.inner, trackers=[Recorder()], every=every, batch_size_fn=lambda b: 2.5)
+    ok(ok.init(), make_batches(1)[0])  # a weight of one's own, not a count, is a number too
+
+
 def test_a_preempted_fold_without_checkpointing_still_logs_the_last_window():
     tracker = Recorder()
     step = build(tracker, every=3)

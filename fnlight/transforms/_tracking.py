@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -203,6 +205,22 @@ def _check_metrics(metrics: Metrics) -> None:
             )
 
 
+def _checked_samples(n: Any, batch_size_fn: Any) -> int | float:
+    """``batch_size_fn``'s answer for one batch, checked: a finite number >= 0 (the trackers are sent floats)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        hint = "; convert it with int(...)" if isinstance(n, Tensor) else ""
+        raise TypeError(
+            f"with_tracking: batch_size_fn must return a batch's number of samples (an int >= 0), got "
+            f"{type(n).__name__} {n!r} from batch_size_fn={batch_size_fn!r}{hint}"
+        )
+    if not (math.isfinite(n) and n >= 0):
+        raise ValueError(
+            f"with_tracking: batch_size_fn must return a batch's number of samples (an int >= 0), got {n!r} "
+            f"from batch_size_fn={batch_size_fn!r}"
+        )
+    return n
+
+
 def _copy(v: Tensor) -> Tensor:
     """A running sum started from ``v``: its own tensor, in ``v``'s dtype or float32 if narrower."""
     return v.detach().to(torch.promote_types(v.dtype, torch.float32), copy=True)
@@ -265,6 +283,8 @@ class Tracking(Transform):
             if self.batch_size_fn is not default_batch_size:  # the user's function failed: theirs to see
                 raise
             samples = 0  # a batch whose size the default cannot tell: no samples/s
+        if type(samples) is not int or samples < 0:
+            samples = _checked_samples(samples, self.batch_size_fn)
         step = int(new_state.step)
         if (
             step != before
@@ -506,7 +526,9 @@ def with_tracking(
         The wrapped step.
 
     Raises:
-        ValueError, TypeError: bad options or a wrong composition order.
+        ValueError, TypeError: bad options or a wrong composition order; when called,
+            ``batch_size_fn`` returning something other than a number >= 0 (a tensor, a
+            negative count).
 
     >>> import tempfile, torch, fnlight as fl
     >>> from fnlight.tracking import JSONLTracker, read_scalars
