@@ -382,6 +382,21 @@ def test_a_batch_size_fn_that_returns_no_sample_count_is_named(count, error, mat
     ok(ok.init(), make_batches(1)[0])  # a weight of one's own, not a count, is a number too
 
 
+@pytest.mark.parametrize("last", [True, False], ids=["in the epoch-end flush", "inside the epoch"])
+def test_a_skipped_update_of_a_short_window_goes_into_the_window_as_any_skipped_update(last):
+    # skipped in the epoch-end flush, its metrics were logged at once as if an evaluation's, a second 'loss' (NaN) at
+    # the update before it: (1, loss 0.35), (1, loss nan, skipped 1); skipped inside the epoch, they went into the window
+    tracker = Recorder()
+    core = fl.make_train_step(nn.Linear(3, 1), fl.losses.mse, fl.optim.sgd(0.1), nonfinite="skip")
+    good, bad = (torch.ones(4, 3), torch.zeros(4, 1)), (torch.full((4, 3), float("nan")), torch.zeros(4, 1))
+    step = fl.with_tracking(fl.with_grad_accum(core, every=3), trackers=[tracker], every=1)
+    state = fl.fold(step, step.init(), [good, good, good, bad] if last else [good, bad, good, good], epochs=2, progress=False)
+    assert int(state.step) == 2
+    assert [s for s, _ in tracker.events] == [1, 2]  # one event per update, none for the skipped one
+    skipped = [float(e["skipped"]) for _, e in tracker.events]
+    assert skipped == ([0.0, 0.5] if last else [0.5, 0.5])  # the skipped update is in the window of the next one
+
+
 def test_a_preempted_fold_without_checkpointing_still_logs_the_last_window():
     tracker = Recorder()
     step = build(tracker, every=3)

@@ -342,10 +342,11 @@ class Tracking(Transform):
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         before = int(state.step)
+        pending = self._windowed and window_open(state)  # a short accumulation window, which the flush applies or skips
         new_state, metrics = self.inner.flush(state)
-        if int(new_state.step) == before:
+        if int(new_state.step) == before and not pending:
             evaluated = metrics  # epoch-end work without an update is an evaluation's
-        else:  # the epoch's short accumulation window was applied: its metrics go into the window
+        else:  # the epoch's short accumulation window was applied (or skipped): its metrics go into the window
             prefixes = self._eval_prefixes
             evaluated = {k: v for k, v in metrics.items() if k.startswith(prefixes)} if prefixes else {}
             update = {**self._open_metrics, **{k: v for k, v in metrics.items() if k not in evaluated}}
