@@ -3,7 +3,10 @@
 A new transform joins by adding an entry to TRANSFORMS (innermost-first rank order).
 """
 
+import atexit
 import itertools
+import shutil
+import tempfile
 
 import optree
 import pytest
@@ -13,6 +16,32 @@ from torch import nn
 import fnlight as fl
 from fnlight.optim import adamw, chain, clip_by_global_norm
 from tests.conftest import make_batches
+
+
+class _Memory:
+    """A tracker that records nothing: the contract checks with_tracking's slot and state, not what is logged."""
+
+    def open(self, run_id="", *, hparams=None):
+        return run_id or "run"
+
+    def log_scalars(self, step, scalars):
+        pass
+
+    def log_hparams(self, hparams):
+        pass
+
+    def close(self):
+        pass
+
+
+_DIRECTORIES = tempfile.mkdtemp(prefix="fnlight-contract-")
+atexit.register(shutil.rmtree, _DIRECTORIES, ignore_errors=True)
+
+
+def _tmpdir():
+    """A fresh directory for one with_checkpointing (removed when the tests end)."""
+    return tempfile.mkdtemp(dir=_DIRECTORIES)
+
 
 # name -> (rank in CANONICAL_ORDER, wrap(step) -> step)
 TRANSFORMS = {
@@ -30,6 +59,11 @@ TRANSFORMS = {
     ),
     "early_stop": ("with_early_stop", lambda s: fl.with_early_stop(s, monitor="loss", patience=100)),
     "early_stop_restore": ("with_early_stop", lambda s: fl.with_early_stop(s, monitor="loss", patience=100, restore_best=True)),
+    "compile": ("with_compile", lambda s: fl.with_compile(s, backend="eager", fallback="raise")),
+    "ddp": ("with_ddp", lambda s: fl.with_ddp(s)),
+    "fsdp": ("with_fsdp", lambda s: fl.with_fsdp(s)),
+    "tracking": ("with_tracking", lambda s: fl.with_tracking(s, trackers=[_Memory()], every=2)),
+    "checkpointing": ("with_checkpointing", lambda s: fl.with_checkpointing(s, directory=_tmpdir(), every=2, resume=False)),
 }
 
 
@@ -37,7 +71,8 @@ def rank(name):
     return fl.CANONICAL_ORDER.index(TRANSFORMS[name][0])
 
 
-PAIRS = [(a, b) for a, b in itertools.permutations(TRANSFORMS, 2) if rank(a) < rank(b)]
+EXCLUSIVE = {frozenset({"ddp", "fsdp"})}  # one or the other (each refuses the other, tested in test_distributed.py)
+PAIRS = [(a, b) for a, b in itertools.permutations(TRANSFORMS, 2) if rank(a) < rank(b) and {a, b} not in EXCLUSIVE]
 CASES = [("core",), *[(n,) for n in TRANSFORMS], *PAIRS]
 
 
@@ -143,7 +178,7 @@ def test_init_extends_the_state_with_each_slot(case):
     expected = {"amp"} & ({"amp"} if "amp_fp16" in case else set())
     expected |= {"grad_accum"} if "accum_every" in case else set()
     expected |= {"early_stop"} if any(n.startswith("early_stop") for n in case) else set()
-    expected |= {n for n in ("ema", "swa") if n in case}
+    expected |= {n for n in ("ema", "swa", "tracking", "checkpointing") if n in case}
     assert slots == expected
 
 
