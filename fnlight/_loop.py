@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
 import reprlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,7 +20,7 @@ from ._signals import Preempted, SignalWatch, preempt
 from ._state import NAMESPACE, TrainState
 from ._step import EvalStep, Step
 from ._summary import print_summary
-from ._tree import leading_size, tree_clone
+from ._tree import leading_size, sample_count, tree_clone
 
 __all__ = ["Observer", "evaluate", "every", "fold"]
 
@@ -517,22 +515,6 @@ def _batch_size(batch: Any) -> int:
     return leading_size(batch, "evaluate")
 
 
-def _samples(n: Any, batch_size_fn: Any) -> int | float:
-    """``batch_size_fn``'s answer for one batch, checked: a finite number >= 0 (a tensor would make the means tensors)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Real):
-        hint = "; convert it with int(...)" if isinstance(n, Tensor) else ""
-        raise TypeError(
-            f"evaluate: batch_size_fn must return a batch's number of samples (an int >= 0), got {_short(n)} "
-            f"from batch_size_fn={batch_size_fn!r}{hint}"
-        )
-    if not (math.isfinite(n) and n >= 0):
-        raise ValueError(
-            f"evaluate: batch_size_fn must return a batch's number of samples (an int >= 0), got {n!r} "
-            f"from batch_size_fn={batch_size_fn!r}"
-        )
-    return n
-
-
 def evaluate(
     eval_step: EvalStep | Callable[[TrainState, Any], dict[str, Tensor]],
     state: TrainState,
@@ -598,7 +580,7 @@ def evaluate(
     # order, a dataset's augmentations): put back as well, or an evaluation in a fold changed what the training drew next
     with generators_kept(devices):
         for index, batch in enumerate(data):
-            n = _samples(batch_size_fn(batch), batch_size_fn)
+            n = sample_count(batch_size_fn(batch), batch_size_fn, "evaluate", _short)
             if not n:  # no sample to weigh (every target ignored, say): its metrics (NaN for an empty mean) count for nothing
                 continue
             try:

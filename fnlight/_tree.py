@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import optree
@@ -150,6 +152,26 @@ def _tensor_equal(x: Tensor, y: Tensor) -> bool:
     if not (x.is_floating_point() or x.is_complex()):
         return False
     return bool(((x == y) | (x.isnan() & y.isnan())).all())
+
+
+def sample_count(n: Any, batch_size_fn: Any, where: str, show: Callable[[Any], str]) -> int | float:
+    """``batch_size_fn``'s answer for one batch, checked: a finite number >= 0 (``show(n)`` names a wrong one).
+
+    What ``evaluate`` weighs a batch's means by and ``with_tracking`` counts for samples/s:
+    a tensor would turn the sums into tensors, and the trackers are sent floats.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        hint = "; convert it with int(...)" if isinstance(n, Tensor) else ""
+        raise TypeError(
+            f"{where}: batch_size_fn must return a batch's number of samples (an int >= 0), got {show(n)} "
+            f"from batch_size_fn={batch_size_fn!r}{hint}"
+        )
+    if not (math.isfinite(n) and n >= 0):
+        raise ValueError(
+            f"{where}: batch_size_fn must return a batch's number of samples (an int >= 0), got {n!r} "
+            f"from batch_size_fn={batch_size_fn!r}"
+        )
+    return n
 
 
 def leading_size(batch: Any, where: str) -> int:

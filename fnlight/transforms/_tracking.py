@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -14,6 +12,7 @@ from torch import Tensor
 
 from .._ranks import all_sum, rank, union_of_keys, world_size
 from .._state import TrainState
+from .._tree import sample_count
 from ..tracking._base import check_hparams, check_scalars
 from ._accum import batch_size as default_batch_size
 from ._accum import streams, window_open
@@ -205,20 +204,8 @@ def _check_metrics(metrics: Metrics) -> None:
             )
 
 
-def _checked_samples(n: Any, batch_size_fn: Any) -> int | float:
-    """``batch_size_fn``'s answer for one batch, checked: a finite number >= 0 (the trackers are sent floats)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Real):
-        hint = "; convert it with int(...)" if isinstance(n, Tensor) else ""
-        raise TypeError(
-            f"with_tracking: batch_size_fn must return a batch's number of samples (an int >= 0), got "
-            f"{type(n).__name__} {n!r} from batch_size_fn={batch_size_fn!r}{hint}"
-        )
-    if not (math.isfinite(n) and n >= 0):
-        raise ValueError(
-            f"with_tracking: batch_size_fn must return a batch's number of samples (an int >= 0), got {n!r} "
-            f"from batch_size_fn={batch_size_fn!r}"
-        )
-    return n
+def _typed(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
 
 
 def _copy(v: Tensor) -> Tensor:
@@ -284,7 +271,7 @@ class Tracking(Transform):
                 raise
             samples = 0  # a batch whose size the default cannot tell: no samples/s
         if type(samples) is not int or samples < 0:
-            samples = _checked_samples(samples, self.batch_size_fn)
+            samples = sample_count(samples, self.batch_size_fn, "with_tracking", _typed)
         step = int(new_state.step)
         if (
             step != before
