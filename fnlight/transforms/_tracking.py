@@ -363,9 +363,8 @@ class Tracking(Transform):
         self._window = _Window()
         self._open_metrics = {}
         try:
-            self.close()
+            self.close()  # (the next step reopens the runs and records the ids they give)
         finally:
-            self._run_ids = None
             super().abort()
 
     def close(self) -> None:
